@@ -1,0 +1,57 @@
+"""pymilterkit: typed, testable mail filters (milters) on the real libmilter.
+
+Subclass `MilterSession`, override the stage methods you need, and run it with `Milter`.
+Importing this package does not load libmilter; running does.
+"""
+
+from __future__ import annotations
+
+from ._errors import (
+    ActionError,
+    ConfigurationError,
+    InvalidArgumentError,
+    LibmilterError,
+    LibraryNotFoundError,
+    MilterError,
+    MilterTimeout,
+    ProtocolError,
+    SocketSpecError,
+    UndeclaredActionError,
+    WrongStageError,
+)
+from ._flags import Actions, ProtocolOpts, Stage, Status
+from ._runner import Milter, libmilter_version, run, set_debug_level, shutdown
+from ._session import ClassSpec, MilterSession, noreply
+from ._types import EsmtpParams, InetAddress, UnixAddress
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActionError",
+    "Actions",
+    "ClassSpec",
+    "ConfigurationError",
+    "EsmtpParams",
+    "InetAddress",
+    "InvalidArgumentError",
+    "LibmilterError",
+    "LibraryNotFoundError",
+    "Milter",
+    "MilterError",
+    "MilterSession",
+    "MilterTimeout",
+    "ProtocolError",
+    "ProtocolOpts",
+    "SocketSpecError",
+    "Stage",
+    "Status",
+    "UndeclaredActionError",
+    "UnixAddress",
+    "WrongStageError",
+    "__version__",
+    "libmilter_version",
+    "noreply",
+    "run",
+    "set_debug_level",
+    "shutdown",
+]

@@ -1,0 +1,149 @@
+"""The `pymilterkit` command: run a filter, drive a running milter, show versions.
+
+Exit codes: 0 success; 1 the milter failed or a message was refused/failed (`send`);
+2 bad usage or configuration (argparse's convention); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from ._errors import MilterError
+from ._session import MilterSession
+
+__all__ = ["load_session_class", "main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def load_session_class(target: str) -> type[MilterSession]:
+    """Import `MODULE:CLASS` (or `path/to/file.py:CLASS`) and check it is a MilterSession."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise MilterError(f"expected MODULE:CLASS, got {target!r}")
+    if module_name.endswith(".py"):
+        import os
+
+        path = os.path.abspath(module_name)
+        spec = importlib.util.spec_from_file_location(
+            os.path.splitext(os.path.basename(path))[0], path
+        )
+        if spec is None or spec.loader is None:
+            raise MilterError(f"cannot load {module_name!r}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    else:
+        if "" not in sys.path:
+            sys.path.insert(0, "")
+        module = importlib.import_module(module_name)
+    obj = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, MilterSession)):
+        raise MilterError(f"{target} is not a MilterSession subclass")
+    return obj
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ._runner import Milter
+
+    session_class = load_session_class(args.target)
+    Milter(
+        session_class,
+        args.socket,
+        name=args.name,
+        timeout=args.timeout,
+        backlog=args.backlog,
+        workers=args.workers,
+        socket_mode=int(args.socket_mode, 8) if args.socket_mode else None,
+        socket_group=args.socket_group,
+        user=args.user,
+        group=args.group,
+    ).run()
+    return EXIT_OK
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    from . import __version__
+    from ._runner import libmilter_version
+
+    print(f"pymilterkit {__version__}")
+    try:
+        print("libmilter {}.{}.{}".format(*libmilter_version()))
+    except MilterError as exc:
+        print(f"libmilter: not available ({exc})")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+Handler = Callable[[argparse.Namespace], int]
+_extra_commands: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pymilterkit", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="log level of the pymilterkit logger on stderr (default INFO)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a filter class on a socket")
+    run.add_argument("target", metavar="MODULE:CLASS", help="the MilterSession subclass")
+    run.add_argument("--socket", required=True, help="unix:/path, inet:PORT@HOST, inet6:...")
+    run.add_argument("--name", help="filter name reported to libmilter")
+    run.add_argument("--timeout", type=int, help="libmilter I/O timeout in seconds")
+    run.add_argument("--backlog", type=int, help="listen backlog")
+    run.add_argument("--workers", type=int, default=1, help="pre-forked worker processes")
+    run.add_argument("--socket-mode", help="octal mode of a unix socket, e.g. 660")
+    run.add_argument("--socket-group", help="group of a unix socket (e.g. postfix)")
+    run.add_argument("--user", help="drop privileges to this user after opening the socket")
+    run.add_argument("--group", help="drop privileges to this group")
+    run.add_argument(
+        "--log-level",
+        dest="run_log_level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="same as the global --log-level",
+    )
+    run.set_defaults(handler=_cmd_run)
+
+    version = sub.add_parser("version", help="show pymilterkit and libmilter versions")
+    version.set_defaults(handler=_cmd_version)
+
+    try:
+        from .testing._send import add_send_command
+    except ImportError:  # pragma: no cover - the testing package ships with pymilterkit
+        pass
+    else:
+        add_send_command(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `pymilterkit` command; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    level = getattr(args, "run_log_level", None) or args.log_level
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except MilterError as exc:
+        print(f"pymilterkit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if args.command == "run" else EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,283 @@
+"""The runner: registers a session class with libmilter and serves until shutdown.
+
+Theory of operation
+-------------------
+libmilter allows one `smfi_main` per process (a stop is sticky), so a process runs one milter.
+`smfi_main` runs on a dedicated thread: it blocks SIGTERM/SIGINT/SIGHUP in its own thread and
+starts a sigwait thread, while the main thread keeps Python's signal handling and turns those
+signals into `smfi_stop`. `smfi_stop` can block for up to 5 s (libmilter's listener polls with
+the lock held), so it is called from a helper thread, never from a callback's thread.
+
+When `smfi_main` returns, callbacks still in flight are waited for, and sessions libmilter
+abandoned (its worker pool does not call xxfi_close for parked connections at stop) get their
+`on_close` from Python, so no session outlives the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from . import _libmilter as c
+from ._errors import ConfigurationError, LibmilterError, SocketSpecError
+from ._flags import Status
+from ._session import MilterSession
+from ._socketspec import SocketSpec, check_unix_path, parse_socket_spec
+from ._trampolines import Dispatcher
+
+__all__ = ["Milter", "libmilter_version", "run", "set_debug_level", "shutdown"]
+
+logger = logging.getLogger("pymilterkit")
+
+_state_lock = threading.Lock()
+_has_run = False
+_current: Milter | None = None
+
+_ERROR_STATUSES = (Status.TEMPFAIL, Status.REJECT, Status.CONTINUE, Status.ACCEPT, Status.DISCARD)
+
+
+class Milter:
+    """Runs a `MilterSession` subclass on libmilter: `Milter(MyFilter, "unix:/run/f.sock").run()`.
+
+    `timeout` is libmilter's per-read/write timeout in seconds (default 7210), `backlog` the
+    listen backlog, `debug_level` libmilter's trace level (0-6), `error_status` the answer when
+    a stage method raises, `workers` the number of pre-forked processes (1: this process).
+    `socket_mode` (e.g. 0o660) and `socket_group` set a unix socket's permissions so only the
+    MTA's user can connect; `user`/`group` drop privileges once the socket is open.
+    """
+
+    def __init__(
+        self,
+        session_class: type[MilterSession],
+        socket: str,
+        *,
+        name: str | None = None,
+        timeout: int | None = None,
+        backlog: int | None = None,
+        debug_level: int = 0,
+        error_status: Status = Status.TEMPFAIL,
+        workers: int = 1,
+        socket_mode: int | None = None,
+        socket_group: str | int | None = None,
+        user: str | int | None = None,
+        group: str | int | None = None,
+    ) -> None:
+        if not (isinstance(session_class, type) and issubclass(session_class, MilterSession)):
+            raise ConfigurationError(
+                f"session_class must be a MilterSession subclass, got {session_class!r}"
+            )
+        self.session_class = session_class
+        self.spec: SocketSpec = parse_socket_spec(socket)
+        self.name = name or session_class.__name__
+        if "\0" in self.name:
+            raise ConfigurationError("name must not contain NUL")
+        if timeout is not None and (not isinstance(timeout, int) or timeout <= 0):
+            raise ConfigurationError(f"timeout must be a positive number of seconds: {timeout!r}")
+        if backlog is not None and (not isinstance(backlog, int) or backlog <= 0):
+            raise ConfigurationError(f"backlog must be a positive int: {backlog!r}")
+        if not isinstance(debug_level, int) or debug_level < 0:
+            raise ConfigurationError(f"debug_level must be an int >= 0: {debug_level!r}")
+        if error_status not in _ERROR_STATUSES:
+            raise ConfigurationError(
+                f"error_status must be one of {[s.name for s in _ERROR_STATUSES]}"
+            )
+        if not isinstance(workers, int) or workers < 1:
+            raise ConfigurationError(f"workers must be an int >= 1: {workers!r}")
+        if socket_mode is not None and not 0 <= socket_mode <= 0o777:
+            raise ConfigurationError(f"socket_mode must be a permission mode like 0o660")
+        if (socket_mode is not None or socket_group is not None) and self.spec.kind != "unix":
+            raise ConfigurationError("socket_mode and socket_group apply to unix sockets only")
+        self.timeout = timeout
+        self.backlog = backlog
+        self.debug_level = debug_level
+        self.error_status = error_status
+        self.workers = workers
+        self.socket_mode = socket_mode
+        self.socket_group = socket_group
+        self.user = user
+        self.group = group
+        self._fatal: BaseException | None = None
+        self._stop_requested = threading.Event()
+        self._lib: c.Libmilter | None = None
+        self.dispatcher: Dispatcher | None = None
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT or `shutdown()`; raises `MilterError` on failure.
+
+        libmilter allows this once per process: a second call raises `ConfigurationError`.
+        """
+        global _has_run, _current
+        with _state_lock:
+            if _has_run:
+                raise ConfigurationError(
+                    "libmilter allows one milter run per process and this process already ran "
+                    "one; start a new process (e.g. multiprocessing or subprocess)"
+                )
+            _has_run = True
+            _current = self
+        if self.workers > 1:
+            from ._prefork import run_prefork
+
+            run_prefork(self)
+            return
+        self._prepare()
+        self._serve()
+
+    def _prepare(self) -> None:
+        """Register with libmilter and open the listening socket."""
+        lib = self._lib = c.load()
+        self.dispatcher = Dispatcher(
+            self.session_class, lib, self.error_status, self._on_fatal
+        )
+        desc = self.dispatcher.descriptor(self.name.encode("utf-8", "surrogateescape"))
+        if lib.smfi_register(desc) != c.MI_SUCCESS:
+            raise LibmilterError("smfi_register failed")
+        if self.spec.kind == "unix":
+            check_unix_path(self.spec)
+        if lib.smfi_setconn(self.spec.libmilter().encode()) != c.MI_SUCCESS:
+            raise SocketSpecError(f"libmilter refused socket spec {self.spec}")
+        if self.timeout is not None:
+            lib.smfi_settimeout(self.timeout)
+        if self.backlog is not None and lib.smfi_setbacklog(self.backlog) != c.MI_SUCCESS:
+            raise ConfigurationError(f"libmilter refused backlog {self.backlog}")
+        lib.smfi_setdbg(self.debug_level)
+        if lib.smfi_opensocket(1) != c.MI_SUCCESS:
+            raise SocketSpecError(
+                f"could not listen on {self.spec}: {self._why_not_listening()}"
+            )
+        self._secure_socket()
+
+    def _why_not_listening(self) -> str:
+        if self.spec.kind in ("inet", "inet6"):
+            probe = socket.socket(self.spec.family, socket.SOCK_STREAM)
+            try:
+                probe.bind(self.spec.connect_address())
+            except OSError as exc:
+                return str(exc)
+            finally:
+                probe.close()
+        if self.spec.kind == "unix":
+            directory = os.path.dirname(self.spec.path) or "."
+            if not os.access(directory, os.W_OK):
+                return f"no write permission in {directory}"
+        return "libmilter could not create the socket (see syslog)"
+
+    def _secure_socket(self) -> None:
+        from ._security import apply_socket_permissions, drop_privileges
+
+        if self.spec.kind == "unix":
+            apply_socket_permissions(self.spec.path, self.socket_mode, self.socket_group)
+        drop_privileges(self.user, self.group)
+
+    def _serve(self) -> None:
+        lib = self._lib
+        assert lib is not None and self.dispatcher is not None
+        result: list[int] = []
+        main = threading.Thread(
+            target=lambda: result.append(lib.smfi_main()), name="libmilter-main", daemon=True
+        )
+        restore = self._install_signal_handlers()
+        try:
+            main.start()
+            logger.info("%s listening on %s", self.name, self.spec)
+            while main.is_alive():
+                main.join(0.25)
+        finally:
+            for signum, handler in restore.items():
+                signal.signal(signum, handler)
+        self._drain()
+        abandoned = self.dispatcher.close_all()
+        if abandoned:
+            logger.info("closed %d session(s) libmilter left open at stop", abandoned)
+        if self._fatal is not None:
+            raise self._fatal
+        if result and result[0] != c.MI_SUCCESS:
+            raise LibmilterError(f"smfi_main failed ({result[0]}); see syslog")
+
+    def _drain(self, limit: float = 10.0) -> None:
+        """Wait (bounded) for callbacks still running on libmilter's threads."""
+        assert self.dispatcher is not None
+        deadline = time.monotonic() + limit
+        while self.dispatcher.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            logger.info("signal %s: stopping", signal.Signals(signum).name)
+            self.stop()
+
+        previous: dict[int, Any] = {}
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, handler)
+        return previous
+
+    def _on_fatal(self, exc: BaseException) -> None:
+        if self._fatal is None:
+            self._fatal = exc
+        self.stop()
+
+    def stop(self) -> None:
+        """Ask the milter to stop; returns at once (smfi_stop runs on a helper thread)."""
+        if self._stop_requested.is_set():
+            return
+        self._stop_requested.set()
+        lib = self._lib
+        if lib is None:
+            return
+        threading.Thread(target=self._stop_now, args=(lib,), name="libmilter-stop", daemon=True).start()
+
+    def _stop_now(self, lib: c.Libmilter) -> None:
+        waker = threading.Thread(target=self._wake_listener, daemon=True)
+        waker.start()
+        lib.smfi_stop()
+
+    def _wake_listener(self) -> None:
+        # libmilter's listener holds the lock smfi_stop needs while it polls (up to 5 s); a
+        # connection ends the poll at once, so the stop takes milliseconds instead.
+        if self.spec.kind == "fd":
+            return
+        time.sleep(0.05)
+        family = socket.AF_UNIX if self.spec.kind == "unix" else self.spec.family
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(self.spec.connect_address())
+        except OSError:
+            pass
+        finally:
+            probe.close()
+
+
+def run(session_class: type[MilterSession], socket: str, **options: Any) -> None:
+    """Shorthand for `Milter(session_class, socket, **options).run()`."""
+    Milter(session_class, socket, **options).run()
+
+
+def shutdown() -> None:
+    """Ask the running milter to stop (smfi_stop); safe from any thread and from a callback."""
+    current = _current
+    if current is not None:
+        current.stop()
+
+
+def libmilter_version() -> tuple[int, int, int]:
+    """`(major, minor, patch)` of the loaded libmilter (smfi_version)."""
+    return c.version()
+
+
+def set_debug_level(level: int) -> None:
+    """Set libmilter's trace level (smfi_setdbg); only the value at start of run counts."""
+    if not isinstance(level, int) or level < 0:
+        raise ConfigurationError(f"debug level must be an int >= 0: {level!r}")
+    c.load().smfi_setdbg(level)

@@ -1,0 +1,367 @@
+"""MilterSession: one object per SMTP connection, and what its class negotiates.
+
+Theory of operation
+-------------------
+A filter is a subclass. When the class is created (`__init_subclass__`) its negotiation is
+computed once and stored on that very class as a `ClassSpec`: the stages it overrides (each
+becomes a libmilter callback, every other stage is switched off with SMFIP_NO_*), the `@noreply`
+stages (SMFIP_NR_*), and `actions`, `protocol` and `requested_macros` unioned over the MRO. A
+subclass gets its own spec, so nothing stale is inherited.
+
+At run time a driver (the ctypes runner, or the test harness) creates one instance per
+connection, attaches a `SessionBackend` that carries actions out, and marks which stage is
+running. The action methods check stage, declared flag and arguments before they reach the
+backend, so the same rules hold in tests and in production.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Protocol, TypeVar
+
+from . import _validate as v
+from ._errors import UndeclaredActionError, WrongStageError
+from ._flags import NO_STAGE_MASK, Actions, ProtocolOpts, Stage, Status
+from ._types import EsmtpParams, InetAddress, UnixAddress, decode
+
+__all__ = ["STAGE_FLAGS", "ClassSpec", "MilterSession", "SessionBackend", "noreply"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+_NOREPLY_ATTR = "__pymilterkit_noreply__"
+
+STAGE_FLAGS: dict[str, tuple[ProtocolOpts, ProtocolOpts]] = {
+    "on_connect": (ProtocolOpts.NO_CONNECT, ProtocolOpts.NR_CONN),
+    "on_helo": (ProtocolOpts.NO_HELO, ProtocolOpts.NR_HELO),
+    "on_mail": (ProtocolOpts.NO_MAIL, ProtocolOpts.NR_MAIL),
+    "on_rcpt": (ProtocolOpts.NO_RCPT, ProtocolOpts.NR_RCPT),
+    "on_data": (ProtocolOpts.NO_DATA, ProtocolOpts.NR_DATA),
+    "on_unknown": (ProtocolOpts.NO_UNKNOWN, ProtocolOpts.NR_UNKN),
+    "on_header": (ProtocolOpts.NO_HDRS, ProtocolOpts.NR_HDR),
+    "on_eoh": (ProtocolOpts.NO_EOH, ProtocolOpts.NR_EOH),
+    "on_body": (ProtocolOpts.NO_BODY, ProtocolOpts.NR_BODY),
+}
+"""Stage method -> (flag that switches the stage off, flag that makes it no-reply)."""
+
+OTHER_STAGES = ("on_eom", "on_abort", "on_close", "on_negotiate")
+
+
+def noreply(method: _F) -> _F:
+    """Mark a stage method whose answer does not matter, so the MTA does not wait for it.
+
+    The stage is negotiated with its SMFIP_NR_* flag; whatever the method returns, nothing is
+    sent back. Use it for stages that only collect data (e.g. `on_header`). Valid on on_connect,
+    on_helo, on_mail, on_rcpt, on_data, on_unknown, on_header, on_eoh and on_body.
+    """
+    setattr(method, _NOREPLY_ATTR, True)
+    return method
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassSpec:
+    """What a session class negotiates, computed once when the class is created."""
+
+    stages: frozenset[str]
+    """Names of the stage methods the class overrides (on_eom, on_abort, ... included)."""
+    noreply: frozenset[str]
+    actions: Actions
+    protocol: ProtocolOpts
+    """NO_* for stages not overridden, NR_* for @noreply stages, plus the class's `protocol`."""
+    macros: Mapping[Stage, tuple[str, ...]]
+
+    def negotiate(self, offered_actions: Actions, offered: ProtocolOpts) -> ProtocolOpts:
+        """The protocol options to request from an MTA that offers `offered`.
+
+        A NO_* bit the MTA does not know (an old protocol version) is left out: the MTA then
+        sends that stage and libmilter answers it, as for any stage without a callback.
+        """
+        opts = self.protocol & ~(NO_STAGE_MASK & ~offered)
+        if "on_body" in self.stages and offered & ProtocolOpts.SKIP:
+            opts |= ProtocolOpts.SKIP
+        return opts
+
+
+class SessionBackend(Protocol):
+    """Carries out session actions: libmilter's smfi_* calls, or a test recorder."""
+
+    def getsymval(self, name: bytes) -> bytes | None: ...
+    def setreply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None: ...
+    def addheader(self, name: bytes, value: bytes) -> None: ...
+    def insheader(self, index: int, name: bytes, value: bytes) -> None: ...
+    def chgheader(self, name: bytes, index: int, value: bytes | None) -> None: ...
+    def chgfrom(self, sender: bytes, params: bytes | None) -> None: ...
+    def addrcpt(self, recipient: bytes, params: bytes | None) -> None: ...
+    def delrcpt(self, recipient: bytes) -> None: ...
+    def replacebody(self, chunk: bytes) -> None: ...
+    def progress(self) -> None: ...
+    def quarantine(self, reason: bytes) -> None: ...
+
+
+def _union_over_mro(cls: type, attr: str, zero: Any) -> Any:
+    value = zero
+    for klass in cls.__mro__:
+        value |= klass.__dict__.get(attr, zero)
+    return value
+
+
+def _merge_macros(cls: type) -> dict[Stage, tuple[str, ...]]:
+    merged: dict[Stage, list[str]] = {}
+    for klass in reversed(cls.__mro__):
+        for stage, names in klass.__dict__.get("requested_macros", {}).items():
+            if not isinstance(stage, Stage):
+                raise TypeError(
+                    f"{klass.__qualname__}.requested_macros: keys must be Stage, got {stage!r}"
+                )
+            if isinstance(names, str):
+                raise TypeError(
+                    f"{klass.__qualname__}.requested_macros[{stage.name}] must be a sequence "
+                    f"of macro names, not one string"
+                )
+            bucket = merged.setdefault(stage, [])
+            for name in names:
+                v.text(name, "macro name")
+                if name not in bucket:
+                    bucket.append(name)
+    return {stage: tuple(names) for stage, names in merged.items() if names}
+
+
+def build_spec(cls: type[MilterSession]) -> ClassSpec:
+    """Compute a session class's negotiation from its methods and class attributes."""
+    stages = set()
+    no_reply = set()
+    protocol = ProtocolOpts.NONE
+    for name, (off_flag, nr_flag) in STAGE_FLAGS.items():
+        method = getattr(cls, name)
+        if method is getattr(MilterSession, name):
+            protocol |= off_flag
+            continue
+        stages.add(name)
+        if getattr(method, _NOREPLY_ATTR, False):
+            no_reply.add(name)
+            protocol |= nr_flag
+    for name in OTHER_STAGES:
+        method = getattr(cls, name)
+        if method is not getattr(MilterSession, name):
+            stages.add(name)
+            if getattr(method, _NOREPLY_ATTR, False):
+                raise TypeError(
+                    f"{cls.__qualname__}.{name}: @noreply is only for stages that answer the "
+                    f"MTA before end-of-message, not {name}"
+                )
+    actions = Actions(_union_over_mro(cls, "actions", Actions.NONE))
+    extra = ProtocolOpts(_union_over_mro(cls, "protocol", ProtocolOpts.NONE))
+    macros = _merge_macros(cls)
+    if macros:
+        actions |= Actions.SETSYMLIST
+    return ClassSpec(
+        stages=frozenset(stages),
+        noreply=frozenset(no_reply),
+        actions=actions,
+        protocol=protocol | extra,
+        macros=macros,
+    )
+
+
+class MilterSession:
+    """Base class of a filter: one instance per SMTP connection.
+
+    Override the `on_*` stage methods you need; only those are negotiated with the MTA. Keep
+    per-connection state in plain attributes: the instance is created at the connection's first
+    callback and dropped after `on_close`.
+    """
+
+    actions: ClassVar[Actions] = Actions.NONE
+    """Actions this class may perform; unioned with every base class's."""
+    protocol: ClassVar[ProtocolOpts] = ProtocolOpts.NONE
+    """Extra protocol options to request (SKIP, HDR_LEADSPC, RCPT_REJ, ...); unioned."""
+    requested_macros: ClassVar[Mapping[Stage, Sequence[str]]] = {}
+    """Macros to ask the MTA for at each stage (smfi_setsymlist); merged over the MRO."""
+
+    _pmk_spec: ClassVar[ClassSpec]
+    # Per-instance driver state, set by the runner or harness (class defaults: detached).
+    _pmk_backend: SessionBackend | None = None
+    _pmk_stage: str | None = None
+    _pmk_actions: Actions = Actions.NONE
+    _pmk_in_message: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._pmk_spec = build_spec(cls)
+
+    @classmethod
+    def negotiation(cls) -> ClassSpec:
+        """What this class negotiates: stages, no-reply stages, actions, options, macros."""
+        return cls._pmk_spec
+
+    # -- stage methods: the base versions are never registered with libmilter ---------------
+
+    def on_negotiate(
+        self, actions: Actions, opts: ProtocolOpts
+    ) -> tuple[Status, Actions, ProtocolOpts]:
+        """Choose actions and protocol options from what the MTA offers (xxfi_negotiate).
+
+        The default asks for exactly what the class implies; an override may call `super()` and
+        adjust. Return a status other than CONTINUE to refuse the connection.
+        """
+        spec = type(self)._pmk_spec
+        return Status.CONTINUE, spec.actions, spec.negotiate(actions, opts)
+
+    def on_connect(self, hostname: str, address: InetAddress | UnixAddress | None) -> Status:
+        """A client connected (xxfi_connect); `address` is None for an unknown family."""
+        return Status.CONTINUE
+
+    def on_helo(self, hostname: str) -> Status:
+        """HELO/EHLO with the name the client gave (xxfi_helo)."""
+        return Status.CONTINUE
+
+    def on_mail(self, sender: str, params: EsmtpParams) -> Status:
+        """MAIL FROM: a new message starts (xxfi_envfrom)."""
+        return Status.CONTINUE
+
+    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        """RCPT TO, once per recipient; REJECT refuses only this recipient (xxfi_envrcpt)."""
+        return Status.CONTINUE
+
+    def on_data(self) -> Status:
+        """The DATA command (xxfi_data)."""
+        return Status.CONTINUE
+
+    def on_unknown(self, command: str) -> Status:
+        """An SMTP command the MTA does not know (xxfi_unknown)."""
+        return Status.CONTINUE
+
+    def on_header(self, name: str, value: str) -> Status:
+        """One message header, in order (xxfi_header)."""
+        return Status.CONTINUE
+
+    def on_eoh(self) -> Status:
+        """End of the headers (xxfi_eoh)."""
+        return Status.CONTINUE
+
+    def on_body(self, chunk: bytes) -> Status:
+        """A piece of the body, called once per chunk (xxfi_body)."""
+        return Status.CONTINUE
+
+    def on_eom(self) -> Status:
+        """End of message: the only stage where message actions are allowed (xxfi_eom)."""
+        return Status.CONTINUE
+
+    def on_abort(self) -> None:
+        """The current message was aborted; the connection goes on (xxfi_abort)."""
+
+    def on_close(self) -> None:
+        """The connection is over: always the last call; then the instance is dropped."""
+
+    # -- session API -----------------------------------------------------------------------
+
+    def _pmk_action(self, flag: Actions, method: str) -> SessionBackend:
+        if self._pmk_stage != "on_eom":
+            where = f"in {self._pmk_stage}" if self._pmk_stage else "outside a callback"
+            raise WrongStageError(
+                f"{method}() is only allowed in on_eom, not {where}; "
+                f"collect what you need and act in on_eom"
+            )
+        if not flag & self._pmk_actions:
+            raise UndeclaredActionError(
+                f"{method}() needs Actions.{flag.name} in the class's `actions` "
+                f"(declared: {self._pmk_actions!r})"
+            )
+        backend = self._pmk_backend
+        assert backend is not None
+        return backend
+
+    def _pmk_any_stage(self, method: str) -> SessionBackend:
+        backend = self._pmk_backend
+        if backend is None or self._pmk_stage is None:
+            raise WrongStageError(f"{method}() can only be called inside a stage method")
+        return backend
+
+    def macro(self, name: str) -> str | None:
+        """The value of an MTA macro (`"i"` and `"{i}"` both work), or None (smfi_getsymval)."""
+        raw = self._pmk_any_stage("macro").getsymval(v.macro_name(name))
+        return None if raw is None else decode(raw)
+
+    def set_reply(self, code: str, xcode: str | None = None, *lines: str) -> None:
+        """Set the SMTP reply for a following REJECT/TEMPFAIL (smfi_setreply, smfi_setmlreply).
+
+        `code` is 4xx or 5xx, `xcode` an enhanced code of the same class ("5.7.1"); each of up
+        to 32 lines is sent as written (`%` needs no escaping).
+        """
+        raw = v.reply(code, xcode, lines)
+        self._pmk_any_stage("set_reply").setreply(*raw)
+
+    def add_header(self, name: str | bytes, value: str | bytes) -> None:
+        """Append a header to the message (smfi_addheader)."""
+        raw_name, raw_value = v.header(name, value)
+        self._pmk_action(Actions.ADD_HEADER, "add_header").addheader(raw_name, raw_value)
+
+    def insert_header(self, index: int, name: str | bytes, value: str | bytes) -> None:
+        """Insert a header at 0-based position `index` of the header block (smfi_insheader)."""
+        idx = v.index(index, 0, "header index")
+        raw_name, raw_value = v.header(name, value, extra=4)
+        self._pmk_action(Actions.ADD_HEADER, "insert_header").insheader(idx, raw_name, raw_value)
+
+    def change_header(
+        self, name: str | bytes, value: str | bytes | None, index: int = 1
+    ) -> None:
+        """Change the `index`-th (1-based) header called `name`; None deletes it (smfi_chgheader)."""
+        idx = v.index(index, 1, "header index")
+        if value is None:
+            raw_name, raw_value = v.header_name(name), None
+            v.check_size(len(raw_name) + 6, "header")
+        else:
+            raw_name, raw_value = v.header(name, value, extra=4)
+        self._pmk_action(Actions.CHANGE_HEADER, "change_header").chgheader(
+            raw_name, idx, raw_value
+        )
+
+    def change_sender(self, sender: str | bytes, params: str | bytes | None = None) -> None:
+        """Replace the envelope sender, optionally with ESMTP parameters (smfi_chgfrom)."""
+        raw = v.address(sender, "sender")
+        raw_params = v.esmtp_args(params, "sender parameters")
+        v.check_size(len(raw) + len(raw_params or b"") + 2, "change_sender")
+        self._pmk_action(Actions.CHANGE_FROM, "change_sender").chgfrom(raw, raw_params)
+
+    def add_recipient(self, recipient: str | bytes, params: str | bytes | None = None) -> None:
+        """Add an envelope recipient; with `params`, ESMTP args (smfi_addrcpt, smfi_addrcpt_par).
+
+        Without params it needs `Actions.ADD_RCPT`; with params, `Actions.ADD_RCPT_PAR`.
+        """
+        raw = v.address(recipient, "recipient")
+        raw_params = v.esmtp_args(params, "recipient parameters")
+        v.check_size(len(raw) + len(raw_params or b"") + 2, "add_recipient")
+        flag = Actions.ADD_RCPT if raw_params is None else Actions.ADD_RCPT_PAR
+        self._pmk_action(flag, "add_recipient").addrcpt(raw, raw_params)
+
+    def remove_recipient(self, recipient: str | bytes) -> None:
+        """Remove an envelope recipient, written as it was given to on_rcpt (smfi_delrcpt)."""
+        raw = v.address(recipient, "recipient")
+        v.check_size(len(raw) + 1, "remove_recipient")
+        self._pmk_action(Actions.DELETE_RCPT, "remove_recipient").delrcpt(raw)
+
+    def replace_body(self, chunk: bytes) -> None:
+        """Replace the body; the first call replaces, later calls append (smfi_replacebody)."""
+        raw = v.body(chunk)
+        self._pmk_action(Actions.CHANGE_BODY, "replace_body").replacebody(raw)
+
+    def progress(self) -> None:
+        """Tell the MTA the filter is still working, restarting its timeout (smfi_progress)."""
+        if self._pmk_stage != "on_eom":
+            self._pmk_action(Actions.NONE, "progress")
+        self._pmk_any_stage("progress").progress()
+
+    def quarantine(self, reason: str) -> None:
+        """Put the message on hold with a reason (smfi_quarantine)."""
+        raw = v.text(reason, "quarantine reason")
+        v.check_size(len(raw) + 1, "quarantine reason")
+        self._pmk_action(Actions.QUARANTINE, "quarantine").quarantine(raw)
+
+
+MilterSession._pmk_spec = ClassSpec(
+    stages=frozenset(),
+    noreply=frozenset(),
+    actions=Actions.NONE,
+    protocol=NO_STAGE_MASK,
+    macros={},
+)

@@ -1,0 +1,131 @@
+"""Parsing and checking libmilter socket specs before libmilter sees them."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import stat
+
+from ._errors import SocketSpecError
+
+__all__ = ["SocketSpec", "parse_socket_spec"]
+
+_UNIX_PATH_MAX = 107  # sizeof(sun_path) - 1 on Linux
+
+
+@dataclasses.dataclass(frozen=True)
+class SocketSpec:
+    """A parsed socket spec: `unix`, `inet`, `inet6` or `fd` with its parts."""
+
+    kind: str
+    path: str = ""
+    port: int = 0
+    host: str = ""
+    fd: int = -1
+
+    def libmilter(self) -> str:
+        """The spec in libmilter's syntax."""
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if self.kind == "fd":
+            return f"fd:{self.fd}"
+        host = f"@{self.host}" if self.host else ""
+        return f"{self.kind}:{self.port}{host}"
+
+    def __str__(self) -> str:
+        return self.libmilter()
+
+    @property
+    def family(self) -> int:
+        """The address family (AF_UNIX, AF_INET, AF_INET6; AF_UNSPEC for fd)."""
+        return {
+            "unix": socket.AF_UNIX,
+            "inet": socket.AF_INET,
+            "inet6": socket.AF_INET6,
+        }.get(self.kind, socket.AF_UNSPEC)
+
+    def connect_address(self) -> str | tuple[str, int]:
+        """Where a client on this machine connects to reach a milter on this spec."""
+        if self.kind == "unix":
+            return self.path
+        host = self.host.strip("[]")
+        if not host:
+            host = "::1" if self.kind == "inet6" else "127.0.0.1"
+        return (host, self.port)
+
+
+def _port(text: str, spec: str) -> int:
+    if text.isdigit():
+        port = int(text)
+        if 0 < port < 65536:
+            return port
+        raise SocketSpecError(f"port {port} out of range 1-65535 in socket spec {spec!r}")
+    try:
+        return socket.getservbyname(text, "tcp")
+    except OSError:
+        raise SocketSpecError(
+            f"unknown port or service {text!r} in socket spec {spec!r}"
+        ) from None
+
+
+def parse_socket_spec(spec: str) -> SocketSpec:
+    """Parse `unix:/path`, `local:/path`, `/path`, `inet:PORT[@HOST]`, `inet6:PORT[@HOST]`, `fd:N`.
+
+    Raises SocketSpecError naming what is wrong and the accepted forms.
+    """
+    forms = "use unix:/path/to/sock, inet:PORT@HOST or inet6:PORT@[::1]"
+    if not isinstance(spec, str) or not spec or "\0" in spec:
+        raise SocketSpecError(f"empty or invalid socket spec {spec!r}; {forms}")
+    kind, sep, rest = spec.partition(":")
+    if not sep or kind == "":
+        kind, rest = "unix", spec if not sep else rest
+    kind = kind.lower()
+    if kind in ("unix", "local"):
+        if not rest:
+            raise SocketSpecError(f"socket spec {spec!r} has no path; {forms}")
+        if len(os.fsencode(rest)) > _UNIX_PATH_MAX:
+            raise SocketSpecError(
+                f"unix socket path is longer than {_UNIX_PATH_MAX} bytes: {rest!r}"
+            )
+        return SocketSpec("unix", path=rest)
+    if kind in ("inet", "inet6"):
+        port_text, _, host = rest.partition("@")
+        if not port_text:
+            raise SocketSpecError(f"socket spec {spec!r} has no port; {forms}")
+        port = _port(port_text, spec)
+        if host.startswith("[") != host.endswith("]"):
+            raise SocketSpecError(f"unbalanced brackets in host of socket spec {spec!r}")
+        return SocketSpec(kind, port=port, host=host)
+    if kind == "fd":
+        if not rest.isdigit():
+            raise SocketSpecError(f"fd socket spec needs a descriptor number, got {spec!r}")
+        return SocketSpec("fd", fd=int(rest))
+    raise SocketSpecError(f"unknown socket type {kind!r} in {spec!r}; {forms}")
+
+
+def check_unix_path(spec: SocketSpec) -> None:
+    """Refuse a unix socket path that cannot work, with a message that says why.
+
+    A stale socket file is fine (libmilter removes it); one that a live process still serves,
+    a file that is not a socket, or a missing directory is not.
+    """
+    path = spec.path
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise SocketSpecError(f"directory {directory!r} for unix socket {path!r} does not exist")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketSpecError(f"{path!r} exists and is not a socket; remove it or pick another")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return  # stale: nobody listens
+    finally:
+        probe.close()
+    raise SocketSpecError(f"another process is already serving on {path!r}")

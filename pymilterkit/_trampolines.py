@@ -1,0 +1,356 @@
+"""C-callable bridges from libmilter's callbacks to session methods.
+
+Theory of operation
+-------------------
+libmilter calls back on its own worker threads, one callback at a time per connection, and a
+connection's callbacks may hop between threads; so no state is kept per thread. Sessions are
+kept in a dict keyed by the SMFICTX address, which libmilter keeps for the whole connection
+(and reuses only after xxfi_close, where the session is dropped). A session is created at the
+connection's first callback (normally negotiate), and again at connect after QUIT_NC.
+
+Every trampoline catches BaseException: a Python exception must never reach C (ctypes would
+hand libmilter a garbage status). Exceptions are logged with the stage and answered with the
+runner's error status; KeyboardInterrupt/SystemExit also ask the runner to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from . import _libmilter as c
+from ._errors import LibmilterError
+from ._flags import Actions, ProtocolOpts, Status
+from ._session import STAGE_FLAGS, MilterSession
+from ._types import EsmtpParams, decode
+
+__all__ = ["CtxBackend", "Dispatcher", "escape_for_log"]
+
+logger = logging.getLogger("pymilterkit")
+
+_ENDS_MESSAGE = frozenset((Status.REJECT, Status.DISCARD, Status.ACCEPT, Status.TEMPFAIL))
+_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)}
+
+
+def escape_for_log(text: str) -> str:
+    """Control characters from untrusted input shown as escapes, so a log line stays one line."""
+    return text.translate(_CONTROL)
+
+
+class CtxBackend:
+    """Session actions as smfi_* calls on one libmilter context."""
+
+    __slots__ = ("ctx", "lib")
+
+    def __init__(self, lib: c.Libmilter, ctx: int) -> None:
+        self.lib = lib
+        self.ctx = ctx
+
+    @staticmethod
+    def _check(result: int, function: str) -> None:
+        if result != c.MI_SUCCESS:
+            raise LibmilterError(
+                f"libmilter refused {function} (MI_FAILURE): the MTA connection may be gone, "
+                f"or the action was not negotiated"
+            )
+
+    def getsymval(self, name: bytes) -> bytes | None:
+        return self.lib.smfi_getsymval(self.ctx, name)
+
+    def setreply(self, code: bytes, xcode: bytes | None, lines: Any) -> None:
+        if len(lines) <= 1:
+            self._check(
+                self.lib.smfi_setreply(self.ctx, code, xcode, lines[0] if lines else None),
+                "smfi_setreply",
+            )
+        else:
+            self._check(c.setmlreply(self.ctx, code, xcode, list(lines)), "smfi_setmlreply")
+
+    def addheader(self, name: bytes, value: bytes) -> None:
+        self._check(self.lib.smfi_addheader(self.ctx, name, value), "smfi_addheader")
+
+    def insheader(self, index: int, name: bytes, value: bytes) -> None:
+        self._check(self.lib.smfi_insheader(self.ctx, index, name, value), "smfi_insheader")
+
+    def chgheader(self, name: bytes, index: int, value: bytes | None) -> None:
+        self._check(self.lib.smfi_chgheader(self.ctx, name, index, value), "smfi_chgheader")
+
+    def chgfrom(self, sender: bytes, params: bytes | None) -> None:
+        self._check(self.lib.smfi_chgfrom(self.ctx, sender, params), "smfi_chgfrom")
+
+    def addrcpt(self, recipient: bytes, params: bytes | None) -> None:
+        if params is None:
+            self._check(self.lib.smfi_addrcpt(self.ctx, recipient), "smfi_addrcpt")
+        else:
+            self._check(
+                self.lib.smfi_addrcpt_par(self.ctx, recipient, params), "smfi_addrcpt_par"
+            )
+
+    def delrcpt(self, recipient: bytes) -> None:
+        self._check(self.lib.smfi_delrcpt(self.ctx, recipient), "smfi_delrcpt")
+
+    def replacebody(self, chunk: bytes) -> None:
+        # smfi_replacebody takes an int length: hand over large bodies in pieces.
+        step = 1 << 30
+        for start in range(0, max(len(chunk), 1), step):
+            piece = chunk[start : start + step]
+            self._check(
+                self.lib.smfi_replacebody(self.ctx, piece, len(piece)), "smfi_replacebody"
+            )
+
+    def progress(self) -> None:
+        self._check(self.lib.smfi_progress(self.ctx), "smfi_progress")
+
+    def quarantine(self, reason: bytes) -> None:
+        self._check(self.lib.smfi_quarantine(self.ctx, reason), "smfi_quarantine")
+
+
+class Dispatcher:
+    """Owns the live sessions of one runner and builds libmilter's callback table."""
+
+    def __init__(
+        self,
+        session_class: type[MilterSession],
+        lib: c.Libmilter,
+        error_status: Status,
+        on_fatal: Callable[[BaseException], None],
+        strip_noreply: bool = False,
+    ) -> None:
+        self.session_class = session_class
+        self.spec = session_class.negotiation()
+        self.lib = lib
+        self.error_status = error_status
+        self.on_fatal = on_fatal
+        self.strip_noreply = strip_noreply
+        self.sessions: dict[int, MilterSession] = {}
+        self.active: dict[int, str] = {}
+        self.noreply = set(self.spec.noreply) if not strip_noreply else set()
+        self.created = 0
+
+    # -- session bookkeeping ---------------------------------------------------------------
+
+    def _create(self, ctx: int) -> MilterSession:
+        session = self.session_class()
+        session._pmk_backend = CtxBackend(self.lib, ctx)
+        session._pmk_actions = self.spec.actions
+        session._pmk_in_message = False
+        self.sessions[ctx] = session
+        self.created += 1
+        return session
+
+    def _fail(self, exc: BaseException, stage: str) -> int:
+        if isinstance(exc, Exception):
+            logger.error(
+                "%s.%s raised %s; answering %s",
+                self.session_class.__qualname__,
+                stage,
+                type(exc).__name__,
+                self.error_status.name,
+                exc_info=exc,
+            )
+        else:
+            logger.warning("%s in %s: stopping the milter", type(exc).__name__, stage)
+            self.on_fatal(exc)
+        if stage in self.noreply:
+            return Status.NOREPLY
+        return self.error_status
+
+    def _bad_result(self, result: object, stage: str) -> int:
+        if result is Status.NOREPLY:
+            logger.warning(
+                "%s.%s returned NOREPLY but the stage is not @noreply; sending CONTINUE",
+                self.session_class.__qualname__,
+                stage,
+            )
+            return Status.CONTINUE
+        logger.error(
+            "%s.%s returned %r, not a Status; answering %s",
+            self.session_class.__qualname__,
+            stage,
+            result,
+            self.error_status.name,
+        )
+        return self.error_status
+
+    # -- trampolines -----------------------------------------------------------------------
+
+    def _stage(self, stage: str, convert: Callable[..., tuple[Any, ...]]) -> Callable[..., int]:
+        """Build the trampoline of one reply-giving stage; `convert` maps C args to Python."""
+        sessions, active = self.sessions, self.active
+        create, fail, bad = self._create, self._fail, self._bad_result
+        get_ident, pin, pinned = threading.get_ident, c.pin_thread_state, c._pinned
+        noreply = stage in self.noreply
+        starts_message = stage not in ("on_connect", "on_helo", "on_unknown")
+        is_rcpt = stage == "on_rcpt"
+        is_eom = stage == "on_eom"
+        stage_status = Status
+
+        def trampoline(ctx: int, *cargs: Any) -> int:
+            ident = get_ident()
+            if ident not in pinned:
+                pin(ident)
+            active[ctx] = stage
+            try:
+                session = sessions.get(ctx)
+                if session is None:
+                    session = create(ctx)
+                args = convert(*cargs)
+                session._pmk_stage = stage
+                try:
+                    result = getattr(session, stage)(*args)
+                finally:
+                    session._pmk_stage = None
+                if starts_message:
+                    session._pmk_in_message = not (
+                        is_eom or (result in _ENDS_MESSAGE and not is_rcpt)
+                    )
+                if noreply:
+                    return Status.NOREPLY
+                if result.__class__ is stage_status and result is not Status.NOREPLY:
+                    return result  # type: ignore[no-any-return]
+                return bad(result, stage)
+            except BaseException as exc:  # noqa: BLE001 - nothing may reach C
+                return fail(exc, stage)
+            finally:
+                del active[ctx]
+
+        return trampoline
+
+    def _negotiate(
+        self, ctx: int, f0: int, f1: int, f2: int, f3: int, pf0: Any, pf1: Any, pf2: Any, pf3: Any
+    ) -> int:
+        ident = threading.get_ident()
+        if ident not in c._pinned:
+            c.pin_thread_state(ident)
+        self.active[ctx] = "on_negotiate"
+        try:
+            session = self._create(ctx)
+            session._pmk_stage = "on_negotiate"
+            try:
+                status, actions, opts = session.on_negotiate(Actions(f0), ProtocolOpts(f1))
+            finally:
+                session._pmk_stage = None
+            if status is not Status.CONTINUE:
+                logger.info("on_negotiate answered %s: refusing the connection", status.name)
+                return int(status)
+            if self.strip_noreply:
+                opts &= ~ProtocolOpts(0xFF080)
+            missing = Actions(actions & ~f0)
+            if missing:
+                logger.error(
+                    "the MTA does not offer actions %r that %s needs; it will drop the "
+                    "connection",
+                    missing,
+                    self.session_class.__qualname__,
+                )
+            session._pmk_actions = Actions(actions)
+            c.write_negotiation(pf0, pf1, pf2, pf3, int(actions), int(opts))
+            for where, names in self.spec.macros.items():
+                self.lib.smfi_setsymlist(ctx, int(where), " ".join(names).encode("ascii"))
+            return Status.CONTINUE
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(exc, "on_negotiate")
+            return Status.TEMPFAIL  # anything but CONTINUE: libmilter drops the connection
+        finally:
+            del self.active[ctx]
+
+    def _abort(self, ctx: int) -> int:
+        session = self.sessions.get(ctx)
+        # Postfix sends abort after every message, and libmilter may pass it on after eom:
+        # on_abort runs only while a message is really in progress.
+        if session is None or not session._pmk_in_message:
+            return Status.CONTINUE
+        session._pmk_in_message = False
+        self._call_cleanup(ctx, session, "on_abort")
+        return Status.CONTINUE
+
+    def _close(self, ctx: int) -> int:
+        session = self.sessions.pop(ctx, None)
+        if session is not None:
+            self._call_cleanup(ctx, session, "on_close")
+            session._pmk_backend = None
+        return Status.CONTINUE
+
+    def _call_cleanup(self, ctx: int, session: MilterSession, stage: str) -> None:
+        ident = threading.get_ident()
+        if ident not in c._pinned:
+            c.pin_thread_state(ident)
+        self.active[ctx] = stage
+        try:
+            session._pmk_stage = stage
+            getattr(session, stage)()
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(exc, stage)
+        finally:
+            session._pmk_stage = None
+            self.active.pop(ctx, None)
+
+    def close_all(self) -> int:
+        """Run on_close for sessions libmilter abandoned (at stop); returns how many."""
+        count = 0
+        while self.sessions:
+            _, session = self.sessions.popitem()
+            count += 1
+            try:
+                if session._pmk_in_message:
+                    session._pmk_stage = "on_abort"
+                    session.on_abort()
+                session._pmk_stage = "on_close"
+                session.on_close()
+            except Exception:
+                logger.exception("on_close of an abandoned session raised")
+            finally:
+                session._pmk_stage = None
+                session._pmk_backend = None
+        return count
+
+    def descriptor(self, name: bytes) -> c.SmfiDesc:
+        """The smfiDesc with a callback for each overridden stage, plus negotiate and close."""
+        stages = self.spec.stages
+        make = c.Callbacks.make
+        desc = c.SmfiDesc()
+        desc.xxfi_name = name
+        desc.xxfi_version = c.SMFI_VERSION
+        desc.xxfi_flags = int(self.spec.actions)
+
+        def none() -> tuple[()]:
+            return ()
+
+        table: dict[str, tuple[str, str, Callable[..., tuple[Any, ...]]]] = {
+            "on_connect": (
+                "xxfi_connect",
+                "connect",
+                lambda host, addr: (decode(host or b""), c.sockaddr_to_address(addr)),
+            ),
+            "on_helo": ("xxfi_helo", "str1", lambda host: (decode(host or b""),)),
+            "on_mail": ("xxfi_envfrom", "argv", _envelope),
+            "on_rcpt": ("xxfi_envrcpt", "argv", _envelope),
+            "on_data": ("xxfi_data", "ctx", none),
+            "on_unknown": ("xxfi_unknown", "str1", lambda cmd: (decode(cmd or b""),)),
+            "on_header": (
+                "xxfi_header",
+                "str2",
+                lambda n, v: (decode(n or b""), decode(v or b"")),
+            ),
+            "on_eoh": ("xxfi_eoh", "ctx", none),
+            "on_body": ("xxfi_body", "body", lambda p, n: (c.body_bytes(p, n),)),
+            "on_eom": ("xxfi_eom", "ctx", none),
+        }
+        assert set(STAGE_FLAGS) <= set(table)
+        for stage, (field, shape, convert) in table.items():
+            if stage in stages:
+                setattr(desc, field, make(shape, self._stage(stage, convert)))
+        desc.xxfi_negotiate = make("negotiate", self._negotiate)
+        desc.xxfi_close = make("ctx", self._close)
+        if "on_abort" in stages:
+            desc.xxfi_abort = make("ctx", self._abort)
+        return desc
+
+
+def _envelope(argv: int | None) -> tuple[str, EsmtpParams]:
+    args = c.argv_to_bytes(argv)
+    if not args:
+        return "", EsmtpParams()
+    return decode(args[0]), EsmtpParams([decode(a) for a in args[1:]])

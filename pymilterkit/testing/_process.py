@@ -1,0 +1,158 @@
+"""Run a filter in its own process (libmilter allows one run per process)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from .._errors import MilterError
+from .._socketspec import parse_socket_spec
+
+__all__ = ["MilterProcess"]
+
+
+class MilterProcess:
+    """`pymilterkit run TARGET --socket SPEC` in a child process, as a context manager.
+
+    Without `socket`, a unix socket in a fresh temporary directory is used. On entry it waits
+    until the socket accepts connections; on exit it sends SIGTERM and waits.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        socket_spec: str | None = None,
+        *,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        startup_timeout: float = 15.0,
+    ) -> None:
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if socket_spec is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="pymilterkit-")
+            os.chmod(self._tmp.name, 0o755)
+            socket_spec = f"unix:{self._tmp.name}/milter.sock"
+        self.socket = socket_spec
+        self.spec = parse_socket_spec(socket_spec)
+        self.target = target
+        self.args = list(args)
+        self.env = dict(os.environ if env is None else env)
+        self.cwd = cwd
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_dir = tempfile.TemporaryDirectory(prefix="pymilterkit-log-")
+        self.log_path = Path(self._log_dir.name) / "milter.log"
+        self.returncode: int | None = None
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        assert self.process is not None
+        return self.process.pid
+
+    def command(self) -> list[str]:
+        """The command line of the child."""
+        return [
+            sys.executable,
+            "-m",
+            "pymilterkit",
+            "--log-level",
+            "DEBUG",
+            "run",
+            self.target,
+            "--socket",
+            self.socket,
+            *self.args,
+        ]
+
+    def start(self) -> MilterProcess:
+        """Start the child and wait until its socket accepts connections."""
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+            )
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise MilterError(
+                    f"milter exited with {self.process.returncode} during start:\n{self.log()}"
+                )
+            if self._accepts():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise MilterError(f"milter did not listen on {self.socket} in time:\n{self.log()}")
+
+    def _accepts(self) -> bool:
+        probe = socket.socket(
+            socket.AF_UNIX if self.spec.kind == "unix" else self.spec.family, socket.SOCK_STREAM
+        )
+        probe.settimeout(1.0)
+        try:
+            probe.connect(self.spec.connect_address())
+        except OSError:
+            return False
+        finally:
+            probe.close()
+        return True
+
+    def log(self) -> str:
+        """Everything the child wrote to stdout and stderr so far."""
+        try:
+            return self.log_path.read_text("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the child (only to our own child, by PID)."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signum)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        """Wait for the child to exit and return its exit status."""
+        assert self.process is not None
+        self.returncode = self.process.wait(timeout)
+        return self.returncode
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM the child, wait (SIGKILL after `timeout`), return its exit status."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.returncode = self.process.returncode
+        return self.returncode
+
+    def __enter__(self) -> MilterProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        self._log_dir.cleanup()
