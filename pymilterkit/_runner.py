@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
+import socket as socketlib
 import threading
 import time
 from types import FrameType
@@ -29,6 +29,7 @@ from ._errors import ConfigurationError, LibmilterError, SocketSpecError
 from ._flags import Status
 from ._session import MilterSession
 from ._socketspec import SocketSpec, check_unix_path, parse_socket_spec
+from ._listen import open_listener
 from ._trampolines import Dispatcher
 
 __all__ = ["Milter", "libmilter_version", "run", "set_debug_level", "shutdown"]
@@ -106,6 +107,7 @@ class Milter:
         self._stop_requested = threading.Event()
         self._lib: c.Libmilter | None = None
         self.dispatcher: Dispatcher | None = None
+        self._listener: socketlib.socket | None = None
 
     # -- running ---------------------------------------------------------------------------
 
@@ -131,33 +133,53 @@ class Milter:
         self._prepare()
         self._serve()
 
-    def _prepare(self) -> None:
+    def serve_inherited(self, fd: int) -> None:
+        """Serve on an already listening socket (a pre-forked worker); blocks until stopped."""
+        self._prepare(inherited_fd=fd)
+        self._serve()
+
+    def _prepare(self, inherited_fd: int | None = None) -> None:
         """Register with libmilter and open the listening socket."""
         lib = self._lib = c.load()
+        tcp = self.spec.kind in ("inet", "inet6")
         self.dispatcher = Dispatcher(
-            self.session_class, lib, self.error_status, self._on_fatal
+            self.session_class, lib, self.error_status, self._on_fatal, strip_noreply=tcp
         )
         desc = self.dispatcher.descriptor(self.name.encode("utf-8", "surrogateescape"))
         if lib.smfi_register(desc) != c.MI_SUCCESS:
             raise LibmilterError("smfi_register failed")
-        if self.spec.kind == "unix":
+        if inherited_fd is None and self.spec.kind == "unix":
             check_unix_path(self.spec)
-        if lib.smfi_setconn(self.spec.libmilter().encode()) != c.MI_SUCCESS:
-            raise SocketSpecError(f"libmilter refused socket spec {self.spec}")
+        if inherited_fd is None and tcp:
+            # Our own socket with TCP_NODELAY, handed over as fd:N (Debian's libmilter).
+            self._listener = open_listener(self.spec, self.backlog)
+            inherited_fd = self._listener.fileno()
+        conn = self.spec.libmilter() if inherited_fd is None else f"fd:{inherited_fd}"
+        if lib.smfi_setconn(conn.encode()) != c.MI_SUCCESS:
+            raise SocketSpecError(f"libmilter refused socket spec {conn}")
         if self.timeout is not None:
             lib.smfi_settimeout(self.timeout)
         if self.backlog is not None and lib.smfi_setbacklog(self.backlog) != c.MI_SUCCESS:
             raise ConfigurationError(f"libmilter refused backlog {self.backlog}")
         lib.smfi_setdbg(self.debug_level)
-        if lib.smfi_opensocket(1) != c.MI_SUCCESS:
+        opened = lib.smfi_opensocket(1) == c.MI_SUCCESS
+        if not opened and self._listener is not None:
+            # A libmilter without the fd:N spec: fall back to its own inet socket.
+            logger.warning("libmilter does not accept fd:N; listening without TCP_NODELAY")
+            self._listener.close()
+            self._listener = None
+            lib.smfi_setconn(self.spec.libmilter().encode())
+            opened = lib.smfi_opensocket(1) == c.MI_SUCCESS
+        if not opened:
             raise SocketSpecError(
                 f"could not listen on {self.spec}: {self._why_not_listening()}"
             )
-        self._secure_socket()
+        if inherited_fd is None or self._listener is not None:
+            self._secure_socket()
 
     def _why_not_listening(self) -> str:
         if self.spec.kind in ("inet", "inet6"):
-            probe = socket.socket(self.spec.family, socket.SOCK_STREAM)
+            probe = socketlib.socket(self.spec.family, socketlib.SOCK_STREAM)
             try:
                 probe.bind(self.spec.connect_address())
             except OSError as exc:
@@ -248,8 +270,8 @@ class Milter:
         if self.spec.kind == "fd":
             return
         time.sleep(0.05)
-        family = socket.AF_UNIX if self.spec.kind == "unix" else self.spec.family
-        probe = socket.socket(family, socket.SOCK_STREAM)
+        family = socketlib.AF_UNIX if self.spec.kind == "unix" else self.spec.family
+        probe = socketlib.socket(family, socketlib.SOCK_STREAM)
         probe.settimeout(1.0)
         try:
             probe.connect(self.spec.connect_address())

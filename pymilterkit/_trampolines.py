@@ -209,7 +209,7 @@ class Dispatcher:
                 if noreply:
                     return Status.NOREPLY
                 if result.__class__ is stage_status and result is not Status.NOREPLY:
-                    return result  # type: ignore[no-any-return]
+                    return result
                 return bad(result, stage)
             except BaseException as exc:  # noqa: BLE001 - nothing may reach C
                 return fail(exc, stage)

@@ -1,0 +1,117 @@
+"""Pre-forked workers: one listening socket, N processes each running libmilter on it.
+
+The GIL lets one process use about one core; N workers use N. The parent opens the socket
+(so it is opened once, with the right options and permissions), forks the workers, replaces a
+worker that dies, and on SIGTERM/SIGINT/SIGHUP stops them all. State is per process, as in any
+pre-fork server: class attributes or module globals are not shared between workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from ._errors import LibmilterError
+from ._listen import open_listener
+from ._security import drop_privileges
+
+if TYPE_CHECKING:
+    from ._runner import Milter
+
+__all__ = ["run_prefork"]
+
+logger = logging.getLogger("pymilterkit")
+
+_RESPAWN_WINDOW = 10.0
+
+
+def _child(milter: Milter, fd: int) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    code = 0
+    try:
+        milter.serve_inherited(fd)
+    except BaseException:  # noqa: BLE001 - the child must leave through os._exit
+        logger.exception("worker %d failed", os.getpid())
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def run_prefork(milter: Milter) -> None:
+    """Serve with `milter.workers` processes until a stop signal; raise if workers failed."""
+    sock = open_listener(milter.spec, milter.backlog, milter.socket_mode, milter.socket_group)
+    drop_privileges(milter.user, milter.group)
+    fd = sock.fileno()
+    os.set_inheritable(fd, True)
+    children: dict[int, int] = {}  # pid -> slot
+    deaths: list[float] = []
+    stopping = False
+    failed = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            _child(milter, fd)
+        children[pid] = slot
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if not stopping:
+            logger.info("signal %s: stopping %d worker(s)", signal.Signals(signum).name,
+                        len(children))
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, on_signal) for s in
+                (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        for slot in range(milter.workers):
+            spawn(slot)
+        logger.info("%s: %d workers on %s", milter.name, milter.workers, milter.spec)
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.05)
+                continue
+            if pid not in children:
+                continue
+            slot = children.pop(pid)
+            code = os.waitstatus_to_exitcode(status)
+            if stopping:
+                if code != 0:
+                    failed = True
+                    logger.error("worker %d exited with %d", pid, code)
+                continue
+            logger.warning("worker %d died (exit %d); starting a new one", pid, code)
+            now = time.monotonic()
+            deaths[:] = [t for t in deaths if now - t < _RESPAWN_WINDOW] + [now]
+            if len(deaths) > 5 * milter.workers:
+                logger.error("workers keep dying; giving up")
+                failed = True
+                on_signal(signal.SIGTERM, None)
+                continue
+            spawn(slot)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        sock.close()
+        if milter.spec.kind == "unix":
+            try:
+                os.unlink(milter.spec.path)
+            except OSError:
+                pass
+    if failed:
+        raise LibmilterError("one or more workers failed; see the log")
