@@ -13,7 +13,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from ._errors import MilterError
+from ._errors import ConfigurationError, MilterError
+from ._flags import Status
 from ._session import MilterSession
 
 __all__ = ["load_session_class", "main"]
@@ -63,6 +64,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         backlog=args.backlog,
         workers=args.workers,
+        error_status=Status[args.error_status.upper()],
+        debug_level=args.debug_level,
         socket_mode=int(args.socket_mode, 8) if args.socket_mode else None,
         socket_group=args.socket_group,
         user=args.user,
@@ -105,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=int, help="libmilter I/O timeout in seconds")
     run.add_argument("--backlog", type=int, help="listen backlog")
     run.add_argument("--workers", type=int, default=1, help="pre-forked worker processes")
+    run.add_argument(
+        "--error-status",
+        default="tempfail",
+        choices=["tempfail", "reject", "continue", "accept", "discard"],
+        help="answer when a stage method raises (default tempfail)",
+    )
+    run.add_argument("--debug-level", type=int, default=0, help="libmilter trace level")
     run.add_argument("--socket-mode", help="octal mode of a unix socket, e.g. 660")
     run.add_argument("--socket-group", help="group of a unix socket (e.g. postfix)")
     run.add_argument("--user", help="drop privileges to this user after opening the socket")
@@ -144,6 +154,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except MilterError as exc:
         print(f"pymilterkit: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE if args.command == "run" else EXIT_FAILED
+        return EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILED
     except KeyboardInterrupt:
         return 130

@@ -216,9 +216,15 @@ class Milter:
             for signum, handler in restore.items():
                 signal.signal(signum, handler)
         self._drain()
+        left = len(self.dispatcher.sessions)
         abandoned = self.dispatcher.close_all()
+        logger.info(
+            "stopped: %d session(s) served, %d left open by libmilter and closed here",
+            self.dispatcher.created,
+            left,
+        )
         if abandoned:
-            logger.info("closed %d session(s) libmilter left open at stop", abandoned)
+            logger.debug("closed %d abandoned session(s)", abandoned)
         if self._fatal is not None:
             raise self._fatal
         if result and result[0] != c.MI_SUCCESS:
