@@ -1,0 +1,178 @@
+"""The runner as a process: start, signals, sockets, refusals. No MTA traffic needed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pymilterkit.testing import MilterProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+def python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_stop_signals_end_the_run_cleanly(signum: int) -> None:
+    with MilterProcess("examples.rcpt_count:RcptCount", cwd=ROOT) as milter:
+        milter.signal(signum)
+        assert milter.wait(15) == 0, milter.log()
+        log = milter.log()
+    assert "Traceback" not in log
+    assert f"signal {signal.Signals(signum).name}: stopping" in log
+    assert not os.path.exists(milter.spec.path), "socket file left behind"
+
+
+def test_a_second_run_in_one_process_is_refused(tmp_path: Path) -> None:
+    sock = tmp_path / "m.sock"
+    result = python(
+        f"""
+import threading, time
+from pymilterkit import Milter, MilterError, shutdown
+from examples.rcpt_count import RcptCount
+threading.Timer(0.5, shutdown).start()
+Milter(RcptCount, "unix:{sock}").run()
+try:
+    Milter(RcptCount, "unix:{sock}").run()
+except MilterError as exc:
+    print("refused:", exc)
+"""
+    )
+    assert result.returncode == 0, result.stderr
+    assert "refused: libmilter allows one milter run per process" in result.stdout
+
+
+def test_missing_libmilter_names_every_path_and_the_package() -> None:
+    result = python(
+        """
+import pymilterkit, sys
+assert "pymilterkit._libmilter" not in sys.modules or True
+from pymilterkit import Milter, LibraryNotFoundError, MilterError
+from examples.rcpt_count import RcptCount
+try:
+    Milter(RcptCount, "unix:/tmp/unused-pmk.sock").run()
+except LibraryNotFoundError as exc:
+    assert isinstance(exc, MilterError)
+    print(exc)
+""",
+        PYMILTERKIT_LIBMILTER="/nonexistent/libmilter.so.1.0.1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "/nonexistent/libmilter.so.1.0.1" in result.stdout
+    assert "apt-get install libmilter1.0.1" in result.stdout
+
+
+def test_import_does_not_load_libmilter() -> None:
+    result = python(
+        """
+import sys, pymilterkit, pymilterkit.testing
+maps = open("/proc/self/maps").read()
+print("loaded" if "libmilter" in maps else "not loaded")
+"""
+    )
+    assert result.stdout.strip() == "not loaded", result.stderr
+
+
+def test_stale_unix_socket_is_removed(tmp_path: Path) -> None:
+    path = tmp_path / "m.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # a socket file nobody listens on
+    with MilterProcess("examples.rcpt_count:RcptCount", f"unix:{path}", cwd=ROOT) as milter:
+        assert milter.process is not None and milter.process.poll() is None
+
+
+def test_live_unix_socket_is_not_stolen(tmp_path: Path) -> None:
+    path = tmp_path / "m.sock"
+    with MilterProcess("examples.rcpt_count:RcptCount", f"unix:{path}", cwd=ROOT) as first:
+        second = subprocess.run(
+            [sys.executable, "-m", "pymilterkit", "run", "examples.rcpt_count:RcptCount",
+             "--socket", f"unix:{path}"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )
+        assert second.returncode == 2
+        assert "already serving" in second.stderr
+        assert first.process is not None and first.process.poll() is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tcp:25", "unknown socket type"),
+        ("unix:/nonexistent-dir/x.sock", "does not exist"),
+        ("inet:70000@127.0.0.1", "out of range"),
+    ],
+)
+def test_bad_socket_spec_exits_2_with_a_clear_message(spec: str, message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pymilterkit", "run", "examples.rcpt_count:RcptCount",
+         "--socket", spec],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_socket_mode_is_applied(tmp_path: Path) -> None:
+    path = tmp_path / "m.sock"
+    with MilterProcess(
+        "examples.rcpt_count:RcptCount", f"unix:{path}", args=["--socket-mode", "660"], cwd=ROOT
+    ):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+
+
+def test_inet_and_inet6_listen_with_nodelay() -> None:
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        probe = socket.socket(family)
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        kind = "inet" if family == socket.AF_INET else "inet6"
+        spec = f"{kind}:{port}@{host}" if kind == "inet" else f"inet6:{port}@[{host}]"
+        with MilterProcess("examples.rcpt_count:RcptCount", spec, cwd=ROOT):
+            client = socket.create_connection((host, port), timeout=5)
+            client.close()
+
+
+def test_version_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pymilterkit", "version"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert result.returncode == 0
+    assert "libmilter 1.0.1" in result.stdout
+    assert result.stdout.startswith("pymilterkit ")
+
+
+def test_workers_serve_and_stop_together() -> None:
+    with MilterProcess(
+        "examples.rcpt_count:RcptCount", args=["--workers", "2"], cwd=ROOT
+    ) as milter:
+        deadline = time.monotonic() + 10
+        children: list[str] = []
+        while time.monotonic() < deadline and len(children) < 2:
+            children = Path(f"/proc/{milter.pid}/task/{milter.pid}/children").read_text().split()
+            time.sleep(0.05)
+        assert len(children) == 2
+        milter.signal(signal.SIGTERM)
+        assert milter.wait(15) == 0, milter.log()
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists()
