@@ -756,7 +756,7 @@ struct worker {
 	struct conn c;
 };
 
-static pthread_barrier_t start_barrier;
+static pthread_barrier_t start_barrier, go_barrier;
 static double t_start, t_deadline;
 static unsigned long neg_actions, neg_pflags;
 static pthread_mutex_t neg_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -795,6 +795,7 @@ static void *run_worker(void *arg)
 		pthread_mutex_unlock(&neg_lock);
 	}
 	pthread_barrier_wait(&start_barrier);
+	pthread_barrier_wait(&go_barrier);
 	if (!w->ready_ok) {
 		w->conn_errors++;
 		w->failures += opt_duration > 0 ? 0 : w->quota;
@@ -945,7 +946,8 @@ int main(int argc, char **argv)
 	ws = calloc((size_t)opt_conns, sizeof(*ws));
 	if (ws == NULL)
 		die("out of memory");
-	if (pthread_barrier_init(&start_barrier, NULL, (unsigned)opt_conns + 1) != 0)
+	if (pthread_barrier_init(&start_barrier, NULL, (unsigned)opt_conns + 1) != 0 ||
+	    pthread_barrier_init(&go_barrier, NULL, (unsigned)opt_conns + 1) != 0)
 		die("pthread_barrier_init failed");
 	for (i = 0; i < opt_conns; i++) {
 		ws[i].idx = i;
@@ -953,11 +955,13 @@ int main(int argc, char **argv)
 		if (pthread_create(&ws[i].tid, NULL, run_worker, &ws[i]) != 0)
 			die("pthread_create failed");
 	}
-	/* set before the barrier releases the workers (the barrier orders memory) */
-	t_start = now();
-	t_deadline = t_start + opt_duration;
+	/* first barrier: every worker has connected and negotiated; the clock
+	 * starts, then the second barrier releases the workers (the barriers
+	 * also order the memory accesses to t_deadline) */
 	pthread_barrier_wait(&start_barrier);
 	t_start = now();
+	t_deadline = t_start + opt_duration;
+	pthread_barrier_wait(&go_barrier);
 	for (i = 0; i < opt_conns; i++)
 		pthread_join(ws[i].tid, NULL);
 	elapsed = now() - t_start;
