@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from ._errors import ConfigurationError, MilterError
 from ._flags import Status
+from ._runner import ErrorStatus
 from ._session import MilterSession
 
 __all__ = ["load_session_class", "main"]
@@ -53,6 +54,15 @@ def load_session_class(target: str) -> type[MilterSession]:
     return obj
 
 
+_ERROR_STATUS: dict[str, ErrorStatus] = {
+    "tempfail": Status.TEMPFAIL,
+    "reject": Status.REJECT,
+    "continue": Status.CONTINUE,
+    "accept": Status.ACCEPT,
+    "discard": Status.DISCARD,
+}
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from ._runner import Milter
 
@@ -64,7 +74,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         backlog=args.backlog,
         workers=args.workers,
-        error_status=Status[args.error_status.upper()],
+        error_status=_ERROR_STATUS[args.error_status],
         debug_level=args.debug_level,
         socket_mode=int(args.socket_mode, 8) if args.socket_mode else None,
         socket_group=args.socket_group,
@@ -111,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--error-status",
         default="tempfail",
-        choices=["tempfail", "reject", "continue", "accept", "discard"],
+        choices=list(_ERROR_STATUS),
         help="answer when a stage method raises (default tempfail)",
     )
     run.add_argument("--debug-level", type=int, default=0, help="libmilter trace level")

@@ -15,6 +15,7 @@ abandoned (its worker pool does not call xxfi_close for parked connections at st
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
@@ -22,7 +23,9 @@ import socket as socketlib
 import threading
 import time
 from types import FrameType
-from typing import Any
+from typing import Any, Literal, TypedDict
+
+from typing_extensions import Unpack
 
 from . import _libmilter as c
 from ._errors import ConfigurationError, LibmilterError, SocketSpecError
@@ -40,6 +43,9 @@ _state_lock = threading.Lock()
 _has_run = False
 _current: Milter | None = None
 
+ErrorStatus = Literal[
+    Status.TEMPFAIL, Status.REJECT, Status.CONTINUE, Status.ACCEPT, Status.DISCARD
+]
 _ERROR_STATUSES = (Status.TEMPFAIL, Status.REJECT, Status.CONTINUE, Status.ACCEPT, Status.DISCARD)
 
 
@@ -62,7 +68,7 @@ class Milter:
         timeout: int | None = None,
         backlog: int | None = None,
         debug_level: int = 0,
-        error_status: Status = Status.TEMPFAIL,
+        error_status: ErrorStatus = Status.TEMPFAIL,
         workers: int = 1,
         socket_mode: int | None = None,
         socket_group: str | int | None = None,
@@ -73,6 +79,15 @@ class Milter:
             raise ConfigurationError(
                 f"session_class must be a MilterSession subclass, got {session_class!r}"
             )
+        try:
+            inspect.signature(session_class).bind()
+        except TypeError:
+            raise ConfigurationError(
+                f"{session_class.__qualname__} must be constructible without arguments: the "
+                f"runner creates one instance per connection"
+            ) from None
+        except ValueError:  # no signature available (C-implemented __init__): assume fine
+            pass
         self.session_class = session_class
         self.spec: SocketSpec = parse_socket_spec(socket)
         self.name = name or session_class.__name__
@@ -287,7 +302,24 @@ class Milter:
             probe.close()
 
 
-def run(session_class: type[MilterSession], socket: str, **options: Any) -> None:
+class MilterOptions(TypedDict, total=False):
+    """The keyword options of `Milter`, for `run(...)`."""
+
+    name: str | None
+    timeout: int | None
+    backlog: int | None
+    debug_level: int
+    error_status: ErrorStatus
+    workers: int
+    socket_mode: int | None
+    socket_group: str | int | None
+    user: str | int | None
+    group: str | int | None
+
+
+def run(
+    session_class: type[MilterSession], socket: str, **options: Unpack[MilterOptions]
+) -> None:
     """Shorthand for `Milter(session_class, socket, **options).run()`."""
     Milter(session_class, socket, **options).run()
 

@@ -45,6 +45,8 @@ STAGE_FLAGS: dict[str, tuple[ProtocolOpts, ProtocolOpts]] = {
 """Stage method -> (flag that switches the stage off, flag that makes it no-reply)."""
 
 OTHER_STAGES = ("on_eom", "on_abort", "on_close", "on_negotiate")
+_ALL_ACTIONS = 0x1FF
+_ALL_OPTS = 0x301FFFFF
 
 
 def noreply(method: _F) -> _F:
@@ -76,7 +78,7 @@ class ClassSpec:
         A NO_* bit the MTA does not know (an old protocol version) is left out: the MTA then
         sends that stage and libmilter answers it, as for any stage without a callback.
         """
-        opts = self.protocol & ~(NO_STAGE_MASK & ~offered)
+        opts = ProtocolOpts(int(self.protocol) & ~(int(NO_STAGE_MASK) & ~int(offered)))
         if "on_body" in self.stages and offered & ProtocolOpts.SKIP:
             opts |= ProtocolOpts.SKIP
         return opts
@@ -149,6 +151,19 @@ def build_spec(cls: type[MilterSession]) -> ClassSpec:
                     f"{cls.__qualname__}.{name}: @noreply is only for stages that answer the "
                     f"MTA before end-of-message, not {name}"
                 )
+    for klass in cls.__mro__:
+        declared_actions = klass.__dict__.get("actions", Actions.NONE)
+        if not isinstance(declared_actions, Actions) or int(declared_actions) & ~_ALL_ACTIONS:
+            raise TypeError(
+                f"{klass.__qualname__}.actions must combine Actions flags, "
+                f"got {declared_actions!r}"
+            )
+        declared_protocol = klass.__dict__.get("protocol", ProtocolOpts.NONE)
+        if not isinstance(declared_protocol, ProtocolOpts) or int(declared_protocol) & ~_ALL_OPTS:
+            raise TypeError(
+                f"{klass.__qualname__}.protocol must combine ProtocolOpts flags, "
+                f"got {declared_protocol!r}"
+            )
     actions = Actions(_union_over_mro(cls, "actions", Actions.NONE))
     extra = ProtocolOpts(_union_over_mro(cls, "protocol", ProtocolOpts.NONE))
     macros = _merge_macros(cls)

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import _libmilter as c
 from ._errors import LibmilterError
-from ._flags import Actions, ProtocolOpts, Status
+from ._flags import NOREPLY_MASK, Actions, ProtocolOpts, Status
 from ._session import STAGE_FLAGS, MilterSession
 from ._types import EsmtpParams, decode
 
@@ -236,8 +236,8 @@ class Dispatcher:
                 logger.info("on_negotiate answered %s: refusing the connection", status.name)
                 return int(status)
             if self.strip_noreply:
-                opts &= ~ProtocolOpts(0xFF080)
-            missing = Actions(actions & ~f0)
+                opts = ProtocolOpts(int(opts) & ~int(NOREPLY_MASK))
+            missing = Actions(int(actions) & ~f0)
             if missing:
                 logger.error(
                     "the MTA does not offer actions %r that %s needs; it will drop the "

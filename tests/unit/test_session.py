@@ -162,7 +162,7 @@ def test_subclass_never_inherits_a_stale_mask() -> None:
 
     class Child(Base):
         @override
-        def on_connect(self, hostname: str, address: object) -> Status:  # type: ignore[override]
+        def on_connect(self, hostname: str, address: object) -> Status:
             return Status.CONTINUE
 
     assert Base.negotiation() is before
@@ -434,3 +434,15 @@ def test_macro_lookup() -> None:
     rec = attach(s, "on_mail")
     assert s.macro("{auth_authen}") == "value-of-{auth_authen}"
     assert rec.calls == [("getsymval", b"{auth_authen}")]
+
+
+def test_stray_flags_in_actions_or_protocol_are_refused() -> None:
+    with pytest.raises(TypeError, match="Actions"):
+
+        class Bad(MilterSession):
+            actions = Actions.ADD_HEADER | ProtocolOpts.SKIP  # noqa: RUF100
+
+    with pytest.raises(TypeError, match="ProtocolOpts"):
+
+        class Bad2(MilterSession):
+            protocol = Actions.ADD_HEADER  # type: ignore[assignment]
