@@ -1,0 +1,543 @@
+"""The MTA side of a milter conversation, shared by the harness and the wire client.
+
+Theory of operation
+-------------------
+`MilterConnection` is one milter connection seen from the MTA: it negotiates, then sends one
+command per method call and reads the answer. It does not send a stage the milter negotiated
+away (SMFIP_NO_*), does not wait for the answer of a no-reply stage (SMFIP_NR_*), and collects
+the modification packets that precede the final answer of end-of-message. It talks through an
+`Endpoint`: a socket (`_client.py`) or the in-process engine (`_harness.py`).
+
+`run_connection` is the sequencing an MTA does around it, modelled on Postfix 3.7:
+
+* connect, HELO, unknown commands, then each message: MAIL, RCPT per recipient, DATA, each
+  header, end of headers, the body in chunks of at most 65,535 bytes, end of message, and an
+  abort (`A`) after every message, as Postfix sends one at every transaction reset;
+* REJECT/TEMPFAIL at connect or HELO refuse the connection, ACCEPT there stops filtering it
+  (every message then carries that verdict); DISCARD there is ignored (Postfix warns);
+* REJECT/TEMPFAIL at RCPT refuse only that recipient (the message ends at RCPT when none is
+  left); at any other stage ACCEPT, DISCARD, REJECT or TEMPFAIL end the message;
+* SKIP skips the following commands of the same kind (the rest of the body goes straight to
+  end of message; likewise for headers or recipients), as Postfix does;
+* macros are sent before each step that has them, even when the step itself is negotiated away.
+
+Because both the harness and the client run this same code over the same packets, they return
+equal results for a filter that behaves the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from .._errors import ProtocolError
+from .._flags import Actions, ProtocolOpts, Status
+from .._types import InetAddress, UnixAddress
+from . import _wire as w
+from ._envelope import (
+    MACRO_STAGES,
+    ClientInfo,
+    Envelope,
+    MessageInput,
+    as_bytes,
+    bracket,
+    chunks,
+    crlf_body,
+    header_value_for_milter,
+    normalize_macro_name,
+    split_message,
+)
+from ._results import (
+    Answer,
+    ConnectionResult,
+    MessageResult,
+    Modification,
+    Negotiation,
+    RecipientResult,
+    Reply,
+    Step,
+)
+
+__all__ = [
+    "ALL_ACTIONS",
+    "ALL_PROTOCOL",
+    "Endpoint",
+    "MilterConnection",
+    "run_connection",
+]
+
+ALL_ACTIONS = Actions(0x1FF)
+"""Every action, as Postfix 3.7 offers."""
+ALL_PROTOCOL = ProtocolOpts(0x1FFFFF)
+"""Every protocol step option of version 6, as Postfix 3.7 offers."""
+
+_STEP_FLAGS: dict[Step, tuple[ProtocolOpts, ProtocolOpts]] = {
+    Step.CONNECT: (ProtocolOpts.NO_CONNECT, ProtocolOpts.NR_CONN),
+    Step.HELO: (ProtocolOpts.NO_HELO, ProtocolOpts.NR_HELO),
+    Step.MAIL: (ProtocolOpts.NO_MAIL, ProtocolOpts.NR_MAIL),
+    Step.RCPT: (ProtocolOpts.NO_RCPT, ProtocolOpts.NR_RCPT),
+    Step.DATA: (ProtocolOpts.NO_DATA, ProtocolOpts.NR_DATA),
+    Step.UNKNOWN: (ProtocolOpts.NO_UNKNOWN, ProtocolOpts.NR_UNKN),
+    Step.HEADER: (ProtocolOpts.NO_HDRS, ProtocolOpts.NR_HDR),
+    Step.EOH: (ProtocolOpts.NO_EOH, ProtocolOpts.NR_EOH),
+    Step.BODY: (ProtocolOpts.NO_BODY, ProtocolOpts.NR_BODY),
+}
+_COMMAND_OF = {
+    Step.CONNECT: w.CONNECT, Step.HELO: w.HELO, Step.MAIL: w.MAIL, Step.RCPT: w.RCPT,
+    Step.DATA: w.DATA, Step.UNKNOWN: w.UNKNOWN, Step.HEADER: w.HEADER, Step.EOH: w.EOH,
+    Step.BODY: w.BODY, Step.EOM: w.BODYEOB,
+}
+_SIMPLE_STATUS = {
+    w.CONTINUE: Status.CONTINUE,
+    w.ACCEPT: Status.ACCEPT,
+    w.DISCARD: Status.DISCARD,
+    w.REJECT: Status.REJECT,
+    w.TEMPFAIL: Status.TEMPFAIL,
+    w.SKIP: Status.SKIP,
+}
+_MESSAGE_ENDERS = frozenset((Status.ACCEPT, Status.DISCARD, Status.REJECT, Status.TEMPFAIL))
+_MAX_PACKETS_PER_ANSWER = 1_000_000
+
+
+class Endpoint(Protocol):
+    """Where packets go: a socket to a running milter, or the in-process engine."""
+
+    def send(self, cmd: bytes, data: bytes, step: Step) -> None:
+        """Send one packet; `step` names the command in error messages."""
+
+    def receive(self, step: Step) -> w.Packet:
+        """The next packet from the milter; raises ProtocolError/MilterTimeout naming `step`."""
+
+    def close(self) -> None:
+        """Hang up (the milter sees end of file)."""
+
+
+class MilterConnection:
+    """One milter connection, seen from the MTA: one method per protocol command.
+
+    Each command method returns the milter's `Answer`, or None when the milter negotiated the
+    stage away (nothing was sent). For a no-reply stage the answer's status is NOREPLY and
+    nothing is read. Raises `ProtocolError` (or `MilterTimeout`) naming the stage when the
+    milter misbehaves.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        actions: Actions = ALL_ACTIONS,
+        protocol: ProtocolOpts = ALL_PROTOCOL,
+        version: int = w.PROTOCOL_VERSION,
+    ) -> None:
+        self.endpoint = endpoint
+        self.offered_actions = Actions(actions)
+        self.offered_protocol = ProtocolOpts(protocol)
+        self.version = version
+        self.negotiation: Negotiation | None = None
+        self.closed = False
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _negotiated(self) -> Negotiation:
+        if self.negotiation is None:
+            raise ProtocolError("negotiate() first: the milter has not been asked anything yet")
+        return self.negotiation
+
+    def _send(self, cmd: bytes, data: bytes, step: Step) -> None:
+        if self.closed:
+            raise ProtocolError(f"cannot send {step}: the connection is closed")
+        self.endpoint.send(cmd, data, step)
+
+    def skips(self, step: Step) -> bool:
+        """True if the milter negotiated `step` away."""
+        flags = _STEP_FLAGS.get(step)
+        return flags is not None and bool(self._negotiated().protocol & flags[0])
+
+    def no_reply(self, step: Step) -> bool:
+        """True if the milter said it will not answer `step`."""
+        flags = _STEP_FLAGS.get(step)
+        return flags is not None and bool(self._negotiated().protocol & flags[1])
+
+    def _command(self, step: Step, data: bytes, detail: str = "") -> Answer | None:
+        self._negotiated()
+        if self.skips(step):
+            return None
+        self._send(_COMMAND_OF[step], data, step)
+        if self.no_reply(step):
+            return Answer(step, Status.NOREPLY, None, (), detail)
+        return self.read_answer(step, detail)
+
+    def read_answer(self, step: Step, detail: str = "") -> Answer:
+        """Read packets up to the milter's final answer to `step`."""
+        mods: list[Modification] = []
+        for _ in range(_MAX_PACKETS_PER_ANSWER):
+            cmd, data = self.endpoint.receive(step)
+            status = _SIMPLE_STATUS.get(cmd)
+            if status is not None:
+                if data:
+                    raise ProtocolError(f"malformed {cmd!r} answer to {step}: unexpected data")
+                return Answer(step, status, None, _merge_body(mods), detail)
+            if cmd == w.REPLYCODE:
+                if not data.endswith(b"\0"):
+                    raise ProtocolError(f"malformed reply to {step}: not NUL-terminated")
+                reply = Reply.parse(data[:-1])
+                if reply.code[:1] not in ("4", "5"):
+                    raise ProtocolError(f"malformed reply to {step}: {data[:80]!r}")
+                status = Status.TEMPFAIL if reply.code[:1] == "4" else Status.REJECT
+                return Answer(step, status, reply, _merge_body(mods), detail)
+            if cmd == w.SHUTDOWN:
+                reply = Reply("421", "4.7.0", ("Server closing connection",), False)
+                return Answer(step, Status.TEMPFAIL, reply, _merge_body(mods), detail)
+            if cmd == w.CONN_FAIL:
+                return Answer(step, Status.TEMPFAIL, None, _merge_body(mods), detail)
+            try:
+                mods.append(w.decode_modification(cmd, data))
+            except ProtocolError as exc:
+                raise ProtocolError(f"{exc} (in the answer to {step})") from None
+        raise ProtocolError(f"the milter sent more than {_MAX_PACKETS_PER_ANSWER} packets "
+                            f"in its answer to {step}")
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def negotiate(self) -> Negotiation:
+        """Send OPTNEG with the offered version, actions and protocol steps; read the reply."""
+        if self.negotiation is not None:
+            raise ProtocolError("negotiate() was already called on this connection")
+        data = w.encode_optneg(self.version, int(self.offered_actions),
+                               int(self.offered_protocol))
+        self._send(w.OPTNEG, data, Step.NEGOTIATE)
+        cmd, reply = self.endpoint.receive(Step.NEGOTIATE)
+        if cmd != w.OPTNEG:
+            raise ProtocolError(f"expected a negotiation reply, got {cmd!r}")
+        version, actions, protocol, macros = w.decode_optneg(reply)
+        if version > self.version or version < 2:
+            raise ProtocolError(f"the milter answered protocol version {version}; "
+                                f"offered {self.version}")
+        if actions & ~self.offered_actions:
+            raise ProtocolError(
+                f"the milter asks for actions {actions & ~self.offered_actions!r} "
+                f"that were not offered"
+            )
+        if protocol & ~self.offered_protocol:
+            raise ProtocolError(
+                f"the milter asks for protocol options {protocol & ~self.offered_protocol!r} "
+                f"that were not offered"
+            )
+        self.negotiation = Negotiation(
+            version, actions, protocol, macros, self.offered_actions, self.offered_protocol
+        )
+        return self.negotiation
+
+    def macros(self, step: Step, values: Mapping[str, str]) -> None:
+        """Send macros for the command of `step` (nothing if `values` is empty)."""
+        if not values:
+            return
+        if step not in MACRO_STAGES:
+            raise ValueError(f"no macros are sent at {step}")
+        self._send(w.MACRO, w.encode_macros(_COMMAND_OF[step], w.macro_pairs(values)),
+                   Step(step))
+
+    def connect(
+        self, hostname: str | bytes, address: InetAddress | UnixAddress | None
+    ) -> Answer | None:
+        """CONNECT with the client's host name and address (None: unknown family)."""
+        host = _raw(hostname)
+        return self._command(Step.CONNECT, w.encode_connect(host, address), _text(host))
+
+    def helo(self, name: str | bytes) -> Answer | None:
+        raw = _raw(name)
+        return self._command(Step.HELO, w.cstr(raw), _text(raw))
+
+    def mail(self, sender: str | bytes, params: Sequence[str | bytes] | str = ()) -> Answer | None:
+        """MAIL FROM: the address as given (an MTA uses angle brackets), then ESMTP args."""
+        args = [_raw(sender), *(_raw(p) for p in _param_list(params))]
+        return self._command(Step.MAIL, w.encode_argv(args), _text(args[0]))
+
+    def rcpt(self, recipient: str | bytes, params: Sequence[str | bytes] | str = ()) -> Answer | None:
+        args = [_raw(recipient), *(_raw(p) for p in _param_list(params))]
+        return self._command(Step.RCPT, w.encode_argv(args), _text(args[0]))
+
+    def data(self) -> Answer | None:
+        return self._command(Step.DATA, b"")
+
+    def header(self, name: str | bytes, value: str | bytes) -> Answer | None:
+        """One header, value exactly as given (see `split_message` for Postfix's form)."""
+        raw_name, raw_value = _raw(name), _raw(value)
+        return self._command(
+            Step.HEADER, w.cstr(raw_name) + w.cstr(raw_value), _text(raw_name)
+        )
+
+    def eoh(self) -> Answer | None:
+        return self._command(Step.EOH, b"")
+
+    def body(self, chunk: bytes) -> Answer | None:
+        """One body chunk (at most 65,535 bytes)."""
+        if len(chunk) > w.MAX_DATA:
+            raise ValueError(f"a body chunk is at most {w.MAX_DATA} bytes, got {len(chunk)}")
+        return self._command(Step.BODY, bytes(chunk), f"{len(chunk)} bytes")
+
+    def eom(self) -> Answer:
+        """End of message; the answer carries the modifications."""
+        self._negotiated()
+        self._send(w.BODYEOB, b"", Step.EOM)
+        return self.read_answer(Step.EOM)
+
+    def unknown(self, command: str | bytes) -> Answer | None:
+        raw = _raw(command)
+        return self._command(Step.UNKNOWN, w.cstr(raw), _text(raw))
+
+    def abort(self) -> None:
+        """Abort the current message (no answer is read)."""
+        self._send(w.ABORT, b"", Step.ABORT)
+
+    def quit(self) -> None:
+        """Say goodbye and hang up."""
+        if not self.closed:
+            try:
+                self._send(w.QUIT, b"", Step.QUIT)
+            finally:
+                self.close()
+
+    def quit_new_connection(self) -> None:
+        """QUIT_NC: this SMTP connection ends, a new one follows on the same milter connection."""
+        self._send(w.QUIT_NC, b"", Step.QUIT_NC)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.endpoint.close()
+
+
+def _raw(value: str | bytes) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    return bytes(value)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _param_list(params: Sequence[str | bytes] | str) -> list[str | bytes]:
+    if isinstance(params, str):
+        return list(params.split())
+    return list(params)
+
+
+def _merge_body(mods: list[Modification]) -> tuple[Modification, ...]:
+    """Adjacent body packets (libmilter splits one replace_body into 64 KiB packets) as one."""
+    from ._results import BodyReplaced
+
+    out: list[Modification] = []
+    for mod in mods:
+        if isinstance(mod, BodyReplaced) and out and isinstance(out[-1], BodyReplaced):
+            out[-1] = BodyReplaced(out[-1].body + mod.body)
+        else:
+            out.append(mod)
+    return tuple(out)
+
+
+# -- the MTA's sequencing ----------------------------------------------------------------------
+
+
+def _macros_for(
+    conn: MilterConnection,
+    step: Step,
+    tables: Sequence[Mapping[Step, Mapping[str, str]]],
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The macros to send at `step`: the step's own, or the milter's requested list."""
+    own: dict[str, str] = {}
+    for table in tables:
+        own.update(table.get(step, {}))
+    if extra:
+        own.update(extra)
+    wanted = conn._negotiated().macros.get(MACRO_STAGES[step])
+    if wanted is None:
+        return own
+    everything: dict[str, str] = {}
+    for table in tables:
+        for values in table.values():
+            everything.update(values)
+    everything.update(own)
+    out: dict[str, str] = {}
+    for name in wanted:
+        key = normalize_macro_name(name)
+        if key in everything:
+            out[name] = everything[key]
+    return out
+
+
+@dataclasses.dataclass
+class _Verdict:
+    status: Status
+    step: Step
+    reply: Reply | None
+
+
+def _reply_for(answer: Answer) -> Reply | None:
+    if answer.status in (Status.REJECT, Status.TEMPFAIL):
+        return answer.reply or Reply.default(answer.status)
+    return answer.reply
+
+
+def run_connection(
+    conn: MilterConnection,
+    client: ClientInfo,
+    messages: Sequence[tuple[Envelope, MessageInput]],
+) -> ConnectionResult:
+    """Negotiate, connect, HELO, each message, quit: the whole conversation of an MTA."""
+    try:
+        negotiation = conn.negotiate()
+        client_macros = client.macro_table()
+        verdict: _Verdict | None = None
+
+        def connection_level(answer: Answer | None) -> _Verdict | None:
+            if answer is None:
+                return None
+            if answer.status in (Status.REJECT, Status.TEMPFAIL):
+                return _Verdict(answer.status, answer.step, _reply_for(answer))
+            if answer.status is Status.ACCEPT:
+                return _Verdict(Status.ACCEPT, answer.step, None)
+            return None
+
+        conn.macros(Step.CONNECT, _macros_for(conn, Step.CONNECT, [client_macros]))
+        connect = conn.connect(client.hostname, client.address)
+        verdict = connection_level(connect)
+        helo: Answer | None = None
+        if verdict is None and client.helo is not None:
+            conn.macros(Step.HELO, _macros_for(conn, Step.HELO, [client_macros]))
+            helo = conn.helo(client.helo)
+            verdict = connection_level(helo)
+        unknown: list[Answer] = []
+        if verdict is None:
+            for command in client.unknown:
+                answer = conn.unknown(command)
+                if answer is not None:
+                    unknown.append(answer)
+        results: list[MessageResult] = []
+        for index, (envelope, message) in enumerate(messages):
+            if verdict is not None:
+                results.append(_connection_verdict_result(verdict, envelope))
+                continue
+            raw = as_bytes(message)
+            tables = [client_macros, envelope.macro_table(raw, index)]
+            results.append(_run_message(conn, envelope, raw, tables))
+            conn.abort()
+        conn.quit()
+    finally:
+        conn.close()
+    return ConnectionResult(negotiation, connect, helo, tuple(unknown), tuple(results))
+
+
+def _connection_verdict_result(verdict: _Verdict, envelope: Envelope) -> MessageResult:
+    rcpts = tuple(
+        RecipientResult(r.address, r.params, verdict.status, verdict.reply)
+        for r in envelope.recipients
+    )
+    return MessageResult(verdict.status, verdict.step, verdict.reply, (), rcpts, ())
+
+
+def _run_message(
+    conn: MilterConnection,
+    envelope: Envelope,
+    raw: bytes,
+    tables: list[dict[Step, dict[str, str]]],
+) -> MessageResult:
+    answers: list[Answer] = []
+    recipients: list[RecipientResult] = []
+    skipping: Step | None = None
+
+    def finish(status: Status, step: Step, reply: Reply | None) -> MessageResult:
+        mods = tuple(m for a in answers for m in a.modifications)
+        rest = tuple(
+            RecipientResult(r.address, r.params, Status.CONTINUE)
+            for r in envelope.recipients[len(recipients) :]
+        )
+        return MessageResult(status, step, reply, mods, (*recipients, *rest), tuple(answers))
+
+    def ask(step: Step, answer: Answer | None) -> Answer | None:
+        nonlocal skipping
+        if answer is None:
+            return None
+        answers.append(answer)
+        if answer.status is Status.SKIP:
+            skipping = step
+        return answer
+
+    def send(step: Step) -> bool:
+        """Postfix skips further events of the kind the milter answered SKIP to."""
+        nonlocal skipping
+        if skipping is step:
+            return False
+        skipping = None
+        return True
+
+    def ends(answer: Answer | None) -> bool:
+        return answer is not None and answer.status in _MESSAGE_ENDERS
+
+    send(Step.MAIL)
+    conn.macros(Step.MAIL, _macros_for(conn, Step.MAIL, tables))
+    answer = ask(Step.MAIL, conn.mail(bracket(envelope.sender), envelope.sender_params))
+    if answer is not None and ends(answer):
+        return finish(answer.status, Step.MAIL, _reply_for(answer))
+
+    accepted = 0
+    last_refusal: Answer | None = None
+    for rcpt in envelope.recipients:
+        address = bracket(rcpt.address)
+        if not send(Step.RCPT):
+            recipients.append(RecipientResult(rcpt.address, rcpt.params, Status.CONTINUE))
+            accepted += 1
+            continue
+        extra = {"{rcpt_addr}": rcpt.address.strip("<>")} if envelope.default_macros else None
+        conn.macros(Step.RCPT, _macros_for(conn, Step.RCPT, tables, extra))
+        answer = ask(Step.RCPT, conn.rcpt(address, rcpt.params))
+        status = Status.CONTINUE if answer is None else answer.status
+        reply = None if answer is None else _reply_for(answer)
+        recipients.append(RecipientResult(rcpt.address, rcpt.params, status, reply))
+        if status in (Status.REJECT, Status.TEMPFAIL):
+            last_refusal = answer
+            continue
+        accepted += 1
+        if answer is not None and ends(answer):
+            return finish(answer.status, Step.RCPT, _reply_for(answer))
+    if envelope.recipients and accepted == 0 and last_refusal is not None:
+        return finish(last_refusal.status, Step.RCPT, _reply_for(last_refusal))
+
+    send(Step.DATA)
+    conn.macros(Step.DATA, _macros_for(conn, Step.DATA, tables))
+    answer = ask(Step.DATA, conn.data())
+    if answer is not None and ends(answer):
+        return finish(answer.status, Step.DATA, _reply_for(answer))
+
+    headers, body = split_message(raw)
+    leading_space = bool(conn._negotiated().protocol & ProtocolOpts.HDR_LEADSPC)
+    for name, value in headers:
+        if not send(Step.HEADER):
+            continue
+        answer = ask(Step.HEADER, conn.header(name, header_value_for_milter(value,
+                                                                            leading_space)))
+        if answer is not None and ends(answer):
+            return finish(answer.status, Step.HEADER, _reply_for(answer))
+
+    send(Step.EOH)
+    conn.macros(Step.EOH, _macros_for(conn, Step.EOH, tables))
+    answer = ask(Step.EOH, conn.eoh())
+    if answer is not None and ends(answer):
+        return finish(answer.status, Step.EOH, _reply_for(answer))
+
+    for chunk in chunks(crlf_body(body), w.MAX_DATA):
+        if not send(Step.BODY):
+            break
+        answer = ask(Step.BODY, conn.body(chunk))
+        if answer is not None and ends(answer):
+            return finish(answer.status, Step.BODY, _reply_for(answer))
+
+    send(Step.EOM)
+    conn.macros(Step.EOM, _macros_for(conn, Step.EOM, tables))
+    answer = ask(Step.EOM, conn.eom())
+    assert answer is not None
+    status = Status.CONTINUE if answer.status is Status.SKIP else answer.status
+    return finish(status, Step.EOM, _reply_for(answer))

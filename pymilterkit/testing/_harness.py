@@ -1,0 +1,88 @@
+"""The in-process harness: a session class driven like libmilter would, without sockets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .._errors import MilterTimeout, ProtocolError
+from .._flags import Actions, ProtocolOpts, Status
+from .._session import MilterSession
+from . import _wire as w
+from ._conversation import ALL_ACTIONS, ALL_PROTOCOL
+from ._driver import MilterDriver
+from ._engine import InProcessMilter
+from ._envelope import ClientInfo
+from ._results import ConnectionResult, Step
+
+__all__ = ["Harness"]
+
+
+class _InProcessEndpoint:
+    """Packets straight into the engine; an answer libmilter would not send is a timeout."""
+
+    def __init__(self, milter: InProcessMilter) -> None:
+        self.milter = milter
+
+    def send(self, cmd: bytes, data: bytes, step: Step) -> None:
+        try:
+            self.milter.send(cmd, data)
+        except ProtocolError:
+            raise ProtocolError(f"the milter closed the connection before {step}") from None
+
+    def receive(self, step: Step) -> w.Packet:
+        packet = self.milter.receive()
+        if packet is not None:
+            return packet
+        if self.milter.closed:
+            raise ProtocolError(f"the milter closed the connection during {step}")
+        raise MilterTimeout(
+            f"the milter sent no answer to {step} (libmilter would send nothing here; "
+            f"a real MTA would time out)"
+        )
+
+    def close(self) -> None:
+        self.milter.close()
+
+
+class Harness(MilterDriver):
+    """Drive a `MilterSession` subclass in this process, exactly as the runner would.
+
+    Each connection gets a new session instance behind a model of libmilter's engine: stage
+    order, negotiation (stages the class does not override are not sent, `@noreply` stages
+    are not waited for), the session API's checks, the runner's error policy (an exception is
+    logged and answered with `error_status`; with `reraise=True` it propagates instead, which
+    is handy in a test). `ConnectionResult.errors` lists the exceptions stage methods raised.
+
+        result = Harness(MyFilter).run(b"Subject: hi\\r\\n\\r\\nbody\\r\\n", recipients=["a@b"])
+        assert result.status is Status.CONTINUE
+        assert result.header("X-Checked") == "yes"
+    """
+
+    def __init__(
+        self,
+        session_class: type[MilterSession],
+        *,
+        error_status: Status = Status.TEMPFAIL,
+        reraise: bool = False,
+        actions: Actions = ALL_ACTIONS,
+        protocol: ProtocolOpts = ALL_PROTOCOL,
+        version: int = w.PROTOCOL_VERSION,
+        client: ClientInfo | None = None,
+    ) -> None:
+        if not (isinstance(session_class, type) and issubclass(session_class, MilterSession)):
+            raise TypeError(f"Harness needs a MilterSession subclass, got {session_class!r}")
+        super().__init__(actions=actions, protocol=protocol, version=version, client=client)
+        self.session_class = session_class
+        self.error_status = error_status
+        self.reraise = reraise
+
+    def _endpoint(self) -> _InProcessEndpoint:
+        return _InProcessEndpoint(
+            InProcessMilter(
+                self.session_class, error_status=self.error_status, reraise=self.reraise
+            )
+        )
+
+    def _finish(self, result: ConnectionResult, endpoint: object) -> ConnectionResult:
+        assert isinstance(endpoint, _InProcessEndpoint)
+        return dataclasses.replace(result, errors=tuple(endpoint.milter.errors))

@@ -1,0 +1,308 @@
+"""The milter wire protocol (version 6): packet framing, command payloads, reply decoding.
+
+Theory of operation
+-------------------
+Every packet is `u32 length (big endian) | 1 command byte | data`, the length counting the
+command byte. Strings inside `data` are NUL-terminated. This module only turns values into
+bytes and back; it knows nothing about sockets or about the order of commands (see
+`_conversation.py`). Both the wire client and the in-process harness exchange exactly these
+packets, which is what makes their results comparable.
+
+Command letters are the MTA's (SMFIC_*), response letters the milter's (SMFIR_*); see
+LIBMILTER.md section 1.3.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from ipaddress import IPv4Address, IPv6Address
+
+from .._errors import ProtocolError
+from .._flags import Actions, ProtocolOpts, Stage
+from .._types import InetAddress, UnixAddress, decode
+from ._results import (
+    BodyReplaced,
+    HeaderAdded,
+    HeaderChanged,
+    HeaderDeleted,
+    HeaderInserted,
+    Modification,
+    Progress,
+    Quarantined,
+    RecipientAdded,
+    RecipientRemoved,
+    SenderChanged,
+)
+
+__all__ = [
+    "MAX_DATA",
+    "PROTOCOL_VERSION",
+    "Packet",
+    "PacketReader",
+    "decode_modification",
+    "decode_optneg",
+    "encode_connect",
+    "encode_macros",
+    "encode_optneg",
+    "encode_packet",
+    "split_strings",
+]
+
+PROTOCOL_VERSION = 6
+MAX_DATA = 65535
+"""Largest data part libmilter accepts in one packet (MILTER_MAX_DATA_SIZE)."""
+MAX_PACKET = 1 << 20
+"""Refuse packets claiming more than this: a sane milter never sends them."""
+
+# MTA -> milter (SMFIC_*)
+ABORT = b"A"
+BODY = b"B"
+CONNECT = b"C"
+MACRO = b"D"
+BODYEOB = b"E"
+HELO = b"H"
+QUIT_NC = b"K"
+HEADER = b"L"
+MAIL = b"M"
+EOH = b"N"
+OPTNEG = b"O"
+QUIT = b"Q"
+RCPT = b"R"
+DATA = b"T"
+UNKNOWN = b"U"
+
+# milter -> MTA (SMFIR_*)
+ADDRCPT = b"+"
+DELRCPT = b"-"
+ADDRCPT_PAR = b"2"
+SHUTDOWN = b"4"
+ACCEPT = b"a"
+REPLBODY = b"b"
+CONTINUE = b"c"
+DISCARD = b"d"
+CHGFROM = b"e"
+CONN_FAIL = b"f"
+ADDHEADER = b"h"
+INSHEADER = b"i"
+SETSYMLIST = b"l"
+CHGHEADER = b"m"
+PROGRESS = b"p"
+QUARANTINE = b"q"
+REJECT = b"r"
+SKIP = b"s"
+TEMPFAIL = b"t"
+REPLYCODE = b"y"
+
+FINAL_RESPONSES = frozenset((ACCEPT, CONTINUE, DISCARD, REJECT, SKIP, TEMPFAIL, REPLYCODE,
+                             SHUTDOWN, CONN_FAIL))
+"""Responses that end the milter's answer to one command."""
+
+_U32 = struct.Struct(">I")
+_OPTNEG = struct.Struct(">III")
+
+Packet = tuple[bytes, bytes]
+"""(command letter, data)."""
+
+
+def encode_packet(cmd: bytes, data: bytes = b"") -> bytes:
+    """Frame one packet."""
+    if len(cmd) != 1:
+        raise ValueError(f"a command is one byte, got {cmd!r}")
+    return _U32.pack(len(data) + 1) + cmd + data
+
+
+class PacketReader:
+    """Incremental decoder: feed bytes, take complete packets."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet returned as a packet."""
+        return len(self._buffer)
+
+    def next_packet(self) -> Packet | None:
+        """The next complete packet, or None if more bytes are needed."""
+        if len(self._buffer) < 4:
+            return None
+        (size,) = _U32.unpack_from(self._buffer)
+        if size == 0:
+            raise ProtocolError("malformed packet: length 0 (no command byte)")
+        if size > MAX_PACKET:
+            raise ProtocolError(f"malformed packet: announced length {size} is absurd")
+        if len(self._buffer) < 4 + size:
+            return None
+        cmd = bytes(self._buffer[4:5])
+        data = bytes(self._buffer[5 : 4 + size])
+        del self._buffer[: 4 + size]
+        return cmd, data
+
+
+def split_strings(data: bytes, what: str) -> list[bytes]:
+    """NUL-terminated strings of a packet's data (the last NUL is required)."""
+    if not data.endswith(b"\0"):
+        raise ProtocolError(f"malformed {what} packet: data not NUL-terminated ({data[:60]!r})")
+    return data[:-1].split(b"\0")
+
+
+def cstr(value: bytes) -> bytes:
+    """One NUL-terminated string; refuses embedded NULs (they would split the field)."""
+    if b"\0" in value:
+        raise ValueError(f"a protocol string must not contain NUL: {value[:60]!r}")
+    return value + b"\0"
+
+
+# -- MTA -> milter payloads ---------------------------------------------------------------
+
+
+def encode_optneg(version: int, actions: int, protocol: int) -> bytes:
+    """Data of the MTA's OPTNEG packet."""
+    return _OPTNEG.pack(version, actions, protocol)
+
+
+def decode_optneg(data: bytes) -> tuple[int, Actions, ProtocolOpts, dict[Stage, tuple[str, ...]]]:
+    """The milter's OPTNEG reply: version, actions, protocol options, requested macros."""
+    if len(data) < _OPTNEG.size:
+        raise ProtocolError(f"malformed negotiation reply: {len(data)} bytes, need 12")
+    version, actions, protocol = _OPTNEG.unpack_from(data)
+    macros: dict[Stage, tuple[str, ...]] = {}
+    rest = data[_OPTNEG.size :]
+    while rest:
+        if len(rest) < 5:
+            raise ProtocolError("malformed macro list in negotiation reply")
+        (where,) = _U32.unpack_from(rest)
+        end = rest.find(b"\0", 4)
+        if end < 0:
+            raise ProtocolError("macro list in negotiation reply is not NUL-terminated")
+        try:
+            stage = Stage(where)
+        except ValueError:
+            raise ProtocolError(f"negotiation reply asks for macros at unknown stage {where}")
+        macros[stage] = tuple(decode(rest[4:end]).split())
+        rest = rest[end + 1 :]
+    return version, Actions(actions), ProtocolOpts(protocol), macros
+
+
+def encode_connect(hostname: bytes, address: InetAddress | UnixAddress | None) -> bytes:
+    """Data of CONNECT: host name, family (4, 6, L, U), port, address."""
+    head = cstr(hostname)
+    if address is None:
+        return head + b"U"
+    if isinstance(address, UnixAddress):
+        return head + b"L" + struct.pack(">H", 0) + cstr(address.path.encode("utf-8",
+                                                                          "surrogateescape"))
+    family = b"6" if isinstance(address.ip, IPv6Address) else b"4"
+    return head + family + struct.pack(">H", address.port) + cstr(str(address.ip).encode())
+
+
+def decode_connect(data: bytes) -> tuple[bytes, InetAddress | UnixAddress | None]:
+    """The inverse of `encode_connect`, checked the way libmilter checks it."""
+    end = data.find(b"\0")
+    if end < 0 or end + 1 >= len(data):
+        raise ProtocolError("malformed connect packet")
+    host, family = data[:end], data[end + 1 : end + 2]
+    if family == b"U":
+        return host, None
+    rest = data[end + 2 :]
+    if len(rest) < 3 or not rest.endswith(b"\0"):
+        raise ProtocolError("malformed connect packet: no port or address")
+    port = struct.unpack(">H", rest[:2])[0]
+    text = rest[2:-1].split(b"\0", 1)[0]
+    try:
+        if family == b"4":
+            return host, InetAddress(IPv4Address(text.decode("ascii")), port)
+        if family == b"6":
+            raw = text.decode("ascii")
+            if raw[:5].lower() == "ipv6:":
+                raw = raw[5:]
+            return host, InetAddress(IPv6Address(raw), port)
+    except ValueError as exc:
+        raise ProtocolError(f"malformed connect address {text!r}: {exc}") from None
+    if family == b"L":
+        return host, UnixAddress(decode(text))
+    raise ProtocolError(f"unknown address family {family!r} in connect packet")
+
+
+def encode_macros(cmd: bytes, macros: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Data of a MACRO packet for command `cmd`."""
+    return cmd + b"".join(cstr(name) + cstr(value) for name, value in macros)
+
+
+def encode_argv(args: Sequence[bytes]) -> bytes:
+    """Data of MAIL and RCPT: the address, then each ESMTP argument."""
+    return b"".join(cstr(arg) for arg in args)
+
+
+# -- milter -> MTA -----------------------------------------------------------------------
+
+
+def _index_and_pair(data: bytes, what: str) -> tuple[int, bytes, bytes]:
+    if len(data) < 4:
+        raise ProtocolError(f"malformed {what} packet: no index")
+    (index,) = _U32.unpack_from(data)
+    parts = split_strings(data[4:], what)
+    if len(parts) != 2:
+        raise ProtocolError(f"malformed {what} packet: expected name and value")
+    return index, parts[0], parts[1]
+
+
+def decode_modification(cmd: bytes, data: bytes) -> Modification:
+    """A modification packet of the end-of-message phase as a typed value."""
+    if cmd == ADDHEADER:
+        parts = split_strings(data, "add header")
+        if len(parts) != 2:
+            raise ProtocolError("malformed add header packet: expected name and value")
+        return HeaderAdded(decode(parts[0]), decode(parts[1]))
+    if cmd == INSHEADER:
+        index, name, value = _index_and_pair(data, "insert header")
+        return HeaderInserted(index, decode(name), decode(value))
+    if cmd == CHGHEADER:
+        index, name, value = _index_and_pair(data, "change header")
+        # Sendmail and Postfix treat index 0 as 1.
+        index = max(index, 1)
+        if not value:
+            return HeaderDeleted(decode(name), index)
+        return HeaderChanged(decode(name), index, decode(value))
+    if cmd == CHGFROM:
+        parts = split_strings(data, "change sender")
+        if len(parts) > 2:
+            raise ProtocolError("malformed change sender packet")
+        return SenderChanged(decode(parts[0]), decode(parts[1]) if len(parts) == 2 else None)
+    if cmd == ADDRCPT:
+        parts = split_strings(data, "add recipient")
+        if len(parts) != 1:
+            raise ProtocolError("malformed add recipient packet")
+        return RecipientAdded(decode(parts[0]), None)
+    if cmd == ADDRCPT_PAR:
+        parts = split_strings(data, "add recipient")
+        if len(parts) > 2:
+            raise ProtocolError("malformed add recipient packet")
+        return RecipientAdded(decode(parts[0]), decode(parts[1]) if len(parts) == 2 else None)
+    if cmd == DELRCPT:
+        parts = split_strings(data, "remove recipient")
+        if len(parts) != 1:
+            raise ProtocolError("malformed remove recipient packet")
+        return RecipientRemoved(decode(parts[0]))
+    if cmd == REPLBODY:
+        return BodyReplaced(data)
+    if cmd == QUARANTINE:
+        parts = split_strings(data, "quarantine")
+        return Quarantined(decode(parts[0]))
+    if cmd == PROGRESS:
+        return Progress()
+    raise ProtocolError(f"unknown response {cmd!r} from the milter")
+
+
+def macro_pairs(values: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """Macro names and values as bytes, in the given order."""
+    return [
+        (name.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"))
+        for name, value in values.items()
+    ]
