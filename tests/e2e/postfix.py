@@ -115,7 +115,7 @@ class DeliveredMessage:
             recipients=tuple(str(r) for r in meta["recipients"]),
             raw=raw,
             queue_id=str(meta["queue_id"]),
-            message=cast(EmailMessage, message),
+            message=message,
         )
 
 
