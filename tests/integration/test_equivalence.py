@@ -29,6 +29,8 @@ from pymilterkit.testing import (
 
 from . import equivalence_filters as f
 
+pytestmark = pytest.mark.integration
+
 MODULE = "tests.integration.equivalence_filters"
 
 MESSAGE = (

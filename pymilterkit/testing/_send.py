@@ -1,0 +1,307 @@
+"""`pymilterkit send`: drive a running milter like an MTA and show what it answered.
+
+    pymilterkit send --socket unix:/run/f.sock --from a@example.net --to b@example.org msg.eml
+
+MESSAGE may be a file (`-` for standard input), a directory (every regular file in it, sorted)
+or an mbox file (detected by its first line, `From `). Each message goes over its own milter
+connection. With one message the whole conversation is printed: the negotiation, each stage's
+answer and every modification. With several, one line per message (everything with
+`--verbose`), a progress indicator on standard error, and a summary at the end. `--json`
+prints one JSON document instead (see docs/testing.md for its shape).
+
+Exit status: 0 every message would be delivered (CONTINUE or ACCEPT); 1 at least one was
+rejected, tempfailed or discarded, or the milter failed (could not connect, timed out, closed
+the connection, broke the protocol); 2 bad usage (argparse) or an unreadable message source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import dataclasses
+import enum
+import json
+import mailbox
+import os
+import sys
+from collections.abc import Iterator
+from ipaddress import ip_address
+from typing import IO, Any
+
+from .._errors import MilterError
+from .._flags import Status
+from .._types import InetAddress, UnixAddress
+from ._client import MilterClient
+from ._envelope import ClientInfo, Envelope, Recipient
+from ._results import Answer, ConnectionResult, MessageResult, Modification, Step
+
+__all__ = ["add_send_command", "result_to_json"]
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+
+# -- message sources ----------------------------------------------------------------------------
+
+
+def _sources(paths: list[str]) -> Iterator[tuple[str, bytes]]:
+    for path in paths:
+        if path == "-":
+            yield "<stdin>", sys.stdin.buffer.read()
+        elif os.path.isdir(path):
+            for name in sorted(os.listdir(path)):
+                full = os.path.join(path, name)
+                if os.path.isfile(full):
+                    yield from _file(full)
+        else:
+            yield from _file(path)
+
+
+def _file(path: str) -> Iterator[tuple[str, bytes]]:
+    with open(path, "rb") as handle:
+        head = handle.read(5)
+    if head == b"From ":
+        box = mailbox.mbox(path, create=False)
+        try:
+            for number, key in enumerate(box.keys(), 1):
+                yield f"{path}#{number}", box.get_bytes(key)
+        finally:
+            box.close()
+        return
+    with open(path, "rb") as handle:
+        yield path, handle.read()
+
+
+# -- JSON ---------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Step):
+        return value.value
+    if isinstance(value, enum.IntFlag):
+        return [flag.name for flag in type(value) if flag and flag in value]
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {}
+        if isinstance(value, Modification.__args__):  # type: ignore[attr-defined]
+            out["type"] = type(value).__name__
+        for field in dataclasses.fields(value):
+            if not field.compare:
+                continue
+            out[field.name] = _jsonable(getattr(value, field.name))
+        return out
+    if isinstance(value, dict):
+        return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def result_to_json(result: ConnectionResult) -> dict[str, Any]:
+    """A connection result as JSON-ready data (bytes as base64, enums by name)."""
+    data: dict[str, Any] = _jsonable(result)
+    return data
+
+
+# -- text ---------------------------------------------------------------------------------------
+
+
+def _flags(value: enum.IntFlag) -> str:
+    names = [flag.name or "" for flag in type(value) if flag and flag in value]
+    return "|".join(names) or "none"
+
+
+def _answer_line(answer: Answer) -> str:
+    head = f"{answer.step.value}"
+    if answer.detail:
+        head += f" {answer.detail}"
+    text = f"{head}: {answer.status.name.lower()}"
+    if answer.status is Status.NOREPLY:
+        text = f"{head}: (no reply expected)"
+    if answer.reply is not None:
+        text += f" [{' / '.join(str(answer.reply).splitlines())}]"
+    return text
+
+
+def _modification_line(mod: Modification) -> str:
+    kind = type(mod).__name__
+    fields = dataclasses.asdict(mod)
+    if "body" in fields:
+        body = fields["body"]
+        return f"{kind}: {len(body)} bytes: {body[:60]!r}{'...' if len(body) > 60 else ''}"
+    parts = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+    return f"{kind}({parts})"
+
+
+def _print_connection(result: ConnectionResult, out: IO[str]) -> None:
+    neg = result.negotiation
+    print(f"negotiation: version {neg.version}", file=out)
+    print(f"  actions:  {_flags(neg.actions)}", file=out)
+    print(f"  protocol: {_flags(neg.protocol)}", file=out)
+    for stage, names in sorted(neg.macros.items()):
+        print(f"  macros at {stage.name.lower()}: {' '.join(names)}", file=out)
+    for answer in (result.connect, result.helo, *result.unknown):
+        if answer is not None:
+            print(_answer_line(answer), file=out)
+
+
+def _print_message(msg: MessageResult, out: IO[str]) -> None:
+    for answer in msg.answers:
+        print(_answer_line(answer), file=out)
+        for mod in answer.modifications:
+            print(f"  {_modification_line(mod)}", file=out)
+    verdict = f"verdict: {msg.status.name} at {msg.stage.value}"
+    if msg.reply is not None:
+        verdict += f" ({' / '.join(str(msg.reply).splitlines())})"
+    print(verdict, file=out)
+
+
+# -- the command --------------------------------------------------------------------------------
+
+
+def _client_info(args: argparse.Namespace) -> tuple[ClientInfo, dict[str, dict[str, str]]]:
+    address: InetAddress | UnixAddress | None
+    if args.client_addr in ("", "unknown"):
+        address = None
+    elif args.client_addr.startswith("/"):
+        address = UnixAddress(args.client_addr)
+    else:
+        address = InetAddress(ip_address(args.client_addr), args.client_port)
+    macros: dict[str, dict[str, str]] = {}
+    for item in args.macro:
+        stage, _, rest = item.partition(":")
+        name, eq, value = rest.partition("=")
+        if not eq or not name:
+            raise argparse.ArgumentTypeError(f"--macro wants STAGE:NAME=VALUE, got {item!r}")
+        macros.setdefault(stage, {})[name] = value
+    client_macros = {k: v for k, v in macros.items() if k in ("connect", "helo")}
+    return ClientInfo(
+        hostname=args.client_host,
+        address=address,
+        helo=args.helo or None,
+        unknown=tuple(args.unknown),
+        macros=client_macros,
+    ), {k: v for k, v in macros.items() if k not in ("connect", "helo")}
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    try:
+        client_info, message_macros = _client_info(args)
+        client = MilterClient(args.socket, timeout=args.timeout, client=client_info)
+    except (MilterError, ValueError, argparse.ArgumentTypeError) as exc:
+        print(f"pymilterkit send: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    envelope = Envelope(
+        sender=args.sender,
+        recipients=tuple(Recipient(r) for r in args.to),
+        sender_params=args.sender_params,
+        macros=message_macros,
+    )
+    try:
+        sources = list(_sources(args.messages))
+    except OSError as exc:
+        print(f"pymilterkit send: error: cannot read {exc.filename}: {exc.strerror}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if not sources:
+        print("pymilterkit send: error: no messages found", file=sys.stderr)
+        return EXIT_USAGE
+    out = sys.stdout
+    single = len(sources) == 1
+    progress = not single and not args.quiet
+    tty = sys.stderr.isatty()
+    verdicts: collections.Counter[str] = collections.Counter()
+    failures: list[tuple[str, str]] = []
+    documents: list[dict[str, Any]] = []
+    refused = False
+    for number, (name, raw) in enumerate(sources, 1):
+        try:
+            result = client.run_connection([(envelope, raw)])
+        except MilterError as exc:
+            failures.append((name, str(exc)))
+            refused = True
+            documents.append({"source": name, "error": str(exc)})
+            line = f"{name}: FAILED: {exc}"
+            if not args.json:
+                print(line, file=out)
+        else:
+            msg = result.messages[0]
+            verdicts[msg.status.name] += 1
+            if not msg.delivered:
+                refused = True
+            documents.append({"source": name, **result_to_json(result)})
+            if not args.json:
+                if single or args.verbose:
+                    if not single:
+                        print(f"== {name}", file=out)
+                    _print_connection(result, out)
+                    _print_message(msg, out)
+                else:
+                    mods = len(msg.modifications)
+                    print(f"{name}: {msg.status.name} at {msg.stage.value}"
+                          f" ({mods} modification{'s' if mods != 1 else ''})", file=out)
+        if progress:
+            text = f"[{number}/{len(sources)}] {name}"
+            if tty:
+                print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
+            else:
+                print(text, file=sys.stderr, flush=True)
+    if progress and tty:
+        print(file=sys.stderr)
+    summary = {
+        "messages": len(sources),
+        "verdicts": dict(sorted(verdicts.items())),
+        "failures": [{"source": s, "error": e} for s, e in failures],
+    }
+    if args.json:
+        json.dump({"messages": documents, "summary": summary}, out, indent=2)
+        print(file=out)
+    elif not single:
+        counted = ", ".join(f"{count} {name.lower()}" for name, count in sorted(verdicts.items()))
+        print(f"summary: {len(sources)} messages: {counted or 'none answered'}; "
+              f"{len(failures)} failed", file=out)
+        for source, error in failures:
+            print(f"  failed: {source}: {error}", file=out)
+    return EXIT_REFUSED if refused else EXIT_OK
+
+
+def add_send_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `send` with the `pymilterkit` command line."""
+    doc = __doc__ or ""
+    parser = subparsers.add_parser(
+        "send",
+        help="drive a running milter like an MTA and show its answers",
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 2)[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("messages", nargs="+", metavar="MESSAGE",
+                        help="message file, '-', a directory or an mbox")
+    parser.add_argument("--socket", required=True,
+                        help="the milter: unix:/path, inet:PORT@HOST, inet6:PORT@[::1]")
+    parser.add_argument("--from", dest="sender", default="sender@example.net",
+                        help="envelope sender (default sender@example.net)")
+    parser.add_argument("--from-params", dest="sender_params", default="",
+                        help="ESMTP parameters of MAIL FROM, e.g. 'BODY=8BITMIME'")
+    parser.add_argument("--to", action="append", required=True,
+                        help="envelope recipient (repeat for more)")
+    parser.add_argument("--client-host", default="mail.example.net",
+                        help="client host name given at connect")
+    parser.add_argument("--client-addr", default="192.0.2.10",
+                        help="client IP address, a /path for a unix client, or 'unknown'")
+    parser.add_argument("--client-port", type=int, default=41234)
+    parser.add_argument("--helo", default="mail.example.net", help="HELO name ('' for none)")
+    parser.add_argument("--unknown", action="append", default=[], metavar="COMMAND",
+                        help="an unknown SMTP command to report after HELO (repeatable)")
+    parser.add_argument("--macro", action="append", default=[], metavar="STAGE:NAME=VALUE",
+                        help="a macro to send, stage connect/helo/mail/rcpt/data/eoh/eom")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds to wait for each answer (default 10)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="with several messages, print every conversation")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress indicator")
+    parser.set_defaults(handler=_cmd_send)
