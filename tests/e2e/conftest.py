@@ -11,6 +11,15 @@ import pytest
 
 from .postfix import PostfixFactory, PostfixInstance, make_socket_dir
 
+_HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/e2e with ``e2e`` (select or skip with ``-m``)."""
+    for item in items:
+        if _HERE in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
+
 
 def _require_root() -> None:
     if os.geteuid() != 0:
