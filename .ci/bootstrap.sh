@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-APT_PACKAGES=(libmilter1.0.1 postfix miltertest opendkim opendkim-tools python3-venv)
+APT_PACKAGES=(libmilter1.0.1 postfix miltertest opendkim opendkim-tools python3-venv
+    libmilter-dev gcc python3-dev)  # the last three build pymilter (a foreign milter in tests)
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
