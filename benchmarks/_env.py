@@ -55,6 +55,17 @@ def ensure_venv(venv_dir: Path = VENV_DIR, recreate: bool = False,
     return python
 
 
+def ensure_package(python: Path, requirement: str, module: str | None = None) -> None:
+    """pip-install `requirement` into the venv unless `module` already imports (e.g. matplotlib
+    for the plot: a benchmark tool, not a project dependency)."""
+    module = module or requirement.split("=")[0].split(">")[0].split("<")[0]
+    r = subprocess.run([str(python), "-c", f"import {module}"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if r.returncode != 0:
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet",
+                        "--disable-pip-version-check", requirement], check=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="create benchmarks/build/venv with pymilter")
     ap.add_argument("--recreate", action="store_true", help="delete and rebuild the venv")
