@@ -436,7 +436,11 @@ class PostfixInstance:
             shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> Self:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()  # the error message already carries the maillog
+            raise
 
     def __exit__(
         self,
