@@ -6,11 +6,10 @@ Run it:  pytest examples/test_rcpt_count.py
 
 from __future__ import annotations
 
+from examples.rcpt_count import RcptCount
 from pymilterkit import Status
 from pymilterkit.testing import apply_modifications
 from pymilterkit.testing.pytest_plugin import HarnessFactory, ProcessFactory
-
-from examples.rcpt_count import RcptCount
 
 MESSAGE = b"From: alice@example.net\r\nSubject: hello\r\n\r\nHi!\r\n"
 

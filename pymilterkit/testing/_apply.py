@@ -6,7 +6,6 @@ import dataclasses
 
 from ._envelope import Envelope, MessageInput, Recipient, as_bytes, split_lines
 from ._results import (
-    BodyReplaced,
     HeaderAdded,
     HeaderChanged,
     HeaderDeleted,
@@ -14,7 +13,6 @@ from ._results import (
     MessageResult,
     RecipientAdded,
     RecipientRemoved,
-    SenderChanged,
 )
 
 __all__ = ["apply_envelope", "apply_modifications"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from typing import Any
 
 from .._errors import MilterTimeout, ProtocolError, SocketSpecError
 from .._flags import Actions, ProtocolOpts
@@ -39,11 +41,10 @@ class SocketEndpoint:
         self.timeout = timeout
         self.reader = w.PacketReader()
         family = socket.AF_UNIX if self.spec.kind == "unix" else self.spec.family
-        address = self.spec.connect_address()
-        if self.spec.kind != "unix":
-            assert isinstance(address, tuple)
+        address: str | tuple[Any, ...] = self.spec.connect_address()
+        if isinstance(address, tuple):
             infos = socket.getaddrinfo(address[0], address[1], family, socket.SOCK_STREAM)
-            address = infos[0][4][:2]
+            address = tuple(infos[0][4])
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
@@ -95,10 +96,8 @@ class SocketEndpoint:
             self.reader.feed(data)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
 
 class MilterClient(MilterDriver):

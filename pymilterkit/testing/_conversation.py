@@ -254,7 +254,9 @@ class MilterConnection:
         args = [_raw(sender), *(_raw(p) for p in _param_list(params))]
         return self._command(Step.MAIL, w.encode_argv(args), _text(args[0]))
 
-    def rcpt(self, recipient: str | bytes, params: Sequence[str | bytes] | str = ()) -> Answer | None:
+    def rcpt(
+        self, recipient: str | bytes, params: Sequence[str | bytes] | str = ()
+    ) -> Answer | None:
         args = [_raw(recipient), *(_raw(p) for p in _param_list(params))]
         return self._command(Step.RCPT, w.encode_argv(args), _text(args[0]))
 

@@ -11,7 +11,7 @@ from ._conversation import ALL_ACTIONS, ALL_PROTOCOL, Endpoint, MilterConnection
 from ._envelope import ClientInfo, Envelope, MessageInput, Recipient
 from ._results import ConnectionResult, MessageResult
 
-__all__ = ["MilterDriver", "MessageSpec"]
+__all__ = ["MessageSpec", "MilterDriver"]
 
 MessageSpec = tuple[Envelope, MessageInput] | MessageInput
 """A message with its envelope, or just a message (sent with the default envelope)."""

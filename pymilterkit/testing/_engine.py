@@ -394,7 +394,7 @@ class _Engine:
         braces = b"{" + name + b"}" if len(name) == 1 else None
         for slot in reversed(self.macros):
             for key, value in slot or ():
-                if key == name or key == one or key == braces:
+                if key in (name, one, braces):
                     return value
         return None
 
@@ -477,9 +477,9 @@ class _Engine:
             for where in sorted(self.symlist):
                 data += _U32.pack(where) + self.symlist[where] + b"\0"
             self.emit(w.OPTNEG, data)
-        elif r == Status.NOREPLY:
-            if bit and self.pflags & bit and not self.mta_pflags & bit:
-                self.emit(w.CONTINUE, b"")
+        elif r == Status.NOREPLY and bit and self.pflags & bit and not self.mta_pflags & bit:
+            # The milter wants no reply but the MTA cannot do without: libmilter fakes one.
+            self.emit(w.CONTINUE, b"")
         return True
 
     # -- command functions (st_*) ----------------------------------------------------------
@@ -535,7 +535,7 @@ class _Engine:
         if slot is None or len(items) < 2:
             return _FAIL
         items = items[:-1]
-        pairs = list(zip(items[0::2], items[1::2]))
+        pairs = list(zip(items[0::2], items[1::2], strict=False))
         self.macros[slot] = pairs
         return _KEEP
 

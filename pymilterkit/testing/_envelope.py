@@ -54,7 +54,11 @@ MACRO_STAGES: dict[Step, Stage] = {
 }
 """Conversation steps that carry macros, and their SMFIM_* stage."""
 
-MacroTable = Mapping[Step | str, Mapping[str, str]]
+DEFAULT_CLIENT_ADDRESS = InetAddress(IPv4Address("192.0.2.10"), 41234)
+"""The client address used unless one is given (a documentation address, RFC 5737)."""
+
+MacroTable = Mapping[str, Mapping[str, str]]
+"""Macro values per step: `{"connect": {"j": "mx.example.org"}, "mail": {...}}`."""
 
 
 def normalize_macro_name(name: str) -> str:
@@ -97,7 +101,7 @@ class ClientInfo:
     """
 
     hostname: str = "mail.example.net"
-    address: InetAddress | UnixAddress | None = InetAddress(IPv4Address("192.0.2.10"), 41234)
+    address: InetAddress | UnixAddress | None = DEFAULT_CLIENT_ADDRESS
     helo: str | None = "mail.example.net"
     unknown: tuple[str, ...] = ()
     macros: MacroTable = dataclasses.field(default_factory=dict)

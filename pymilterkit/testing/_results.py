@@ -11,7 +11,7 @@ import dataclasses
 import enum
 import re
 from collections.abc import Mapping
-from typing import TypeVar, Union
+from typing import TypeVar
 
 from .._flags import Actions, ProtocolOpts, Stage, Status
 from .._types import decode
@@ -41,8 +41,8 @@ __all__ = [
 _M = TypeVar("_M")
 
 
-class Step(enum.Enum):
-    """A step of the conversation, named after the MTA's command."""
+class Step(enum.StrEnum):
+    """A step of the conversation, named after the MTA's command (a `str`: "mail", ...)."""
 
     NEGOTIATE = "negotiate"
     CONNECT = "connect"
@@ -58,9 +58,6 @@ class Step(enum.Enum):
     ABORT = "abort"
     QUIT = "quit"
     QUIT_NC = "quit_nc"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 _REPLY_LINE = re.compile(r"([2-5][0-9][0-9])([ -])(?:([245]\.[0-9]{1,3}\.[0-9]{1,3})(?: |\Z))?")
@@ -200,18 +197,18 @@ class Progress:
     """The milter asked for more time (smfi_progress)."""
 
 
-Modification = Union[
-    HeaderAdded,
-    HeaderInserted,
-    HeaderChanged,
-    HeaderDeleted,
-    SenderChanged,
-    RecipientAdded,
-    RecipientRemoved,
-    BodyReplaced,
-    Quarantined,
-    Progress,
-]
+Modification = (
+    HeaderAdded
+    | HeaderInserted
+    | HeaderChanged
+    | HeaderDeleted
+    | SenderChanged
+    | RecipientAdded
+    | RecipientRemoved
+    | BodyReplaced
+    | Quarantined
+    | Progress
+)
 
 
 @dataclasses.dataclass(frozen=True)

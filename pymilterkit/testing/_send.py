@@ -86,7 +86,7 @@ def _jsonable(value: Any) -> Any:
         return base64.b64encode(value).decode("ascii")
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         out: dict[str, Any] = {}
-        if isinstance(value, Modification.__args__):  # type: ignore[attr-defined]
+        if isinstance(value, Modification):
             out["type"] = type(value).__name__
         for field in dataclasses.fields(value):
             if not field.compare:

@@ -184,7 +184,9 @@ def decode_optneg(data: bytes) -> tuple[int, Actions, ProtocolOpts, dict[Stage, 
         try:
             stage = Stage(where)
         except ValueError:
-            raise ProtocolError(f"negotiation reply asks for macros at unknown stage {where}")
+            raise ProtocolError(
+                f"negotiation reply asks for macros at unknown stage {where}"
+            ) from None
         macros[stage] = tuple(decode(rest[4:end]).split())
         rest = rest[end + 1 :]
     return version, Actions(actions), ProtocolOpts(protocol), macros

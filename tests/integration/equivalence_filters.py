@@ -400,7 +400,7 @@ class Raw(MilterSession):
 
     @override
     def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
-        self.envelope.append(f"{recipient} {str(params)}")
+        self.envelope.append(f"{recipient} {params!s}")
         return Status.CONTINUE
 
     @override

@@ -51,6 +51,7 @@ EIGHT_BIT = (
     + b"latin1 \xff\xfe\r\n"
 )
 
+DEFAULT_CLIENT = ClientInfo()
 Check = Callable[[ConnectionResult], None]
 Script = Callable[[MilterConnection], list[object]]
 
@@ -59,7 +60,7 @@ Script = Callable[[MilterConnection], list[object]]
 class Scenario:
     name: str
     filter: type[MilterSession]
-    client: ClientInfo = ClientInfo()
+    client: ClientInfo = DEFAULT_CLIENT
     messages: tuple[tuple[Envelope, bytes], ...] = ((Envelope(), MESSAGE),)
     protocol: ProtocolOpts = ALL_PROTOCOL
     check: Check | None = None
@@ -126,7 +127,8 @@ def check_replies(case: str) -> Check:
             assert str(result.connect.reply) == "554 5.7.1 go away"
             assert all(m.status is Status.REJECT and m.stage is Step.CONNECT for m in msgs)
         elif case == "mail":
-            assert msgs[0].reply is not None and msgs[0].reply.lines == ("sender refused: 100% sure",)
+            assert msgs[0].reply is not None
+            assert msgs[0].reply.lines == ("sender refused: 100% sure",)
             assert msgs[1].status is Status.CONTINUE
         elif case == "noxcode":
             assert msgs[0].reply is not None and msgs[0].reply.xcode is None
@@ -226,7 +228,9 @@ def check_raw(result: ConnectionResult) -> None:
 
 
 def check_leadspc(result: ConnectionResult) -> None:
-    assert result.messages[0].header("X-Values") == "' caf\u00e9 \u00fcber' ' \\udce9t\\udce9' ' a\\n\\tb\\n c'"
+    assert result.messages[0].header("X-Values") == (
+        "' caf\u00e9 \u00fcber' ' \\udce9t\\udce9' ' a\\n\\tb\\n c'"
+    )
 
 
 def quit_nc_script(conn: MilterConnection) -> list[object]:

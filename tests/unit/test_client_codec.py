@@ -275,7 +275,7 @@ def test_client_times_out_naming_the_stage(
 
     spec = fake_milter(behaviour)
     try:
-        with pytest.raises(MilterTimeout, match="did not answer mail within 0.3 s"):
+        with pytest.raises(MilterTimeout, match=r"did not answer mail within 0\.3 s"):
             MilterClient(spec, timeout=0.3).run(b"Subject: x\r\n\r\n")
     finally:
         done.set()

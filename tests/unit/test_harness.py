@@ -70,7 +70,7 @@ class Log(MilterSession):
 
     @override
     def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
-        return self._log(f"rcpt {recipient} {str(params)}")
+        return self._log(f"rcpt {recipient} {params!s}")
 
     @override
     def on_data(self) -> Status:

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from examples.rcpt_count import RcptCount
 from pymilterkit import Status
 from pymilterkit.testing.pytest_plugin import HarnessFactory, ProcessFactory, _target
-
-from examples.rcpt_count import RcptCount
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGE = b"Subject: x\r\n\r\nbody\r\n"
