@@ -37,6 +37,7 @@ import email.policy
 import json
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -337,15 +338,39 @@ class PostfixInstance:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def _postfix(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [POSTFIX, "-c", str(self.config_dir), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+    def _postfix(self, *args: str, timeout: float = 60) -> tuple[int, str]:
+        """Run ``postfix -c DIR ARGS``; return its exit status and what it printed.
+
+        Postfix prints its diagnostics only to a terminal (otherwise to syslog, which may not
+        exist, and errors found before logging is set up never reach ``maillog_file``), so
+        stdout and stderr are a pseudo-terminal that we read.
+        """
+        leader, follower = os.openpty()
+        try:
+            with subprocess.Popen(
+                [POSTFIX, "-c", str(self.config_dir), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=follower,
+                stderr=follower,
+            ) as process:
+                os.close(follower)
+                follower = -1
+                status = process.wait(timeout)
+            output = b""
+            # The daemonised master may keep the terminal open: read only what is there.
+            while select.select([leader], [], [], 0.05)[0]:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: every writer has closed the terminal
+                    break
+                if not chunk:
+                    break
+                output += chunk
+        finally:
+            os.close(leader)
+            if follower >= 0:
+                os.close(follower)
+        return status, output.decode(errors="replace").replace("\r\n", "\n")
 
     def start(self) -> Self:
         """Write the configuration and start the instance; return once smtpd is listening."""
@@ -355,11 +380,10 @@ class PostfixInstance:
         for _attempt in range(5):
             self.smtp_port = free_port()
             self._write_config()
-            result = self._postfix("start")
-            if result.returncode == 0:
+            status, last_error = self._postfix("start")
+            if status == 0:
                 self._started = True
                 break
-            last_error = result.stdout + result.stderr
             # Someone else took our port between the probe and master's bind: try another one.
             if "Address already in use" not in last_error + self.log_text():
                 break
