@@ -113,8 +113,7 @@ def apply_envelope(envelope: Envelope, result: MessageResult) -> Envelope:
     sender, params = envelope.sender, envelope.sender_params
     change = result.sender_change
     if change is not None:
-        sender, params = change.sender.strip("<>") if change.sender.startswith("<") else \
-            change.sender, change.params or ""
+        sender, params = change.sender.strip("<>"), change.params or ""
     refused = {r.recipient for r in result.recipients if not r.accepted}
     rcpts = [r for r in envelope.recipients if r.address not in refused]
     for mod in result.modifications:
@@ -125,6 +124,3 @@ def apply_envelope(envelope: Envelope, result: MessageResult) -> Envelope:
             rcpts = [r for r in rcpts if r.address.strip("<>") != gone]
     return dataclasses.replace(envelope, sender=sender, sender_params=params,
                                recipients=tuple(rcpts))
-
-
-
