@@ -8,6 +8,7 @@ pre-fork server: class attributes or module globals are not shared between worke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -35,7 +36,7 @@ def _child(milter: Milter, fd: int) -> None:
     code = 0
     try:
         milter.serve_inherited(fd)
-    except BaseException:  # noqa: BLE001 - the child must leave through os._exit
+    except BaseException:
         logger.exception("worker %d failed", os.getpid())
         code = 1
     finally:
@@ -67,10 +68,8 @@ def run_prefork(milter: Milter) -> None:
                         len(children))
         stopping = True
         for pid in list(children):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     previous = {s: signal.signal(s, on_signal) for s in
                 (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
@@ -109,9 +108,7 @@ def run_prefork(milter: Milter) -> None:
             signal.signal(signum, handler)
         sock.close()
         if milter.spec.kind == "unix":
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(milter.spec.path)
-            except OSError:
-                pass
     if failed:
         raise LibmilterError("one or more workers failed; see the log")

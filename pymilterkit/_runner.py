@@ -30,9 +30,9 @@ from typing_extensions import Unpack
 from . import _libmilter as c
 from ._errors import ConfigurationError, LibmilterError, SocketSpecError
 from ._flags import Status
+from ._listen import open_listener
 from ._session import MilterSession
 from ._socketspec import SocketSpec, check_unix_path, parse_socket_spec
-from ._listen import open_listener
 from ._trampolines import Dispatcher
 
 __all__ = ["Milter", "libmilter_version", "run", "set_debug_level", "shutdown"]
@@ -106,7 +106,7 @@ class Milter:
         if not isinstance(workers, int) or workers < 1:
             raise ConfigurationError(f"workers must be an int >= 1: {workers!r}")
         if socket_mode is not None and not 0 <= socket_mode <= 0o777:
-            raise ConfigurationError(f"socket_mode must be a permission mode like 0o660")
+            raise ConfigurationError("socket_mode must be a permission mode like 0o660")
         if (socket_mode is not None or socket_group is not None) and self.spec.kind != "unix":
             raise ConfigurationError("socket_mode and socket_group apply to unix sockets only")
         self.timeout = timeout
@@ -278,7 +278,9 @@ class Milter:
         lib = self._lib
         if lib is None:
             return
-        threading.Thread(target=self._stop_now, args=(lib,), name="libmilter-stop", daemon=True).start()
+        threading.Thread(
+            target=self._stop_now, args=(lib,), name="libmilter-stop", daemon=True
+        ).start()
 
     def _stop_now(self, lib: c.Libmilter) -> None:
         waker = threading.Thread(target=self._wake_listener, daemon=True)

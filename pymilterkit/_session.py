@@ -320,7 +320,7 @@ class MilterSession:
     def change_header(
         self, name: str | bytes, value: str | bytes | None, index: int = 1
     ) -> None:
-        """Change the `index`-th (1-based) header called `name`; None deletes it (smfi_chgheader)."""
+        """Change the `index`-th (1-based) header `name`; None deletes it (smfi_chgheader)."""
         idx = v.index(index, 1, "header index")
         if value is None:
             raw_name, raw_value = v.header_name(name), None

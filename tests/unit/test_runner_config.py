@@ -34,7 +34,9 @@ class NeedsArgs(MilterSession):
         ((Fine, "inet:25@127.0.0.1"), {"socket_mode": 0o660}, ConfigurationError),
     ],
 )
-def test_bad_settings(args: tuple[Any, ...], kwargs: dict[str, Any], error: type[Exception]) -> None:
+def test_bad_settings(
+    args: tuple[Any, ...], kwargs: dict[str, Any], error: type[Exception]
+) -> None:
     with pytest.raises(error):
         Milter(*args, **kwargs)
 
