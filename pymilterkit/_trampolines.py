@@ -126,7 +126,9 @@ class Dispatcher:
         self.strip_noreply = strip_noreply
         self.sessions: dict[int, MilterSession] = {}
         self.active: dict[int, str] = {}
-        self.noreply = set(self.spec.noreply) if not strip_noreply else set()
+        # @noreply stages answer nothing; where no-reply is not negotiated (TCP), CONTINUE.
+        self.noreply = set(self.spec.noreply)
+        self.noreply_answer = Status.CONTINUE if strip_noreply else Status.NOREPLY
         self.created = 0
 
     # -- session bookkeeping ---------------------------------------------------------------
@@ -154,7 +156,7 @@ class Dispatcher:
             logger.warning("%s in %s: stopping the milter", type(exc).__name__, stage)
             self.on_fatal(exc)
         if stage in self.noreply:
-            return Status.NOREPLY
+            return self.noreply_answer
         return self.error_status
 
     def _bad_result(self, result: object, stage: str) -> int:
@@ -182,6 +184,7 @@ class Dispatcher:
         create, fail, bad = self._create, self._fail, self._bad_result
         get_ident, pin, pinned = threading.get_ident, c.pin_thread_state, c._pinned
         noreply = stage in self.noreply
+        noreply_answer = self.noreply_answer
         starts_message = stage not in ("on_connect", "on_helo", "on_unknown")
         is_rcpt = stage == "on_rcpt"
         is_eom = stage == "on_eom"
@@ -207,7 +210,7 @@ class Dispatcher:
                         is_eom or (result in _ENDS_MESSAGE and not is_rcpt)
                     )
                 if noreply:
-                    return Status.NOREPLY
+                    return noreply_answer
                 if result.__class__ is stage_status and result is not Status.NOREPLY:
                     return result
                 return bad(result, stage)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 
@@ -237,8 +238,10 @@ class Lifecycle(MilterSession):
         with open(os.environ["LIFECYCLE_LOG"], "a") as log:
             log.write(line + "\n")
 
+    _numbers = itertools.count(1)
+
     def __init__(self) -> None:
-        self.ident = f"{id(self):x}"
+        self.ident = f"s{next(self._numbers)}"
         self._write(f"{self.ident} new")
 
     @override
