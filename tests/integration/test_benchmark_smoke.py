@@ -1,0 +1,50 @@
+"""The benchmark suite still runs: `benchmarks/run.py --quick` end to end, zero failures.
+
+A smoke run only (a few seconds): it checks that every milter starts, every reply loadgen
+verifies is right, and the table and results file come out. It asserts nothing about speed.
+Needs gcc and libmilter-dev (to build the C milter and loadgen) and pymilter (the dev extra;
+without it the suite would create its own venv from PyPI).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = ROOT / "benchmarks" / "run.py"
+
+
+def test_quick_benchmark_run_has_no_failures(tmp_path: Path) -> None:
+    if shutil.which("gcc") is None or not Path("/usr/include/libmilter/mfapi.h").exists():
+        pytest.fail("the benchmark smoke test needs gcc and libmilter-dev", pytrace=False)
+    results = tmp_path / "quick.json"
+    command = [sys.executable, str(RUN), "--quick", "--json", str(results)]
+    if importlib.util.find_spec("Milter") is not None:
+        command += ["--pymilter-python", sys.executable]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "msg/s" in out and "cpu µs/msg" in out
+    assert "0 failure(s), 0 failed run(s)" in out
+
+    data = json.loads(results.read_text())
+    milters = {row["milter"] for row in data["summary"]}
+    assert milters == {"c", "pymilter", "pymilterkit", "pymilterkit-w2"}
+    assert {row["conns"] for row in data["summary"]} == {1, 8}
+    for row in data["summary"]:
+        assert row["failures"] == 0 and row["failed_runs"] == 0, row
+        assert row["messages"] > 0, row
+    workers = [r for r in data["runs"] if r["milter"] == "pymilterkit-w2"]
+    assert all(r["milter_processes"] == 3 for r in workers)  # parent + 2 workers
+    [memory] = data["memory"]
+    assert memory["short_connection_failures"] == 0
+    assert memory["rss_after_1000_kib"] > 0
