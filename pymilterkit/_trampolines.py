@@ -21,8 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _libmilter as c
+from ._dispatch import CONNECTION_STAGES, ENDS_MESSAGE, SessionDriver
 from ._errors import LibmilterError
-from ._flags import NOREPLY_MASK, Actions, ProtocolOpts, Status
+from ._flags import Status
 from ._session import STAGE_FLAGS, MilterSession
 from ._types import EsmtpParams, decode
 
@@ -30,7 +31,6 @@ __all__ = ["CtxBackend", "Dispatcher", "escape_for_log"]
 
 logger = logging.getLogger("pymilterkit")
 
-_ENDS_MESSAGE = frozenset((Status.REJECT, Status.DISCARD, Status.ACCEPT, Status.TEMPFAIL))
 _CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)}
 
 
@@ -107,7 +107,7 @@ class CtxBackend:
         self._check(self.lib.smfi_quarantine(self.ctx, reason), "smfi_quarantine")
 
 
-class Dispatcher:
+class Dispatcher(SessionDriver):
     """Owns the live sessions of one runner and builds libmilter's callback table."""
 
     def __init__(
@@ -118,74 +118,34 @@ class Dispatcher:
         on_fatal: Callable[[BaseException], None],
         strip_noreply: bool = False,
     ) -> None:
-        self.session_class = session_class
-        self.spec = session_class.negotiation()
+        super().__init__(session_class, error_status, strip_noreply=strip_noreply)
         self.lib = lib
-        self.error_status = error_status
         self.on_fatal = on_fatal
-        self.strip_noreply = strip_noreply
         self.sessions: dict[int, MilterSession] = {}
         self.active: dict[int, str] = {}
-        # @noreply stages answer nothing; where no-reply is not negotiated (TCP), CONTINUE.
-        self.noreply = set(self.spec.noreply)
-        self.noreply_answer = Status.CONTINUE if strip_noreply else Status.NOREPLY
-        self.created = 0
 
-    # -- session bookkeeping ---------------------------------------------------------------
-
-    def _create(self, ctx: int) -> MilterSession:
-        session = self.session_class()
-        session._pmk_backend = CtxBackend(self.lib, ctx)
-        session._pmk_actions = self.spec.actions
-        session._pmk_in_message = False
-        self.sessions[ctx] = session
-        self.created += 1
-        return session
-
-    def _fail(self, exc: BaseException, stage: str) -> int:
-        if isinstance(exc, Exception):
-            logger.error(
-                "%s.%s raised %s; answering %s",
-                self.session_class.__qualname__,
-                stage,
-                type(exc).__name__,
-                self.error_status.name,
-                exc_info=exc,
-            )
-        else:
-            logger.warning("%s in %s: stopping the milter", type(exc).__name__, stage)
-            self.on_fatal(exc)
-        if stage in self.noreply:
-            return self.noreply_answer
-        return self.error_status
-
-    def _bad_result(self, result: object, stage: str) -> int:
-        if result is Status.NOREPLY:
-            logger.warning(
-                "%s.%s returned NOREPLY but the stage is not @noreply; sending CONTINUE",
-                self.session_class.__qualname__,
-                stage,
-            )
-            return Status.CONTINUE
-        logger.error(
-            "%s.%s returned %r, not a Status; answering %s",
-            self.session_class.__qualname__,
-            stage,
-            result,
-            self.error_status.name,
-        )
-        return self.error_status
+    def fatal(self, exc: BaseException, stage: str) -> None:
+        super().fatal(exc, stage)
+        self.on_fatal(exc)
 
     # -- trampolines -----------------------------------------------------------------------
 
+    def _create(self, ctx: int) -> MilterSession:
+        session = self.create(CtxBackend(self.lib, ctx))
+        self.sessions[ctx] = session
+        return session
+
     def _stage(self, stage: str, convert: Callable[..., tuple[Any, ...]]) -> Callable[..., int]:
-        """Build the trampoline of one reply-giving stage; `convert` maps C args to Python."""
+        """Build the trampoline of one reply-giving stage; `convert` maps C args to Python.
+
+        The body is `SessionDriver.call` inlined: this runs for every callback.
+        """
         sessions, active = self.sessions, self.active
-        create, fail, bad = self._create, self._fail, self._bad_result
+        create, fail, bad = self._create, self.fail, self.bad_result
         get_ident, pin, pinned = threading.get_ident, c.pin_thread_state, c._pinned
         noreply = stage in self.noreply
         noreply_answer = self.noreply_answer
-        starts_message = stage not in ("on_connect", "on_helo", "on_unknown")
+        starts_message = stage not in CONNECTION_STAGES
         is_rcpt = stage == "on_rcpt"
         is_eom = stage == "on_eom"
         stage_status = Status
@@ -207,7 +167,7 @@ class Dispatcher:
                     session._pmk_stage = None
                 if starts_message:
                     session._pmk_in_message = not (
-                        is_eom or (result in _ENDS_MESSAGE and not is_rcpt)
+                        is_eom or (result in ENDS_MESSAGE and not is_rcpt)
                     )
                 if noreply:
                     return noreply_answer
@@ -221,74 +181,51 @@ class Dispatcher:
 
         return trampoline
 
-    def _negotiate(
-        self, ctx: int, f0: int, f1: int, f2: int, f3: int, pf0: Any, pf1: Any, pf2: Any, pf3: Any
-    ) -> int:
+    def _enter(self, ctx: int, stage: str) -> None:
         ident = threading.get_ident()
         if ident not in c._pinned:
             c.pin_thread_state(ident)
-        self.active[ctx] = "on_negotiate"
+        self.active[ctx] = stage
+
+    def _negotiate(
+        self, ctx: int, f0: int, f1: int, f2: int, f3: int, pf0: Any, pf1: Any, pf2: Any, pf3: Any
+    ) -> int:
+        self._enter(ctx, "on_negotiate")
         try:
-            session = self._create(ctx)
-            session._pmk_stage = "on_negotiate"
             try:
-                status, actions, opts = session.on_negotiate(Actions(f0), ProtocolOpts(f1))
-            finally:
-                session._pmk_stage = None
-            if status is not Status.CONTINUE:
-                logger.info("on_negotiate answered %s: refusing the connection", status.name)
-                return int(status)
-            if self.strip_noreply:
-                opts = ProtocolOpts(int(opts) & ~int(NOREPLY_MASK))
-            missing = Actions(int(actions) & ~f0)
-            if missing:
-                logger.error(
-                    "the MTA does not offer actions %r that %s needs; it will drop the "
-                    "connection",
-                    missing,
-                    self.session_class.__qualname__,
-                )
-            session._pmk_actions = Actions(actions)
-            c.write_negotiation(pf0, pf1, pf2, pf3, int(actions), int(opts))
-            for where, names in self.spec.macros.items():
-                self.lib.smfi_setsymlist(ctx, int(where), " ".join(names).encode("ascii"))
-            return Status.CONTINUE
-        except BaseException as exc:  # noqa: BLE001
-            self._fail(exc, "on_negotiate")
-            return Status.TEMPFAIL  # anything but CONTINUE: libmilter drops the connection
+                session = self._create(ctx)
+            except BaseException as exc:  # noqa: BLE001
+                self.fail(exc, "on_negotiate")
+                return Status.TEMPFAIL
+            lib = self.lib
+            status, actions, opts = self.negotiate(
+                session, f0, f1, lambda where, names: lib.smfi_setsymlist(ctx, where, names)
+            )
+            if status == Status.CONTINUE:
+                c.write_negotiation(pf0, pf1, pf2, pf3, actions, opts)
+            return status
         finally:
             del self.active[ctx]
 
     def _abort(self, ctx: int) -> int:
         session = self.sessions.get(ctx)
-        # Postfix sends abort after every message, and libmilter may pass it on after eom:
-        # on_abort runs only while a message is really in progress.
-        if session is None or not session._pmk_in_message:
-            return Status.CONTINUE
-        session._pmk_in_message = False
-        self._call_cleanup(ctx, session, "on_abort")
+        if session is not None:
+            self._enter(ctx, "on_abort")
+            try:
+                self.abort(session)
+            finally:
+                del self.active[ctx]
         return Status.CONTINUE
 
     def _close(self, ctx: int) -> int:
         session = self.sessions.pop(ctx, None)
         if session is not None:
-            self._call_cleanup(ctx, session, "on_close")
-            session._pmk_backend = None
+            self._enter(ctx, "on_close")
+            try:
+                self.close(session)
+            finally:
+                del self.active[ctx]
         return Status.CONTINUE
-
-    def _call_cleanup(self, ctx: int, session: MilterSession, stage: str) -> None:
-        ident = threading.get_ident()
-        if ident not in c._pinned:
-            c.pin_thread_state(ident)
-        self.active[ctx] = stage
-        try:
-            session._pmk_stage = stage
-            getattr(session, stage)()
-        except BaseException as exc:  # noqa: BLE001
-            self._fail(exc, stage)
-        finally:
-            session._pmk_stage = None
-            self.active.pop(ctx, None)
 
     def close_all(self) -> int:
         """Run on_close for sessions libmilter abandoned (at stop); returns how many."""
@@ -296,17 +233,8 @@ class Dispatcher:
         while self.sessions:
             _, session = self.sessions.popitem()
             count += 1
-            try:
-                if session._pmk_in_message:
-                    session._pmk_stage = "on_abort"
-                    session.on_abort()
-                session._pmk_stage = "on_close"
-                session.on_close()
-            except Exception:
-                logger.exception("on_close of an abandoned session raised")
-            finally:
-                session._pmk_stage = None
-                session._pmk_backend = None
+            self.abort(session)
+            self.close(session)
         return count
 
     def descriptor(self, name: bytes) -> c.SmfiDesc:

@@ -11,10 +11,10 @@ both layers the real runner has, fed with the same packets the wire client sends
   requirements" aborts), `sendreply` (custom replies used only when their class matches,
   no-reply stages silenced), and the `smfi_*` action calls with `mi_sendok`'s state check.
   Only stages the class overrides are "registered", as the runner registers only those.
-* `_Dispatch` mirrors `pymilterkit._trampolines.Dispatcher`: one session per connection,
-  created at negotiate (and again at connect after QUIT_NC), the error policy (an exception is
-  logged and answered with `error_status`, a non-Status return likewise), `@noreply` stages
-  answering NOREPLY, and on_abort only while a message is in progress.
+* `_Dispatch` is the runner's session handling itself (`pymilterkit._dispatch.SessionDriver`,
+  which the real trampolines use too): one session per connection, created at negotiate (and
+  again at connect after QUIT_NC), the error policy, `@noreply` stages, on_abort only while a
+  message is in progress. With `tcp=True` it behaves as the runner on an inet socket.
 
 Responses are queued as packets; the harness endpoint hands them to the same conversation code
 the wire client uses. A command libmilter would not answer leaves the queue empty, and the
@@ -29,6 +29,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._dispatch import SessionDriver
 from .._errors import LibmilterError, ProtocolError
 from .._flags import NOREPLY_MASK, Actions, ProtocolOpts, Status
 from .._session import STAGE_FLAGS, MilterSession
@@ -91,7 +92,6 @@ _NR_BIT = {
 _SMFI_INTERNAL = 0x70000000
 _SMFI_V1_ACTS, _SMFI_V1_PROT = 0xF, 0x3F
 _U32 = struct.Struct(">I")
-_ENDS_MESSAGE = frozenset((Status.REJECT, Status.DISCARD, Status.ACCEPT, Status.TEMPFAIL))
 
 
 class _Backend:
@@ -177,8 +177,9 @@ class _Backend:
         self.engine.emit(w.QUARANTINE, reason + b"\0")
 
 
-class _Dispatch:
-    """The runner's trampolines (pymilterkit._trampolines.Dispatcher) for one context."""
+class _Dispatch(SessionDriver):
+    """The runner's session handling (`SessionDriver`, shared with the trampolines) for one
+    libmilter context, recording the exceptions stage methods raise."""
 
     def __init__(
         self,
@@ -186,124 +187,52 @@ class _Dispatch:
         session_class: type[MilterSession],
         error_status: Status,
         reraise: bool,
+        strip_noreply: bool = False,
     ) -> None:
+        super().__init__(session_class, error_status, strip_noreply=strip_noreply)
         self.engine = engine
-        self.session_class = session_class
-        self.spec = session_class.negotiation()
-        self.error_status = error_status
         self.reraise = reraise
         self.session: MilterSession | None = None
-        self.noreply = set(self.spec.noreply)
         self.errors: list[tuple[str, BaseException]] = []
-        self.sessions_created = 0
 
-    def _create(self) -> MilterSession:
-        session = self.session_class()
-        session._pmk_backend = _Backend(self.engine)
-        session._pmk_actions = self.spec.actions
-        session._pmk_in_message = False
-        self.session = session
-        self.sessions_created += 1
-        return session
-
-    def _fail(self, exc: BaseException, stage: str) -> int:
-        if not isinstance(exc, Exception):
-            raise exc
+    def report_error(self, exc: Exception, stage: str) -> None:
         self.errors.append((stage, exc))
-        logger.error(
-            "%s.%s raised %s; answering %s",
-            self.session_class.__qualname__,
-            stage,
-            type(exc).__name__,
-            self.error_status.name,
-            exc_info=exc,
-        )
+        super().report_error(exc, stage)
         if self.reraise:
             raise exc
-        if stage in self.noreply:
-            return Status.NOREPLY
-        return self.error_status
 
-    def _bad_result(self, result: object, stage: str) -> int:
-        if result is Status.NOREPLY:
-            logger.warning(
-                "%s.%s returned NOREPLY but the stage is not @noreply; sending CONTINUE",
-                self.session_class.__qualname__,
-                stage,
-            )
-            return Status.CONTINUE
-        logger.error(
-            "%s.%s returned %r, not a Status; answering %s",
-            self.session_class.__qualname__,
-            stage,
-            result,
-            self.error_status.name,
-        )
-        return self.error_status
+    def fatal(self, exc: BaseException, stage: str) -> None:
+        raise exc  # KeyboardInterrupt / SystemExit: in a test, stop the test
+
+    def _create(self) -> MilterSession:
+        self.session = self.create(_Backend(self.engine))
+        return self.session
 
     def stage(self, stage: str, *args: Any) -> int:
-        starts_message = stage not in ("on_connect", "on_helo", "on_unknown")
-        try:
-            session = self.session
-            if session is None:
-                session = self._create()
-            session._pmk_stage = stage
+        session = self.session
+        if session is None:
             try:
-                result = getattr(session, stage)(*args)
-            finally:
-                session._pmk_stage = None
-            if starts_message:
-                session._pmk_in_message = not (
-                    stage == "on_eom" or (result in _ENDS_MESSAGE and stage != "on_rcpt")
-                )
-            if stage in self.noreply:
-                return Status.NOREPLY
-            if result.__class__ is Status and result is not Status.NOREPLY:
-                return int(result)
-            return self._bad_result(result, stage)
-        except BaseException as exc:  # noqa: BLE001 - mirrors the trampoline
-            return self._fail(exc, stage)
+                session = self._create()
+            except BaseException as exc:  # noqa: BLE001 - mirrors the trampoline
+                return self.fail(exc, stage)
+        return self.call(session, stage, args)
 
-    def negotiate(self, f0: int, f1: int) -> tuple[int, int, int]:
+    def negotiate_context(self, f0: int, f1: int) -> tuple[int, int, int]:
         try:
             session = self._create()
-            session._pmk_stage = "on_negotiate"
-            try:
-                status, actions, opts = session.on_negotiate(Actions(f0), ProtocolOpts(f1))
-            finally:
-                session._pmk_stage = None
-            if status is not Status.CONTINUE:
-                logger.info("on_negotiate answered %s: refusing the connection", status.name)
-                return int(status), 0, 0
-            session._pmk_actions = Actions(actions)
-            for where, names in self.spec.macros.items():
-                self.engine.setsymlist(int(where), " ".join(names).encode("ascii"))
-            return Status.CONTINUE, int(actions), int(opts)
         except BaseException as exc:  # noqa: BLE001
-            self._fail(exc, "on_negotiate")
+            self.fail(exc, "on_negotiate")
             return Status.TEMPFAIL, 0, 0
+        return super().negotiate(session, f0, f1, self.engine.setsymlist)
 
-    def abort(self) -> None:
-        session = self.session
-        if session is None or not session._pmk_in_message:
-            return
-        session._pmk_in_message = False
-        self._cleanup(session, "on_abort")
+    def abort_context(self) -> None:
+        if self.session is not None:
+            super().abort(self.session)
 
-    def close(self) -> None:
+    def close_context(self) -> None:
         session, self.session = self.session, None
         if session is not None:
-            self._cleanup(session, "on_close")
-            session._pmk_backend = None
-
-    def _cleanup(self, session: MilterSession, stage: str) -> None:
-        try:
-            session._pmk_stage = stage
-            getattr(session, stage)()
-        except BaseException as exc:  # noqa: BLE001
-            self._fail(exc, stage)
-        finally:
-            session._pmk_stage = None
+            super().close(session)
 
 
 class _Engine:
@@ -415,7 +344,7 @@ class _Engine:
         call_abort = ST_MAIL <= self.state < ST_ENDM
         if newstate != ST_NONE and not self._trans_ok(self.state, newstate):
             if call_abort and self._registered("on_abort"):
-                self.dispatch.abort()
+                self.dispatch.abort_context()
             self.state = ST_HELO
             if not self._trans_ok(self.state, newstate):
                 return
@@ -443,9 +372,9 @@ class _Engine:
 
     def _fail(self) -> None:
         if ST_MAIL <= self.state < ST_ENDM and self._registered("on_abort"):
-            self.dispatch.abort()
+            self.dispatch.abort_context()
         if self.state != ST_QUIT:
-            self.dispatch.close()
+            self.dispatch.close_context()
         self.closed = True
 
     def _sendreply(self, r: int) -> bool:
@@ -495,7 +424,7 @@ class _Engine:
         self.mta_aflags = mta_aflags or _SMFI_V1_ACTS
         self.mta_pflags = (mta_pflags or _SMFI_V1_PROT) & ~_SMFI_INTERNAL
         fake = int(NOREPLY_MASK)
-        r, aflags, pflags = self.dispatch.negotiate(self.mta_aflags, self.mta_pflags | fake)
+        r, aflags, pflags = self.dispatch.negotiate_context(self.mta_aflags, self.mta_pflags | fake)
         if r != Status.CONTINUE:
             return _ABORT
         self.aflags = aflags
@@ -621,11 +550,11 @@ class _Engine:
 
     def st_abort(self, data: bytes, idx: int) -> int:
         if self._registered("on_abort"):
-            self.dispatch.abort()
+            self.dispatch.abort_context()
         return Status.NOREPLY
 
     def st_quit(self, data: bytes, idx: int) -> int:
-        self.dispatch.close()
+        self.dispatch.close_context()
         self._clear_macros(0)
         return Status.NOREPLY
 
@@ -639,8 +568,11 @@ class InProcessMilter:
         *,
         error_status: Status = Status.TEMPFAIL,
         reraise: bool = False,
+        tcp: bool = False,
     ) -> None:
-        self.engine = _Engine(lambda e: _Dispatch(e, session_class, error_status, reraise))
+        self.engine = _Engine(
+            lambda e: _Dispatch(e, session_class, error_status, reraise, strip_noreply=tcp)
+        )
 
     @property
     def errors(self) -> list[tuple[str, BaseException]]:

@@ -52,6 +52,7 @@ class Harness(MilterDriver):
     are not waited for), the session API's checks, the runner's error policy (an exception is
     logged and answered with `error_status`; with `reraise=True` it propagates instead, which
     is handy in a test). `ConnectionResult.errors` lists the exceptions stage methods raised.
+    `tcp=True` models the runner on an inet socket, where no-reply is not negotiated.
 
         result = Harness(MyFilter).run(b"Subject: hi\\r\\n\\r\\nbody\\r\\n", recipients=["a@b"])
         assert result.status is Status.CONTINUE
@@ -64,6 +65,7 @@ class Harness(MilterDriver):
         *,
         error_status: Status = Status.TEMPFAIL,
         reraise: bool = False,
+        tcp: bool = False,
         actions: Actions = ALL_ACTIONS,
         protocol: ProtocolOpts = ALL_PROTOCOL,
         version: int = w.PROTOCOL_VERSION,
@@ -75,11 +77,15 @@ class Harness(MilterDriver):
         self.session_class = session_class
         self.error_status = error_status
         self.reraise = reraise
+        self.tcp = tcp
 
     def _endpoint(self) -> _InProcessEndpoint:
         return _InProcessEndpoint(
             InProcessMilter(
-                self.session_class, error_status=self.error_status, reraise=self.reraise
+                self.session_class,
+                error_status=self.error_status,
+                reraise=self.reraise,
+                tcp=self.tcp,
             )
         )
 

@@ -453,3 +453,26 @@ def test_a_slow_stage_does_not_wedge_other_connections() -> None:
         thread.join(10)
         assert done.is_set()
         slow.quit()
+
+
+def test_harness_with_tcp_models_the_runner_on_an_inet_socket() -> None:
+    import socket
+
+    from pymilterkit.testing import Harness
+
+    from .filters import NoReply
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    message = b"Subject: a\r\nX-Two: b\r\n\r\nbody\r\n"
+    with MilterProcess("tests.integration.filters:NoReply", f"inet:{port}@127.0.0.1",
+                       cwd=ROOT) as milter:
+        real = MilterClient(milter.socket).run_connection([message])
+    modelled = Harness(NoReply, tcp=True).run_connection([message])
+    assert real == modelled
+    assert modelled.negotiation is not None
+    assert not modelled.negotiation.protocol & P.NR_HDR
+    assert modelled.messages[0].header("X-Header-Count") == "2"
+    assert Harness(NoReply).run_connection([message]) != real  # on unix: no-reply negotiated
