@@ -14,11 +14,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._flags import NOREPLY_MASK, Actions, ProtocolOpts, Status
+from ._logsafe import install as _install_log_escaping
 from ._session import MilterSession, SessionBackend
 
 __all__ = ["ENDS_MESSAGE", "SessionDriver"]
 
 logger = logging.getLogger("pymilterkit")
+# Log lines carry untrusted input (exception texts, recipients): escape control characters.
+_install_log_escaping(logger)
 
 ENDS_MESSAGE = frozenset((Status.REJECT, Status.DISCARD, Status.ACCEPT, Status.TEMPFAIL))
 CONNECTION_STAGES = frozenset(("on_connect", "on_helo", "on_unknown"))
