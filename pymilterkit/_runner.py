@@ -31,6 +31,7 @@ from . import _libmilter as c
 from ._errors import ConfigurationError, LibmilterError, SocketSpecError
 from ._flags import Status
 from ._listen import open_listener
+from ._security import socket_creation_umask
 from ._session import MilterSession
 from ._socketspec import SocketSpec, check_unix_path, parse_socket_spec
 from ._trampolines import Dispatcher
@@ -55,8 +56,9 @@ class Milter:
     `timeout` is libmilter's per-read/write timeout in seconds (default 7210), `backlog` the
     listen backlog, `debug_level` libmilter's trace level (0-6), `error_status` the answer when
     a stage method raises, `workers` the number of pre-forked processes (1: this process).
-    `socket_mode` (e.g. 0o660) and `socket_group` set a unix socket's permissions so only the
-    MTA's user can connect; `user`/`group` drop privileges once the socket is open.
+    `socket_mode` (default 0o660: owner and group) and `socket_group` set a unix socket's
+    permissions so only the MTA's user can connect; `user`/`group` drop privileges once the
+    socket is open.
     """
 
     def __init__(
@@ -177,7 +179,8 @@ class Milter:
         if self.backlog is not None and lib.smfi_setbacklog(self.backlog) != c.MI_SUCCESS:
             raise ConfigurationError(f"libmilter refused backlog {self.backlog}")
         lib.smfi_setdbg(self.debug_level)
-        opened = lib.smfi_opensocket(1) == c.MI_SUCCESS
+        with socket_creation_umask(self.socket_mode):
+            opened = lib.smfi_opensocket(1) == c.MI_SUCCESS
         if not opened and self._listener is not None:
             # A libmilter without the fd:N spec: fall back to its own inet socket.
             logger.warning("libmilter does not accept fd:N; listening without TCP_NODELAY")
