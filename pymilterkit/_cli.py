@@ -29,7 +29,7 @@ def load_session_class(target: str) -> type[MilterSession]:
     """Import `MODULE:CLASS` (or `path/to/file.py:CLASS`) and check it is a MilterSession."""
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
-        raise MilterError(f"expected MODULE:CLASS, got {target!r}")
+        raise ConfigurationError(f"expected MODULE:CLASS, got {target!r}")
     if module_name.endswith(".py"):
         import os
 
@@ -38,19 +38,25 @@ def load_session_class(target: str) -> type[MilterSession]:
             os.path.splitext(os.path.basename(path))[0], path
         )
         if spec is None or spec.loader is None:
-            raise MilterError(f"cannot load {module_name!r}")
+            raise ConfigurationError(f"cannot load {module_name!r}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
     else:
         if "" not in sys.path:
             sys.path.insert(0, "")
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
     obj = module
     for part in attr.split("."):
-        obj = getattr(obj, part)
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigurationError(f"{module_name} has no {attr!r}") from None
     if not (isinstance(obj, type) and issubclass(obj, MilterSession)):
-        raise MilterError(f"{target} is not a MilterSession subclass")
+        raise ConfigurationError(f"{target} is not a MilterSession subclass")
     return obj
 
 
@@ -61,6 +67,17 @@ _ERROR_STATUS: dict[str, ErrorStatus] = {
     "accept": Status.ACCEPT,
     "discard": Status.DISCARD,
 }
+
+
+def _octal_mode(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise ConfigurationError(
+            f"--socket-mode wants an octal mode like 660, got {text!r}"
+        ) from None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -76,7 +93,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers,
         error_status=_ERROR_STATUS[args.error_status],
         debug_level=args.debug_level,
-        socket_mode=int(args.socket_mode, 8) if args.socket_mode else None,
+        socket_mode=_octal_mode(args.socket_mode),
         socket_group=args.socket_group,
         user=args.user,
         group=args.group,

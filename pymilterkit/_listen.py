@@ -14,7 +14,7 @@ from ._errors import SocketSpecError
 from ._security import apply_socket_permissions
 from ._socketspec import SocketSpec, check_unix_path
 
-__all__ = ["open_listener"]
+__all__ = ["open_listener", "poke"]
 
 
 def _resolve(spec: SocketSpec) -> tuple[int, tuple[object, ...] | str]:
@@ -66,3 +66,22 @@ def open_listener(
         sock.close()
         raise SocketSpecError(f"could not listen on {spec}: {exc}") from None
     return sock
+
+
+def poke(spec: SocketSpec) -> None:
+    """Connect to a milter socket and hang up at once.
+
+    libmilter's listener holds the lock smfi_stop needs while it polls (up to 5 s); a
+    connection ends the poll at once, so a stop takes milliseconds instead of seconds.
+    """
+    if spec.kind == "fd":
+        return
+    family = socket.AF_UNIX if spec.kind == "unix" else spec.family
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(spec.connect_address())
+    except OSError:
+        pass
+    finally:
+        probe.close()

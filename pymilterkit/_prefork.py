@@ -17,7 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from ._errors import LibmilterError
-from ._listen import open_listener
+from ._listen import open_listener, poke
 from ._security import drop_privileges
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ __all__ = ["run_prefork"]
 logger = logging.getLogger("pymilterkit")
 
 _RESPAWN_WINDOW = 10.0
+_STOP_GRACE = 30.0
 
 
 def _child(milter: Milter, fd: int) -> None:
@@ -53,6 +54,7 @@ def run_prefork(milter: Milter) -> None:
     children: dict[int, int] = {}  # pid -> slot
     deaths: list[float] = []
     stopping = False
+    stop_deadline = 0.0
     failed = False
 
     def spawn(slot: int) -> None:
@@ -62,8 +64,9 @@ def run_prefork(milter: Milter) -> None:
         children[pid] = slot
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
+        nonlocal stopping, stop_deadline
         if not stopping:
+            stop_deadline = time.monotonic() + _STOP_GRACE
             logger.info("signal %s: stopping %d worker(s)", signal.Signals(signum).name,
                         len(children))
         stopping = True
@@ -84,6 +87,13 @@ def run_prefork(milter: Milter) -> None:
                 break
             if pid == 0:
                 time.sleep(0.05)
+                if stopping:
+                    # Wake the workers' listeners so each notices the stop at once.
+                    poke(milter.spec)
+                    if time.monotonic() > stop_deadline:
+                        for pid in list(children):
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(pid, signal.SIGKILL)
                 continue
             if pid not in children:
                 continue

@@ -15,6 +15,7 @@ abandoned (its worker pool does not call xxfi_close for parked connections at st
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -30,7 +31,7 @@ from typing_extensions import Unpack
 from . import _libmilter as c
 from ._errors import ConfigurationError, LibmilterError, SocketSpecError
 from ._flags import Status
-from ._listen import open_listener
+from ._listen import open_listener, poke
 from ._security import socket_creation_umask
 from ._session import MilterSession
 from ._socketspec import SocketSpec, check_unix_path, parse_socket_spec
@@ -43,6 +44,7 @@ logger = logging.getLogger("pymilterkit")
 _state_lock = threading.Lock()
 _has_run = False
 _current: Milter | None = None
+_default_debug_level = 0
 
 ErrorStatus = Literal[
     Status.TEMPFAIL, Status.REJECT, Status.CONTINUE, Status.ACCEPT, Status.DISCARD
@@ -125,11 +127,12 @@ class Milter:
         self._lib: c.Libmilter | None = None
         self.dispatcher: Dispatcher | None = None
         self._listener: socketlib.socket | None = None
+        self._inherited = False
 
     # -- running ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT or `shutdown()`; raises `MilterError` on failure.
+        """Serve until SIGTERM, SIGINT, SIGHUP or `shutdown()`; raises `MilterError` on failure.
 
         libmilter allows this once per process: a second call raises `ConfigurationError`.
         """
@@ -152,6 +155,7 @@ class Milter:
 
     def serve_inherited(self, fd: int) -> None:
         """Serve on an already listening socket (a pre-forked worker); blocks until stopped."""
+        self._inherited = True
         self._prepare(inherited_fd=fd)
         self._serve()
 
@@ -178,7 +182,7 @@ class Milter:
             lib.smfi_settimeout(self.timeout)
         if self.backlog is not None and lib.smfi_setbacklog(self.backlog) != c.MI_SUCCESS:
             raise ConfigurationError(f"libmilter refused backlog {self.backlog}")
-        lib.smfi_setdbg(self.debug_level)
+        lib.smfi_setdbg(self.debug_level or _default_debug_level)
         with socket_creation_umask(self.socket_mode):
             opened = lib.smfi_opensocket(1) == c.MI_SUCCESS
         if not opened and self._listener is not None:
@@ -243,10 +247,18 @@ class Milter:
         )
         if abandoned:
             logger.debug("closed %d abandoned session(s)", abandoned)
+        self._remove_socket_file()
         if self._fatal is not None:
             raise self._fatal
         if result and result[0] != c.MI_SUCCESS:
             raise LibmilterError(f"smfi_main failed ({result[0]}); see syslog")
+
+    def _remove_socket_file(self) -> None:
+        # libmilter unlinks its unix socket only when not running as root; a pre-forked
+        # worker leaves the shared socket to its parent.
+        if self.spec.kind == "unix" and self._listener is None and not self._inherited:
+            with contextlib.suppress(OSError):
+                os.unlink(self.spec.path)
 
     def _drain(self, limit: float = 10.0) -> None:
         """Wait (bounded) for callbacks still running on libmilter's threads."""
@@ -291,20 +303,8 @@ class Milter:
         lib.smfi_stop()
 
     def _wake_listener(self) -> None:
-        # libmilter's listener holds the lock smfi_stop needs while it polls (up to 5 s); a
-        # connection ends the poll at once, so the stop takes milliseconds instead.
-        if self.spec.kind == "fd":
-            return
         time.sleep(0.05)
-        family = socketlib.AF_UNIX if self.spec.kind == "unix" else self.spec.family
-        probe = socketlib.socket(family, socketlib.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(self.spec.connect_address())
-        except OSError:
-            pass
-        finally:
-            probe.close()
+        poke(self.spec)
 
 
 class MilterOptions(TypedDict, total=False):
@@ -342,7 +342,12 @@ def libmilter_version() -> tuple[int, int, int]:
 
 
 def set_debug_level(level: int) -> None:
-    """Set libmilter's trace level (smfi_setdbg); only the value at start of run counts."""
+    """Set libmilter's trace level (smfi_setdbg) for the run; `Milter(debug_level=N)` wins.
+
+    libmilter reads the level when `run()` starts, so call this before.
+    """
+    global _default_debug_level
     if not isinstance(level, int) or level < 0:
         raise ConfigurationError(f"debug level must be an int >= 0: {level!r}")
+    _default_debug_level = level
     c.load().smfi_setdbg(level)

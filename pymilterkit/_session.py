@@ -52,9 +52,11 @@ _ALL_OPTS = 0x301FFFFF
 def noreply(method: _F) -> _F:
     """Mark a stage method whose answer does not matter, so the MTA does not wait for it.
 
-    The stage is negotiated with its SMFIP_NR_* flag; whatever the method returns, nothing is
-    sent back. Use it for stages that only collect data (e.g. `on_header`). Valid on on_connect,
-    on_helo, on_mail, on_rcpt, on_data, on_unknown, on_header, on_eoh and on_body.
+    Whatever the method returns is ignored. On unix sockets the stage is negotiated with its
+    SMFIP_NR_* flag and nothing is sent back; on inet sockets the runner answers CONTINUE
+    instead (no-reply makes TCP stall on Nagle's algorithm). Use it for stages that only
+    collect data (e.g. `on_header`). Valid on on_connect, on_helo, on_mail, on_rcpt, on_data,
+    on_unknown, on_header, on_eoh and on_body.
     """
     setattr(method, _NOREPLY_ATTR, True)
     return method

@@ -64,8 +64,12 @@ def _port(text: str, spec: str) -> int:
     try:
         return socket.getservbyname(text, "tcp")
     except OSError:
+        hint = ""
+        host, colon, number = text.rpartition(":")
+        if colon and number.isdigit():
+            hint = f"; Postfix writes inet:HOST:PORT, libmilter wants inet:{number}@{host}"
         raise SocketSpecError(
-            f"unknown port or service {text!r} in socket spec {spec!r}"
+            f"unknown port or service {text!r} in socket spec {spec!r}{hint}"
         ) from None
 
 

@@ -176,3 +176,59 @@ def test_workers_serve_and_stop_together() -> None:
         assert milter.wait(15) == 0, milter.log()
     for pid in children:
         assert not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["examples.rcpt_count:RcptCount", "--socket", "inet:127.0.0.1:3000"],
+         "Postfix writes inet:HOST:PORT, libmilter wants inet:3000@127.0.0.1"),
+        (["examples.rcpt_count:RcptCount", "--socket", "unix:/tmp/x.sock", "--socket-mode",
+          "rw"], "--socket-mode wants an octal mode"),
+        (["no_such_module_pmk:X", "--socket", "unix:/tmp/x.sock"], "cannot import"),
+        (["examples.rcpt_count:Nope", "--socket", "unix:/tmp/x.sock"], "has no 'Nope'"),
+        (["examples.rcpt_count", "--socket", "unix:/tmp/x.sock"], "expected MODULE:CLASS"),
+        (["examples.rcpt_count:Status", "--socket", "unix:/tmp/x.sock"],
+         "not a MilterSession subclass"),
+    ],
+)
+def test_cli_usage_errors_exit_2_without_traceback(args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pymilterkit", "run", *args],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_set_debug_level_applies_to_the_run(tmp_path: Path) -> None:
+    sock = tmp_path / "m.sock"
+    result = python(
+        f"""
+import threading, time
+from pymilterkit import Milter, set_debug_level, shutdown
+from pymilterkit.testing import MilterClient
+from examples.rcpt_count import RcptCount
+set_debug_level(6)
+def drive():
+    time.sleep(0.5)
+    MilterClient("unix:{sock}").run(b"Subject: x\\r\\n\\r\\nbody\\r\\n")
+    shutdown()
+threading.Thread(target=drive).start()
+Milter(RcptCount, "unix:{sock}").run()
+"""
+    )
+    assert result.returncode == 0, result.stderr
+    # libmilter's trace goes to C stdout; at level 6 it shows every command and the negotiation
+    assert "got cmd 'O'" in result.stdout, result
+    assert "milter_negotiate: mta_actions=0x1ff" in result.stdout
+
+
+def test_socket_file_is_removed_after_the_run_as_root(tmp_path: Path) -> None:
+    path = tmp_path / "m.sock"
+    with MilterProcess("examples.rcpt_count:RcptCount", f"unix:{path}", cwd=ROOT) as milter:
+        assert path.exists()
+        milter.signal(signal.SIGTERM)
+        assert milter.wait(15) == 0
+    assert not path.exists()
