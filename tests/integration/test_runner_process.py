@@ -232,3 +232,14 @@ def test_socket_file_is_removed_after_the_run_as_root(tmp_path: Path) -> None:
         milter.signal(signal.SIGTERM)
         assert milter.wait(15) == 0
     assert not path.exists()
+
+
+def test_local_spec_serves_like_unix(tmp_path: Path) -> None:
+    from pymilterkit.testing import MilterClient
+
+    path = tmp_path / "m.sock"
+    with MilterProcess("examples.rcpt_count:RcptCount", f"local:{path}", cwd=ROOT):
+        result = MilterClient(f"unix:{path}").run(
+            b"Subject: x\r\n\r\nbody\r\n", recipients=["a@example.org", "b@example.org"]
+        )
+    assert result.header("X-Rcpt-Count") == "2"
