@@ -8,8 +8,11 @@
   is not the client's own), `localhost`, a name without a dot, or this MTA's own name (macro
   `j`) gets a multi-line `550 5.7.1` reply.
 
-A rejection at connect makes the MTA refuse every command of the connection with that reply;
-one at HELO refuses the HELO/EHLO command, and the client may try again with a better name.
+A rejection at connect or HELO is for the whole connection (libmilter's rule). Postfix
+delays it, like `smtpd_delay_reject`: after a rejection at connect it greets with its own
+`554 ... not accepting connections`; after one at HELO it answers EHLO normally; in both cases
+every MAIL FROM of the connection then gets the filter's multi-line reply (a second EHLO does
+not help). Sendmail refuses the connection or the HELO command directly.
 
 Run it:  pymilterkit run examples.policy:ConnectionPolicy --socket unix:/tmp/policy.sock
 or:      python examples/policy.py [SOCKET]

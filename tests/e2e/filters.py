@@ -1,0 +1,70 @@
+"""Test-only filters for the end-to-end tests against a real Postfix (`test_postfix_milter.py`).
+
+Each is started with `pymilterkit run tests.e2e.filters:NAME` in its own process. What they do
+is chosen by the message, so one filter process serves several messages of a test.
+"""
+
+from __future__ import annotations
+
+from ipaddress import ip_network
+
+from typing_extensions import override
+
+from examples.policy import ConnectionPolicy
+from pymilterkit import Actions, EsmtpParams, MilterSession, Status
+
+REJECT_LINES = (
+    "Your message was rejected by the content filter.",
+    "Reason: the subject says so.",
+    "See https://example.com/policy for details.",
+)
+RCPT_REJECT_LINES = ("blocked@example.com does not take mail from you.", "Go away.")
+
+
+class Verdicts(MilterSession):
+    """A verdict chosen by the Subject (with `X-Seen: yes` added to mail that gets through):
+
+    * RCPT `blocked@example.com`: 550 5.7.1 with the multi-line `RCPT_REJECT_LINES`;
+    * Subject containing `reject`: 550 5.7.1 with the multi-line `REJECT_LINES` at eom;
+    * `boom`: the filter raises (the runner answers TEMPFAIL);
+    * `hold`: the message is quarantined (Postfix puts it on hold).
+    """
+
+    actions = Actions.ADD_HEADER | Actions.QUARANTINE
+
+    @override
+    def on_mail(self, sender: str, params: EsmtpParams) -> Status:
+        self.subject = ""
+        return Status.CONTINUE
+
+    @override
+    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        if recipient.strip("<>").lower() == "blocked@example.com":
+            self.set_reply("550", "5.7.1", *RCPT_REJECT_LINES)
+            return Status.REJECT
+        return Status.CONTINUE
+
+    @override
+    def on_header(self, name: str, value: str) -> Status:
+        if name.lower() == "subject":
+            self.subject = value.lower()
+        return Status.CONTINUE
+
+    @override
+    def on_eom(self) -> Status:
+        if "reject" in self.subject:
+            self.set_reply("550", "5.7.1", *REJECT_LINES)
+            return Status.REJECT
+        if "boom" in self.subject:
+            raise RuntimeError("the test filter blew up on purpose")
+        if "hold" in self.subject:
+            self.quarantine("held by the e2e test filter")
+            return Status.CONTINUE
+        self.add_header("X-Seen", "yes")
+        return Status.CONTINUE
+
+
+class LoopbackBlocked(ConnectionPolicy):
+    """The connection policy example with 127.0.0.0/8 blocked (Postfix's tests connect there)."""
+
+    blocked_networks = (ip_network("127.0.0.0/8"),)
