@@ -44,6 +44,13 @@ class SessionDriver:
         # @noreply stages answer nothing; where no-reply is not negotiated (TCP), CONTINUE.
         self.noreply = frozenset(self.spec.noreply)
         self.noreply_answer = Status.CONTINUE if strip_noreply else Status.NOREPLY
+        # On TCP, Postfix sends the DATA stage's macros even when DATA is negotiated away, as a
+        # packet of its own that the milter never answers; its next packet (end of message) then
+        # waits for the ACK of that one (Nagle on the MTA's side), which the milter's kernel
+        # delays by ~40 ms: every message. So on TCP the DATA stage is kept and answered
+        # (CONTINUE): the macros travel with the command and the reply carries the ACK. Asking
+        # for no DATA macros does not help: Postfix still sends an empty macro packet.
+        self.answer_data = strip_noreply and "on_data" not in self.spec.stages
         self.created = 0
 
     # -- hooks -----------------------------------------------------------------------------
@@ -143,6 +150,8 @@ class SessionDriver:
                 return int(status), 0, 0
             if self.strip_noreply:
                 opts = ProtocolOpts(int(opts) & ~int(NOREPLY_MASK))
+                if self.answer_data:
+                    opts &= ~ProtocolOpts.NO_DATA
             missing = Actions(int(actions) & ~offered_actions)
             if missing:
                 logger.error(

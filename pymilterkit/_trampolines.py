@@ -273,11 +273,17 @@ class Dispatcher(SessionDriver):
         for stage, (field, shape, convert) in table.items():
             if stage in stages:
                 setattr(desc, field, make(shape, self._stage(stage, convert)))
+        if self.answer_data:  # TCP without on_data: see SessionDriver.__init__
+            desc.xxfi_data = make("ctx", _continue)
         desc.xxfi_negotiate = make("negotiate", self._negotiate)
         desc.xxfi_close = make("ctx", self._close)
         if "on_abort" in stages:
             desc.xxfi_abort = make("ctx", self._abort)
         return desc
+
+
+def _continue(ctx: int) -> int:
+    return Status.CONTINUE
 
 
 def _envelope(argv: int | None) -> tuple[str, EsmtpParams]:

@@ -1,0 +1,61 @@
+"""A filter on TCP does not stall: no ~40 ms Nagle/delayed-ACK wait per message through Postfix.
+
+libmilter writes the end-of-message answer as several small packets; on a socket without
+TCP_NODELAY the last one waits for the MTA's delayed ACK (~40 ms), every message. The runner
+listens on its own socket with TCP_NODELAY (handed to libmilter as ``fd:N``) and does not
+negotiate no-reply stages on TCP. The stall is deterministic, so a per-message time well
+under 40 ms is a behaviour check here, not a benchmark.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import statistics
+import time
+
+import pytest
+
+from pymilterkit.testing import MilterProcess
+
+from .postfix import PostfixFactory, free_port
+
+pytestmark = pytest.mark.e2e
+
+MESSAGE = (
+    b"From: alice@example.net\r\n"
+    b"To: bob@example.com\r\n"
+    b"Subject: latency\r\n"
+    b"\r\n"
+    b"hello\r\n"
+)
+RECIPIENTS = ["bob@example.com", "carol@example.org", "dave@example.com"]
+TARGETS = {
+    # answered stages, and @noreply stages (whose no-reply is dropped on TCP)
+    "answered": "examples.rcpt_count:RcptCount",
+    "noreply": "benchmarks.pymilterkit_rcptcount:RcptCountNoReply",
+}
+
+
+@pytest.mark.parametrize("variant", sorted(TARGETS))
+def test_per_message_time_over_tcp_is_well_under_40ms(
+    postfix_factory: PostfixFactory, variant: str
+) -> None:
+    port = free_port()
+    with MilterProcess(TARGETS[variant], f"inet:{port}@127.0.0.1"):
+        postfix = postfix_factory(f"inet:127.0.0.1:{port}", {"defer_transports": "sink"})
+        times: list[float] = []
+        with smtplib.SMTP("127.0.0.1", postfix.smtp_port, timeout=30) as smtp:
+            smtp.ehlo("client.example.net")
+            smtp.sendmail("alice@example.net", RECIPIENTS, MESSAGE)  # warm-up
+            for _ in range(20):
+                start = time.perf_counter()
+                refused = smtp.sendmail("alice@example.net", RECIPIENTS, MESSAGE)
+                times.append(time.perf_counter() - start)
+                assert refused == {}
+    median_ms = statistics.median(times) * 1000
+    assert median_ms < 25, f"median {median_ms:.1f} ms per message over TCP: {times}"
+
+    # The milter really ran: its header is on the queued (deferred) messages.
+    queued = [str(entry["queue_id"]) for entry in postfix.queue_json()]
+    assert len(queued) == 21
+    assert "X-Rcpt-Count: 3" in postfix.postcat(queued[0])
