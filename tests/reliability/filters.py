@@ -252,4 +252,51 @@ class FuzzTarget(SoakEveryAction):
             return Status.CONTINUE
 
 
+class Echo(MilterSession):
+    """Passes untrusted input straight to every API that emits protocol text.
+
+    A careless filter: the recipient goes into a reply line (local part `reply`), and at end
+    of message the first recipient and the `X-Echo` header's value go into a header, the
+    sender, a new recipient, its parameters and the quarantine reason, in the order given by
+    the sender's local part (`hdr`, `from`, `rcpt`, `par`, `quar`). The library must refuse
+    CR, LF and NUL in all of them, so nothing can be injected.
+    """
+
+    actions = EVERY_ACTION
+
+    @override
+    def on_mail(self, sender: str, params: EsmtpParams) -> Status:
+        self.first = local_part(sender)
+        self.recipients: list[str] = []
+        self.echo = ""
+        return Status.CONTINUE
+
+    @override
+    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        if local_part(recipient).startswith("reply"):
+            self.set_reply("550", "5.1.1", f"no such user {recipient}")
+            return Status.REJECT
+        self.recipients.append(recipient)
+        return Status.CONTINUE
+
+    @override
+    def on_header(self, name: str, value: str) -> Status:
+        if name == "X-Echo":
+            self.echo = value
+        return Status.CONTINUE
+
+    @override
+    def on_eom(self) -> Status:
+        rcpt = self.recipients[0]
+        steps = {
+            "hdr": lambda: self.add_header("X-Echo", self.echo),
+            "from": lambda: self.change_sender(rcpt),
+            "rcpt": lambda: self.add_recipient(rcpt),
+            "par": lambda: self.add_recipient("<ok@example.com>", self.echo),
+            "quar": lambda: self.quarantine(self.echo),
+        }
+        steps[self.first]()
+        return Status.CONTINUE
+
+
 quiet_injected_faults()

@@ -1,0 +1,175 @@
+"""Security defaults: socket permissions, dropping privileges, no injection, escaped logs."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pymilterkit import Status
+from pymilterkit.testing import HeaderAdded, MilterClient, MilterProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+COUNTER = "examples.rcpt_count:RcptCount"
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to drop privileges)")
+
+
+def count_ok(milter: MilterProcess) -> None:
+    result = MilterClient(milter.socket, timeout=10).run(
+        b"Subject: s\r\n\r\nbody\r\n", recipients=["a@example.com", "b@example.com"])
+    assert result.header("X-Rcpt-Count") == "2"
+
+
+def proc_status(pid: int, field: str) -> list[str]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return line.split()[1:]
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unix_socket_is_owner_and_group_only_by_default(tmp_path: Path, workers: int) -> None:
+    path = tmp_path / "m.sock"
+    old = os.umask(0)  # even with a permissive umask (the child inherits it)
+    try:
+        with MilterProcess(COUNTER, f"unix:{path}", args=["--workers", str(workers)],
+                           cwd=ROOT) as milter:
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+            count_ok(milter)
+    finally:
+        os.umask(old)
+
+
+def test_socket_mode_and_group_options(tmp_path: Path) -> None:
+    path = tmp_path / "m.sock"
+    group = grp.getgrgid(os.getgid()).gr_name
+    with MilterProcess(COUNTER, f"unix:{path}", cwd=ROOT,
+                       args=["--socket-mode", "600", "--socket-group", group]) as milter:
+        st = os.stat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert st.st_gid == os.getgid()
+        count_ok(milter)
+
+
+@root_only
+@pytest.mark.parametrize("workers", [1, 2])
+def test_drop_privileges_to_nobody(workers: int) -> None:
+    nobody = pwd.getpwnam("nobody")
+    with MilterProcess(COUNTER, cwd=ROOT, args=["--user", "nobody", "--socket-group", "nogroup",
+                                                "--workers", str(workers)]) as milter:
+        st = os.stat(milter.spec.path)
+        assert st.st_uid == 0 and st.st_gid == grp.getgrnam("nogroup").gr_gid
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        # The process that serves (the workers, with --workers) runs as nobody, for good.
+        servers = children(milter.pid) if workers > 1 else [milter.pid]
+        assert len(servers) == workers
+        for pid in servers:
+            assert proc_status(pid, "Uid") == [str(nobody.pw_uid)] * 4
+            assert proc_status(pid, "Gid") == [str(nobody.pw_gid)] * 4
+            assert proc_status(pid, "Groups") == []
+        for _ in range(4):
+            count_ok(milter)
+        assert milter.stop() == 0, milter.log()
+        assert "Traceback" not in milter.log()
+
+
+def test_dropping_privileges_without_root_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("runs as root")
+    with pytest.raises(Exception, match="needs to start as root"):
+        MilterProcess(COUNTER, f"unix:{tmp_path}/m.sock", args=["--user", "nobody"],
+                      cwd=ROOT).start()
+
+
+# -- injection ---------------------------------------------------------------------------
+
+# (NUL cannot even travel in the protocol's strings; the property tests cover it.)
+INJECTIONS = [b"\r\nBcc: evil@example.net", b"\nX-Evil: 1", b"\rX", b"\r\n.\r\nMAIL FROM:<x>"]
+
+
+@pytest.fixture(scope="module")
+def echo() -> Iterator[MilterProcess]:
+    with MilterProcess("tests.reliability.filters:Echo", cwd=ROOT) as milter:
+        yield milter
+        assert milter.stop() == 0
+        assert "InvalidArgumentError" in milter.log()  # the refusals were logged
+
+
+@pytest.mark.parametrize("api", ["hdr", "from", "rcpt", "par", "quar"])
+@pytest.mark.parametrize("evil", INJECTIONS)
+def test_untrusted_input_cannot_inject_protocol_lines(echo: MilterProcess, api: str,
+                                                      evil: bytes) -> None:
+    conn = MilterClient(echo.socket, timeout=10).open()
+    conn.negotiate()
+    conn.mail(f"<{api}@example.net>")
+    conn.rcpt(b"<victim" + evil + b"@example.com>")
+    conn.data()
+    conn.header("X-Echo", b"value" + evil)
+    conn.eoh()
+    eom = conn.eom()
+    conn.quit()
+    # The library refused the value: the filter's exception is answered with the error
+    # status, and nothing at all was sent to the MTA.
+    assert eom.status is Status.TEMPFAIL and eom.modifications == ()
+
+
+def test_clean_input_goes_through_the_same_apis(echo: MilterProcess) -> None:
+    conn = MilterClient(echo.socket, timeout=10).open()
+    conn.negotiate()
+    conn.mail("<hdr@example.net>")
+    conn.rcpt("<victim@example.com>")
+    conn.header("X-Echo", "folded\n\tvalue")
+    eom = conn.eom()
+    conn.quit()
+    assert eom.status is Status.CONTINUE
+    assert eom.modifications == (HeaderAdded("X-Echo", "folded\n\tvalue"),)
+
+
+@pytest.mark.parametrize("evil", INJECTIONS)
+def test_untrusted_input_cannot_inject_reply_lines(echo: MilterProcess, evil: bytes) -> None:
+    conn = MilterClient(echo.socket, timeout=10).open()
+    conn.negotiate()
+    conn.mail("<hdr@example.net>")
+    clean = conn.rcpt("<reply@example.com>")
+    hostile = conn.rcpt(b"<reply" + evil + b"@example.com>")
+    conn.quit()
+    assert clean is not None and clean.status is Status.REJECT and clean.reply is not None
+    assert clean.reply.lines == ("no such user <reply@example.com>",)
+    # set_reply refused the text: the error status, and no line of the attacker's.
+    assert hostile is not None and hostile.status is Status.TEMPFAIL
+    assert hostile.reply is None
+
+
+# -- log escaping ------------------------------------------------------------------------
+
+
+def test_log_lines_escape_control_characters_from_untrusted_input() -> None:
+    evil = b"<boom\r\nINFO forged line\x1b[31m\xff@example.com>"
+    with MilterProcess("tests.reliability.filters:RaisesWithRecipient", cwd=ROOT) as milter:
+        conn = MilterClient(milter.socket, timeout=10).open()
+        conn.negotiate()
+        conn.mail("<a@example.net>")
+        answer = conn.rcpt(evil)
+        conn.quit()
+        assert answer is not None and answer.status is Status.TEMPFAIL
+        assert milter.stop() == 0
+        raw = milter.log_path.read_bytes()
+        text = milter.log()
+    assert b"\x1b" not in raw and b"\r" not in raw
+    assert raw.decode("utf-8") == text  # valid UTF-8: the undecodable byte was escaped too
+    assert "ValueError: bad recipient <boom\\r\\nINFO forged line\\x1b[31m\\xff@example.com>" \
+        in text, text
+    assert not any(line.startswith("INFO forged") for line in text.splitlines())
+    assert "Logging error" not in text
