@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 
@@ -218,13 +219,15 @@ class Blocking(MilterSession):
     def on_mail(self, sender: str, params: EsmtpParams) -> Status:
         local = local_part(sender)
         if local.startswith("sleep-"):
+            marker = os.environ.get("BLOCKING_PID_FILE")
+            if marker:  # tell the test which process is blocked
+                with open(marker, "a") as out:
+                    out.write(f"{os.getpid()}\n")
             time.sleep(min(float(local[len("sleep-") :]), 30.0))
         return Status.CONTINUE
 
     @override
     def on_eom(self) -> Status:
-        import os
-
         self.add_header("X-Pid", str(os.getpid()))
         return Status.CONTINUE
 
