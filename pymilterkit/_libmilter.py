@@ -44,11 +44,14 @@ PACKAGE_HINT = "install the Debian/Ubuntu package libmilter1.0.1 (apt-get instal
 
 CTX = ctypes.c_void_p
 _ulong_p = ctypes.POINTER(ctypes.c_ulong)
+_char_pp = ctypes.POINTER(ctypes.c_char_p)
 
 # One CFUNCTYPE per callback shape of struct smfiDesc.
 CONNECT = ctypes.CFUNCTYPE(ctypes.c_int, CTX, ctypes.c_char_p, ctypes.c_void_p)
 STR1 = ctypes.CFUNCTYPE(ctypes.c_int, CTX, ctypes.c_char_p)  # helo, unknown
-ARGV = ctypes.CFUNCTYPE(ctypes.c_int, CTX, ctypes.c_void_p)  # envfrom, envrcpt: char **
+# envfrom, envrcpt: char **. Declared as a pointer to c_char_p, ctypes hands the trampoline an
+# indexable array object: ~0.1 us per call, where casting a c_void_p cost ~0.5 us.
+ARGV = ctypes.CFUNCTYPE(ctypes.c_int, CTX, ctypes.POINTER(ctypes.c_char_p))
 STR2 = ctypes.CFUNCTYPE(ctypes.c_int, CTX, ctypes.c_char_p, ctypes.c_char_p)  # header
 CTXONLY = ctypes.CFUNCTYPE(ctypes.c_int, CTX)  # eoh, eom, abort, close, data
 BODY = ctypes.CFUNCTYPE(ctypes.c_int, CTX, ctypes.c_void_p, ctypes.c_size_t)
@@ -257,12 +260,12 @@ def write_negotiation(
     pf3[0] = 0
 
 
-def argv_to_bytes(argv: int | None) -> list[bytes]:
-    """A NULL-terminated `char **` (envfrom/envrcpt) as a list of bytes."""
+def argv_to_bytes(argv: Any) -> list[bytes]:
+    """A NULL-terminated `char **` (envfrom/envrcpt: an ARGV argument, or an address) as bytes."""
     out: list[bytes] = []
     if not argv:
         return out
-    array = ctypes.cast(argv, ctypes.POINTER(ctypes.c_char_p))
+    array = argv if isinstance(argv, _char_pp) else ctypes.cast(argv, _char_pp)
     i = 0
     while True:
         item = array[i]

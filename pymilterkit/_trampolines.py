@@ -286,8 +286,16 @@ def _continue(ctx: int) -> int:
     return Status.CONTINUE
 
 
-def _envelope(argv: int | None) -> tuple[str, EsmtpParams]:
-    args = c.argv_to_bytes(argv)
-    if not args:
-        return "", EsmtpParams()
-    return decode(args[0]), EsmtpParams([decode(a) for a in args[1:]])
+_NO_PARAMS = EsmtpParams()  # read-only: one instance serves every address without parameters
+
+
+def _envelope(argv: Any) -> tuple[str, EsmtpParams]:
+    """envfrom/envrcpt's NULL-terminated argv: the address and its ESMTP parameters."""
+    if not argv:
+        return "", _NO_PARAMS
+    first = argv[0]
+    if first is None:
+        return "", _NO_PARAMS
+    if argv[1] is None:  # the common case: no parameters
+        return decode(first), _NO_PARAMS
+    return decode(first), EsmtpParams([decode(a) for a in c.argv_to_bytes(argv)[1:]])
