@@ -142,7 +142,9 @@ def _parser() -> argparse.ArgumentParser:
         help="answer when a stage method raises (default tempfail)",
     )
     run.add_argument("--debug-level", type=int, default=0, help="libmilter trace level")
-    run.add_argument("--socket-mode", help="octal mode of a unix socket (default 660: owner and group only)")
+    run.add_argument(
+        "--socket-mode", help="octal mode of a unix socket (default 660: owner and group only)"
+    )
     run.add_argument("--socket-group", help="group of a unix socket (e.g. postfix)")
     run.add_argument("--user", help="drop privileges to this user after opening the socket")
     run.add_argument("--group", help="drop privileges to this group")
