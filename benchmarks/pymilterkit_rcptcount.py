@@ -48,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noreply", action="store_true", help="@noreply on on_mail/on_rcpt")
     ap.add_argument("--workers", type=int, default=1, help="pre-forked worker processes")
     ap.add_argument("--timeout", type=int, default=600, help="MTA read/write timeout (s)")
+    ap.add_argument("--socket-mode", type=lambda v: int(v, 8), default=None,
+                    help="octal mode of a unix socket (e.g. 666 so Postfix can connect)")
     args = ap.parse_args(argv)
     cls = RcptCountNoReply if args.noreply else RcptCount
-    Milter(cls, args.sockspec, name="bench", timeout=args.timeout, workers=args.workers).run()
+    Milter(cls, args.sockspec, name="bench", timeout=args.timeout, workers=args.workers,
+           socket_mode=args.socket_mode).run()
     return 0
 
 

@@ -72,8 +72,10 @@ RCPTS = 3
 # -- milters -----------------------------------------------------------------------------------
 
 
-def milter_command(name: str, mode: str, spec: str, venv_py: Path) -> list[str]:
-    """The command line of one benchmark milter in one reply mode."""
+def milter_command(name: str, mode: str, spec: str, venv_py: Path,
+                   world_socket: bool = False) -> list[str]:
+    """The command line of one benchmark milter in one reply mode (`world_socket`: a unix
+    socket anyone may connect to, for Postfix's smtpd)."""
     noreply = mode == "noreply"
     if name == "c":
         return [str(BUILD / "rcptcount"), *(["-n"] if noreply else []), spec]
@@ -82,8 +84,9 @@ def milter_command(name: str, mode: str, spec: str, venv_py: Path) -> list[str]:
                 *([] if noreply else ["--reply"]), spec]
     if name.startswith("pymilterkit"):
         workers = ["--workers", name.rsplit("-w", 1)[1]] if "-w" in name else []
+        mode_arg = ["--socket-mode", "666"] if world_socket and spec.startswith("unix:") else []
         return [sys.executable, str(HERE / "pymilterkit_rcptcount.py"),
-                *(["--noreply"] if noreply else []), *workers, spec]
+                *(["--noreply"] if noreply else []), *workers, *mode_arg, spec]
     raise ValueError(name)
 
 
@@ -156,8 +159,8 @@ class RunningMilter:
                  spec: str | None = None, umask: int | None = None) -> None:
         self.name, self.mode = name, mode
         self.tmp = Path(tempfile.mkdtemp(prefix="pmk-bench-"))
-        self.sock = self.tmp / "m.sock"
-        self.spec = spec or f"unix:{self.sock}"
+        self.spec = spec or f"unix:{self.tmp / 'm.sock'}"
+        self.sock = Path(self.spec[5:]) if self.spec.startswith("unix:") else self.tmp / "none"
         self.log = open(self.tmp / "milter.log", "wb")  # noqa: SIM115 - closed in stop()
 
         def pre() -> None:
@@ -167,8 +170,9 @@ class RunningMilter:
                 os.umask(umask)
 
         self.proc = subprocess.Popen(
-            milter_command(name, mode, self.spec, venv_py), stdin=subprocess.DEVNULL,
-            stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=pre, cwd=ROOT)
+            milter_command(name, mode, self.spec, venv_py, umask is not None),
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            preexec_fn=pre, cwd=ROOT)
         self.pid = self.proc.pid
 
     def wait_ready(self, timeout: float = 15.0) -> None:
@@ -495,7 +499,8 @@ def run_postfix(args: argparse.Namespace, venv_py: Path) -> list[dict[str, Any]]
     for rep in range(args.postfix_reps):
         for name in ("pymilterkit", "pymilter"):
             for transport in ("unix", "inet"):
-                sockdir = make_socket_dir(Path(tempfile.mkdtemp(prefix="pmk-pfb-")))
+                scratch = Path(tempfile.mkdtemp(prefix="pmk-pfb-"))
+                sockdir = make_socket_dir(scratch)
                 if transport == "unix":
                     path = sockdir / "m.sock"
                     spec, pf_spec = f"unix:{path}", f"unix:{path}"
@@ -510,8 +515,8 @@ def run_postfix(args: argparse.Namespace, venv_py: Path) -> list[dict[str, Any]]
                                verified=_verify_queue(pf))
                     _ = m
                 rows.append(res)
-                with contextlib.suppress(OSError):
-                    sockdir.rmdir()
+                shutil.rmtree(sockdir, ignore_errors=True)
+                shutil.rmtree(scratch, ignore_errors=True)
                 print(f"postfix rep {rep} {name:<12} {transport:<5} {res['msg_per_s']:7.1f} msg/s "
                       f"p50 {res['p50_ms']:.1f} ms  failures {res['failures']} "
                       f"verified {res['verified']}", flush=True)
