@@ -86,11 +86,22 @@ def test_drop_privileges_to_nobody(workers: int) -> None:
 
 
 def test_dropping_privileges_without_root_is_refused(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("runs as root")
-    with pytest.raises(Exception, match="needs to start as root"):
-        MilterProcess(COUNTER, f"unix:{tmp_path}/m.sock", args=["--user", "nobody"],
-                      cwd=ROOT).start()
+    from pymilterkit import ConfigurationError
+    from pymilterkit._security import drop_privileges
+
+    if os.geteuid() != 0:
+        with pytest.raises(ConfigurationError, match="needs to start as root"):
+            drop_privileges("nobody", None)
+        return
+    # As root (CI): act as an unprivileged user for a moment; the real uid stays 0, so the
+    # effective uid can be given back afterwards.
+    os.seteuid(pwd.getpwnam("nobody").pw_uid)
+    try:
+        with pytest.raises(ConfigurationError, match="needs to start as root"):
+            drop_privileges("nobody", None)
+    finally:
+        os.seteuid(0)
+    assert os.geteuid() == 0
 
 
 # -- injection ---------------------------------------------------------------------------
