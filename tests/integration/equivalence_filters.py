@@ -21,16 +21,7 @@ from pymilterkit import (
     noreply,
 )
 
-EVERY_ACTION = (
-    Actions.ADD_HEADER
-    | Actions.CHANGE_HEADER
-    | Actions.CHANGE_FROM
-    | Actions.ADD_RCPT
-    | Actions.ADD_RCPT_PAR
-    | Actions.DELETE_RCPT
-    | Actions.CHANGE_BODY
-    | Actions.QUARANTINE
-)
+from .filters import EVERY_ACTION
 
 
 class EveryAction(MilterSession):

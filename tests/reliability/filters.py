@@ -35,17 +35,7 @@ from pymilterkit import (
     Status,
     UnixAddress,
 )
-
-EVERY_ACTION = (
-    Actions.ADD_HEADER
-    | Actions.CHANGE_HEADER
-    | Actions.CHANGE_FROM
-    | Actions.ADD_RCPT
-    | Actions.ADD_RCPT_PAR
-    | Actions.DELETE_RCPT
-    | Actions.CHANGE_BODY
-    | Actions.QUARANTINE
-)
+from tests.integration.filters import EVERY_ACTION
 
 REJECT_REPLY = ("550", "5.7.1", "100% refused by the soak filter", "second line")
 NEW_SENDER = ("<new-sender@example.org>", "RET=HDRS")

@@ -21,6 +21,7 @@ from pymilterkit import (
     noreply,
 )
 from pymilterkit._flags import NO_STAGE_MASK
+from tests.integration.filters import EVERY_ACTION
 
 P = ProtocolOpts
 
@@ -218,16 +219,7 @@ def test_default_on_negotiate_asks_for_the_class_flags() -> None:
 
 
 class AllActions(MilterSession):
-    actions = (
-        Actions.ADD_HEADER
-        | Actions.CHANGE_HEADER
-        | Actions.CHANGE_FROM
-        | Actions.ADD_RCPT
-        | Actions.ADD_RCPT_PAR
-        | Actions.DELETE_RCPT
-        | Actions.CHANGE_BODY
-        | Actions.QUARANTINE
-    )
+    actions = EVERY_ACTION
 
 
 def test_every_action_reaches_the_backend_as_bytes() -> None:
