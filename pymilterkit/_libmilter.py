@@ -338,3 +338,17 @@ class Callbacks:
         cfunc = factory(func)
         cls.keep.append(cfunc)
         return cfunc
+
+
+def die_with_parent(signum: int) -> None:
+    """Have the kernel send `signum` to this process when its parent exits (Linux prctl).
+
+    A pre-forked worker must not outlive its supervisor, even one killed with SIGKILL.
+    """
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+    # int prctl(int option, unsigned long arg2, arg3, arg4, arg5)
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    prctl(pr_set_pdeathsig, signum, 0, 0, 0)

@@ -17,6 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from ._errors import LibmilterError
+from ._libmilter import die_with_parent
 from ._listen import open_listener, poke
 from ._security import drop_privileges
 
@@ -31,11 +32,14 @@ _RESPAWN_WINDOW = 10.0
 _STOP_GRACE = 30.0
 
 
-def _child(milter: Milter, fd: int) -> None:
+def _child(milter: Milter, fd: int, parent: int) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     code = 0
     try:
+        die_with_parent(signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(0)
         milter.serve_inherited(fd)
     except BaseException:
         logger.exception("worker %d failed", os.getpid())
@@ -51,6 +55,7 @@ def run_prefork(milter: Milter) -> None:
     drop_privileges(milter.user, milter.group)
     fd = sock.fileno()
     os.set_inheritable(fd, True)
+    parent = os.getpid()
     children: dict[int, int] = {}  # pid -> slot
     deaths: list[float] = []
     stopping = False
@@ -60,7 +65,7 @@ def run_prefork(milter: Milter) -> None:
     def spawn(slot: int) -> None:
         pid = os.fork()
         if pid == 0:
-            _child(milter, fd)
+            _child(milter, fd, parent)
         children[pid] = slot
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -124,6 +124,7 @@ class Milter:
         self.group = group
         self._fatal: BaseException | None = None
         self._stop_requested = threading.Event()
+        self._main_done = threading.Event()
         self._lib: c.Libmilter | None = None
         self.dispatcher: Dispatcher | None = None
         self._listener: socketlib.socket | None = None
@@ -226,7 +227,7 @@ class Milter:
         assert lib is not None and self.dispatcher is not None
         result: list[int] = []
         main = threading.Thread(
-            target=lambda: result.append(lib.smfi_main()), name="libmilter-main", daemon=True
+            target=self._main, args=(lib, result), name="libmilter-main", daemon=True
         )
         restore = self._install_signal_handlers()
         try:
@@ -297,14 +298,23 @@ class Milter:
             target=self._stop_now, args=(lib,), name="libmilter-stop", daemon=True
         ).start()
 
+    def _main(self, lib: c.Libmilter, result: list[int]) -> None:
+        try:
+            result.append(lib.smfi_main())
+        finally:
+            self._main_done.set()
+
     def _stop_now(self, lib: c.Libmilter) -> None:
         waker = threading.Thread(target=self._wake_listener, daemon=True)
         waker.start()
         lib.smfi_stop()
 
-    def _wake_listener(self) -> None:
-        time.sleep(0.05)
-        poke(self.spec)
+    def _wake_listener(self, limit: float = 15.0) -> None:
+        # Poke until smfi_main is back: with pre-forked workers sharing the socket, a poke may
+        # be taken by another worker while this one's listener sits in accept().
+        deadline = time.monotonic() + limit
+        while not self._main_done.wait(0.05) and time.monotonic() < deadline:
+            poke(self.spec)
 
 
 class MilterOptions(TypedDict, total=False):

@@ -243,3 +243,23 @@ def test_local_spec_serves_like_unix(tmp_path: Path) -> None:
             b"Subject: x\r\n\r\nbody\r\n", recipients=["a@example.org", "b@example.org"]
         )
     assert result.header("X-Rcpt-Count") == "2"
+
+
+def test_workers_do_not_outlive_a_killed_parent() -> None:
+    with MilterProcess(
+        "examples.rcpt_count:RcptCount", args=["--workers", "2"], cwd=ROOT
+    ) as milter:
+        deadline = time.monotonic() + 10
+        children: list[str] = []
+        while time.monotonic() < deadline and len(children) < 2:
+            children = Path(f"/proc/{milter.pid}/task/{milter.pid}/children").read_text().split()
+            time.sleep(0.05)
+        assert len(children) == 2
+        milter.signal(signal.SIGKILL)
+        milter.wait(15)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in children):
+            time.sleep(0.05)
+    alive = [p for p in children if Path(f"/proc/{p}").exists()
+             and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]]
+    assert alive == []
