@@ -15,7 +15,6 @@ runner's error status; KeyboardInterrupt/SystemExit also ask the runner to stop.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -27,17 +26,7 @@ from ._flags import Status
 from ._session import STAGE_FLAGS, MilterSession
 from ._types import EsmtpParams, decode
 
-__all__ = ["CtxBackend", "Dispatcher", "escape_for_log"]
-
-logger = logging.getLogger("pymilterkit")
-
-_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)}
-
-
-def escape_for_log(text: str) -> str:
-    """Control characters from untrusted input shown as escapes, so a log line stays one line."""
-    return text.translate(_CONTROL)
-
+__all__ = ["CtxBackend", "Dispatcher"]
 
 class CtxBackend:
     """Session actions as smfi_* calls on one libmilter context."""
