@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare a machine to test pymilterkit: system packages, then .venv with `pip install -e '.[dev]'`.
+# Prepare a machine to test pymilterkit: system packages, then .venv with `pip install -e '.[dev,docs]'`.
 #
 #   bash .ci/bootstrap.sh        (or `source` it: it only defines variables and changes directory)
 #
@@ -73,9 +73,9 @@ fi
 stamp="$VENV/.pymilterkit-installed"
 wanted="$(cat pyproject.toml "$VENV/pyvenv.cfg" | sha256sum | cut -d' ' -f1)"
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]] \
-    || ! "$VENV/bin/python" -I -c 'import pymilterkit, pytest, mypy' 2>/dev/null; then
-    log "pip install -e '.[dev]'"
-    "$VENV/bin/python" -m pip install -q -e '.[dev]'
+    || ! "$VENV/bin/python" -I -c 'import pymilterkit, pytest, mypy, mkdocs' 2>/dev/null; then
+    log "pip install -e '.[dev,docs]'"
+    "$VENV/bin/python" -m pip install -q -e '.[dev,docs]'
     printf '%s\n' "$wanted" >"$stamp"
 fi
 log "ready: $("$VENV/bin/python" --version), $("$VENV/bin/python" -c 'import pymilterkit; print("pymilterkit", pymilterkit.__version__)')"
