@@ -162,16 +162,22 @@ def test_version_command() -> None:
     assert result.stdout.startswith("pymilterkit ")
 
 
+def wait_for_children(milter: MilterProcess, count: int) -> list[str]:
+    """The PIDs of the pre-forked workers, once `count` of them run (bounded wait)."""
+    deadline = time.monotonic() + 10
+    children: list[str] = []
+    while time.monotonic() < deadline and len(children) < count:
+        children = Path(f"/proc/{milter.pid}/task/{milter.pid}/children").read_text().split()
+        time.sleep(0.05)
+    assert len(children) == count
+    return children
+
+
 def test_workers_serve_and_stop_together() -> None:
     with MilterProcess(
         "examples.rcpt_count:RcptCount", args=["--workers", "2"], cwd=ROOT
     ) as milter:
-        deadline = time.monotonic() + 10
-        children: list[str] = []
-        while time.monotonic() < deadline and len(children) < 2:
-            children = Path(f"/proc/{milter.pid}/task/{milter.pid}/children").read_text().split()
-            time.sleep(0.05)
-        assert len(children) == 2
+        children = wait_for_children(milter, 2)
         milter.signal(signal.SIGTERM)
         assert milter.wait(15) == 0, milter.log()
     for pid in children:
@@ -249,12 +255,7 @@ def test_workers_do_not_outlive_a_killed_parent() -> None:
     with MilterProcess(
         "examples.rcpt_count:RcptCount", args=["--workers", "2"], cwd=ROOT
     ) as milter:
-        deadline = time.monotonic() + 10
-        children: list[str] = []
-        while time.monotonic() < deadline and len(children) < 2:
-            children = Path(f"/proc/{milter.pid}/task/{milter.pid}/children").read_text().split()
-            time.sleep(0.05)
-        assert len(children) == 2
+        children = wait_for_children(milter, 2)
         milter.signal(signal.SIGKILL)
         milter.wait(15)
         deadline = time.monotonic() + 15

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from typing_extensions import override
 
+from examples.rcpt_count import RcptCount
 from pymilterkit import (
     Actions,
-    EsmtpParams,
     InvalidArgumentError,
     MilterSession,
     ProtocolOpts,
@@ -76,25 +76,6 @@ def attach(session: MilterSession, stage: str | None = "on_eom") -> Recorder:
 
 
 # -- negotiation from the class ------------------------------------------------------------
-
-
-class RcptCount(MilterSession):
-    actions = Actions.ADD_HEADER
-
-    @override
-    def on_mail(self, sender: str, params: EsmtpParams) -> Status:
-        self.count = 0
-        return Status.CONTINUE
-
-    @override
-    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
-        self.count += 1
-        return Status.CONTINUE
-
-    @override
-    def on_eom(self) -> Status:
-        self.add_header("X-Rcpt-Count", str(self.count))
-        return Status.CONTINUE
 
 
 def test_only_overridden_stages_are_enabled() -> None:
