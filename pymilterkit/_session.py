@@ -272,20 +272,24 @@ class MilterSession:
 
     # -- session API -----------------------------------------------------------------------
 
-    def _pmk_action(self, flag: Actions, method: str) -> SessionBackend:
+    def _pmk_eom(self, method: str) -> SessionBackend:
         if self._pmk_stage != "on_eom":
             where = f"in {self._pmk_stage}" if self._pmk_stage else "outside a callback"
             raise WrongStageError(
                 f"{method}() is only allowed in on_eom, not {where}; "
                 f"collect what you need and act in on_eom"
             )
+        backend = self._pmk_backend
+        assert backend is not None
+        return backend
+
+    def _pmk_action(self, flag: Actions, method: str) -> SessionBackend:
+        backend = self._pmk_eom(method)
         if not flag & self._pmk_actions:
             raise UndeclaredActionError(
                 f"{method}() needs Actions.{flag.name} in the class's `actions` "
                 f"(declared: {self._pmk_actions!r})"
             )
-        backend = self._pmk_backend
-        assert backend is not None
         return backend
 
     def _pmk_any_stage(self, method: str) -> SessionBackend:
@@ -364,9 +368,7 @@ class MilterSession:
 
     def progress(self) -> None:
         """Tell the MTA the filter is still working, restarting its timeout (smfi_progress)."""
-        if self._pmk_stage != "on_eom":
-            self._pmk_action(Actions.NONE, "progress")
-        self._pmk_any_stage("progress").progress()
+        self._pmk_eom("progress").progress()
 
     def quarantine(self, reason: str) -> None:
         """Put the message on hold with a reason (smfi_quarantine)."""
