@@ -15,8 +15,9 @@ runner's error status; KeyboardInterrupt/SystemExit also ask the runner to stop.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _libmilter as c
@@ -170,17 +171,22 @@ class Dispatcher(SessionDriver):
 
         return trampoline
 
-    def _enter(self, ctx: int, stage: str) -> None:
+    @contextlib.contextmanager
+    def _in_flight(self, ctx: int, stage: str) -> Iterator[None]:
+        """Mark a (non-hot) callback as running, so a stop waits for it to finish."""
         ident = threading.get_ident()
         if ident not in c._pinned:
             c.pin_thread_state(ident)
         self.active[ctx] = stage
+        try:
+            yield
+        finally:
+            del self.active[ctx]
 
     def _negotiate(
         self, ctx: int, f0: int, f1: int, f2: int, f3: int, pf0: Any, pf1: Any, pf2: Any, pf3: Any
     ) -> int:
-        self._enter(ctx, "on_negotiate")
-        try:
+        with self._in_flight(ctx, "on_negotiate"):
             try:
                 session = self._create(ctx)
             except BaseException as exc:  # noqa: BLE001
@@ -193,27 +199,19 @@ class Dispatcher(SessionDriver):
             if status == Status.CONTINUE:
                 c.write_negotiation(pf0, pf1, pf2, pf3, actions, opts)
             return status
-        finally:
-            del self.active[ctx]
 
     def _abort(self, ctx: int) -> int:
         session = self.sessions.get(ctx)
         if session is not None:
-            self._enter(ctx, "on_abort")
-            try:
+            with self._in_flight(ctx, "on_abort"):
                 self.abort(session)
-            finally:
-                del self.active[ctx]
         return Status.CONTINUE
 
     def _close(self, ctx: int) -> int:
         session = self.sessions.pop(ctx, None)
         if session is not None:
-            self._enter(ctx, "on_close")
-            try:
+            with self._in_flight(ctx, "on_close"):
                 self.close(session)
-            finally:
-                del self.active[ctx]
         return Status.CONTINUE
 
     def close_all(self) -> int:
