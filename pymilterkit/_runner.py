@@ -233,8 +233,12 @@ class Milter:
         try:
             main.start()
             logger.info("%s listening on %s", self.name, self.spec)
+            ticks = 0
             while main.is_alive():
                 main.join(0.25)
+                ticks += 1
+                if ticks % 4 == 0:  # about once a second
+                    self._release_thread_states()
         finally:
             for signum, handler in restore.items():
                 signal.signal(signum, handler)
@@ -253,6 +257,12 @@ class Milter:
             raise self._fatal
         if result and result[0] != c.MI_SUCCESS:
             raise LibmilterError(f"smfi_main failed ({result[0]}); see syslog")
+
+    @staticmethod
+    def _release_thread_states() -> None:
+        released = c.release_exited_thread_states()
+        if released:
+            logger.debug("released %d thread state(s) of ended libmilter workers", released)
 
     def _remove_socket_file(self) -> None:
         # libmilter unlinks its unix socket only when not running as root; a pre-forked

@@ -16,7 +16,6 @@ runner's error status; KeyboardInterrupt/SystemExit also ask the runner to stop.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -132,7 +131,7 @@ class Dispatcher(SessionDriver):
         """
         sessions, active = self.sessions, self.active
         create, fail, bad = self._create, self.fail, self.bad_result
-        get_ident, pin, pinned = threading.get_ident, c.pin_thread_state, c._pinned
+        pin, pins = c.pin_thread_state, c._pins
         noreply = stage in self.noreply
         noreply_answer = self.noreply_answer
         starts_message = stage not in CONNECTION_STAGES
@@ -141,9 +140,8 @@ class Dispatcher(SessionDriver):
         stage_status = Status
 
         def trampoline(ctx: int, *cargs: Any) -> int:
-            ident = get_ident()
-            if ident not in pinned:
-                pin(ident)
+            if not pins.__dict__:
+                pin()
             active[ctx] = stage
             try:
                 session = sessions.get(ctx)
@@ -174,9 +172,8 @@ class Dispatcher(SessionDriver):
     @contextlib.contextmanager
     def _in_flight(self, ctx: int, stage: str) -> Iterator[None]:
         """Mark a (non-hot) callback as running, so a stop waits for it to finish."""
-        ident = threading.get_ident()
-        if ident not in c._pinned:
-            c.pin_thread_state(ident)
+        if not c.is_pinned():
+            c.pin_thread_state()
         self.active[ctx] = stage
         try:
             yield

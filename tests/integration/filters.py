@@ -266,3 +266,18 @@ class Lifecycle(MilterSession):
     @override
     def on_close(self) -> None:
         self._write(f"{self.ident} close")
+
+
+class ThreadStates(MilterSession):
+    """Reports at eom how many Python thread states the process holds and how many OS threads
+    it has, as `X-Thread-States: <states> <threads>` (the leak check of pinned thread states)."""
+
+    actions = Actions.ADD_HEADER
+
+    @override
+    def on_eom(self) -> Status:
+        from pymilterkit import _libmilter
+
+        threads = len(os.listdir("/proc/self/task"))
+        self.add_header("X-Thread-States", f"{_libmilter.thread_state_count()} {threads}")
+        return Status.CONTINUE

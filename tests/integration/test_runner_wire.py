@@ -7,6 +7,7 @@ socket in a temporary directory, and asserts what came back on the wire.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -476,3 +477,39 @@ def test_harness_with_tcp_models_the_runner_on_an_inet_socket() -> None:
     assert not modelled.negotiation.protocol & P.NR_HDR
     assert modelled.messages[0].header("X-Header-Count") == "2"
     assert Harness(NoReply).run_connection([message]) != real  # on unix: no-reply negotiated
+
+
+def test_thread_states_of_ended_libmilter_workers_are_released() -> None:
+    # libmilter's pool starts workers under concurrent load and ends them when idle; each worker
+    # gets one pinned Python thread state. Bursts of 24 connections make the pool grow and
+    # shrink several times; afterwards the process must not hold more thread states than it
+    # has threads (+2 for slack: the interpreter's own, one being created).
+    with MilterProcess("tests.integration.filters:ThreadStates", cwd=ROOT) as milter:
+        client = MilterClient(milter.socket, timeout=10)
+        errors: list[Exception] = []
+
+        def worker() -> None:
+            try:
+                for _ in range(3):
+                    client.run(b"Subject: x\r\n\r\nbody\r\n", recipients=["r@example.com"])
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        peak = 0
+        for _ in range(5):
+            threads = [threading.Thread(target=worker) for _ in range(24)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            assert not errors, errors
+            states, _ = map(int, client.run(b"\r\n").header("X-Thread-States").split())
+            peak = max(peak, states)
+        time.sleep(2.5)  # the runner releases ended workers' states about once a second
+        states, threads = map(int, client.run(b"\r\n").header("X-Thread-States").split())
+        milter.signal(signal.SIGTERM)
+        assert milter.wait(15) == 0
+        log = milter.log()
+    assert states <= threads + 2, (states, threads, peak)
+    # The bursts really did end workers (or this test proves nothing):
+    assert re.search(r"released \d+ thread state\(s\) of ended libmilter workers", log), log[-2000:]
