@@ -56,25 +56,40 @@ def check_size(size: int, what: str) -> None:
         )
 
 
+_header_names: dict[str, bytes] = {}
+"""Header names already checked: a filter uses a handful, so the check runs once for each."""
+
+
 def header_name(name: str | bytes) -> bytes:
     """A header field name: printable ASCII, no colon, no white space, not empty."""
+    if name.__class__ is str:
+        known = _header_names.get(name)
+        if known is not None:
+            return known
     raw = to_bytes(name, "header name")
     if not _HEADER_NAME.match(raw):
         raise InvalidArgumentError(
             f"invalid header name {raw[:60]!r}: use printable ASCII without ':' or white space"
         )
+    if name.__class__ is str:
+        if len(_header_names) >= 1024:
+            _header_names.clear()
+        _header_names[name] = raw
     return raw
 
 
 def header_value(value: str | bytes) -> bytes:
     """A header value; line breaks only as folding (`\\n` + space or tab), no NUL."""
+    if value.__class__ is str and value.isprintable():
+        return value.encode("utf-8", "surrogateescape")
     raw = _no_nul(to_bytes(value, "header value"), "header value")
-    bad = _BAD_BREAK.search(raw)
-    if bad is not None:
-        raise InvalidArgumentError(
-            "header value has a line break not followed by a space or tab at offset "
-            f"{bad.start()}: that would start a new header; fold with '\\n\\t' or remove it"
-        )
+    if b"\r" in raw or b"\n" in raw:
+        bad = _BAD_BREAK.search(raw)
+        if bad is not None:
+            raise InvalidArgumentError(
+                "header value has a line break not followed by a space or tab at offset "
+                f"{bad.start()}: that would start a new header; fold with '\\n\\t' or remove it"
+            )
     return raw
 
 
