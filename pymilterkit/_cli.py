@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from ._affinity import parse as parse_affinity
 from ._errors import ConfigurationError, MilterError
 from ._flags import Status
 from ._runner import ErrorStatus
@@ -97,6 +98,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         socket_group=args.socket_group,
         user=args.user,
         group=args.group,
+        cpu_affinity=parse_affinity(args.cpu_affinity),
     ).run()
     return EXIT_OK
 
@@ -135,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=int, help="libmilter I/O timeout in seconds")
     run.add_argument("--backlog", type=int, help="listen backlog")
     run.add_argument("--workers", type=int, default=1, help="pre-forked worker processes")
+    run.add_argument(
+        "--cpu-affinity",
+        default="auto",
+        metavar="auto|none|CPUS",
+        help="auto (default): each process on one CPU; none: any CPU; or CPUs like 0,2-3",
+    )
     run.add_argument(
         "--error-status",
         default="tempfail",

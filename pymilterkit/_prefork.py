@@ -32,7 +32,7 @@ _RESPAWN_WINDOW = 10.0
 _STOP_GRACE = 30.0
 
 
-def _child(milter: Milter, fd: int, parent: int) -> None:
+def _child(milter: Milter, fd: int, parent: int, slot: int) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     code = 0
@@ -40,6 +40,7 @@ def _child(milter: Milter, fd: int, parent: int) -> None:
         die_with_parent(signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(0)
+        milter.confine_to_cpus(slot)
         milter.serve_inherited(fd)
     except BaseException:
         logger.exception("worker %d failed", os.getpid())
@@ -65,7 +66,7 @@ def run_prefork(milter: Milter) -> None:
     def spawn(slot: int) -> None:
         pid = os.fork()
         if pid == 0:
-            _child(milter, fd, parent)
+            _child(milter, fd, parent, slot)
         children[pid] = slot
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

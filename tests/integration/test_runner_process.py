@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pymilterkit.testing import MilterProcess
+from pymilterkit.testing import MilterClient, MilterProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -196,6 +196,10 @@ def test_workers_serve_and_stop_together() -> None:
         (["examples.rcpt_count", "--socket", "unix:/tmp/x.sock"], "expected MODULE:CLASS"),
         (["examples.rcpt_count:Status", "--socket", "unix:/tmp/x.sock"],
          "not a MilterSession subclass"),
+        (["examples.rcpt_count:RcptCount", "--socket", "unix:/tmp/x.sock", "--cpu-affinity",
+          "fast"], "--cpu-affinity takes auto, none or CPU numbers"),
+        (["examples.rcpt_count:RcptCount", "--socket", "unix:/tmp/x.sock", "--cpu-affinity",
+          "4096"], "not available to this process"),
     ],
 )
 def test_cli_usage_errors_exit_2_without_traceback(args: list[str], message: str) -> None:
@@ -264,3 +268,59 @@ def test_workers_do_not_outlive_a_killed_parent() -> None:
     alive = [p for p in children if Path(f"/proc/{p}").exists()
              and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]]
     assert alive == []
+
+
+def thread_cpus(pid: int | str) -> set[frozenset[int]]:
+    """The distinct CPU sets the threads of process `pid` may run on."""
+    sets = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                cpus: set[int] = set()
+                for part in line.split(":", 1)[1].strip().split(","):
+                    low, _, high = part.partition("-")
+                    cpus.update(range(int(low), int(high or low) + 1))
+                sets.add(frozenset(cpus))
+    return sets
+
+
+ALLOWED = frozenset(os.sched_getaffinity(0))
+MULTI_CPU = pytest.mark.skipif(len(ALLOWED) < 2, reason="needs 2 CPUs to tell placements apart")
+
+
+@MULTI_CPU
+def test_a_single_process_runs_all_its_threads_on_one_cpu_by_default() -> None:
+    with MilterProcess("examples.rcpt_count:RcptCount", cwd=ROOT) as milter:
+        result = MilterClient(milter.socket).run(b"\r\n", recipients=["a@example.org"])
+        assert result.header("X-Rcpt-Count") == "1"
+        sets = thread_cpus(milter.pid)  # main, libmilter's listener, sigwait, pool workers
+        log = milter.log()
+    assert sets == {frozenset({max(ALLOWED)})}, sets
+    assert f"running on CPU {max(ALLOWED)} (cpu_affinity='auto')" in log
+
+
+@MULTI_CPU
+def test_cpu_affinity_none_leaves_placement_to_the_scheduler() -> None:
+    with MilterProcess(
+        "examples.rcpt_count:RcptCount", args=["--cpu-affinity", "none"], cwd=ROOT
+    ) as milter:
+        MilterClient(milter.socket).run(b"\r\n", recipients=["a@example.org"])
+        assert thread_cpus(milter.pid) == {ALLOWED}
+
+
+@MULTI_CPU
+def test_pre_forked_workers_get_one_cpu_each() -> None:
+    with MilterProcess(
+        "examples.rcpt_count:RcptCount", args=["--workers", "2"], cwd=ROOT
+    ) as milter:
+        children = wait_for_children(milter, 2)
+        deadline = time.monotonic() + 10
+        placed: list[set[frozenset[int]]] = []
+        while time.monotonic() < deadline:
+            placed = [thread_cpus(pid) for pid in children]
+            if all(len(p) == 1 and len(next(iter(p))) == 1 for p in placed):
+                break
+            time.sleep(0.05)
+        assert thread_cpus(milter.pid) == {ALLOWED}  # the supervising parent is not confined
+    cpus = [next(iter(next(iter(p)))) for p in placed]
+    assert sorted(cpus) == sorted(ALLOWED)[-2:], placed
