@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from examples.rcpt_count import RcptCount  # noqa: E402
 from pymilterkit import EsmtpParams, Milter, Status, noreply  # noqa: E402
+from pymilterkit._affinity import parse as parse_affinity  # noqa: E402
 
 
 class RcptCountNoReply(RcptCount):
@@ -48,12 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noreply", action="store_true", help="@noreply on on_mail/on_rcpt")
     ap.add_argument("--workers", type=int, default=1, help="pre-forked worker processes")
     ap.add_argument("--timeout", type=int, default=600, help="MTA read/write timeout (s)")
+    ap.add_argument("--cpu-affinity", default="auto", help="auto (default), none, or CPUs")
     ap.add_argument("--socket-mode", type=lambda v: int(v, 8), default=None,
                     help="octal mode of a unix socket (e.g. 666 so Postfix can connect)")
     args = ap.parse_args(argv)
     cls = RcptCountNoReply if args.noreply else RcptCount
     Milter(cls, args.sockspec, name="bench", timeout=args.timeout, workers=args.workers,
-           socket_mode=args.socket_mode).run()
+           socket_mode=args.socket_mode, cpu_affinity=parse_affinity(args.cpu_affinity)).run()
     return 0
 
 

@@ -14,10 +14,13 @@ What it does, in one invocation:
    ``loadgen`` (C, verifies every reply: a missing/wrong ``X-Rcpt-Count`` is a failure) on
    1 and 8 connections, in both reply modes (``answered``: MAIL and RCPT answered;
    ``noreply``: SMFIP_NR_MAIL|NR_RCPT), against four milters on a unix socket:
-   ``c`` (libmilter, the limit), ``pymilter`` (1.0.5 from PyPI), ``pymilterkit`` (1 process) and
-   ``pymilterkit-w2`` (``workers=2``). Every measurement starts its milter fresh (by PID, socket in
-   a temp dir), warms it up, reads its CPU time (utime+stime of the process and of its pre-forked
-   children, ``/proc/PID/stat``) before and after the timed run, and stops it by PID. The order of
+   ``c`` (libmilter, the limit), ``pymilter`` (1.0.5 from PyPI), ``pymilterkit`` (1 process,
+   default ``cpu_affinity="auto"``: on one CPU) and ``pymilterkit-w2`` (``workers=2``), plus two
+   placement variants: ``pymilter-1cpu`` (pymilter confined to one CPU, as ``taskset`` would)
+   and ``pymilterkit-anycpu`` (``--cpu-affinity none``). Every measurement starts its milter
+   fresh (by PID, socket in a temp dir), warms it up, reads its CPU time (utime+stime of the
+   process and of its pre-forked children, ``/proc/PID/stat``) before and after the timed run,
+   and stops it by PID. The order of
    the milters is rotated between repetitions; medians over the repetitions are reported;
 3. prints a table per (pinning, reply mode, connections, body) with msg/s, p50/p99 latency and
    milter CPU per message, each also as a ratio to pymilter and to C, plus the generator's own
@@ -64,7 +67,11 @@ import _env  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-MILTERS = ("c", "pymilter", "pymilterkit", "pymilterkit-w2")
+MILTERS = ("c", "pymilter", "pymilter-1cpu", "pymilterkit", "pymilterkit-anycpu",
+           "pymilterkit-w2")
+# Fairness rows, in pin=none only: pymilter confined to one CPU with taskset (what pymilterkit
+# does by default, cpu_affinity="auto"), and pymilterkit with --cpu-affinity none.
+VARIANTS = ("pymilter-1cpu", "pymilterkit-anycpu")
 MODES = ("answered", "noreply")
 RCPTS = 3
 
@@ -79,14 +86,15 @@ def milter_command(name: str, mode: str, spec: str, venv_py: Path,
     noreply = mode == "noreply"
     if name == "c":
         return [str(BUILD / "rcptcount"), *(["-n"] if noreply else []), spec]
-    if name == "pymilter":
+    if name in ("pymilter", "pymilter-1cpu"):  # -1cpu: confined by RunningMilter
         return [str(venv_py), str(HERE / "pymilter_rcptcount.py"),
                 *([] if noreply else ["--reply"]), spec]
     if name.startswith("pymilterkit"):
         workers = ["--workers", name.rsplit("-w", 1)[1]] if "-w" in name else []
         mode_arg = ["--socket-mode", "666"] if world_socket and spec.startswith("unix:") else []
+        anycpu = ["--cpu-affinity", "none"] if name.endswith("-anycpu") else []
         return [sys.executable, str(HERE / "pymilterkit_rcptcount.py"),
-                *(["--noreply"] if noreply else []), *workers, *mode_arg, spec]
+                *(["--noreply"] if noreply else []), *workers, *mode_arg, *anycpu, spec]
     raise ValueError(name)
 
 
@@ -162,6 +170,8 @@ class RunningMilter:
         self.spec = spec or f"unix:{self.tmp / 'm.sock'}"
         self.sock = Path(self.spec[5:]) if self.spec.startswith("unix:") else self.tmp / "none"
         self.log = open(self.tmp / "milter.log", "wb")  # noqa: SIM115 - closed in stop()
+        if name.endswith("-1cpu") and cpus is None:  # as pymilterkit's cpu_affinity="auto"
+            cpus = {max(os.sched_getaffinity(0))}
 
         def pre() -> None:
             if cpus is not None:
@@ -308,15 +318,15 @@ def run_throughput(args: argparse.Namespace, venv_py: Path) -> list[dict[str, An
                 done += 1
                 bad = "" if ok(res) else f"  FAILED: {res.get('stderr', '')[:300]}"
                 print(f"[{done:3d}/{total} {time.monotonic() - t0:6.0f}s] pin={pin:<5} "
-                      f"{mode:<8} c={conns} b={body:<5} {name:<15} "
+                      f"{mode:<8} c={conns} b={body:<5} {name:<18} "
                       f"{res.get('msg_per_s', 0):9.0f} msg/s  p50 {res.get('p50_ms', 0):.3f} ms"
                       f"  cpu {res['milter_cpu_us_per_msg']:7.1f} us/msg{bad}", flush=True)
     return rows
 
 
 def milters_for(args: argparse.Namespace, pin: str) -> list[str]:
-    if pin == "split":  # workers=2 on one pinned CPU measures nothing useful
-        return [m for m in args.milters if "-w" not in m]
+    if pin == "split":  # workers=2 on one pinned CPU measures nothing useful; the variants
+        return [m for m in args.milters if "-w" not in m and m not in VARIANTS]  # are placements
     return list(args.milters)
 
 
@@ -368,7 +378,7 @@ def print_table(summary: list[dict[str, Any]], seconds: float, reps: int) -> Non
     print(f"\nMedians of {reps} run(s) of {seconds:g} s; {RCPTS} recipients; unix socket; "
           f"ratios: xpym = / pymilter, xC = / C milter (same mode, pin, conns, body).")
     print("For msg/s higher is better; for latency and CPU lower is better.")
-    head = (f"{'pin':<5} {'mode':<8} {'conns':>5} {'body':>6} {'milter':<15} "
+    head = (f"{'pin':<5} {'mode':<8} {'conns':>5} {'body':>6} {'milter':<18} "
             f"{'msg/s':>8} {'xpym':>6} {'xC':>6} | {'p50 ms':>7} {'xpym':>6} {'xC':>6} | "
             f"{'p99 ms':>7} {'xpym':>6} {'xC':>6} | {'cpu µs/msg':>10} {'xpym':>6} {'xC':>6}"
             f" | fail")
@@ -381,7 +391,7 @@ def print_table(summary: list[dict[str, Any]], seconds: float, reps: int) -> Non
             print()
         last = key
         body = f"{s['body'] // 1024}K"
-        print(f"{s['pin']:<5} {s['mode']:<8} {s['conns']:>5} {body:>6} {s['milter']:<15} "
+        print(f"{s['pin']:<5} {s['mode']:<8} {s['conns']:>5} {body:>6} {s['milter']:<18} "
               f"{s['msg_per_s']:>8.0f} {_x(s['msg_per_s_x_pymilter'])} {_x(s['msg_per_s_x_c'])} | "
               f"{s['p50_ms']:>7.3f} {_x(s['p50_ms_x_pymilter'])} {_x(s['p50_ms_x_c'])} | "
               f"{s['p99_ms']:>7.3f} {_x(s['p99_ms_x_pymilter'])} {_x(s['p99_ms_x_c'])} | "
@@ -479,10 +489,10 @@ def run_memory(name: str, venv_py: Path, short: Sequence[int], idle: int) -> dic
 def print_memory(mem: list[dict[str, Any]], short: Sequence[int]) -> None:
     print("\nMemory (RSS of the milter process; answered variant, unix socket):")
     cols = " ".join(f"{'after ' + format(n, ','):>14}" for n in short)
-    print(f"{'milter':<15} {'warm':>9} {cols} {'growth':>9} {'per idle conn':>14} fail")
+    print(f"{'milter':<18} {'warm':>9} {cols} {'growth':>9} {'per idle conn':>14} fail")
     for r in mem:
         vals = " ".join(f"{r[f'rss_after_{n}_kib'] / 1024:>11.1f} MB" for n in short)
-        print(f"{r['milter']:<15} {r['rss_warm_kib'] / 1024:>6.1f} MB {vals} "
+        print(f"{r['milter']:<18} {r['rss_warm_kib'] / 1024:>6.1f} MB {vals} "
               f"{r['growth_kib'] / 1024:>6.2f} MB {r['rss_per_idle_connection_bytes'] / 1024:>9.1f}"
               f" KiB {r['short_connection_failures']}")
 
@@ -649,7 +659,8 @@ modes = sorted({d["mode"] for d in data}); bodies = sorted({d["body"] for d in d
 fig, axes = plt.subplots(len(bodies), len(modes), figsize=(5.2 * len(modes), 3.8 * len(bodies)),
                          squeeze=False)
 style = {"c": ("k", "s"), "pymilter": ("tab:orange", "o"), "pymilterkit": ("tab:blue", "^"),
-         "pymilterkit-w2": ("tab:green", "v")}
+         "pymilterkit-w2": ("tab:green", "v"), "pymilter-1cpu": ("tab:red", "x"),
+         "pymilterkit-anycpu": ("tab:cyan", "+")}
 for i, body in enumerate(bodies):
     for j, mode in enumerate(modes):
         ax = axes[i][j]
