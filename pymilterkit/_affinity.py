@@ -6,9 +6,10 @@ over several CPUs, each hand-over of the GIL between them is a cross-CPU wake-up
 the benchmark filter (8 connections, noreply), a process confined to one CPU served 2.5x the
 messages at a third of the CPU per message. pymilter, on the same libmilter, behaves the same.
 
-`auto` confines a single process to one CPU (the highest-numbered it may use) and pre-forked
-worker N to the N-th CPU from the top; `None` leaves placement to the scheduler; a list of CPUs
-confines a single process to that set and deals its entries out to the workers.
+`auto` gives each process (a single one, or each pre-forked worker) one CPU: the CPU the fewest
+other processes are confined to (so several milters on one host do not pile onto one CPU), the
+highest-numbered on a tie. `None` leaves placement to the scheduler; a list of CPUs confines a
+single process to that set and deals its entries out to the workers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Literal, cast
 
 from ._errors import ConfigurationError
 
-__all__ = ["CpuAffinity", "check", "confine", "parse"]
+__all__ = ["CpuAffinity", "check", "confine", "confined_elsewhere", "parse", "plan"]
 
 _CPU_LIST = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*")
 
@@ -54,25 +55,52 @@ def check(setting: CpuAffinity) -> CpuAffinity:
     return tuple(cpus)
 
 
-def confine(setting: CpuAffinity, slot: int | None = None) -> set[int] | None:
-    """Apply `setting` to the calling thread (threads it starts inherit it); returns the set.
+def confined_elsewhere(cpus: Sequence[int]) -> dict[int, int]:
+    """For each CPU, how many other processes are confined to it alone (from /proc)."""
+    counts = dict.fromkeys(cpus, 0)
+    me = str(os.getpid())
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit() and e.name != me]
+    except OSError:
+        return counts
+    for pid in entries:
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith("Cpus_allowed_list:"):
+                        value = line.split(":", 1)[1].strip()
+                        if value.isdigit() and int(value) in counts:
+                            counts[int(value)] += 1
+                        break
+        except OSError:  # the process ended meanwhile
+            continue
+    return counts
 
-    `slot` is a pre-forked worker's number, None for a single process. Call before libmilter
-    starts its threads.
-    """
+
+def plan(setting: CpuAffinity, workers: int | None = None) -> list[set[int]] | None:
+    """The CPUs of each process: one set for a single process (`workers` None), else one per
+    worker slot; None when there is nothing to confine."""
     allowed = _allowed()
     if setting is None or allowed is None:
         return None
-    if setting == "auto":
-        if len(allowed) == 1:
-            return None
-        top_down = allowed[::-1]
-        cpus = {top_down[0 if slot is None else slot % len(top_down)]}
-    else:
+    if setting != "auto":
         listed = list(setting)
-        cpus = set(listed) if slot is None else {listed[slot % len(listed)]}
+        return [set(listed)] if workers is None else [{listed[i % len(listed)]} for i in
+                                                      range(workers)]
+    if len(allowed) == 1:
+        return None
+    load = confined_elsewhere(allowed)
+    chosen: list[set[int]] = []
+    for _ in range(workers or 1):
+        cpu = min(allowed, key=lambda n: (load[n], -n))
+        load[cpu] += 1
+        chosen.append({cpu})
+    return chosen
+
+
+def confine(cpus: set[int]) -> None:
+    """Confine the calling thread, and every thread it starts from now on, to `cpus`."""
     os.sched_setaffinity(0, cpus)
-    return cpus
 
 
 def parse(text: str) -> CpuAffinity:

@@ -29,7 +29,7 @@ from typing import Any, Literal, TypedDict
 from typing_extensions import Unpack
 
 from . import _libmilter as c
-from ._affinity import CpuAffinity, confine
+from ._affinity import CpuAffinity, confine, plan
 from ._affinity import check as check_affinity
 from ._errors import ConfigurationError, LibmilterError, SocketSpecError
 from ._flags import Status
@@ -124,6 +124,7 @@ class Milter:
         self.error_status = error_status
         self.workers = workers
         self.cpu_affinity = check_affinity(cpu_affinity)
+        self._cpu_plan: list[set[int]] | None = None
         self.socket_mode = socket_mode
         self.socket_group = socket_group
         self.user = user
@@ -152,6 +153,7 @@ class Milter:
                 )
             _has_run = True
             _current = self
+        self.plan_cpus()
         if self.workers > 1:
             from ._prefork import run_prefork
 
@@ -161,10 +163,15 @@ class Milter:
         self._prepare()
         self._serve()
 
-    def confine_to_cpus(self, slot: int | None = None) -> None:
-        """Apply `cpu_affinity` to this process (worker `slot`), before libmilter's threads."""
-        cpus = confine(self.cpu_affinity, slot)
-        if cpus is not None:
+    def plan_cpus(self) -> None:
+        """Choose the CPUs of this process, or of each worker (`cpu_affinity`), before forking."""
+        self._cpu_plan = plan(self.cpu_affinity, self.workers if self.workers > 1 else None)
+
+    def confine_to_cpus(self, slot: int = 0) -> None:
+        """Confine this process (worker `slot`) as planned, before libmilter starts threads."""
+        if self._cpu_plan is not None:
+            cpus = self._cpu_plan[slot]
+            confine(cpus)
             logger.info("running on CPU %s (cpu_affinity=%r)", ",".join(map(str, sorted(cpus))),
                         self.cpu_affinity)
 

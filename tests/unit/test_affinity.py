@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +14,8 @@ import pytest
 
 from examples.rcpt_count import RcptCount
 from pymilterkit import ConfigurationError, Milter
-from pymilterkit._affinity import check, confine, parse
+from pymilterkit import _affinity as affinity
+from pymilterkit._affinity import check, confine, confined_elsewhere, parse, plan
 
 ALLOWED = sorted(os.sched_getaffinity(0))
 
@@ -62,35 +65,68 @@ def test_parse_refuses_garbage(text: str) -> None:
         parse(text)
 
 
-def test_none_changes_nothing() -> None:
-    assert in_thread(lambda: confine(None)) == (None, set(ALLOWED))
+def test_none_plans_nothing() -> None:
+    assert plan(None) is None
+    assert plan(None, 4) is None
+
+
+def no_other_pins(monkeypatch: pytest.MonkeyPatch, load: dict[int, int] | None = None) -> None:
+    monkeypatch.setattr(
+        affinity, "confined_elsewhere", lambda cpus: {n: (load or {}).get(n, 0) for n in cpus}
+    )
 
 
 @pytest.mark.skipif(len(ALLOWED) < 2, reason="needs 2 CPUs")
-def test_auto_single_process_takes_the_highest_cpu() -> None:
-    top = ALLOWED[-1]
-    assert in_thread(lambda: confine("auto")) == ({top}, {top})
+def test_auto_single_process_takes_the_highest_cpu_when_none_is_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    no_other_pins(monkeypatch)
+    assert plan("auto") == [{ALLOWED[-1]}]
 
 
 @pytest.mark.skipif(len(ALLOWED) < 2, reason="needs 2 CPUs")
-def test_auto_deals_workers_out_from_the_top_and_wraps() -> None:
+def test_auto_avoids_cpus_other_processes_are_confined_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    no_other_pins(monkeypatch, {ALLOWED[-1]: 1})
+    assert plan("auto") == [{ALLOWED[-2]}]
+
+
+@pytest.mark.skipif(len(ALLOWED) < 2, reason="needs 2 CPUs")
+def test_auto_deals_workers_out_by_load_and_wraps(monkeypatch: pytest.MonkeyPatch) -> None:
+    no_other_pins(monkeypatch)
     top_down = ALLOWED[::-1]
-    for slot in range(len(ALLOWED) + 1):
-        cpu = top_down[slot % len(ALLOWED)]
-        assert in_thread(functools.partial(confine, "auto", slot)) == ({cpu}, {cpu})
+    slots = len(ALLOWED) + 1
+    assert plan("auto", slots) == [{top_down[i % len(ALLOWED)]} for i in range(slots)]
 
 
 def test_a_list_confines_a_process_to_the_set_and_a_worker_to_one_entry() -> None:
     listed = tuple(ALLOWED[:2])
-    assert in_thread(lambda: confine(listed)) == (set(listed), set(listed))
-    assert in_thread(lambda: confine(listed, 1)) == ({listed[-1]}, {listed[-1]})
+    assert plan(listed) == [set(listed)]
+    assert plan(listed, 3) == [{listed[i % len(listed)]} for i in range(3)]
 
 
-def test_auto_on_one_cpu_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_on_one_cpu_plans_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {ALLOWED[0]})
-    assert confine("auto") is None
+    assert plan("auto") is None
 
 
-def test_parse_refuses_an_empty_range() -> None:
-    with pytest.raises(ConfigurationError, match="empty range"):
-        parse("3-1")
+def test_confine_applies_to_the_calling_thread_only() -> None:
+    cpu = ALLOWED[-1]
+    assert in_thread(lambda: confine({cpu})) == (None, {cpu})
+    assert os.sched_getaffinity(0) == set(ALLOWED)
+
+
+def test_confined_elsewhere_counts_single_cpu_processes() -> None:
+    cpu = ALLOWED[-1]
+    before = confined_elsewhere(ALLOWED)[cpu]
+    code = f"import os, time; os.sched_setaffinity(0, {{{cpu}}}); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 10
+        while confined_elsewhere(ALLOWED)[cpu] < before + 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert confined_elsewhere(ALLOWED)[cpu] >= before + 1
+    finally:
+        child.kill()
+        child.wait()
