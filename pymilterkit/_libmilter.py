@@ -312,7 +312,9 @@ _pins = threading.local()
 libmilter's pool ends idle workers and a new thread often gets the id of an ended one."""
 _pinned_states: dict[int, int] = {}  # PyThreadState address -> the OS thread's native id
 
-_api = ctypes.pythonapi
+# The interpreter's C API through our own handle (as ctypes.pythonapi, whose shared function
+# objects other code may have declared differently): PyDLL keeps the GIL across these calls.
+_api = ctypes.PyDLL(None)
 _api.PyGILState_Ensure.argtypes = []
 _api.PyGILState_Ensure.restype = ctypes.c_int
 _api.PyThreadState_Get.argtypes = []
