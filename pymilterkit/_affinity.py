@@ -7,10 +7,10 @@ the benchmark filter (8 connections), a process confined to one CPU served 2.6x 
 with no-reply stages and 1.3x with answered ones, at 0.28-0.55 of the CPU per message. pymilter,
 on the same libmilter, behaves the same.
 
-`auto` gives each process (a single one, or each pre-forked worker) one CPU: the CPU the fewest
-other processes are confined to (so several milters on one host do not pile onto one CPU), the
-highest-numbered on a tie. `None` leaves placement to the scheduler; a list of CPUs confines a
-single process to that set and deals its entries out to the workers.
+`auto` gives each process (a single one, or each pre-forked worker, each a different one) one
+CPU: those the fewest other processes are confined to first (so several milters on one host do
+not pile onto one CPU), the highest-numbered on a tie. `None` leaves placement to the scheduler;
+a list of CPUs confines a single process to that set and deals its entries out to the workers.
 """
 
 from __future__ import annotations
@@ -90,13 +90,10 @@ def plan(setting: CpuAffinity, workers: int | None = None) -> list[set[int]] | N
                                                       range(workers)]
     if len(allowed) == 1:
         return None
+    # Least taken first, highest-numbered on a tie; workers get distinct CPUs until they wrap.
     load = confined_elsewhere(allowed)
-    chosen: list[set[int]] = []
-    for _ in range(workers or 1):
-        cpu = min(allowed, key=lambda n: (load[n], -n))
-        load[cpu] += 1
-        chosen.append({cpu})
-    return chosen
+    order = sorted(allowed, key=lambda n: (load[n], -n))
+    return [{order[i % len(order)]} for i in range(workers or 1)]
 
 
 def confine(cpus: set[int]) -> None:

@@ -100,6 +100,17 @@ def test_auto_deals_workers_out_by_load_and_wraps(monkeypatch: pytest.MonkeyPatc
     assert plan("auto", slots) == [{top_down[i % len(ALLOWED)]} for i in range(slots)]
 
 
+@pytest.mark.skipif(len(ALLOWED) < 2, reason="needs 2 CPUs")
+def test_auto_gives_workers_distinct_cpus_even_when_one_is_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    no_other_pins(monkeypatch, {ALLOWED[0]: 5})
+    planned = plan("auto", 2)
+    assert planned is not None
+    assert planned[0] != planned[1]
+    assert planned[0] == {ALLOWED[-1]}
+
+
 def test_a_list_confines_a_process_to_the_set_and_a_worker_to_one_entry() -> None:
     listed = tuple(ALLOWED[:2])
     assert plan(listed) == [set(listed)]
