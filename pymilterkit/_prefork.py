@@ -40,7 +40,7 @@ def _child(milter: Milter, fd: int, parent: int, slot: int) -> None:
         die_with_parent(signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(0)
-        milter.confine_to_cpus(slot)
+        milter._confine_to_cpus(slot)
         milter.serve_inherited(fd)
     except BaseException:
         logger.exception("worker %d failed", os.getpid())

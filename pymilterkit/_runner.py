@@ -153,21 +153,21 @@ class Milter:
                 )
             _has_run = True
             _current = self
-        self.plan_cpus()
+        self._plan_cpus()
         if self.workers > 1:
             from ._prefork import run_prefork
 
             run_prefork(self)
             return
-        self.confine_to_cpus()
+        self._confine_to_cpus()
         self._prepare()
         self._serve()
 
-    def plan_cpus(self) -> None:
+    def _plan_cpus(self) -> None:
         """Choose the CPUs of this process, or of each worker (`cpu_affinity`), before forking."""
         self._cpu_plan = plan(self.cpu_affinity, self.workers if self.workers > 1 else None)
 
-    def confine_to_cpus(self, slot: int = 0) -> None:
+    def _confine_to_cpus(self, slot: int = 0) -> None:
         """Confine this process (worker `slot`) as planned, before libmilter starts threads."""
         if self._cpu_plan is not None:
             cpus = self._cpu_plan[slot]
