@@ -83,13 +83,12 @@ def header_value(value: str | bytes) -> bytes:
     if value.__class__ is str and value.isprintable():
         return value.encode("utf-8", "surrogateescape")
     raw = _no_nul(to_bytes(value, "header value"), "header value")
-    if b"\r" in raw or b"\n" in raw:
-        bad = _BAD_BREAK.search(raw)
-        if bad is not None:
-            raise InvalidArgumentError(
-                "header value has a line break not followed by a space or tab at offset "
-                f"{bad.start()}: that would start a new header; fold with '\\n\\t' or remove it"
-            )
+    bad = _BAD_BREAK.search(raw)
+    if bad is not None:
+        raise InvalidArgumentError(
+            "header value has a line break not followed by a space or tab at offset "
+            f"{bad.start()}: that would start a new header; fold with '\\n\\t' or remove it"
+        )
     return raw
 
 
