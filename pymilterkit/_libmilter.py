@@ -30,7 +30,6 @@ __all__ = [
     "SmfiDesc",
     "argv_to_bytes",
     "body_bytes",
-    "is_pinned",
     "load",
     "pin_thread_state",
     "release_exited_thread_states",
@@ -331,11 +330,6 @@ _api.PyThreadState_Next.argtypes = [ctypes.c_void_p]
 _api.PyThreadState_Next.restype = ctypes.c_void_p
 
 
-def is_pinned() -> bool:
-    """True when the calling thread's Python thread state is pinned (cheap: runs per callback)."""
-    return bool(_pins.__dict__)
-
-
 def pin_thread_state() -> None:
     """Keep this foreign thread's Python thread state alive across callbacks.
 
@@ -344,7 +338,7 @@ def pin_thread_state() -> None:
     extra PyGILState_Ensure, never released, keeps it. The GIL is still released between
     callbacks. `release_exited_thread_states` frees it once the thread has ended.
     """
-    if not _pins.__dict__:
+    if not _pins.__dict__:  # the trampolines test this inline first: it runs per callback
         _pins.pinned = True
         _api.PyGILState_Ensure()
         _pinned_states[_api.PyThreadState_Get()] = threading.get_native_id()
@@ -356,9 +350,11 @@ def release_exited_thread_states() -> int:
     libmilter ends and starts pool workers as load changes; without this, each ended worker
     would leave its thread state (and frame stack) behind. Needs the GIL; Linux only (/proc).
     """
+    if not os.path.isdir("/proc/self/task"):
+        return 0
     released = 0
     for state, tid in list(_pinned_states.items()):
-        if not os.path.exists(f"/proc/self/task/{tid}") and os.path.isdir("/proc/self/task"):
+        if not os.path.exists(f"/proc/self/task/{tid}"):
             del _pinned_states[state]
             _api.PyThreadState_Clear(state)
             _api.PyThreadState_Delete(state)

@@ -172,8 +172,7 @@ class Dispatcher(SessionDriver):
     @contextlib.contextmanager
     def _in_flight(self, ctx: int, stage: str) -> Iterator[None]:
         """Mark a (non-hot) callback as running, so a stop waits for it to finish."""
-        if not c.is_pinned():
-            c.pin_thread_state()
+        c.pin_thread_state()
         self.active[ctx] = stage
         try:
             yield
