@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pymilterkit._affinity import confined_elsewhere
+from pymilterkit._affinity import parse as parse_cpu_list
 from pymilterkit.testing import MilterClient, MilterProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -276,11 +277,9 @@ def thread_cpus(pid: int | str) -> set[frozenset[int]]:
     sets = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
         for line in (task / "status").read_text().splitlines():
-            if line.startswith("Cpus_allowed_list:"):
-                cpus: set[int] = set()
-                for part in line.split(":", 1)[1].strip().split(","):
-                    low, _, high = part.partition("-")
-                    cpus.update(range(int(low), int(high or low) + 1))
+            if line.startswith("Cpus_allowed_list:"):  # the same syntax as --cpu-affinity
+                cpus = parse_cpu_list(line.split(":", 1)[1])
+                assert isinstance(cpus, list), line
                 sets.add(frozenset(cpus))
     return sets
 
