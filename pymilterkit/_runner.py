@@ -296,7 +296,7 @@ class Milter:
         """Wait (bounded) for callbacks still running on libmilter's threads."""
         assert self.dispatcher is not None
         deadline = time.monotonic() + limit
-        while self.dispatcher.active and time.monotonic() < deadline:
+        while self.dispatcher.in_flight() and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def _install_signal_handlers(self) -> dict[int, Any]:

@@ -284,14 +284,15 @@ class MilterSession:
         return backend
 
     def _pmk_action(self, flag: Actions, method: str) -> SessionBackend:
-        backend = self._pmk_eom(method)
+        # On the path of every message action: the common case is one test and no call.
         # int.__and__: IntFlag's own & builds a new flag object in Python (~0.5 us).
-        if not int.__and__(flag, self._pmk_actions):
-            raise UndeclaredActionError(
-                f"{method}() needs Actions.{flag.name} in the class's `actions` "
-                f"(declared: {self._pmk_actions!r})"
-            )
-        return backend
+        if self._pmk_stage == "on_eom" and int.__and__(flag, self._pmk_actions):
+            return self._pmk_backend  # type: ignore[return-value]
+        self._pmk_eom(method)  # raises outside on_eom
+        raise UndeclaredActionError(
+            f"{method}() needs Actions.{flag.name} in the class's `actions` "
+            f"(declared: {self._pmk_actions!r})"
+        )
 
     def _pmk_any_stage(self, method: str) -> SessionBackend:
         backend = self._pmk_backend

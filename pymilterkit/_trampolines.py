@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from . import _libmilter as c
 from ._dispatch import CONNECTION_STAGES, ENDS_MESSAGE, SessionDriver
@@ -37,13 +37,17 @@ class CtxBackend:
         self.lib = lib
         self.ctx = ctx
 
-    @staticmethod
-    def _check(result: int, function: str) -> None:
+    @classmethod
+    def _check(cls, result: int, function: str) -> None:
         if result != c.MI_SUCCESS:
-            raise LibmilterError(
-                f"libmilter refused {function} (MI_FAILURE): the MTA connection may be gone, "
-                f"or the action was not negotiated"
-            )
+            cls._refused(function)
+
+    @staticmethod
+    def _refused(function: str) -> NoReturn:
+        raise LibmilterError(
+            f"libmilter refused {function} (MI_FAILURE): the MTA connection may be gone, "
+            f"or the action was not negotiated"
+        )
 
     def getsymval(self, name: bytes) -> bytes | None:
         return self.lib.smfi_getsymval(self.ctx, name)
@@ -58,7 +62,8 @@ class CtxBackend:
             self._check(c.setmlreply(self.ctx, code, xcode, list(lines)), "smfi_setmlreply")
 
     def addheader(self, name: bytes, value: bytes) -> None:
-        self._check(self.lib.smfi_addheader(self.ctx, name, value), "smfi_addheader")
+        if self.lib.smfi_addheader(self.ctx, name, value) != c.MI_SUCCESS:
+            self._refused("smfi_addheader")  # inline check: this runs for most messages
 
     def insheader(self, index: int, name: bytes, value: bytes) -> None:
         self._check(self.lib.smfi_insheader(self.ctx, index, name, value), "smfi_insheader")
@@ -111,6 +116,7 @@ class Dispatcher(SessionDriver):
         self.lib = lib
         self.on_fatal = on_fatal
         self.sessions: dict[int, MilterSession] = {}
+        # Running negotiate/abort/close callbacks; a running stage shows in `_pmk_stage`.
         self.active: dict[int, str] = {}
 
     def fatal(self, exc: BaseException, stage: str) -> None:
@@ -124,53 +130,75 @@ class Dispatcher(SessionDriver):
         self.sessions[ctx] = session
         return session
 
-    def _stage(self, stage: str, convert: Callable[..., tuple[Any, ...]]) -> Callable[..., int]:
+    def _stage(
+        self, stage: str, convert: Callable[..., tuple[Any, ...]] | None
+    ) -> Callable[..., int]:
         """Build the trampoline of one reply-giving stage; `convert` maps C args to Python.
 
-        The body is `SessionDriver.call` inlined: this runs for every callback.
+        The body is `SessionDriver.call` inlined, with every choice that depends only on the
+        stage made here, once: this runs for every callback, so each Python call, attribute
+        and dict operation on this path costs throughput. A running stage is marked by the
+        session's `_pmk_stage` (which the stage checks of actions need anyway); `in_flight`
+        reads it for a stop. The envelope stages (MAIL, RCPT) decode their address inline.
         """
-        sessions, active = self.sessions, self.active
-        create, fail, bad = self._create, self.fail, self.bad_result
+        get, create, fail, bad = self.sessions.get, self._create, self.fail, self.bad_result
         pin, pins = c.pin_thread_state, c._pins
+        method = getattr(self.session_class, stage)
         noreply = stage in self.noreply
         noreply_answer = self.noreply_answer
-        starts_message = stage not in CONNECTION_STAGES
-        is_rcpt = stage == "on_rcpt"
-        is_eom = stage == "on_eom"
-        stage_status = Status
+        # Which results end the message matters only to on_abort (run inside a message).
+        track = "on_abort" in self.spec.stages and stage not in CONNECTION_STAGES
+        is_rcpt, is_eom = stage == "on_rcpt", stage == "on_eom"
+        envelope = convert is _envelope
+        no_params, status_type, status_noreply = _NO_PARAMS, Status, Status.NOREPLY
 
         def trampoline(ctx: int, *cargs: Any) -> int:
             if not pins.__dict__:
                 pin()
-            active[ctx] = stage
-            try:
-                session = sessions.get(ctx)
-                if session is None:
-                    session = create(ctx)
-                args = convert(*cargs)
-                session._pmk_stage = stage
+            session = get(ctx)
+            if session is None:  # after QUIT_NC: a new connection on the same context
                 try:
-                    result = getattr(session, stage)(*args)
-                finally:
-                    session._pmk_stage = None
-                if starts_message:
-                    session._pmk_in_message = not (
-                        is_eom or (result in ENDS_MESSAGE and not is_rcpt)
-                    )
-                if noreply:
-                    return noreply_answer
-                if result.__class__ is stage_status and result is not Status.NOREPLY:
-                    return result
-                return bad(result, stage)
+                    session = create(ctx)
+                except BaseException as exc:  # noqa: BLE001 - nothing may reach C
+                    return fail(exc, stage)
+            session._pmk_stage = stage
+            try:
+                if envelope:
+                    argv = cargs[0]
+                    first = argv[0] if argv else None
+                    if first is not None and argv[1] is None:  # an address, no parameters
+                        address = first.decode("utf-8", "surrogateescape")
+                        result = method(session, address, no_params)
+                    else:
+                        result = method(session, *_envelope(argv))
+                elif convert is None:
+                    result = method(session)
+                else:
+                    result = method(session, *convert(*cargs))
             except BaseException as exc:  # noqa: BLE001 - nothing may reach C
+                session._pmk_stage = None
                 return fail(exc, stage)
-            finally:
-                del active[ctx]
+            session._pmk_stage = None
+            if track:
+                session._pmk_in_message = not (
+                    is_eom or (result in ENDS_MESSAGE and not is_rcpt)
+                )
+            if noreply:
+                return noreply_answer
+            if result.__class__ is status_type and result is not status_noreply:
+                return result
+            return bad(result, stage)
 
         return trampoline
 
+    def in_flight(self) -> bool:
+        """Whether a callback is running (a stop waits for it before closing sessions)."""
+        if self.active:
+            return True
+        return any(s._pmk_stage is not None for s in list(self.sessions.values()))
+
     @contextlib.contextmanager
-    def _in_flight(self, ctx: int, stage: str) -> Iterator[None]:
+    def _running(self, ctx: int, stage: str) -> Iterator[None]:
         """Mark a (non-hot) callback as running, so a stop waits for it to finish."""
         c.pin_thread_state()
         self.active[ctx] = stage
@@ -182,7 +210,7 @@ class Dispatcher(SessionDriver):
     def _negotiate(
         self, ctx: int, f0: int, f1: int, f2: int, f3: int, pf0: Any, pf1: Any, pf2: Any, pf3: Any
     ) -> int:
-        with self._in_flight(ctx, "on_negotiate"):
+        with self._running(ctx, "on_negotiate"):
             try:
                 session = self._create(ctx)
             except BaseException as exc:  # noqa: BLE001
@@ -199,14 +227,14 @@ class Dispatcher(SessionDriver):
     def _abort(self, ctx: int) -> int:
         session = self.sessions.get(ctx)
         if session is not None:
-            with self._in_flight(ctx, "on_abort"):
+            with self._running(ctx, "on_abort"):
                 self.abort(session)
         return Status.CONTINUE
 
     def _close(self, ctx: int) -> int:
         session = self.sessions.pop(ctx, None)
         if session is not None:
-            with self._in_flight(ctx, "on_close"):
+            with self._running(ctx, "on_close"):
                 self.close(session)
         return Status.CONTINUE
 
@@ -229,10 +257,7 @@ class Dispatcher(SessionDriver):
         desc.xxfi_version = c.SMFI_VERSION
         desc.xxfi_flags = int(self.spec.actions)
 
-        def none() -> tuple[()]:
-            return ()
-
-        table: dict[str, tuple[str, str, Callable[..., tuple[Any, ...]]]] = {
+        table: dict[str, tuple[str, str, Callable[..., tuple[Any, ...]] | None]] = {
             "on_connect": (
                 "xxfi_connect",
                 "connect",
@@ -241,16 +266,16 @@ class Dispatcher(SessionDriver):
             "on_helo": ("xxfi_helo", "str1", lambda host: (decode(host or b""),)),
             "on_mail": ("xxfi_envfrom", "argv", _envelope),
             "on_rcpt": ("xxfi_envrcpt", "argv", _envelope),
-            "on_data": ("xxfi_data", "ctx", none),
+            "on_data": ("xxfi_data", "ctx", None),
             "on_unknown": ("xxfi_unknown", "str1", lambda cmd: (decode(cmd or b""),)),
             "on_header": (
                 "xxfi_header",
                 "str2",
                 lambda n, v: (decode(n or b""), decode(v or b"")),
             ),
-            "on_eoh": ("xxfi_eoh", "ctx", none),
+            "on_eoh": ("xxfi_eoh", "ctx", None),
             "on_body": ("xxfi_body", "body", lambda p, n: (c.body_bytes(p, n),)),
-            "on_eom": ("xxfi_eom", "ctx", none),
+            "on_eom": ("xxfi_eom", "ctx", None),
         }
         assert set(STAGE_FLAGS) <= set(table)
         for stage, (field, shape, convert) in table.items():

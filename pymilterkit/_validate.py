@@ -94,8 +94,17 @@ def header_value(value: str | bytes) -> bytes:
 
 def header(name: str | bytes, value: str | bytes, extra: int = 0) -> tuple[bytes, bytes]:
     """Name and value of one header action, with the packet size checked."""
-    raw_name, raw_value = header_name(name), header_value(value)
-    check_size(len(raw_name) + len(raw_value) + 2 + extra, "header")
+    # The common case (a known name, a printable str value) without a further call.
+    raw_name = _header_names.get(name) if name.__class__ is str else None
+    if raw_name is None:
+        raw_name = header_name(name)
+    if value.__class__ is str and value.isprintable():
+        raw_value = value.encode("utf-8", "surrogateescape")
+    else:
+        raw_value = header_value(value)
+    size = len(raw_name) + len(raw_value) + 2 + extra
+    if size > MAX_DATA:
+        check_size(size, "header")
     return raw_name, raw_value
 
 

@@ -219,7 +219,10 @@ class StopFromThread(MilterSession):
 
 
 class Slow(MilterSession):
-    """Blocks in on_helo for the number of seconds the HELO name says (bounded to 30)."""
+    """Blocks in on_helo for the number of seconds the HELO name says (bounded to 30).
+
+    With $LIFECYCLE_LOG set, writes "helo done" and "close" there as they happen.
+    """
 
     @override
     def on_helo(self, hostname: str) -> Status:
@@ -227,7 +230,12 @@ class Slow(MilterSession):
 
         if hostname.startswith("sleep-"):
             time.sleep(min(float(hostname.split("-", 1)[1]), 30.0))
+            Lifecycle.note("helo done")
         return Status.CONTINUE
+
+    @override
+    def on_close(self) -> None:
+        Lifecycle.note("close")
 
 
 class Lifecycle(MilterSession):
@@ -237,6 +245,12 @@ class Lifecycle(MilterSession):
     def _write(cls, line: str) -> None:
         with open(os.environ["LIFECYCLE_LOG"], "a") as log:
             log.write(line + "\n")
+
+    @classmethod
+    def note(cls, line: str) -> None:
+        """Write `line` if $LIFECYCLE_LOG is set (for filters that only log on request)."""
+        if "LIFECYCLE_LOG" in os.environ:
+            cls._write(line)
 
     _numbers = itertools.count(1)
 
@@ -266,6 +280,25 @@ class Lifecycle(MilterSession):
     @override
     def on_close(self) -> None:
         self._write(f"{self.ident} close")
+
+
+class FailsOnSecondSession(MilterSession):
+    """Its constructor raises for the process's second session (after QUIT_NC, the new
+    connection's session is created at connect, inside a stage callback)."""
+
+    _numbers = itertools.count(1)
+
+    def __init__(self) -> None:
+        if next(self._numbers) == 2:
+            raise RuntimeError("second session refused")
+
+    @override
+    def on_connect(self, hostname: str, address: InetAddress | UnixAddress | None) -> Status:
+        return Status.CONTINUE
+
+    @override
+    def on_mail(self, sender: str, params: EsmtpParams) -> Status:
+        return Status.CONTINUE
 
 
 class ThreadStates(MilterSession):

@@ -370,6 +370,24 @@ def test_lifecycle_close_without_connect_quit_nc_and_abort(tmp_path: Path) -> No
     ]
 
 
+def test_a_constructor_failing_at_connect_after_quit_nc_is_answered_and_logged() -> None:
+    with start("FailsOnSecondSession") as milter:
+        conn = open_conn(milter)
+        assert status(conn.connect("first.example", None)) is Status.CONTINUE
+        conn.mail("<a@example.org>")
+        conn.abort()  # libmilter takes QUIT_NC only between messages
+        conn.quit_new_connection()
+        assert status(conn.connect("second.example", None)) is Status.TEMPFAIL
+        conn.quit()
+        other = open_conn(milter)  # the milter keeps serving
+        assert status(other.connect("third.example", None)) is Status.CONTINUE
+        other.quit()
+        time.sleep(0.2)
+        log = milter.log()
+    assert "RuntimeError: second session refused" in log
+    assert "Traceback" in log
+
+
 def test_no_session_outlives_its_connection_after_10000_connections() -> None:
     with MilterProcess("examples.rcpt_count:RcptCount", cwd=ROOT) as milter:
         client = MilterClient(milter.socket, timeout=10)
@@ -454,6 +472,22 @@ def test_a_slow_stage_does_not_wedge_other_connections() -> None:
         thread.join(10)
         assert done.is_set()
         slow.quit()
+
+
+def test_a_stop_waits_for_a_running_stage_before_closing_its_session(tmp_path: Path) -> None:
+    log = tmp_path / "lifecycle.log"
+    with start("Slow", env={"LIFECYCLE_LOG": str(log)}) as milter:
+        conn = open_conn(milter, timeout=20)
+        thread = threading.Thread(target=conn.helo, args=("sleep-1.5",))
+        thread.start()
+        time.sleep(0.5)  # on_helo is running now
+        milter.signal(signal.SIGTERM)
+        assert milter.wait(15) == 0, milter.log()
+        thread.join(10)
+        conn.close()
+        assert "Traceback" not in milter.log()
+    # on_close ran only after on_helo had returned, not under it.
+    assert log.read_text().splitlines() == ["helo done", "close"]
 
 
 def test_harness_with_tcp_models_the_runner_on_an_inet_socket() -> None:
