@@ -299,11 +299,13 @@ _NO_PARAMS = EsmtpParams()  # read-only: one instance serves every address witho
 
 def _envelope(argv: Any) -> tuple[str, EsmtpParams]:
     """envfrom/envrcpt's NULL-terminated argv: the address and its ESMTP parameters."""
-    if not argv:
-        return "", _NO_PARAMS
-    first = argv[0]
+    first = argv[0] if argv else None
     if first is None:
         return "", _NO_PARAMS
-    if argv[1] is None:  # the common case: no parameters
-        return decode(first), _NO_PARAMS
-    return decode(first), EsmtpParams([decode(a) for a in c.argv_to_bytes(argv)[1:]])
+    params = []
+    index = 1
+    while (item := argv[index]) is not None:  # libmilter ends the array with NULL
+        params.append(item.decode("utf-8", "surrogateescape"))
+        index += 1
+    address = first.decode("utf-8", "surrogateescape")
+    return address, EsmtpParams(params) if params else _NO_PARAMS
