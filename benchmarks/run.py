@@ -17,14 +17,17 @@ What it does, in one invocation:
    ``c`` (libmilter, the limit), ``pymilter`` (1.0.5 from PyPI), ``pymilterkit`` (1 process,
    default ``cpu_affinity="auto"``: on one CPU) and ``pymilterkit-w2`` (``workers=2``), plus two
    placement variants: ``pymilter-1cpu`` (pymilter confined to one CPU, as ``taskset`` would)
-   and ``pymilterkit-anycpu`` (``--cpu-affinity none``). Every measurement starts its milter
+   and ``pymilterkit-anycpu`` (``--cpu-affinity none``), and the binding's floor,
+   ``pymilterkit-empty-w2`` (``pymilterkit_empty.py``: the same two workers whose callbacks run
+   no filter code). Every measurement starts its milter
    fresh (by PID, socket in a temp dir), warms it up, reads its CPU time (utime+stime of the
    process and of its pre-forked children, ``/proc/PID/stat``) before and after the timed run,
    and stops it by PID. The order of
    the milters is rotated between repetitions; medians over the repetitions are reported;
 3. prints a table per (pinning, reply mode, connections, body) with msg/s, p50/p99 latency and
-   milter CPU per message, each also as a ratio to pymilter and to C, plus the generator's own
-   CPU share (headroom) and the memory figures;
+   milter CPU per message, each also as a ratio to pymilter and to C, plus, for pre-forked
+   milters, how each run's connections were split between the workers (sampled mid-run), the
+   generator's own CPU share (headroom) and the memory figures;
 4. saves everything to ``benchmarks/results/latest.json`` and plots ``docs/performance.png``.
 
 Pinning (``--pins``): ``none`` lets the scheduler place milter and loadgen on the 2 CPUs (what a
@@ -52,6 +55,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -68,10 +72,11 @@ import _env  # noqa: E402
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MILTERS = ("c", "pymilter", "pymilter-1cpu", "pymilterkit", "pymilterkit-anycpu",
-           "pymilterkit-w2")
+           "pymilterkit-w2", "pymilterkit-empty-w2")
 # Fairness rows, in pin=none only: pymilter confined to one CPU with taskset (what pymilterkit
 # does by default, cpu_affinity="auto"), and pymilterkit with --cpu-affinity none.
 VARIANTS = ("pymilter-1cpu", "pymilterkit-anycpu")
+# The binding's floor (pymilterkit_empty.py): workers=2 whose callbacks run no filter code.
 MODES = ("answered", "noreply")
 RCPTS = 3
 
@@ -93,7 +98,8 @@ def milter_command(name: str, mode: str, spec: str, venv_py: Path,
         workers = ["--workers", name.rsplit("-w", 1)[1]] if "-w" in name else []
         mode_arg = ["--socket-mode", "666"] if world_socket and spec.startswith("unix:") else []
         anycpu = ["--cpu-affinity", "none"] if name.endswith("-anycpu") else []
-        return [sys.executable, str(HERE / "pymilterkit_rcptcount.py"),
+        script = "pymilterkit_empty.py" if "-empty" in name else "pymilterkit_rcptcount.py"
+        return [sys.executable, str(HERE / script),
                 *(["--noreply"] if noreply else []), *workers, *mode_arg, *anycpu, spec]
     raise ValueError(name)
 
@@ -121,6 +127,24 @@ def tree(pid: int) -> list[int]:
         pids.append(p)
         todo += children(p)
     return pids
+
+
+def connections_per_worker(pid: int) -> list[int]:
+    """The MTA connections each pre-forked worker of `pid` holds, largest first: its sockets
+    other than those its parent has too (the listening socket). Empty for one process."""
+    shared = _sockets(pid)
+    return sorted((len(_sockets(child) - shared) for child in children(pid)), reverse=True)
+
+
+def _sockets(pid: int) -> set[str]:
+    found = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:"):
+                    found.add(target)
+    return found
 
 
 def tree_cpu(pid: int) -> float:
@@ -283,9 +307,15 @@ def measure(name: str, mode: str, pin: str, conns: int, body: int, seconds: floa
     mcpus, lcpus = PINS[pin]
     with started(name, mode, venv_py, mcpus) as m:
         warm = loadgen(m.spec, conns, seconds=warmup, body=body, cpus=lcpus)
+        # Pre-forked workers: how the connections were split between them, mid-run.
+        split: list[list[int]] = []
+        sampler = threading.Timer(seconds / 2, lambda: split.append(
+            connections_per_worker(m.pid)))
         c0 = tree_cpu(m.pid)
+        sampler.start()
         res = loadgen(m.spec, conns, seconds=seconds, body=body, cpus=lcpus)
         c1 = tree_cpu(m.pid)
+        sampler.cancel()
         rss = tree_rss(m.pid)
         nproc = len(tree(m.pid))
     n = max(res.get("messages", 0), 1)
@@ -295,6 +325,7 @@ def measure(name: str, mode: str, pin: str, conns: int, body: int, seconds: floa
         milter_cpu_us_per_msg=round((c1 - c0) / n * 1e6, 2),
         loadgen_cpu_us_per_msg=round(res.get("loadgen_cpu_s", 0.0) / n * 1e6, 2),
         milter_rss_kib=rss // 1024, milter_processes=nproc,
+        worker_connections=split[0] if split else [],
         warmup_failures=warm.get("failures", 0) + (warm["exit"] != 0),
     )
     return res
@@ -317,6 +348,8 @@ def run_throughput(args: argparse.Namespace, venv_py: Path) -> list[dict[str, An
                 rows.append(res)
                 done += 1
                 bad = "" if ok(res) else f"  FAILED: {res.get('stderr', '')[:300]}"
+                if res["worker_connections"]:
+                    bad = f"  split {'/'.join(map(str, res['worker_connections']))}{bad}"
                 print(f"[{done:3d}/{total} {time.monotonic() - t0:6.0f}s] pin={pin:<5} "
                       f"{mode:<8} c={conns} b={body:<5} {name:<18} "
                       f"{res.get('msg_per_s', 0):9.0f} msg/s  p50 {res.get('p50_ms', 0):.3f} ms"
@@ -349,6 +382,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for f in (*FIGURES, "loadgen_cpu_us_per_msg", "milter_rss_kib"):
             s[f] = round(statistics.median(r.get(f, 0.0) for r in rs), 4)
         s["runs"] = len(rs)
+        s["worker_splits"] = ["/".join(map(str, r["worker_connections"])) for r in rs
+                              if r.get("worker_connections")]
         s["failed_runs"] = sum(not ok(r) for r in rs)
         s["messages"] = sum(r.get("messages", 0) for r in rs)
         s["failures"] = sum(r.get("failures", 0) for r in rs)
@@ -397,6 +432,22 @@ def print_table(summary: list[dict[str, Any]], seconds: float, reps: int) -> Non
               f"{s['p99_ms']:>7.3f} {_x(s['p99_ms_x_pymilter'])} {_x(s['p99_ms_x_c'])} | "
               f"{s['milter_cpu_us_per_msg']:>10.1f} {_x(s['milter_cpu_us_per_msg_x_pymilter'])} "
               f"{_x(s['milter_cpu_us_per_msg_x_c'])} | {s['failures']}")
+
+
+def print_splits(rows: list[dict[str, Any]]) -> None:
+    """Each pre-forked run's split of the connections between workers, with its msg/s: a
+    worker holds the connections its libmilter accepted, for as long as they stay open."""
+    multi = [r for r in rows if r.get("worker_connections")]
+    if not multi:
+        return
+    print("\nPre-forked workers: connections held by each worker mid-run (msg/s), every run")
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in multi:
+        groups.setdefault((r["pin"], r["mode"], r["conns"], r["body"], r["milter"]), []).append(r)
+    for (pin, mode, conns, body, name), rs in groups.items():
+        runs = "  ".join(f"{'/'.join(map(str, r['worker_connections']))} "
+                         f"({r.get('msg_per_s', 0) / 1000:.1f}k)" for r in rs)
+        print(f"{pin:<5} {mode:<8} {conns:>3} {body // 1024:>4}K {name:<21} {runs}")
 
 
 def headroom(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -660,7 +711,7 @@ fig, axes = plt.subplots(len(bodies), len(modes), figsize=(5.2 * len(modes), 3.8
                          squeeze=False)
 style = {"c": ("k", "s"), "pymilter": ("tab:orange", "o"), "pymilterkit": ("tab:blue", "^"),
          "pymilterkit-w2": ("tab:green", "v"), "pymilter-1cpu": ("tab:red", "x"),
-         "pymilterkit-anycpu": ("tab:cyan", "+")}
+         "pymilterkit-anycpu": ("tab:cyan", "+"), "pymilterkit-empty-w2": ("tab:gray", ".")}
 for i, body in enumerate(bodies):
     for j, mode in enumerate(modes):
         ax = axes[i][j]
@@ -761,6 +812,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pf_rows = run_postfix(args, venv_py)
 
     print_table(summary, args.seconds, args.reps)
+    print_splits(rows)
     print_headroom(room)
     if mem:
         print_memory(mem, args.memory_connections)
