@@ -46,6 +46,40 @@ def headroom(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def splits(runs: list[dict[str, Any]]) -> str:
+    """Each pre-forked run's connections per worker, with its msg/s (more than 1 connection)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in runs:
+        if r.get("worker_connections") and r["conns"] > 1:
+            key = (r["pin"], r["mode"], r["conns"], r["body"], r["milter"])
+            groups.setdefault(key, []).append(r)
+    if not groups:
+        return "(no pre-forked runs)"
+    out = ["| pin | mode | conns | body | milter | each run: connections per worker (msg/s) |",
+           "|---|---|---:|---:|---|---|"]
+    for (pin, mode, conns, body, name), rs in groups.items():
+        each = ", ".join(f"{'/'.join(map(str, r['worker_connections']))} "
+                         f"({r['msg_per_s']:,.0f})" for r in sorted(rs, key=lambda r: r["rep"]))
+        out.append(f"| {pin} | {mode} | {conns} | {body // 1024} KiB | {name} | {each} |")
+    return "\n".join(out)
+
+
+def callbacks(r: dict[str, Any] | None) -> str:
+    """The per-callback table of callbacks.py, with the empty-callback reference."""
+    if not r:
+        return "(not measured)"
+    rows = [
+        ("MAIL with `SIZE=`, `BODY=`", r["mail_params_us"], r["empty_argv_us"]),
+        ("RCPT", r["rcpt_us"], r["empty_argv_us"]),
+        ("EOM with `add_header`", r["eom_us"], r["empty_ctx_us"] + r["addheader_call_us"]),
+        ("one message: MAIL, 3 × RCPT, EOM", r["message_us"], r["empty_message_us"]),
+    ]
+    out = ["| callback | pymilterkit µs | empty callback µs | ratio |", "|---|---:|---:|---:|"]
+    for name, us, ref in rows:
+        out.append(f"| {name} | {us:.3f} | {ref:.3f} | {us / ref:.2f} |")
+    return "\n".join(out)
+
+
 def memory(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(not measured)"
@@ -90,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     for pin in pins:
         print(f"### pin = {pin}\n")
         print(throughput(data["summary"], pin) + "\n")
+    print("### Per callback, called from C (one thread, warm caches)\n")
+    print(callbacks(data.get("callbacks")) + "\n")
+    print("### Pre-forked workers: the split of the connections\n")
+    print(splits(data["runs"]) + "\n")
     print("### Generator headroom\n")
     print(headroom(data["headroom"]) + "\n")
     print("### Memory\n")

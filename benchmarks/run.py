@@ -30,6 +30,10 @@ What it does, in one invocation:
    generator's own CPU share (headroom) and the memory figures;
 4. saves everything to ``benchmarks/results/latest.json`` and plots ``docs/performance.png``.
 
+Before the throughput runs it also times pymilterkit's callbacks called from C in one thread
+(``callbacks.py``: no socket, warm caches, a stub ``smfi_addheader``), against an empty ctypes
+callback of the same type.
+
 Pinning (``--pins``): ``none`` lets the scheduler place milter and loadgen on the 2 CPUs (what a
 deployment sees; the targets are judged on it); ``split`` pins the milter to CPU 0 and loadgen to
 CPU 1 (stable single-connection figures; workers=2 is left out, it would share one CPU).
@@ -68,6 +72,7 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
 import _env  # noqa: E402
+import callbacks  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -799,6 +804,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"machine: {info['nproc']} CPU(s), {info['cpu']}, Linux {info['kernel']}, "
           f"Python {info['python']}, libmilter {info['libmilter1.0.1']}, {info['pymilter']}")
     started_at = time.monotonic()
+    calls = callbacks.measure(20_000 if args.quick else 300_000)
+    print("\nPer-callback cost, called from C without a socket (benchmarks/callbacks.py):")
+    print(callbacks.report(calls) + "\n", flush=True)
     rows = run_throughput(args, venv_py)
     summary = summarise(rows)
     room = headroom(summary)
@@ -826,8 +834,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"postfix failures {pf_failures}; {time.monotonic() - started_at:.0f} s")
     result = {"machine": info, "args": {k: (str(v) if isinstance(v, Path) else v)
                                         for k, v in vars(args).items()},
-              "summary": summary, "headroom": room, "memory": mem, "postfix": pf_summary,
-              "postfix_runs": pf_rows, "runs": rows}
+              "callbacks": calls, "summary": summary, "headroom": room, "memory": mem,
+              "postfix": pf_summary, "postfix_runs": pf_rows, "runs": rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(f"results: {args.json}")

@@ -51,6 +51,10 @@ def test_quick_benchmark_run_has_no_failures(tmp_path: Path) -> None:
         if r["conns"] == 8:
             assert sum(r["worker_connections"]) == 8, r["worker_connections"]
     assert "Pre-forked workers: connections held by each worker" in out
+    # The per-callback section: pymilterkit's callbacks cost more than empty ones, and both > 0.
+    assert "callback (warm, one thread)" in out
+    calls = data["callbacks"]
+    assert calls["message_us"] > calls["empty_message_us"] > 0
     [memory] = data["memory"]
     assert memory["short_connection_failures"] == 0
     assert memory["rss_after_1000_kib"] > 0
