@@ -1,6 +1,6 @@
 """pymilterkit benchmark suite: one command, every milter, one table.
 
-    python3 benchmarks/run.py                    # full run (about 15 minutes on 2 cores)
+    python3 benchmarks/run.py                    # full run (about 17 minutes on 2 cores)
     python3 benchmarks/run.py --quick            # smoke run, seconds; no figures worth quoting
     python3 benchmarks/run.py --seconds 4 --reps 5 --pins none split
     python3 benchmarks/run.py --postfix          # also: throughput through a throwaway Postfix
