@@ -32,9 +32,14 @@ _RESPAWN_WINDOW = 10.0
 _STOP_GRACE = 30.0
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
 def _child(milter: Milter, fd: int, parent: int, slot: int) -> None:
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+    for signum in (*_STOP_SIGNALS, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
+    # Blocked by the parent around fork, so no stop signal ran the parent's handler here.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     code = 0
     try:
         die_with_parent(signal.SIGTERM)
@@ -52,22 +57,25 @@ def _child(milter: Milter, fd: int, parent: int, slot: int) -> None:
 
 def run_prefork(milter: Milter) -> None:
     """Serve with `milter.workers` processes until a stop signal; raise if workers failed."""
-    sock = open_listener(milter.spec, milter.backlog, milter.socket_mode, milter.socket_group)
-    drop_privileges(milter.user, milter.group)
-    fd = sock.fileno()
-    os.set_inheritable(fd, True)
     parent = os.getpid()
     children: dict[int, int] = {}  # pid -> slot
+    signalled: set[int] = set()  # workers sent SIGTERM
     deaths: list[float] = []
     stopping = False
     stop_deadline = 0.0
     failed = False
 
     def spawn(slot: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            _child(milter, fd, parent, slot)
-        children[pid] = slot
+        # A stop signal waits until the new worker is known here (the parent's handler then
+        # stops it too) and, in the worker, until it has its own handlers.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _child(milter, fd, parent, slot)
+            children[pid] = slot
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping, stop_deadline
@@ -76,14 +84,30 @@ def run_prefork(milter: Milter) -> None:
             logger.info("signal %s: stopping %d worker(s)", signal.Signals(signum).name,
                         len(children))
         stopping = True
-        for pid in list(children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        stop_workers()
 
-    previous = {s: signal.signal(s, on_signal) for s in
-                (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    def stop_workers() -> None:
+        for pid in list(children):
+            if pid not in signalled:
+                signalled.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+
+    # Handlers first: a stop that comes as soon as the socket exists is still an orderly one.
+    previous = {s: signal.signal(s, on_signal) for s in _STOP_SIGNALS}
+    try:
+        sock = open_listener(milter.spec, milter.backlog, milter.socket_mode, milter.socket_group)
+    except BaseException:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        raise
+    drop_privileges(milter.user, milter.group)
+    fd = sock.fileno()
+    os.set_inheritable(fd, True)
     try:
         for slot in range(milter.workers):
+            if stopping:
+                break
             spawn(slot)
         logger.info("%s: %d workers on %s", milter.name, milter.workers, milter.spec)
         while children:
@@ -94,6 +118,7 @@ def run_prefork(milter: Milter) -> None:
             if pid == 0:
                 time.sleep(0.05)
                 if stopping:
+                    stop_workers()  # also one forked while the signal was being handled
                     # Wake the workers' listeners so each notices the stop at once.
                     poke(milter.spec)
                     if time.monotonic() > stop_deadline:
@@ -106,7 +131,8 @@ def run_prefork(milter: Milter) -> None:
             slot = children.pop(pid)
             code = os.waitstatus_to_exitcode(status)
             if stopping:
-                if code != 0:
+                # -SIGTERM: the stop reached a worker still starting, before its handler.
+                if code not in (0, -signal.SIGTERM):
                     failed = True
                     logger.error("worker %d exited with %d", pid, code)
                 continue

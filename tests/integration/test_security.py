@@ -14,6 +14,8 @@ import pytest
 from pymilterkit import Status
 from pymilterkit.testing import HeaderAdded, MilterClient, MilterProcess
 
+from .workers import worker_pids
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 COUNTER = "examples.rcpt_count:RcptCount"
@@ -32,11 +34,6 @@ def proc_status(pid: int, field: str) -> list[str]:
         if line.startswith(field + ":"):
             return line.split()[1:]
     raise AssertionError(f"no {field} in /proc/{pid}/status")
-
-
-def children(pid: int) -> list[int]:
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(p) for p in text.split()]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -73,7 +70,7 @@ def test_drop_privileges_to_nobody(workers: int) -> None:
         assert st.st_uid == 0 and st.st_gid == grp.getgrnam("nogroup").gr_gid
         assert stat.S_IMODE(st.st_mode) == 0o660
         # The process that serves (the workers, with --workers) runs as nobody, for good.
-        servers = children(milter.pid) if workers > 1 else [milter.pid]
+        servers = worker_pids(milter.pid, workers) if workers > 1 else [milter.pid]
         assert len(servers) == workers
         for pid in servers:
             assert proc_status(pid, "Uid") == [str(nobody.pw_uid)] * 4

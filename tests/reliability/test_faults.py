@@ -16,6 +16,7 @@ from pymilterkit import MilterTimeout, Status
 from pymilterkit.testing import MilterClient, MilterProcess
 from tests.e2e.conftest import milter_socket_dir, postfix_factory
 from tests.e2e.postfix import PostfixFactory
+from tests.integration.workers import worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -58,8 +59,7 @@ def test_sigkill_of_a_worker_under_postfix_fails_only_its_connection(
         env={**os.environ, "BLOCKING_PID_FILE": str(marker)},
     )
     with milter:
-        workers = children(milter.pid)
-        assert len(workers) == 2
+        workers = set(worker_pids(milter.pid, 2))
         postfix = postfix_factory(f"unix:{sock}", {"milter_default_action": "tempfail"})
 
         outcome: dict[str, object] = {}

@@ -1,0 +1,25 @@
+"""Finding the pre-forked workers of a milter under test.
+
+A pre-forked milter's socket exists (the parent opens it) a moment before its workers are
+forked, so `MilterProcess` may report the milter ready while the workers are still starting:
+tests that look at the workers wait for them here.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def worker_pids(parent: int, count: int, timeout: float = 10.0) -> list[int]:
+    """The PIDs of `parent`'s pre-forked workers, once `count` of them run (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    children: list[int] = []
+    while time.monotonic() < deadline:
+        children = [int(p) for p in
+                    Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        if len(children) >= count:
+            break
+        time.sleep(0.05)
+    assert len(children) == count, f"expected {count} workers, found {children}"
+    return children
