@@ -41,7 +41,11 @@ def test_stop_signals_end_the_run_cleanly(signum: int) -> None:
         assert milter.wait(15) == 0, milter.log()
         log = milter.log()
     assert "Traceback" not in log
-    assert f"signal {signal.Signals(signum).name}: stopping" in log
+    # Python's handler logs the signal and stops at once. libmilter's own sigwait thread waits
+    # for the same three signals, and now and then (seen under CPU load) the kernel hands it
+    # the signal instead: libmilter then stops the run itself, at its next 5 s listener poll.
+    # Either way the run must end cleanly, with every session closed from the Python side.
+    assert "stopped: " in log
     assert not os.path.exists(milter.spec.path), "socket file left behind"
 
 
