@@ -79,9 +79,10 @@ def header_name(name: str | bytes) -> bytes:
 
 
 def header_value(value: str | bytes) -> bytes:
-    """A header value; line breaks only as folding (`\\n` + space or tab), no NUL."""
-    if value.__class__ is str and value.isprintable():
-        return value.encode("utf-8", "surrogateescape")
+    """A header value; line breaks only as folding (`\\n` + space or tab), no NUL.
+
+    `header` takes a printable `str` (no line break, no NUL) without calling this.
+    """
     raw = _no_nul(to_bytes(value, "header value"), "header value")
     bad = _BAD_BREAK.search(raw)
     if bad is not None:
@@ -94,7 +95,8 @@ def header_value(value: str | bytes) -> bytes:
 
 def header(name: str | bytes, value: str | bytes, extra: int = 0) -> tuple[bytes, bytes]:
     """Name and value of one header action, with the packet size checked."""
-    # The common case (a known name, a printable str value) without a further call.
+    # The common case without a further call: a name `header_name` has already checked (its
+    # cache), and a printable str value (no line break, no NUL: nothing to check).
     raw_name = _header_names.get(name) if name.__class__ is str else None
     if raw_name is None:
         raw_name = header_name(name)
