@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -95,16 +96,12 @@ def run_prefork(milter: Milter) -> None:
 
     # Handlers first: a stop that comes as soon as the socket exists is still an orderly one.
     previous = {s: signal.signal(s, on_signal) for s in _STOP_SIGNALS}
+    sock: socket.socket | None = None
     try:
         sock = open_listener(milter.spec, milter.backlog, milter.socket_mode, milter.socket_group)
-    except BaseException:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        raise
-    drop_privileges(milter.user, milter.group)
-    fd = sock.fileno()
-    os.set_inheritable(fd, True)
-    try:
+        drop_privileges(milter.user, milter.group)
+        fd = sock.fileno()
+        os.set_inheritable(fd, True)
         for slot in range(milter.workers):
             if stopping:
                 break
@@ -148,9 +145,10 @@ def run_prefork(milter: Milter) -> None:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        sock.close()
-        if milter.spec.kind == "unix":
-            with contextlib.suppress(OSError):
-                os.unlink(milter.spec.path)
+        if sock is not None:
+            sock.close()
+            if milter.spec.kind == "unix":
+                with contextlib.suppress(OSError):
+                    os.unlink(milter.spec.path)
     if failed:
         raise LibmilterError("one or more workers failed; see the log")
