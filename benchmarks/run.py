@@ -387,8 +387,6 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for f in (*FIGURES, "loadgen_cpu_us_per_msg", "milter_rss_kib"):
             s[f] = round(statistics.median(r.get(f, 0.0) for r in rs), 4)
         s["runs"] = len(rs)
-        s["worker_splits"] = ["/".join(map(str, r["worker_connections"])) for r in rs
-                              if r.get("worker_connections")]
         s["failed_runs"] = sum(not ok(r) for r in rs)
         s["messages"] = sum(r.get("messages", 0) for r in rs)
         s["failures"] = sum(r.get("failures", 0) for r in rs)
