@@ -48,7 +48,7 @@ def _empty_stage(self: _trampolines.Dispatcher, stage: str,
             return 0
 
         return eom
-    answer = int(self.noreply_answer if stage in self.noreply else Status.CONTINUE)
+    answer = int(Status.NOREPLY if stage in self.noreply else Status.CONTINUE)
 
     def envelope(ctx: int, argv: Any) -> int:
         if not pins.__dict__:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._flags import NOREPLY_MASK, Actions, ProtocolOpts, Status
+from ._flags import Actions, ProtocolOpts, Status
 from ._logsafe import install as _install_log_escaping
 from ._session import MilterSession, SessionBackend
 
@@ -35,22 +35,21 @@ class SessionDriver:
         session_class: type[MilterSession],
         error_status: Status,
         *,
-        strip_noreply: bool = False,
+        tcp: bool = False,
     ) -> None:
         self.session_class = session_class
         self.spec = session_class.negotiation()
         self.error_status = error_status
-        self.strip_noreply = strip_noreply
-        # @noreply stages answer nothing; where no-reply is not negotiated (TCP), CONTINUE.
-        self.noreply = frozenset(self.spec.noreply)
-        self.noreply_answer = Status.CONTINUE if strip_noreply else Status.NOREPLY
+        self.noreply = frozenset(self.spec.noreply)  # @noreply stages: nothing is sent back
         # On TCP, Postfix sends the DATA stage's macros even when DATA is negotiated away, as a
         # packet of its own that the milter never answers; its next packet (end of message) then
         # waits for the ACK of that one (Nagle on the MTA's side), which the milter's kernel
         # delays by ~40 ms: every message. So on TCP the DATA stage is kept and answered
         # (CONTINUE): the macros travel with the command and the reply carries the ACK. Asking
         # for no DATA macros does not help: Postfix still sends an empty macro packet.
-        self.answer_data = strip_noreply and "on_data" not in self.spec.stages
+        # No-reply stages are kept on TCP: measured through Postfix, none of them stalls once
+        # DATA is answered, and they save the MTA a round trip each (docs/performance.md).
+        self.answer_data = tcp and "on_data" not in self.spec.stages
         self.created = 0
 
     # -- hooks -----------------------------------------------------------------------------
@@ -88,7 +87,7 @@ class SessionDriver:
         else:
             self.fatal(exc, stage)
         if stage in self.noreply:
-            return self.noreply_answer
+            return Status.NOREPLY
         return self.error_status
 
     def bad_result(self, result: object, stage: str) -> int:
@@ -122,7 +121,7 @@ class SessionDriver:
                     stage == "on_eom" or (result in ENDS_MESSAGE and stage != "on_rcpt")
                 )
             if stage in self.noreply:
-                return self.noreply_answer
+                return Status.NOREPLY
             if result.__class__ is Status and result is not Status.NOREPLY:
                 return int(result)
             return self.bad_result(result, stage)
@@ -148,10 +147,8 @@ class SessionDriver:
             if status is not Status.CONTINUE:
                 logger.info("on_negotiate answered %s: refusing the connection", status.name)
                 return int(status), 0, 0
-            if self.strip_noreply:
-                opts = ProtocolOpts(int(opts) & ~int(NOREPLY_MASK))
-                if self.answer_data:
-                    opts &= ~ProtocolOpts.NO_DATA
+            if self.answer_data:
+                opts = ProtocolOpts(int(opts) & ~int(ProtocolOpts.NO_DATA))
             missing = Actions(int(actions) & ~offered_actions)
             if missing:
                 logger.error(

@@ -186,7 +186,7 @@ class Milter:
         lib = self._lib = c.load()
         tcp = self.spec.kind in ("inet", "inet6")
         self.dispatcher = Dispatcher(
-            self.session_class, lib, self.error_status, self._on_fatal, strip_noreply=tcp
+            self.session_class, lib, self.error_status, self._on_fatal, tcp=tcp
         )
         desc = self.dispatcher.descriptor(self.name.encode("utf-8", "surrogateescape"))
         if lib.smfi_register(desc) != c.MI_SUCCESS:

@@ -60,9 +60,8 @@ _CHANGE_BODY, _QUARANTINE = Actions.CHANGE_BODY, Actions.QUARANTINE
 def noreply(method: _F) -> _F:
     """Mark a stage method whose answer does not matter, so the MTA does not wait for it.
 
-    Whatever the method returns is ignored. On unix sockets the stage is negotiated with its
-    SMFIP_NR_* flag and nothing is sent back; on inet sockets the runner answers CONTINUE
-    instead (no-reply makes TCP stall on Nagle's algorithm). Use it for stages that only
+    Whatever the method returns is ignored: the stage is negotiated with its SMFIP_NR_* flag
+    and nothing is sent back, so the MTA saves a round trip. Use it for stages that only
     collect data (e.g. `on_header`). Valid on on_connect, on_helo, on_mail, on_rcpt, on_data,
     on_unknown, on_header, on_eoh and on_body.
     """

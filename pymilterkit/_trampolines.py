@@ -110,9 +110,9 @@ class Dispatcher(SessionDriver):
         lib: c.Libmilter,
         error_status: Status,
         on_fatal: Callable[[BaseException], None],
-        strip_noreply: bool = False,
+        tcp: bool = False,
     ) -> None:
-        super().__init__(session_class, error_status, strip_noreply=strip_noreply)
+        super().__init__(session_class, error_status, tcp=tcp)
         self.lib = lib
         self.on_fatal = on_fatal
         self.sessions: dict[int, MilterSession] = {}
@@ -145,7 +145,6 @@ class Dispatcher(SessionDriver):
         pin, pins = c.pin_thread_state, c._pins
         method = getattr(self.session_class, stage)
         noreply = stage in self.noreply
-        noreply_answer = self.noreply_answer
         # Which results end the message matters only to on_abort (run inside a message).
         track = "on_abort" in self.spec.stages and stage not in CONNECTION_STAGES
         is_rcpt, is_eom = stage == "on_rcpt", stage == "on_eom"
@@ -184,7 +183,7 @@ class Dispatcher(SessionDriver):
                     is_eom or (result in ENDS_MESSAGE and not is_rcpt)
                 )
             if noreply:
-                return noreply_answer
+                return status_noreply
             if result.__class__ is status_type and result is not status_noreply:
                 return result
             return bad(result, stage)

@@ -187,9 +187,9 @@ class _Dispatch(SessionDriver):
         session_class: type[MilterSession],
         error_status: Status,
         reraise: bool,
-        strip_noreply: bool = False,
+        tcp: bool = False,
     ) -> None:
-        super().__init__(session_class, error_status, strip_noreply=strip_noreply)
+        super().__init__(session_class, error_status, tcp=tcp)
         self.engine = engine
         self.reraise = reraise
         self.session: MilterSession | None = None
@@ -571,7 +571,7 @@ class InProcessMilter:
         tcp: bool = False,
     ) -> None:
         self.engine = _Engine(
-            lambda e: _Dispatch(e, session_class, error_status, reraise, strip_noreply=tcp)
+            lambda e: _Dispatch(e, session_class, error_status, reraise, tcp=tcp)
         )
 
     @property

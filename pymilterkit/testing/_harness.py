@@ -52,7 +52,7 @@ class Harness(MilterDriver):
     are not waited for), the session API's checks, the runner's error policy (an exception is
     logged and answered with `error_status`; with `reraise=True` it propagates instead, which
     is handy in a test). `ConnectionResult.errors` lists the exceptions stage methods raised.
-    `tcp=True` models the runner on an inet socket, where no-reply is not negotiated.
+    `tcp=True` models the runner on an inet socket, where the DATA stage is always answered.
 
         result = Harness(MyFilter).run(b"Subject: hi\\r\\n\\r\\nbody\\r\\n", recipients=["a@b"])
         assert result.status is Status.CONTINUE

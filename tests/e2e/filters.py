@@ -11,7 +11,15 @@ from ipaddress import ip_network
 from typing_extensions import override
 
 from examples.policy import ConnectionPolicy
-from pymilterkit import Actions, EsmtpParams, MilterSession, Status
+from pymilterkit import (
+    Actions,
+    EsmtpParams,
+    InetAddress,
+    MilterSession,
+    Status,
+    UnixAddress,
+    noreply,
+)
 
 REJECT_LINES = (
     "Your message was rejected by the content filter.",
@@ -68,3 +76,55 @@ class LoopbackBlocked(ConnectionPolicy):
     """The connection policy example with 127.0.0.0/8 blocked (Postfix's tests connect there)."""
 
     blocked_networks = (ip_network("127.0.0.0/8"),)
+
+
+class QuietEverywhere(MilterSession):
+    """Every stage but the end of message is @noreply; at eom it adds `X-Rcpt-Count: <n>`.
+
+    On TCP this is the case where the MTA writes the most unanswered packets in a row
+    (connect, helo, mail, each recipient, each header, end of headers, body).
+    """
+
+    actions = Actions.ADD_HEADER
+
+    @noreply
+    @override
+    def on_connect(self, hostname: str, address: InetAddress | UnixAddress | None) -> Status:
+        return Status.CONTINUE
+
+    @noreply
+    @override
+    def on_helo(self, hostname: str) -> Status:
+        return Status.CONTINUE
+
+    @noreply
+    @override
+    def on_mail(self, sender: str, params: EsmtpParams) -> Status:
+        self.count = 0
+        return Status.CONTINUE
+
+    @noreply
+    @override
+    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        self.count += 1
+        return Status.CONTINUE
+
+    @noreply
+    @override
+    def on_header(self, name: str, value: str) -> Status:
+        return Status.CONTINUE
+
+    @noreply
+    @override
+    def on_eoh(self) -> Status:
+        return Status.CONTINUE
+
+    @noreply
+    @override
+    def on_body(self, chunk: bytes) -> Status:
+        return Status.CONTINUE
+
+    @override
+    def on_eom(self) -> Status:
+        self.add_header("X-Rcpt-Count", str(self.count))
+        return Status.CONTINUE

@@ -109,7 +109,7 @@ def test_noreply_stages_are_negotiated_on_unix_sockets() -> None:
         conn.quit()
 
 
-def test_noreply_is_not_negotiated_on_tcp() -> None:
+def test_noreply_is_negotiated_on_tcp_and_data_is_answered() -> None:
     import socket
 
     probe = socket.socket()
@@ -119,12 +119,18 @@ def test_noreply_is_not_negotiated_on_tcp() -> None:
     with MilterProcess("tests.integration.filters:NoReply", f"inet:{port}@127.0.0.1",
                        cwd=ROOT) as milter:
         conn = open_conn(milter)
-        assert conn.negotiation is not None
-        assert not conn.negotiation.protocol & (P.NR_HDR | P.NR_RCPT)
+        neg = conn.negotiation
+        assert neg is not None
+        assert neg.protocol & (P.NR_HDR | P.NR_RCPT) == P.NR_HDR | P.NR_RCPT
+        # NoReply has no on_data, yet on TCP the DATA stage is asked for and answered: its
+        # reply carries the ACK that Postfix's next packet would otherwise wait ~40 ms for.
+        assert not neg.protocol & P.NO_DATA
         rcpt = conn.rcpt("<b@example.com>")
-        assert rcpt is not None and rcpt.status is Status.CONTINUE
+        assert rcpt is not None and rcpt.status is Status.NOREPLY
+        data = conn.data()
+        assert data is not None and data.status is Status.CONTINUE
         answer = conn.header("X-H", "v")
-        assert answer is not None and answer.status is Status.CONTINUE
+        assert answer is not None and answer.status is Status.NOREPLY
         assert conn.eom().modifications == (HeaderAdded("X-Header-Count", "1"),)
         conn.quit()
 
@@ -508,9 +514,10 @@ def test_harness_with_tcp_models_the_runner_on_an_inet_socket() -> None:
     modelled = Harness(NoReply, tcp=True).run_connection([message])
     assert real == modelled
     assert modelled.negotiation is not None
-    assert not modelled.negotiation.protocol & P.NR_HDR
+    assert modelled.negotiation.protocol & P.NR_HDR
+    assert not modelled.negotiation.protocol & P.NO_DATA  # DATA answered on TCP
     assert modelled.messages[0].header("X-Header-Count") == "2"
-    assert Harness(NoReply).run_connection([message]) != real  # on unix: no-reply negotiated
+    assert Harness(NoReply).run_connection([message]) != real  # on unix: no DATA stage
 
 
 def thread_states(client: MilterClient) -> tuple[int, int]:
