@@ -94,8 +94,9 @@ def milter_command(name: str, mode: str, spec: str, venv_py: Path,
     """The command line of one benchmark milter in one reply mode (`world_socket`: a unix
     socket anyone may connect to, for Postfix's smtpd)."""
     noreply = mode == "noreply"
-    if name == "c":
-        return [str(BUILD / "rcptcount"), *(["-n"] if noreply else []), spec]
+    if name == "c":  # -t on TCP: the runner's recipe (TCP_NODELAY listener as fd:N, DATA answered)
+        tcp = ["-t"] if spec.startswith("inet:") else []
+        return [str(BUILD / "rcptcount"), *(["-n"] if noreply else []), *tcp, spec]
     if name in ("pymilter", "pymilter-1cpu"):  # -1cpu: confined by RunningMilter
         return [str(venv_py), str(HERE / "pymilter_rcptcount.py"),
                 *([] if noreply else ["--reply"]), spec]
@@ -555,12 +556,12 @@ def print_memory(mem: list[dict[str, Any]], short: Sequence[int]) -> None:
 
 
 def run_postfix(args: argparse.Namespace, venv_py: Path) -> list[dict[str, Any]]:
-    """msg/s through a private Postfix: pymilterkit and pymilter, each on unix and TCP."""
+    """msg/s through a private Postfix: pymilterkit, pymilter and C, each on unix and TCP."""
     sys.path.insert(0, str(ROOT))
     from tests.e2e.postfix import PostfixInstance, free_port, make_socket_dir
 
     rows = []
-    combos = [(name, mode) for name in ("pymilterkit", "pymilter") for mode in args.modes]
+    combos = [(name, mode) for name in ("pymilterkit", "pymilter", "c") for mode in args.modes]
     for rep in range(args.postfix_reps):
         for name, mode in combos:
             for transport in ("unix", "inet"):
@@ -761,7 +762,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                     "(root; unix vs TCP; pymilterkit vs pymilter)")
     ap.add_argument("--postfix-seconds", type=float, default=6.0)
     ap.add_argument("--postfix-conns", type=int, default=8)
-    ap.add_argument("--postfix-reps", type=int, default=3)
+    ap.add_argument("--postfix-reps", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None,
                     help="results file (default results/latest.json; --quick: build/quick.json)")
     ap.add_argument("--plot", type=Path, default=ROOT / "docs" / "performance.png")
