@@ -11,6 +11,7 @@ from ipaddress import ip_network
 from typing_extensions import override
 
 from examples.policy import ConnectionPolicy
+from examples.rcpt_count import RcptCount
 from pymilterkit import (
     Actions,
     EsmtpParams,
@@ -78,14 +79,12 @@ class LoopbackBlocked(ConnectionPolicy):
     blocked_networks = (ip_network("127.0.0.0/8"),)
 
 
-class QuietEverywhere(MilterSession):
-    """Every stage but the end of message is @noreply; at eom it adds `X-Rcpt-Count: <n>`.
+class QuietEverywhere(RcptCount):
+    """The recipient counter with every stage but the end of message @noreply.
 
     On TCP this is the case where the MTA writes the most unanswered packets in a row
     (connect, helo, mail, each recipient, each header, end of headers, body).
     """
-
-    actions = Actions.ADD_HEADER
 
     @noreply
     @override
@@ -100,14 +99,12 @@ class QuietEverywhere(MilterSession):
     @noreply
     @override
     def on_mail(self, sender: str, params: EsmtpParams) -> Status:
-        self.count = 0
-        return Status.CONTINUE
+        return super().on_mail(sender, params)
 
     @noreply
     @override
     def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
-        self.count += 1
-        return Status.CONTINUE
+        return super().on_rcpt(recipient, params)
 
     @noreply
     @override
@@ -122,9 +119,4 @@ class QuietEverywhere(MilterSession):
     @noreply
     @override
     def on_body(self, chunk: bytes) -> Status:
-        return Status.CONTINUE
-
-    @override
-    def on_eom(self) -> Status:
-        self.add_header("X-Rcpt-Count", str(self.count))
         return Status.CONTINUE
