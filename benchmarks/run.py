@@ -194,7 +194,8 @@ class RunningMilter:
     """One benchmark milter in its own process on a unix socket in a fresh temp dir."""
 
     def __init__(self, name: str, mode: str, venv_py: Path, cpus: set[int] | None = None,
-                 spec: str | None = None, umask: int | None = None) -> None:
+                 spec: str | None = None, umask: int | None = None,
+                 prefix: Sequence[str] = ()) -> None:
         self.name, self.mode = name, mode
         self.tmp = Path(tempfile.mkdtemp(prefix="pmk-bench-"))
         self.spec = spec or f"unix:{self.tmp / 'm.sock'}"
@@ -209,8 +210,8 @@ class RunningMilter:
             if umask is not None:
                 os.umask(umask)
 
-        self.proc = subprocess.Popen(
-            milter_command(name, mode, self.spec, venv_py, umask is not None),
+        self.proc = subprocess.Popen(  # `prefix`: a wrapper such as valgrind (instructions.py)
+            [*prefix, *milter_command(name, mode, self.spec, venv_py, umask is not None)],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             preexec_fn=pre, cwd=ROOT)
         self.pid = self.proc.pid
