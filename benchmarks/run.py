@@ -750,7 +750,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="smoke run: a few seconds, 1 rep, 1 KiB, answered, small memory check")
     ap.add_argument("--seconds", type=float, default=3.0, help="timed seconds per run")
     ap.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per run")
-    ap.add_argument("--reps", type=int, default=3, help="repetitions (medians are reported)")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions (medians are reported)")
     ap.add_argument("--conns", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--bodies", type=int, nargs="+", default=[1024, 65536])
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
