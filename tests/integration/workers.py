@@ -11,15 +11,19 @@ import time
 from pathlib import Path
 
 
+def children(parent: int) -> set[int]:
+    """The PIDs of `parent`'s child processes right now."""
+    return {int(p) for p in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()}
+
+
 def worker_pids(parent: int, count: int, timeout: float = 10.0) -> list[int]:
     """The PIDs of `parent`'s pre-forked workers, once `count` of them run (bounded wait)."""
     deadline = time.monotonic() + timeout
-    children: list[int] = []
+    found: set[int] = set()
     while time.monotonic() < deadline:
-        children = [int(p) for p in
-                    Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
-        if len(children) >= count:
+        found = children(parent)
+        if len(found) >= count:
             break
         time.sleep(0.05)
-    assert len(children) == count, f"expected {count} workers, found {children}"
-    return children
+    assert len(found) == count, f"expected {count} workers, found {sorted(found)}"
+    return sorted(found)

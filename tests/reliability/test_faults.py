@@ -16,17 +16,13 @@ from pymilterkit import MilterTimeout, Status
 from pymilterkit.testing import MilterClient, MilterProcess
 from tests.e2e.conftest import milter_socket_dir, postfix_factory
 from tests.e2e.postfix import PostfixFactory
-from tests.integration.workers import worker_pids
+from tests.integration.workers import children, worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 __all__ = ["milter_socket_dir", "postfix_factory"]  # fixtures used here
 
 MESSAGE = b"From: a@example.net\r\nTo: b@example.com\r\nSubject: fault test\r\n\r\nbody\r\n"
-
-
-def children(pid: int) -> set[int]:
-    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
 
 
 def wait_for(condition: object, timeout: float, what: str) -> None:
