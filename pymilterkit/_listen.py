@@ -2,19 +2,46 @@
 
 Debian's libmilter accepts an inherited, bound socket as `fd:N` (it only calls listen()).
 Opening it here lets the runner set TCP_NODELAY (libmilter sets none, and its end-of-message
-writes then wait ~40 ms for the MTA's delayed ACK), and lets pre-forked workers share one socket.
+writes then wait ~40 ms for the MTA's delayed ACK), create a unix socket with its mode and
+group without a race (`_security.bind_unix_socket`), and lets pre-forked workers share one socket.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 
 from ._errors import SocketSpecError
-from ._security import apply_socket_permissions
+from ._security import UnixSocketFile, bind_unix_socket
 from ._socketspec import SocketSpec, check_unix_path
 
-__all__ = ["open_listener", "poke"]
+__all__ = ["Listener", "open_listener", "poke"]
+
+
+class Listener:
+    """A listening socket and, for a unix socket, the file it created."""
+
+    def __init__(self, sock: socket.socket, file: UnixSocketFile | None = None) -> None:
+        self.sock = sock
+        self.file = file
+
+    def fileno(self) -> int:
+        """The descriptor, for libmilter's `fd:N` or a pre-forked worker."""
+        return self.sock.fileno()
+
+    def close(self, remove: bool = True, closed_by_libmilter: bool = False) -> None:
+        """Close the socket and (`remove`) unlink the unix socket file if it is still ours.
+
+        `closed_by_libmilter`: smfi_main has closed the descriptor already at its stop.
+        """
+        if closed_by_libmilter:
+            self.sock.detach()
+        else:
+            self.sock.close()
+        if self.file is not None:
+            if remove:
+                self.file.remove()
+            else:
+                self.file.close()
 
 
 def _resolve(spec: SocketSpec) -> tuple[int, tuple[object, ...] | str]:
@@ -34,22 +61,31 @@ def open_listener(
     backlog: int | None = None,
     mode: int | None = None,
     group: str | int | None = None,
-) -> socket.socket:
-    """Bind and listen on `spec`; inet sockets get SO_REUSEADDR and TCP_NODELAY."""
+) -> Listener:
+    """Bind and listen on `spec`; inet sockets get SO_REUSEADDR and TCP_NODELAY.
+
+    A unix socket gets `mode` (None: 0o660) and `group` before it appears at its path, and
+    replaces a stale socket there (a live one is refused).
+    """
     backlog = backlog or socket.SOMAXCONN
     if spec.kind == "unix":
         check_unix_path(spec)
-        if os.path.exists(spec.path):
-            os.unlink(spec.path)  # stale (check_unix_path refused a live one)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(spec.path)
-            apply_socket_permissions(spec.path, mode, group)
-            sock.listen(backlog)
+            file = bind_unix_socket(sock, spec.path, mode, group)
         except OSError as exc:
             sock.close()
             raise SocketSpecError(f"could not listen on {spec}: {exc}") from None
-        return sock
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            sock.listen(backlog)
+        except OSError as exc:
+            sock.close()
+            file.remove()
+            raise SocketSpecError(f"could not listen on {spec}: {exc}") from None
+        return Listener(sock, file)
     if spec.kind not in ("inet", "inet6"):
         raise SocketSpecError(f"cannot open {spec} here")
     family, address = _resolve(spec)
@@ -65,7 +101,7 @@ def open_listener(
     except OSError as exc:
         sock.close()
         raise SocketSpecError(f"could not listen on {spec}: {exc}") from None
-    return sock
+    return Listener(sock)
 
 
 def poke(spec: SocketSpec) -> None:

@@ -12,15 +12,14 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
 from ._errors import LibmilterError
 from ._libmilter import die_with_parent
-from ._listen import open_listener, poke
-from ._security import drop_privileges
+from ._listen import Listener, open_listener, poke
+from ._security import check_can_drop_privileges, drop_privileges
 
 if TYPE_CHECKING:
     from ._runner import Milter
@@ -96,8 +95,9 @@ def run_prefork(milter: Milter) -> None:
 
     # Handlers first: a stop that comes as soon as the socket exists is still an orderly one.
     previous = {s: signal.signal(s, on_signal) for s in _STOP_SIGNALS}
-    sock: socket.socket | None = None
+    sock: Listener | None = None
     try:
+        check_can_drop_privileges(milter.user, milter.group)
         sock = open_listener(milter.spec, milter.backlog, milter.socket_mode, milter.socket_group)
         drop_privileges(milter.user, milter.group)
         fd = sock.fileno()
@@ -147,8 +147,5 @@ def run_prefork(milter: Milter) -> None:
             signal.signal(signum, handler)
         if sock is not None:
             sock.close()
-            if milter.spec.kind == "unix":
-                with contextlib.suppress(OSError):
-                    os.unlink(milter.spec.path)
     if failed:
         raise LibmilterError("one or more workers failed; see the log")

@@ -15,7 +15,6 @@ abandoned (its worker pool does not call xxfi_close for parked connections at st
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import os
@@ -33,10 +32,10 @@ from ._affinity import CpuAffinity, confine, plan
 from ._affinity import check as check_affinity
 from ._errors import ConfigurationError, LibmilterError, SocketSpecError
 from ._flags import Status
-from ._listen import open_listener, poke
-from ._security import socket_creation_umask
+from ._listen import Listener, open_listener, poke
+from ._security import check_can_drop_privileges, drop_privileges
 from ._session import MilterSession
-from ._socketspec import SocketSpec, check_unix_path, parse_socket_spec
+from ._socketspec import SocketSpec, parse_socket_spec
 from ._trampolines import Dispatcher
 
 __all__ = ["Milter", "libmilter_version", "run", "set_debug_level", "shutdown"]
@@ -134,7 +133,7 @@ class Milter:
         self._main_done = threading.Event()
         self._lib: c.Libmilter | None = None
         self.dispatcher: Dispatcher | None = None
-        self._listener: socketlib.socket | None = None
+        self._listener: Listener | None = None
         self._inherited = False
 
     # -- running ---------------------------------------------------------------------------
@@ -191,13 +190,15 @@ class Milter:
         desc = self.dispatcher.descriptor(self.name.encode("utf-8", "surrogateescape"))
         if lib.smfi_register(desc) != c.MI_SUCCESS:
             raise LibmilterError("smfi_register failed")
-        if inherited_fd is None and self.spec.kind == "unix":
-            check_unix_path(self.spec)
-        if inherited_fd is None and tcp:
-            # Our own socket with TCP_NODELAY, handed over as fd:N (Debian's libmilter).
-            self._listener = open_listener(self.spec, self.backlog)
+        if inherited_fd is None:
+            check_can_drop_privileges(self.user, self.group)
+            # Our own socket, handed over as fd:N (Debian's libmilter): TCP gets TCP_NODELAY,
+            # a unix socket its mode and group before it appears at its path.
+            self._listener = open_listener(
+                self.spec, self.backlog, self.socket_mode, self.socket_group
+            )
             inherited_fd = self._listener.fileno()
-        conn = self.spec.libmilter() if inherited_fd is None else f"fd:{inherited_fd}"
+        conn = f"fd:{inherited_fd}"
         if lib.smfi_setconn(conn.encode()) != c.MI_SUCCESS:
             raise SocketSpecError(f"libmilter refused socket spec {conn}")
         if self.timeout is not None:
@@ -205,21 +206,25 @@ class Milter:
         if self.backlog is not None and lib.smfi_setbacklog(self.backlog) != c.MI_SUCCESS:
             raise ConfigurationError(f"libmilter refused backlog {self.backlog}")
         lib.smfi_setdbg(self.debug_level or _default_debug_level)
-        with socket_creation_umask(self.socket_mode):
-            opened = lib.smfi_opensocket(1) == c.MI_SUCCESS
+        opened = lib.smfi_opensocket(0) == c.MI_SUCCESS
         if not opened and self._listener is not None:
-            # A libmilter without the fd:N spec: fall back to its own inet socket.
-            logger.warning("libmilter does not accept fd:N; listening without TCP_NODELAY")
             self._listener.close()
             self._listener = None
+            if not tcp:
+                raise SocketSpecError(
+                    f"this libmilter does not accept an inherited socket (fd:N, a Debian "
+                    f"patch), which pymilterkit needs to create {self.spec} safely"
+                )
+            # A libmilter without the fd:N spec: fall back to its own inet socket.
+            logger.warning("libmilter does not accept fd:N; listening without TCP_NODELAY")
             lib.smfi_setconn(self.spec.libmilter().encode())
-            opened = lib.smfi_opensocket(1) == c.MI_SUCCESS
+            opened = lib.smfi_opensocket(0) == c.MI_SUCCESS
         if not opened:
             raise SocketSpecError(
                 f"could not listen on {self.spec}: {self._why_not_listening()}"
             )
-        if inherited_fd is None or self._listener is not None:
-            self._secure_socket()
+        if not self._inherited:
+            drop_privileges(self.user, self.group)
 
     def _why_not_listening(self) -> str:
         if self.spec.kind in ("inet", "inet6"):
@@ -235,13 +240,6 @@ class Milter:
             if not os.access(directory, os.W_OK):
                 return f"no write permission in {directory}"
         return "libmilter could not create the socket (see syslog)"
-
-    def _secure_socket(self) -> None:
-        from ._security import apply_socket_permissions, drop_privileges
-
-        if self.spec.kind == "unix":
-            apply_socket_permissions(self.spec.path, self.socket_mode, self.socket_group)
-        drop_privileges(self.user, self.group)
 
     def _serve(self) -> None:
         lib = self._lib
@@ -286,11 +284,11 @@ class Milter:
             logger.debug("released %d thread state(s) of ended libmilter workers", released)
 
     def _remove_socket_file(self) -> None:
-        # libmilter unlinks its unix socket only when not running as root; a pre-forked
+        # The socket is ours (fd:N): libmilter neither created nor removes it. A pre-forked
         # worker leaves the shared socket to its parent.
-        if self.spec.kind == "unix" and self._listener is None and not self._inherited:
-            with contextlib.suppress(OSError):
-                os.unlink(self.spec.path)
+        if self._listener is not None:
+            self._listener.close(closed_by_libmilter=True)
+            self._listener = None
 
     def _drain(self, limit: float = 10.0) -> None:
         """Wait (bounded) for callbacks still running on libmilter's threads."""

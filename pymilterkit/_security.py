@@ -1,10 +1,12 @@
-"""Socket permissions and privilege dropping for the runner.
+"""Unix socket creation with its mode and group, and privilege dropping, for the runner.
 
 Anyone who can connect to a milter's socket can talk to it as if they were the MTA, so a unix
 socket is created owner-and-group only (`DEFAULT_SOCKET_MODE`, 0o660) unless `socket_mode` says
-otherwise: libmilter would leave whatever the umask gives, often world-connectable. The mode is
-already right when the socket appears (the umask is narrowed around its creation), not only
-after a chmod, so no client can slip in between.
+otherwise. The socket's directory may be writable by someone else (the milter's own user, in the
+documented setup), who could swap the fresh socket for a symlink between bind() and a chmod by
+path. So the socket is bound inside a private directory that only this process can write, its
+group and mode are set there, and only then is it renamed into place: no path anybody else can
+change is ever followed while root works on it.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ import contextlib
 import grp
 import os
 import pwd
-from collections.abc import Iterator
+import secrets
+import socket
+import stat
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, SocketSpecError
 
 __all__ = [
     "DEFAULT_SOCKET_MODE",
-    "apply_socket_permissions",
+    "UnixSocketFile",
+    "bind_unix_socket",
+    "check_can_drop_privileges",
     "drop_privileges",
-    "socket_creation_umask",
 ]
 
 DEFAULT_SOCKET_MODE = 0o660
@@ -45,34 +50,115 @@ def _uid(user: str | int) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-@contextlib.contextmanager
-def socket_creation_umask(mode: int | None) -> Iterator[None]:
-    """Narrow the umask while a unix socket is created so it never has more than `mode`.
+class UnixSocketFile:
+    """The socket file a run created: removed at stop only if it is still the same file."""
 
-    Used at start-up only, before any thread of the milter runs (the umask is per process).
+    def __init__(self, directory_fd: int, name: str, identity: tuple[int, int]) -> None:
+        self._dir_fd = directory_fd
+        self._name = name
+        self._identity = identity
+
+    def remove(self) -> None:
+        """Unlink the socket unless someone replaced it since; never follows a link."""
+        if self._dir_fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            st = os.stat(self._name, dir_fd=self._dir_fd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == self._identity and stat.S_ISSOCK(st.st_mode):
+                os.unlink(self._name, dir_fd=self._dir_fd)
+        self.close()
+
+    def close(self) -> None:
+        """Forget the directory (a pre-forked worker leaves the file to its parent)."""
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
+
+def _private_directory(parent_fd: int, name: str) -> tuple[str, int]:
+    """Create and open a directory only this process's user can write, next to the socket."""
+    for _ in range(8):
+        private = f".{name}.{secrets.token_hex(6)}"
+        try:
+            os.mkdir(private, 0o700, dir_fd=parent_fd)
+        except FileExistsError:
+            continue
+        try:
+            fd = os.open(private, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+        except OSError:
+            continue  # renamed away or replaced by a link: try a fresh name
+        st = os.fstat(fd)
+        if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & 0o077 == 0:
+            return private, fd
+        os.close(fd)  # someone else's directory under our name
+    raise SocketSpecError("could not create a private directory for the unix socket")
+
+
+def _bind_in(sock: socket.socket, directory_fd: int) -> None:
+    via_proc = f"/proc/self/fd/{directory_fd}"
+    if os.path.isdir(via_proc):
+        sock.bind(f"{via_proc}/s")
+        return
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)  # no /proc: bind relative to the dir
+    try:
+        os.fchdir(directory_fd)
+        sock.bind("s")
+    finally:
+        os.fchdir(here)
+        os.close(here)
+
+
+def bind_unix_socket(
+    sock: socket.socket, path: str, mode: int | None, group: str | int | None
+) -> UnixSocketFile:
+    """Bind `sock` at `path` with `mode` (None: `DEFAULT_SOCKET_MODE`) and `group`.
+
+    The socket appears at `path` already with its mode and group, replacing a stale socket
+    there atomically; nothing is done through a path that someone else can redirect.
     """
     wanted = DEFAULT_SOCKET_MODE if mode is None else mode
-    previous = os.umask(0)
-    os.umask(previous | (0o777 & ~wanted))
+    gid = None if group is None else _gid(group)
+    directory, name = os.path.split(path)
+    parent_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        yield
-    finally:
-        os.umask(previous)
+        private, private_fd = _private_directory(parent_fd, name)
+        try:
+            _bind_in(sock, private_fd)
+            # Nobody else can create or swap entries in the private directory.
+            if gid is not None:
+                os.chown("s", -1, gid, dir_fd=private_fd, follow_symlinks=False)
+            os.chmod("s", wanted, dir_fd=private_fd)
+            st = os.stat("s", dir_fd=private_fd, follow_symlinks=False)
+            os.rename("s", name, src_dir_fd=private_fd, dst_dir_fd=parent_fd)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink("s", dir_fd=private_fd)
+            os.close(private_fd)
+            with contextlib.suppress(OSError):
+                os.rmdir(private, dir_fd=parent_fd)
+    except BaseException:
+        os.close(parent_fd)
+        raise
+    return UnixSocketFile(parent_fd, name, (st.st_dev, st.st_ino))
 
 
-def apply_socket_permissions(path: str, mode: int | None, group: str | int | None) -> None:
-    """chgrp/chmod a freshly created unix socket; `mode` None means `DEFAULT_SOCKET_MODE`."""
-    if group is not None:
-        os.chown(path, -1, _gid(group))
-    os.chmod(path, DEFAULT_SOCKET_MODE if mode is None else mode)
-
-
-def drop_privileges(user: str | int | None, group: str | int | None) -> None:
-    """Switch to `user` (and `group`, else the user's primary group) for good."""
+def check_can_drop_privileges(user: str | int | None, group: str | int | None) -> None:
+    """Refuse `user`/`group` that cannot be switched to, before anything is created."""
     if user is None and group is None:
         return
     if os.geteuid() != 0:
         raise ConfigurationError("dropping privileges (user/group) needs to start as root")
+    if group is not None:
+        _gid(group)
+    if user is not None:
+        _uid(user)
+
+
+def drop_privileges(user: str | int | None, group: str | int | None) -> None:
+    """Switch to `user` (and `group`, else the user's primary group) for good."""
+    check_can_drop_privileges(user, group)
+    if user is None and group is None:
+        return
     gid = _gid(group) if group is not None else None
     if user is not None:
         uid, primary = _uid(user)
