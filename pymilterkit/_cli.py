@@ -10,6 +10,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -32,8 +33,6 @@ def load_session_class(target: str) -> type[MilterSession]:
     if not sep or not module_name or not attr:
         raise ConfigurationError(f"expected MODULE:CLASS, got {target!r}")
     if module_name.endswith(".py"):
-        import os
-
         path = os.path.abspath(module_name)
         spec = importlib.util.spec_from_file_location(
             os.path.splitext(os.path.basename(path))[0], path
@@ -117,7 +116,67 @@ def _cmd_version(args: argparse.Namespace) -> int:
 
 
 Handler = Callable[[argparse.Namespace], int]
-_extra_commands: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+
+_SEND_DOC = """drive a running milter like an MTA and show what it answered.
+
+    pymilterkit send --socket unix:/run/f.sock --from a@example.net --to b@example.org msg.eml
+
+MESSAGE may be a file (`-` for standard input), a directory (every regular file in it, sorted)
+or an mbox file (detected by its first line, `From `). Each message goes over its own milter
+connection. With one message the whole conversation is printed: the negotiation, each stage's
+answer and every modification. With several, one line per message (everything with
+`--verbose`), a progress indicator on standard error, and a summary at the end. `--json`
+prints one JSON document instead (see docs/testing.md for its shape).
+
+Exit status: 0 every message would be delivered (CONTINUE or ACCEPT); 1 at least one was
+rejected, tempfailed or discarded, or the milter failed (could not connect, timed out, closed
+the connection, broke the protocol); 2 bad usage (argparse) or an unreadable message source.
+"""
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    # The testing kit is imported only when `send` runs: `run` never loads it.
+    from .testing._send import cmd_send
+
+    return cmd_send(args)
+
+
+def _add_send_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    doc = "`pymilterkit send`: " + _SEND_DOC
+    parser = subparsers.add_parser(
+        "send",
+        help="drive a running milter like an MTA and show its answers",
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 2)[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("messages", nargs="+", metavar="MESSAGE",
+                        help="message file, '-', a directory or an mbox")
+    parser.add_argument("--socket", required=True,
+                        help="the milter: unix:/path, inet:PORT@HOST, inet6:PORT@[::1]")
+    parser.add_argument("--from", dest="sender", default="sender@example.net",
+                        help="envelope sender (default sender@example.net)")
+    parser.add_argument("--from-params", dest="sender_params", default="",
+                        help="ESMTP parameters of MAIL FROM, e.g. 'BODY=8BITMIME'")
+    parser.add_argument("--to", action="append", required=True,
+                        help="envelope recipient (repeat for more)")
+    parser.add_argument("--client-host", default="mail.example.net",
+                        help="client host name given at connect")
+    parser.add_argument("--client-addr", default="192.0.2.10",
+                        help="client IP address, a /path for a unix client, or 'unknown'")
+    parser.add_argument("--client-port", type=int, default=41234)
+    parser.add_argument("--helo", default="mail.example.net", help="HELO name ('' for none)")
+    parser.add_argument("--unknown", action="append", default=[], metavar="COMMAND",
+                        help="an unknown SMTP command to report after HELO (repeatable)")
+    parser.add_argument("--macro", action="append", default=[], metavar="STAGE:NAME=VALUE",
+                        help="a macro to send, stage connect/helo/mail/rcpt/data/eoh/eom")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds to wait for each answer (default 10)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="with several messages, print every conversation")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress indicator")
+    parser.set_defaults(handler=_cmd_send)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -167,12 +226,7 @@ def _parser() -> argparse.ArgumentParser:
     version = sub.add_parser("version", help="show pymilterkit and libmilter versions")
     version.set_defaults(handler=_cmd_version)
 
-    try:
-        from .testing._send import add_send_command
-    except ImportError:  # pragma: no cover - the testing package ships with pymilterkit
-        pass
-    else:
-        add_send_command(sub)
+    _add_send_command(sub)
     return parser
 
 
@@ -194,3 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`pymilterkit send --json DIR | head`): no traceback, and none
+        # from the interpreter's final flush of stdout either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_FAILED

@@ -23,7 +23,7 @@ import email.message
 import email.policy
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address
 
 from .._flags import Stage
@@ -247,7 +247,3 @@ def header_value_for_milter(value: bytes, leading_space: bool) -> bytes:
 def chunks(body: bytes, size: int) -> list[bytes]:
     """The body in pieces of at most `size` bytes (none for an empty body)."""
     return [body[i : i + size] for i in range(0, len(body), size)]
-
-
-def recipients_of(values: Sequence[str | Recipient]) -> tuple[Recipient, ...]:
-    return tuple(v if isinstance(v, Recipient) else Recipient(v) for v in values)

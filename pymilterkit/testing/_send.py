@@ -1,17 +1,7 @@
-"""`pymilterkit send`: drive a running milter like an MTA and show what it answered.
+"""What `pymilterkit send` does: drive a running milter like an MTA and show its answers.
 
-    pymilterkit send --socket unix:/run/f.sock --from a@example.net --to b@example.org msg.eml
-
-MESSAGE may be a file (`-` for standard input), a directory (every regular file in it, sorted)
-or an mbox file (detected by its first line, `From `). Each message goes over its own milter
-connection. With one message the whole conversation is printed: the negotiation, each stage's
-answer and every modification. With several, one line per message (everything with
-`--verbose`), a progress indicator on standard error, and a summary at the end. `--json`
-prints one JSON document instead (see docs/testing.md for its shape).
-
-Exit status: 0 every message would be delivered (CONTINUE or ACCEPT); 1 at least one was
-rejected, tempfailed or discarded, or the milter failed (could not connect, timed out, closed
-the connection, broke the protocol); 2 bad usage (argparse) or an unreadable message source.
+Its arguments, usage text and exit statuses are defined with the command line in
+`pymilterkit._cli`, which imports this module only when `send` runs.
 """
 
 from __future__ import annotations
@@ -36,7 +26,7 @@ from ._client import MilterClient
 from ._envelope import ClientInfo, Envelope, Recipient
 from ._results import Answer, ConnectionResult, MessageResult, Modification, Step
 
-__all__ = ["add_send_command", "result_to_json"]
+__all__ = ["cmd_send", "result_to_json"]
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 
@@ -187,7 +177,8 @@ def _client_info(args: argparse.Namespace) -> tuple[ClientInfo, dict[str, dict[s
     ), {k: v for k, v in macros.items() if k not in ("connect", "helo")}
 
 
-def _cmd_send(args: argparse.Namespace) -> int:
+def cmd_send(args: argparse.Namespace) -> int:
+    """Run `pymilterkit send` with its parsed arguments (defined in `pymilterkit._cli`)."""
     try:
         client_info, message_macros = _client_info(args)
         client = MilterClient(args.socket, timeout=args.timeout, client=client_info)
@@ -266,42 +257,3 @@ def _cmd_send(args: argparse.Namespace) -> int:
         for source, error in failures:
             print(f"  failed: {source}: {error}", file=out)
     return EXIT_REFUSED if refused else EXIT_OK
-
-
-def add_send_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `send` with the `pymilterkit` command line."""
-    doc = __doc__ or ""
-    parser = subparsers.add_parser(
-        "send",
-        help="drive a running milter like an MTA and show its answers",
-        description=doc.split("\n\n")[0],
-        epilog=doc.split("\n\n", 2)[-1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("messages", nargs="+", metavar="MESSAGE",
-                        help="message file, '-', a directory or an mbox")
-    parser.add_argument("--socket", required=True,
-                        help="the milter: unix:/path, inet:PORT@HOST, inet6:PORT@[::1]")
-    parser.add_argument("--from", dest="sender", default="sender@example.net",
-                        help="envelope sender (default sender@example.net)")
-    parser.add_argument("--from-params", dest="sender_params", default="",
-                        help="ESMTP parameters of MAIL FROM, e.g. 'BODY=8BITMIME'")
-    parser.add_argument("--to", action="append", required=True,
-                        help="envelope recipient (repeat for more)")
-    parser.add_argument("--client-host", default="mail.example.net",
-                        help="client host name given at connect")
-    parser.add_argument("--client-addr", default="192.0.2.10",
-                        help="client IP address, a /path for a unix client, or 'unknown'")
-    parser.add_argument("--client-port", type=int, default=41234)
-    parser.add_argument("--helo", default="mail.example.net", help="HELO name ('' for none)")
-    parser.add_argument("--unknown", action="append", default=[], metavar="COMMAND",
-                        help="an unknown SMTP command to report after HELO (repeatable)")
-    parser.add_argument("--macro", action="append", default=[], metavar="STAGE:NAME=VALUE",
-                        help="a macro to send, stage connect/helo/mail/rcpt/data/eoh/eom")
-    parser.add_argument("--timeout", type=float, default=10.0,
-                        help="seconds to wait for each answer (default 10)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document")
-    parser.add_argument("--verbose", "-v", action="store_true",
-                        help="with several messages, print every conversation")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress indicator")
-    parser.set_defaults(handler=_cmd_send)

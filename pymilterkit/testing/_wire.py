@@ -94,10 +94,6 @@ SKIP = b"s"
 TEMPFAIL = b"t"
 REPLYCODE = b"y"
 
-FINAL_RESPONSES = frozenset((ACCEPT, CONTINUE, DISCARD, REJECT, SKIP, TEMPFAIL, REPLYCODE,
-                             SHUTDOWN, CONN_FAIL))
-"""Responses that end the milter's answer to one command."""
-
 _U32 = struct.Struct(">I")
 _OPTNEG = struct.Struct(">III")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import mailbox
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,3 +122,36 @@ def test_version_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["version"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("pymilterkit ") and "libmilter 1.0.1" in out
+
+
+def test_json_into_a_closed_pipe_ends_without_a_traceback(
+    rcpt_count: MilterProcess, tmp_path: Path
+) -> None:
+    """`pymilterkit send --json DIR | head -1`: the reader leaves early, no BrokenPipeError."""
+    for n in range(40):
+        (tmp_path / f"{n:02}.eml").write_bytes(MESSAGE)
+    send = subprocess.Popen(
+        [sys.executable, "-m", "pymilterkit", "send", "--json", "-q", "--socket",
+         rcpt_count.socket, "--to", "a@example.org", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert send.stdout is not None and send.stderr is not None
+    assert send.stdout.readline().startswith(b"{")
+    send.stdout.close()  # like `head -1`
+    err = send.stderr.read().decode()
+    send.stderr.close()
+    assert send.wait(30) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_run_does_not_load_the_testing_kit() -> None:
+    """The core's command line imports `pymilterkit.testing` only for `send`."""
+    code = (
+        "import sys\n"
+        "from pymilterkit._cli import _parser\n"
+        "_parser().parse_args(['run', 'm:C', '--socket', 'unix:/x'])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pymilterkit.testing')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
