@@ -4,6 +4,10 @@ The GIL lets one process use about one core; N workers use N. The parent opens t
 (so it is opened once, with the right options and permissions), forks the workers, replaces a
 worker that dies, and on SIGTERM/SIGINT/SIGHUP stops them all. State is per process, as in any
 pre-fork server: class attributes or module globals are not shared between workers.
+
+The supervisor knows nothing of libmilter or of `Milter`: it gets a function that opens the
+listener (and drops privileges), a function that serves on an inherited descriptor in a
+worker, and a function that wakes the workers' listeners at stop.
 """
 
 from __future__ import annotations
@@ -13,16 +17,12 @@ import logging
 import os
 import signal
 import time
-from types import FrameType
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from ._errors import LibmilterError
 from ._libmilter import die_with_parent
-from ._listen import Listener, open_listener, poke
-from ._security import check_can_drop_privileges, drop_privileges
-
-if TYPE_CHECKING:
-    from ._runner import Milter
+from ._listen import Listener
+from ._signals import STOP_SIGNALS, on_stop_signals
 
 __all__ = ["run_prefork"]
 
@@ -32,21 +32,17 @@ _RESPAWN_WINDOW = 10.0
 _STOP_GRACE = 30.0
 
 
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-
-
-def _child(milter: Milter, fd: int, parent: int, slot: int) -> None:
-    for signum in (*_STOP_SIGNALS, signal.SIGCHLD):
+def _child(serve: Callable[[int, int], None], fd: int, parent: int, slot: int) -> None:
+    for signum in (*STOP_SIGNALS, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     # Blocked by the parent around fork, so no stop signal ran the parent's handler here.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     code = 0
     try:
         die_with_parent(signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(0)
-        milter._confine_to_cpus(slot)
-        milter.serve_inherited(fd)
+        serve(fd, slot)
     except BaseException:
         logger.exception("worker %d failed", os.getpid())
         code = 1
@@ -55,8 +51,21 @@ def _child(milter: Milter, fd: int, parent: int, slot: int) -> None:
         os._exit(code)
 
 
-def run_prefork(milter: Milter) -> None:
-    """Serve with `milter.workers` processes until a stop signal; raise if workers failed."""
+def run_prefork(
+    workers: int,
+    open_socket: Callable[[], Listener],
+    serve: Callable[[int, int], None],
+    wake: Callable[[], None],
+    name: str,
+    where: str,
+) -> None:
+    """Serve with `workers` processes until a stop signal; raise if workers failed.
+
+    `open_socket()` opens the listener (in this process, once, after the stop signals are
+    handled here); `serve(fd, slot)` serves on it in worker `slot` and returns at its stop;
+    `wake()` ends the workers' waits in accept() so they notice a stop at once; `name` and
+    `where` (the socket) are for the log.
+    """
     parent = os.getpid()
     children: dict[int, int] = {}  # pid -> slot
     signalled: set[int] = set()  # workers sent SIGTERM
@@ -68,21 +77,20 @@ def run_prefork(milter: Milter) -> None:
     def spawn(slot: int) -> None:
         # A stop signal waits until the new worker is known here (the parent's handler then
         # stops it too) and, in the worker, until it has its own handlers.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
-                _child(milter, fd, parent, slot)
+                _child(serve, fd, parent, slot)
             children[pid] = slot
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
+    def on_signal(signum: signal.Signals) -> None:
         nonlocal stopping, stop_deadline
         if not stopping:
             stop_deadline = time.monotonic() + _STOP_GRACE
-            logger.info("signal %s: stopping %d worker(s)", signal.Signals(signum).name,
-                        len(children))
+            logger.info("signal %s: stopping %d worker(s)", signum.name, len(children))
         stopping = True
         stop_workers()
 
@@ -94,19 +102,17 @@ def run_prefork(milter: Milter) -> None:
                     os.kill(pid, signal.SIGTERM)
 
     # Handlers first: a stop that comes as soon as the socket exists is still an orderly one.
-    previous = {s: signal.signal(s, on_signal) for s in _STOP_SIGNALS}
-    sock: Listener | None = None
-    try:
-        check_can_drop_privileges(milter.user, milter.group)
-        sock = open_listener(milter.spec, milter.backlog, milter.socket_mode, milter.socket_group)
-        drop_privileges(milter.user, milter.group)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(on_stop_signals(on_signal))
+        sock = open_socket()
+        cleanup.callback(sock.close)
         fd = sock.fileno()
         os.set_inheritable(fd, True)
-        for slot in range(milter.workers):
+        for slot in range(workers):
             if stopping:
                 break
             spawn(slot)
-        logger.info("%s: %d workers on %s", milter.name, milter.workers, milter.spec)
+        logger.info("%s: %d workers on %s", name, workers, where)
         while children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -117,7 +123,7 @@ def run_prefork(milter: Milter) -> None:
                 if stopping:
                     stop_workers()  # also one forked while the signal was being handled
                     # Wake the workers' listeners so each notices the stop at once.
-                    poke(milter.spec)
+                    wake()
                     if time.monotonic() > stop_deadline:
                         for pid in list(children):
                             with contextlib.suppress(ProcessLookupError):
@@ -136,16 +142,11 @@ def run_prefork(milter: Milter) -> None:
             logger.warning("worker %d died (exit %d); starting a new one", pid, code)
             now = time.monotonic()
             deaths[:] = [t for t in deaths if now - t < _RESPAWN_WINDOW] + [now]
-            if len(deaths) > 5 * milter.workers:
+            if len(deaths) > 5 * workers:
                 logger.error("workers keep dying; giving up")
                 failed = True
-                on_signal(signal.SIGTERM, None)
+                on_signal(signal.SIGTERM)
                 continue
             spawn(slot)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if sock is not None:
-            sock.close()
     if failed:
         raise LibmilterError("one or more workers failed; see the log")

@@ -22,8 +22,7 @@ import signal
 import socket as socketlib
 import threading
 import time
-from types import FrameType
-from typing import Any, Literal, TypedDict
+from typing import Literal, TypedDict
 
 from typing_extensions import Unpack
 
@@ -35,6 +34,7 @@ from ._flags import Status
 from ._listen import Listener, open_listener, poke
 from ._security import check_can_drop_privileges, drop_privileges
 from ._session import MilterSession
+from ._signals import on_stop_signals
 from ._socketspec import SocketSpec, parse_socket_spec
 from ._trampolines import Dispatcher
 
@@ -156,7 +156,14 @@ class Milter:
         if self.workers > 1:
             from ._prefork import run_prefork
 
-            run_prefork(self)
+            run_prefork(
+                self.workers,
+                open_socket=self._open_socket,
+                serve=self._serve_worker,
+                wake=lambda: poke(self.spec),
+                name=self.name,
+                where=str(self.spec),
+            )
             return
         self._confine_to_cpus()
         self._prepare()
@@ -174,11 +181,28 @@ class Milter:
             logger.info("running on CPU %s (cpu_affinity=%r)", ",".join(map(str, sorted(cpus))),
                         self.cpu_affinity)
 
-    def serve_inherited(self, fd: int) -> None:
-        """Serve on an already listening socket (a pre-forked worker); blocks until stopped."""
+    def _serve_worker(self, fd: int, slot: int) -> None:
+        """Serve as pre-forked worker `slot` on the parent's listening socket, until stopped."""
+        self._confine_to_cpus(slot)
         self._inherited = True
         self._prepare(inherited_fd=fd)
         self._serve()
+
+    def _open_socket(self) -> Listener:
+        """Open the listening socket, then drop privileges: once per run, in the process that
+        owns the socket (this one, or the worker supervisor).
+
+        Ours, handed to libmilter as fd:N (Debian's libmilter): TCP gets TCP_NODELAY, a unix
+        socket its mode and group before it appears at its path.
+        """
+        check_can_drop_privileges(self.user, self.group)
+        listener = open_listener(self.spec, self.backlog, self.socket_mode, self.socket_group)
+        try:
+            drop_privileges(self.user, self.group)
+        except BaseException:
+            listener.close()
+            raise
+        return listener
 
     def _prepare(self, inherited_fd: int | None = None) -> None:
         """Register with libmilter and open the listening socket."""
@@ -191,12 +215,7 @@ class Milter:
         if lib.smfi_register(desc) != c.MI_SUCCESS:
             raise LibmilterError("smfi_register failed")
         if inherited_fd is None:
-            check_can_drop_privileges(self.user, self.group)
-            # Our own socket, handed over as fd:N (Debian's libmilter): TCP gets TCP_NODELAY,
-            # a unix socket its mode and group before it appears at its path.
-            self._listener = open_listener(
-                self.spec, self.backlog, self.socket_mode, self.socket_group
-            )
+            self._listener = self._open_socket()
             inherited_fd = self._listener.fileno()
         conn = f"fd:{inherited_fd}"
         if lib.smfi_setconn(conn.encode()) != c.MI_SUCCESS:
@@ -223,8 +242,6 @@ class Milter:
             raise SocketSpecError(
                 f"could not listen on {self.spec}: {self._why_not_listening()}"
             )
-        if not self._inherited:
-            drop_privileges(self.user, self.group)
 
     def _why_not_listening(self) -> str:
         if self.spec.kind in ("inet", "inet6"):
@@ -248,8 +265,7 @@ class Milter:
         main = threading.Thread(
             target=self._main, args=(lib, result), name="libmilter-main", daemon=True
         )
-        restore = self._install_signal_handlers()
-        try:
+        with on_stop_signals(self._on_stop_signal):
             main.start()
             logger.info("%s listening on %s", self.name, self.spec)
             ticks = 0
@@ -258,9 +274,6 @@ class Milter:
                 ticks += 1
                 if ticks % 4 == 0:  # about once a second
                     self._release_thread_states()
-        finally:
-            for signum, handler in restore.items():
-                signal.signal(signum, handler)
         self._drain()
         left = len(self.dispatcher.sessions)
         abandoned = self.dispatcher.close_all()
@@ -297,18 +310,9 @@ class Milter:
         while self.dispatcher.in_flight() and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(signum: int, frame: FrameType | None) -> None:
-            logger.info("signal %s: stopping", signal.Signals(signum).name)
-            self.stop()
-
-        previous: dict[int, Any] = {}
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            previous[signum] = signal.signal(signum, handler)
-        return previous
+    def _on_stop_signal(self, signum: signal.Signals) -> None:
+        logger.info("signal %s: stopping", signum.name)
+        self.stop()
 
     def _on_fatal(self, exc: BaseException) -> None:
         if self._fatal is None:
