@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 from . import _validate as v
 from ._errors import UndeclaredActionError, WrongStageError
 from ._flags import NO_STAGE_MASK, Actions, ProtocolOpts, Stage, Status
+from ._protocol import ALL_ACTIONS, ALL_LIBMILTER_OPTS, STAGES
 from ._types import EsmtpParams, InetAddress, UnixAddress, decode
 
 __all__ = ["STAGE_FLAGS", "ClassSpec", "MilterSession", "SessionBackend", "noreply"]
@@ -32,21 +33,15 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 _NOREPLY_ATTR = "__pymilterkit_noreply__"
 
 STAGE_FLAGS: dict[str, tuple[ProtocolOpts, ProtocolOpts]] = {
-    "on_connect": (ProtocolOpts.NO_CONNECT, ProtocolOpts.NR_CONN),
-    "on_helo": (ProtocolOpts.NO_HELO, ProtocolOpts.NR_HELO),
-    "on_mail": (ProtocolOpts.NO_MAIL, ProtocolOpts.NR_MAIL),
-    "on_rcpt": (ProtocolOpts.NO_RCPT, ProtocolOpts.NR_RCPT),
-    "on_data": (ProtocolOpts.NO_DATA, ProtocolOpts.NR_DATA),
-    "on_unknown": (ProtocolOpts.NO_UNKNOWN, ProtocolOpts.NR_UNKN),
-    "on_header": (ProtocolOpts.NO_HDRS, ProtocolOpts.NR_HDR),
-    "on_eoh": (ProtocolOpts.NO_EOH, ProtocolOpts.NR_EOH),
-    "on_body": (ProtocolOpts.NO_BODY, ProtocolOpts.NR_BODY),
+    info.method: (info.off, info.noreply) for info in STAGES if info.off
 }
 """Stage method -> (flag that switches the stage off, flag that makes it no-reply)."""
 
-OTHER_STAGES = ("on_eom", "on_abort", "on_close", "on_negotiate")
-_ALL_ACTIONS = 0x1FF
-_ALL_OPTS = 0x301FFFFF
+OTHER_STAGES = (
+    *(info.method for info in STAGES if not info.off), "on_abort", "on_close", "on_negotiate"
+)
+_ALL_ACTIONS = int(ALL_ACTIONS)
+_ALL_OPTS = ALL_LIBMILTER_OPTS
 
 # Enum class attributes go through EnumType.__getattr__ on Python 3.11 (~60 ns a lookup); the
 # action methods, which can run for every message, use these module constants.

@@ -11,9 +11,8 @@ import re
 from collections.abc import Sequence
 
 from ._errors import InvalidArgumentError
+from ._protocol import MAX_DATA
 
-MAX_DATA = 65535
-"""libmilter's packet limit (MILTER_MAX_DATA_SIZE): one header, recipient or reply."""
 MAX_REPLY_LINES = 32
 MAX_REPLY_LINE = 980
 

@@ -33,6 +33,7 @@ from typing import Protocol
 
 from .._errors import ProtocolError
 from .._flags import Actions, ProtocolOpts, Status
+from .._protocol import ALL_ACTIONS, ALL_PROTOCOL, ENDS_MESSAGE, STAGES
 from .._types import InetAddress, UnixAddress
 from . import _wire as w
 from ._envelope import (
@@ -67,27 +68,10 @@ __all__ = [
     "run_connection",
 ]
 
-ALL_ACTIONS = Actions(0x1FF)
-"""Every action, as Postfix 3.7 offers."""
-ALL_PROTOCOL = ProtocolOpts(0x1FFFFF)
-"""Every protocol step option of version 6, as Postfix 3.7 offers."""
-
 _STEP_FLAGS: dict[Step, tuple[ProtocolOpts, ProtocolOpts]] = {
-    Step.CONNECT: (ProtocolOpts.NO_CONNECT, ProtocolOpts.NR_CONN),
-    Step.HELO: (ProtocolOpts.NO_HELO, ProtocolOpts.NR_HELO),
-    Step.MAIL: (ProtocolOpts.NO_MAIL, ProtocolOpts.NR_MAIL),
-    Step.RCPT: (ProtocolOpts.NO_RCPT, ProtocolOpts.NR_RCPT),
-    Step.DATA: (ProtocolOpts.NO_DATA, ProtocolOpts.NR_DATA),
-    Step.UNKNOWN: (ProtocolOpts.NO_UNKNOWN, ProtocolOpts.NR_UNKN),
-    Step.HEADER: (ProtocolOpts.NO_HDRS, ProtocolOpts.NR_HDR),
-    Step.EOH: (ProtocolOpts.NO_EOH, ProtocolOpts.NR_EOH),
-    Step.BODY: (ProtocolOpts.NO_BODY, ProtocolOpts.NR_BODY),
+    Step(info.step): (info.off, info.noreply) for info in STAGES if info.off
 }
-_COMMAND_OF = {
-    Step.CONNECT: w.CONNECT, Step.HELO: w.HELO, Step.MAIL: w.MAIL, Step.RCPT: w.RCPT,
-    Step.DATA: w.DATA, Step.UNKNOWN: w.UNKNOWN, Step.HEADER: w.HEADER, Step.EOH: w.EOH,
-    Step.BODY: w.BODY, Step.EOM: w.BODYEOB,
-}
+_COMMAND_OF = {Step(info.step): info.command for info in STAGES}
 _SIMPLE_STATUS = {
     w.CONTINUE: Status.CONTINUE,
     w.ACCEPT: Status.ACCEPT,
@@ -96,7 +80,7 @@ _SIMPLE_STATUS = {
     w.TEMPFAIL: Status.TEMPFAIL,
     w.SKIP: Status.SKIP,
 }
-_MESSAGE_ENDERS = frozenset((Status.ACCEPT, Status.DISCARD, Status.REJECT, Status.TEMPFAIL))
+_MESSAGE_ENDERS = ENDS_MESSAGE
 _MAX_PACKETS_PER_ANSWER = 1_000_000
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from .._dispatch import SessionDriver
 from .._errors import LibmilterError, ProtocolError
 from .._flags import NOREPLY_MASK, Actions, ProtocolOpts, Status
+from .._protocol import MI_FAILURE, STAGES
 from .._session import STAGE_FLAGS, MilterSession
 from .._types import EsmtpParams, decode
 from . import _wire as w
@@ -44,6 +45,12 @@ logger = logging.getLogger("pymilterkit")
 ST_NONE, ST_INIT, ST_OPTS, ST_CONN, ST_HELO, ST_MAIL, ST_RCPT = -1, 0, 1, 2, 3, 4, 5
 ST_DATA, ST_HDRS, ST_EOHS, ST_BODY, ST_ENDM, ST_QUIT, ST_ABRT = 6, 7, 8, 9, 10, 11, 12
 ST_UNKN, ST_Q_NC, ST_SKIP = 13, 14, 16
+_STATE_OF = {
+    "on_connect": ST_CONN, "on_helo": ST_HELO, "on_mail": ST_MAIL, "on_rcpt": ST_RCPT,
+    "on_data": ST_DATA, "on_unknown": ST_UNKN, "on_header": ST_HDRS, "on_eoh": ST_EOHS,
+    "on_body": ST_BODY, "on_eom": ST_ENDM,
+}
+"""The engine state of each stage of `_protocol.STAGES`."""
 
 
 def _mask(*states: int) -> int:
@@ -75,20 +82,14 @@ _NX_SKIP = 1 << ST_SKIP
 # macro slots (CI_*) and the stage each command stores into / clears after
 CI_NONE, CI_CONN, CI_HELO, CI_MAIL, CI_RCPT, CI_DATA, CI_EOM, CI_EOH = -1, 0, 1, 2, 3, 4, 5, 6
 _MACRO_SLOTS = 7
-_MACRO_SLOT_OF = {b"C": CI_CONN, b"H": CI_HELO, b"M": CI_MAIL, b"R": CI_RCPT, b"T": CI_DATA,
-                  b"E": CI_EOM, b"N": CI_EOH}
+_MACRO_SLOT_OF = {info.command: int(info.macros) for info in STAGES if info.macros is not None}
 
 # internal return codes of libmilter's command functions
 _KEEP, _ABORT, _OPTIONS, _FAIL, _NONE = 20, 21, 22, -1, -2
-MI_FAILURE = -1
 
 _CT_IGNO, _CT_END = 0x1, 0x8
 
-_NR_BIT = {
-    ST_CONN: ProtocolOpts.NR_CONN, ST_HELO: ProtocolOpts.NR_HELO, ST_MAIL: ProtocolOpts.NR_MAIL,
-    ST_RCPT: ProtocolOpts.NR_RCPT, ST_DATA: ProtocolOpts.NR_DATA, ST_UNKN: ProtocolOpts.NR_UNKN,
-    ST_HDRS: ProtocolOpts.NR_HDR, ST_EOHS: ProtocolOpts.NR_EOH, ST_BODY: ProtocolOpts.NR_BODY,
-}
+_NR_BIT = {_STATE_OF[info.method]: info.noreply for info in STAGES if info.noreply}
 _SMFI_INTERNAL = 0x70000000
 _SMFI_V1_ACTS, _SMFI_V1_PROT = 0xF, 0x3F
 _U32 = struct.Struct(">I")
@@ -285,15 +286,9 @@ class _Engine:
 
     def _fix_stm(self) -> None:
         fl = self.pflags
-        for flag, state in (
-            (ProtocolOpts.NO_CONNECT, ST_CONN), (ProtocolOpts.NO_HELO, ST_HELO),
-            (ProtocolOpts.NO_MAIL, ST_MAIL), (ProtocolOpts.NO_RCPT, ST_RCPT),
-            (ProtocolOpts.NO_HDRS, ST_HDRS), (ProtocolOpts.NO_EOH, ST_EOHS),
-            (ProtocolOpts.NO_BODY, ST_BODY), (ProtocolOpts.NO_DATA, ST_DATA),
-            (ProtocolOpts.NO_UNKNOWN, ST_UNKN),
-        ):
-            if fl & flag:
-                self.next_states[state] |= _NX_SKIP
+        for info in STAGES:
+            if fl & info.off:
+                self.next_states[_STATE_OF[info.method]] |= _NX_SKIP
 
     def _trans_ok(self, old: int, new: int) -> bool:
         s = old

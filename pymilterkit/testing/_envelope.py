@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address
 
 from .._flags import Stage
+from .._protocol import STAGES
 from .._types import InetAddress, UnixAddress
 from ._results import Step
 
@@ -44,13 +45,7 @@ MessageInput = bytes | bytearray | memoryview | email.message.EmailMessage | str
 """A whole message: bytes, an EmailMessage, or (for convenience) ASCII/UTF-8 text."""
 
 MACRO_STAGES: dict[Step, Stage] = {
-    Step.CONNECT: Stage.CONNECT,
-    Step.HELO: Stage.HELO,
-    Step.MAIL: Stage.ENVFROM,
-    Step.RCPT: Stage.ENVRCPT,
-    Step.DATA: Stage.DATA,
-    Step.EOH: Stage.EOH,
-    Step.EOM: Stage.EOM,
+    Step(info.step): info.macros for info in STAGES if info.macros is not None
 }
 """Conversation steps that carry macros, and their SMFIM_* stage."""
 

@@ -20,6 +20,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 from .._errors import ProtocolError
 from .._flags import Actions, ProtocolOpts, Stage
+from .._protocol import ABORT, BY_METHOD, MACRO, MAX_DATA, OPTNEG, PROTOCOL_VERSION, QUIT, QUIT_NC
 from .._types import InetAddress, UnixAddress, decode
 from ._results import (
     BodyReplaced,
@@ -36,8 +37,13 @@ from ._results import (
 )
 
 __all__ = [
+    "ABORT",
+    "MACRO",
     "MAX_DATA",
+    "OPTNEG",
     "PROTOCOL_VERSION",
+    "QUIT",
+    "QUIT_NC",
     "Packet",
     "PacketReader",
     "decode_modification",
@@ -49,28 +55,15 @@ __all__ = [
     "split_strings",
 ]
 
-PROTOCOL_VERSION = 6
-MAX_DATA = 65535
-"""Largest data part libmilter accepts in one packet (MILTER_MAX_DATA_SIZE)."""
 MAX_PACKET = 1 << 20
 """Refuse packets claiming more than this: a sane milter never sends them."""
 
-# MTA -> milter (SMFIC_*)
-ABORT = b"A"
-BODY = b"B"
-CONNECT = b"C"
-MACRO = b"D"
-BODYEOB = b"E"
-HELO = b"H"
-QUIT_NC = b"K"
-HEADER = b"L"
-MAIL = b"M"
-EOH = b"N"
-OPTNEG = b"O"
-QUIT = b"Q"
-RCPT = b"R"
-DATA = b"T"
-UNKNOWN = b"U"
+# MTA -> milter (SMFIC_*): the stages' commands come from the stage table
+CONNECT, HELO, MAIL, RCPT = (BY_METHOD[m].command for m in ("on_connect", "on_helo", "on_mail",
+                                                              "on_rcpt"))
+DATA, UNKNOWN, HEADER, EOH = (BY_METHOD[m].command for m in ("on_data", "on_unknown",
+                                                               "on_header", "on_eoh"))
+BODY, BODYEOB = BY_METHOD["on_body"].command, BY_METHOD["on_eom"].command
 
 # milter -> MTA (SMFIR_*)
 ADDRCPT = b"+"

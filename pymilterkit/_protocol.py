@@ -1,0 +1,93 @@
+"""The milter protocol's vocabulary, each piece once: the stage table and protocol constants.
+
+Every other table of stages (the session's negotiation flags, the C-callback adapter's
+callback fields, the harness's wire commands, flags and macro stages) is derived from `STAGES`;
+every protocol constant used in more than one place lives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ._flags import Actions, ProtocolOpts, Stage, Status
+
+__all__ = [
+    "ALL_ACTIONS",
+    "ALL_LIBMILTER_OPTS",
+    "ALL_PROTOCOL",
+    "BY_METHOD",
+    "ENDS_MESSAGE",
+    "MAX_DATA",
+    "MI_FAILURE",
+    "MI_SUCCESS",
+    "PROTOCOL_VERSION",
+    "STAGES",
+    "StageInfo",
+]
+
+PROTOCOL_VERSION = 6
+"""The milter protocol version libmilter 8.14+ and Postfix 2.6+ speak."""
+MAX_DATA = 65535
+"""Largest data part libmilter accepts in one packet (MILTER_MAX_DATA_SIZE)."""
+MI_SUCCESS = 0
+MI_FAILURE = -1
+"""libmilter's return codes of smfi_* calls."""
+
+ALL_ACTIONS = Actions(0x1FF)
+"""Every action (SMFIF_*), as Postfix 3.7 offers."""
+ALL_PROTOCOL = ProtocolOpts(0x1FFFFF)
+"""Every protocol step option of version 6, as Postfix 3.7 offers."""
+ALL_LIBMILTER_OPTS = 0x301FFFFF
+"""Every protocol option bit libmilter knows (including the SMFIP_MDS_* sizes)."""
+
+ENDS_MESSAGE = frozenset((Status.REJECT, Status.DISCARD, Status.ACCEPT, Status.TEMPFAIL))
+"""Answers that end the message (at RCPT they refuse only that recipient)."""
+
+# MTA -> milter commands (SMFIC_*) that are not stages
+ABORT, MACRO, OPTNEG, QUIT, QUIT_NC = b"A", b"D", b"O", b"Q", b"K"
+
+
+@dataclasses.dataclass(frozen=True)
+class StageInfo:
+    """One stage of the protocol, as every part of pymilterkit names it."""
+
+    method: str
+    """The `MilterSession` method (`on_rcpt`)."""
+    step: str
+    """The conversation step in the testing kit (`testing.Step` value: "rcpt")."""
+    command: bytes
+    """The MTA's command letter on the wire (SMFIC_*)."""
+    callback: str
+    """The libmilter `smfiDesc` field (`xxfi_envrcpt`)."""
+    off: ProtocolOpts
+    """The NO_* flag that switches the stage off (NONE: it cannot be)."""
+    noreply: ProtocolOpts
+    """The NR_* flag that makes the stage unanswered (NONE: it cannot be)."""
+    macros: Stage | None
+    """Where macros requested for this stage are sent (SMFIM_*), if anywhere."""
+    connection: bool
+    """A connection-level stage: it is not part of a message (no abort follows it)."""
+
+
+_P = ProtocolOpts
+STAGES: tuple[StageInfo, ...] = (
+    StageInfo("on_connect", "connect", b"C", "xxfi_connect", _P.NO_CONNECT, _P.NR_CONN,
+              Stage.CONNECT, True),
+    StageInfo("on_helo", "helo", b"H", "xxfi_helo", _P.NO_HELO, _P.NR_HELO, Stage.HELO, True),
+    StageInfo("on_mail", "mail", b"M", "xxfi_envfrom", _P.NO_MAIL, _P.NR_MAIL,
+              Stage.ENVFROM, False),
+    StageInfo("on_rcpt", "rcpt", b"R", "xxfi_envrcpt", _P.NO_RCPT, _P.NR_RCPT,
+              Stage.ENVRCPT, False),
+    StageInfo("on_data", "data", b"T", "xxfi_data", _P.NO_DATA, _P.NR_DATA, Stage.DATA, False),
+    StageInfo("on_unknown", "unknown", b"U", "xxfi_unknown", _P.NO_UNKNOWN, _P.NR_UNKN,
+              None, True),
+    StageInfo("on_header", "header", b"L", "xxfi_header", _P.NO_HDRS, _P.NR_HDR, None, False),
+    StageInfo("on_eoh", "eoh", b"N", "xxfi_eoh", _P.NO_EOH, _P.NR_EOH, Stage.EOH, False),
+    StageInfo("on_body", "body", b"B", "xxfi_body", _P.NO_BODY, _P.NR_BODY, None, False),
+    StageInfo("on_eom", "eom", b"E", "xxfi_eom", _P.NONE, _P.NONE, Stage.EOM, False),
+)
+"""The stages with a command from the MTA, in protocol order; on_abort, on_close and
+on_negotiate are the other stage methods (no answer, or answered by negotiation)."""
+
+BY_METHOD = {info.method: info for info in STAGES}
+"""`STAGES` by method name."""
