@@ -27,11 +27,11 @@ from pymilterkit.testing import (
     Step,
 )
 
-from . import equivalence_filters as f
+from . import filters as f
 
 pytestmark = pytest.mark.integration
 
-MODULE = "tests.integration.equivalence_filters"
+MODULE = "tests.integration.filters"
 
 MESSAGE = (
     b"From: Sender <sender@example.net>\r\n"
@@ -157,7 +157,7 @@ def reply_scenarios() -> Iterator[Scenario]:
             (Envelope.of("bad@example.net", ["good@example.org", "bad@example.org"]), MESSAGE),
             (Envelope.of("good@example.net", ["good@example.org"]), MESSAGE),
         )
-        yield Scenario(f"reply-{case}", f.Replies, client=ClientInfo(hostname=case),
+        yield Scenario(f"reply-{case}", f.RepliesByStage, client=ClientInfo(hostname=case),
                        messages=envs, check=check_replies(case))
 
 
@@ -292,7 +292,7 @@ SCENARIOS: list[Scenario] = [
              messages=((Envelope(), MESSAGE), (Envelope(), MESSAGE))),
     Scenario(
         "errors",
-        f.Faulty,
+        f.FaultyBySender,
         messages=tuple(
             (Envelope.of(f"{what}@example.net"), MESSAGE)
             for what in ("raise-mail", "garbage", "undeclared", "raise-eom", "fine")
@@ -318,7 +318,7 @@ SCENARIOS: list[Scenario] = [
                                                             address=None, helo="x")),
     Scenario("leading-space", f.LeadingSpace, messages=((Envelope(), EIGHT_BIT),),
              check=check_leadspc),
-    Scenario("quit-new-connection", f.Lifecycle, script=quit_nc_script),
+    Scenario("quit-new-connection", f.ConnectState, script=quit_nc_script),
     Scenario("abort-mid-message", f.AbortCounter, script=abort_mid_message_script),
 ]
 

@@ -61,7 +61,7 @@ def test_rcpt_count_with_miltertest(tmp_path: Path) -> None:
 
 
 def test_every_action_with_miltertest(tmp_path: Path) -> None:
-    with MilterProcess("tests.integration.filters:EveryAction", cwd=ROOT) as milter:
+    with MilterProcess("tests.integration.filters:EveryActionSmallBody", cwd=ROOT) as milter:
         result = run_lua(
             f"""
             conn = mt.connect("{milter.socket}", 20, 0.1)
@@ -71,13 +71,13 @@ def test_every_action_with_miltertest(tmp_path: Path) -> None:
             -- miltertest does not decode ADDRCPT_PAR ('2') packets and keeps only the last
             -- body replacement chunk: both are checked in full by pymilterkit's own client.
             local checks = {{
-              {{MT_HDRADD, "X-Added", "yes"}},
-              {{MT_HDRINSERT, "X-Inserted", "first"}},
+              {{MT_HDRADD, "X-Added", "one"}},
+              {{MT_HDRINSERT, "X-Inserted", "at the top"}},
               {{MT_HDRCHANGE, "Subject", "changed subject"}},
               {{MT_HDRDELETE, "X-Remove-Me"}},
-              {{MT_RCPTADD, "<added@example.com>"}},
-              {{MT_RCPTDELETE, "<removed@example.com>"}},
-              {{MT_BODYCHANGE, "part two\\r\\n"}},
+              {{MT_RCPTADD, "<added@example.org>"}},
+              {{MT_RCPTDELETE, "<rcpt@example.org>"}},
+              {{MT_BODYCHANGE, "appended\\r\\n"}},
               {{MT_QUARANTINE, "held for review"}},
             }}
             for i, c in ipairs(checks) do

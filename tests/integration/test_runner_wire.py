@@ -211,17 +211,20 @@ def test_every_action_reaches_the_mta() -> None:
         conn.quit()
     assert eom.status is Status.CONTINUE
     assert eom.modifications == (
-        HeaderAdded("X-Added", "yes"),
-        HeaderInserted(0, "X-Inserted", "first"),
+        HeaderAdded("X-Added", "one"),
+        HeaderAdded("X-Folded", "first line\n\tsecond line"),
+        HeaderInserted(0, "X-Inserted", "at the top"),
         HeaderChanged("Subject", 1, "changed subject"),
         HeaderDeleted("X-Remove-Me", 1),
-        SenderChanged("<new-sender@example.org>", "RET=HDRS"),
-        RecipientAdded("<added@example.com>", None),
-        RecipientAdded("<added-par@example.com>", "NOTIFY=NEVER"),
-        RecipientRemoved("<removed@example.com>"),
-        BodyReplaced(b"new body, part one\r\npart two\r\n"),
+        HeaderChanged("X-Absent", 3, "appended"),
+        SenderChanged("<new-sender@example.net>", "RET=HDRS"),
+        RecipientAdded("<added@example.org>", None),
+        RecipientAdded("<added-par@example.org>", "NOTIFY=NEVER"),
+        RecipientRemoved("<rcpt@example.org>"),
         Progress(),
+        BodyReplaced(b"new body\r\n" + b"x" * 70000 + b"\r\nappended\r\n"),
         Quarantined("held for review"),
+        Progress(),
     )
 
 

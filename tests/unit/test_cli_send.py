@@ -25,7 +25,7 @@ def rcpt_count() -> Iterator[MilterProcess]:
 
 @pytest.fixture(scope="module")
 def verdicts() -> Iterator[MilterProcess]:
-    with MilterProcess("tests.integration.equivalence_filters:VerdictAt") as process:
+    with MilterProcess("tests.integration.filters:VerdictAt") as process:
         yield process
 
 
