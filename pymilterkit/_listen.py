@@ -61,18 +61,19 @@ def open_listener(
     backlog: int | None = None,
     mode: int | None = None,
     group: str | int | None = None,
+    owner: str | int | None = None,
 ) -> Listener:
     """Bind and listen on `spec`; inet sockets get SO_REUSEADDR and TCP_NODELAY.
 
-    A unix socket gets `mode` (None: 0o660) and `group` before it appears at its path, and
-    replaces a stale socket there (a live one is refused).
+    A unix socket gets `mode` (None: 0o660), `group` and `owner` before it appears at its
+    path, and replaces a stale socket there (a live one is refused).
     """
     backlog = backlog or socket.SOMAXCONN
     if spec.kind == "unix":
         check_unix_path(spec)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            file = bind_unix_socket(sock, spec.path, mode, group)
+            file = bind_unix_socket(sock, spec.path, mode, group, owner)
         except OSError as exc:
             sock.close()
             raise SocketSpecError(f"could not listen on {spec}: {exc}") from None

@@ -196,7 +196,9 @@ class Milter:
         socket its mode and group before it appears at its path.
         """
         check_can_drop_privileges(self.user, self.group)
-        listener = open_listener(self.spec, self.backlog, self.socket_mode, self.socket_group)
+        listener = open_listener(
+            self.spec, self.backlog, self.socket_mode, self.socket_group, owner=self.user
+        )
         try:
             drop_privileges(self.user, self.group)
         except BaseException:

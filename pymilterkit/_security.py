@@ -109,15 +109,22 @@ def _bind_in(sock: socket.socket, directory_fd: int) -> None:
 
 
 def bind_unix_socket(
-    sock: socket.socket, path: str, mode: int | None, group: str | int | None
+    sock: socket.socket,
+    path: str,
+    mode: int | None,
+    group: str | int | None,
+    owner: str | int | None = None,
 ) -> UnixSocketFile:
-    """Bind `sock` at `path` with `mode` (None: `DEFAULT_SOCKET_MODE`) and `group`.
+    """Bind `sock` at `path` with `mode` (None: `DEFAULT_SOCKET_MODE`), `group` and `owner`.
 
-    The socket appears at `path` already with its mode and group, replacing a stale socket
-    there atomically; nothing is done through a path that someone else can redirect.
+    The socket appears at `path` already with its mode, group and owner, replacing a stale
+    socket there atomically; nothing is done through a path that someone else can redirect.
+    `owner` is the user the milter will run as (`--user`): it can then reach its own socket
+    (the stop's wake-up connection) whatever the group.
     """
     wanted = DEFAULT_SOCKET_MODE if mode is None else mode
-    gid = None if group is None else _gid(group)
+    gid = -1 if group is None else _gid(group)
+    uid = -1 if owner is None else _uid(owner)[0]
     directory, name = os.path.split(path)
     parent_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -125,8 +132,8 @@ def bind_unix_socket(
         try:
             _bind_in(sock, private_fd)
             # Nobody else can create or swap entries in the private directory.
-            if gid is not None:
-                os.chown("s", -1, gid, dir_fd=private_fd, follow_symlinks=False)
+            if (uid, gid) != (-1, -1):
+                os.chown("s", uid, gid, dir_fd=private_fd, follow_symlinks=False)
             os.chmod("s", wanted, dir_fd=private_fd)
             st = os.stat("s", dir_fd=private_fd, follow_symlinks=False)
             os.rename("s", name, src_dir_fd=private_fd, dst_dir_fd=parent_fd)

@@ -67,7 +67,8 @@ def test_drop_privileges_to_nobody(workers: int) -> None:
     with MilterProcess(COUNTER, cwd=ROOT, args=["--user", "nobody", "--socket-group", "nogroup",
                                                 "--workers", str(workers)]) as milter:
         st = os.stat(milter.spec.path)
-        assert st.st_uid == 0 and st.st_gid == grp.getgrnam("nogroup").gr_gid
+        # Owned by the user it runs as, so it can reach its own socket (the stop's wake-up).
+        assert st.st_uid == nobody.pw_uid and st.st_gid == grp.getgrnam("nogroup").gr_gid
         assert stat.S_IMODE(st.st_mode) == 0o660
         # The process that serves (the workers, with --workers) runs as nobody, for good.
         servers = worker_pids(milter.pid, workers) if workers > 1 else [milter.pid]
@@ -78,6 +79,22 @@ def test_drop_privileges_to_nobody(workers: int) -> None:
             assert proc_status(pid, "Groups") == []
         for _ in range(4):
             count_ok(milter)
+        assert milter.stop() == 0, milter.log()
+        assert "Traceback" not in milter.log()
+
+
+@root_only
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stop_with_a_socket_group_the_user_is_not_in(workers: int) -> None:
+    """--user nobody --socket-group daemon: the stop's wake-up still reaches the socket (it
+    used to get EACCES and wait out libmilter's 5 s poll)."""
+    assert "nobody" not in grp.getgrnam("daemon").gr_mem
+    with MilterProcess(COUNTER, cwd=ROOT, args=["--user", "nobody", "--socket-group", "daemon",
+                                                "--workers", str(workers)]) as milter:
+        st = os.stat(milter.spec.path)
+        assert st.st_uid == pwd.getpwnam("nobody").pw_uid
+        assert st.st_gid == grp.getgrnam("daemon").gr_gid
+        count_ok(milter)
         assert milter.stop() == 0, milter.log()
         assert "Traceback" not in milter.log()
 
