@@ -1,17 +1,18 @@
 """What every driver of sessions shares: the real runner's trampolines and the test harness.
 
 Creating a session, calling a stage method, the error policy (an exception is logged and
-answered with the error status; a result that is not a `Status` likewise; KeyboardInterrupt and
-SystemExit are fatal), negotiation, and abort/close semantics live here once, so the harness in
-`pymilterkit.testing` cannot drift from what runs in production. The runner's hot path inlines
-`call` for speed but uses the same `fail` and `bad_result`.
+answered with the error status; a result that is not a `Status` likewise; only KeyboardInterrupt
+and SystemExit are fatal, any other BaseException is an error like an Exception), negotiation,
+and abort/close semantics live here once, so the harness in `pymilterkit.testing` cannot drift
+from what runs in production. The runner's hot path inlines `call` for speed but uses the same
+`fail` and `bad_result`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from ._flags import Actions, ProtocolOpts, Status
 from ._logsafe import install as _install_log_escaping
@@ -25,6 +26,7 @@ _install_log_escaping(logger)
 
 ENDS_MESSAGE = frozenset((Status.REJECT, Status.DISCARD, Status.ACCEPT, Status.TEMPFAIL))
 CONNECTION_STAGES = frozenset(("on_connect", "on_helo", "on_unknown"))
+_FATAL = (KeyboardInterrupt, SystemExit)  # the only exceptions that stop the milter
 
 
 class SessionDriver:
@@ -81,11 +83,17 @@ class SessionDriver:
         return session
 
     def fail(self, exc: BaseException, stage: str) -> int:
-        """The answer after `exc` escaped `stage`."""
-        if isinstance(exc, Exception):
-            self.report_error(exc, stage)
-        else:
+        """The answer after `exc` escaped `stage`.
+
+        Only KeyboardInterrupt and SystemExit stop the milter. Any other BaseException
+        (asyncio.CancelledError from a cancelled task, GeneratorExit, a custom subclass) is
+        an error of this stage like an Exception: logged and answered with the error status.
+        """
+        if isinstance(exc, _FATAL):
             self.fatal(exc, stage)
+        else:
+            # report_error's subclasses still annotate Exception; they accept any instance.
+            self.report_error(cast(Exception, exc), stage)
         if stage in self.noreply:
             return Status.NOREPLY
         return self.error_status
