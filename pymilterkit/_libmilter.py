@@ -50,7 +50,9 @@ _char_pp = ctypes.POINTER(ctypes.c_char_p)
 
 # One CFUNCTYPE per callback shape of struct smfiDesc.
 CONNECT = ctypes.CFUNCTYPE(ctypes.c_int, CTX, ctypes.c_char_p, ctypes.c_void_p)
-STR1 = ctypes.CFUNCTYPE(ctypes.c_int, CTX, ctypes.c_char_p)  # helo, unknown
+STR1 = ctypes.CFUNCTYPE(ctypes.c_int, CTX, ctypes.c_char_p)  # helo
+# unknown: a raw pointer, read by unknown_command() (a c_char_p would over-read, issue 19.3).
+PTR1 = ctypes.CFUNCTYPE(ctypes.c_int, CTX, ctypes.c_void_p)
 # envfrom, envrcpt: char **. Declared as a pointer to c_char_p, ctypes hands the trampoline an
 # indexable array object: ~0.1 us per call, where casting a c_void_p cost ~0.5 us.
 ARGV = ctypes.CFUNCTYPE(ctypes.c_int, CTX, ctypes.POINTER(ctypes.c_char_p))
@@ -88,7 +90,7 @@ class SmfiDesc(ctypes.Structure):
         ("xxfi_eom", CTXONLY),
         ("xxfi_abort", CTXONLY),
         ("xxfi_close", CTXONLY),
-        ("xxfi_unknown", STR1),
+        ("xxfi_unknown", PTR1),
         ("xxfi_data", CTXONLY),
         ("xxfi_negotiate", NEGOTIATE),
     ]
@@ -382,6 +384,7 @@ class Callbacks:
         factory = {
             "connect": CONNECT,
             "str1": STR1,
+            "ptr1": PTR1,
             "argv": ARGV,
             "str2": STR2,
             "ctx": CTXONLY,
@@ -405,3 +408,197 @@ def die_with_parent(signum: int) -> None:
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     prctl.restype = ctypes.c_int
     prctl(pr_set_pdeathsig, signum, 0, 0, 0)
+
+
+# -- A context's macros and the unknown command, read without over-reading (issue 19.3) --------
+#
+# smfi_getsymval steps over name/value pairs two pointers at a time; a macro packet with an odd
+# number of strings (an MTA stand-in can send one) makes it step past the array's NULL and
+# strcmp garbage: a segfault. So pymilterkit reads the macro arrays itself, bounded by the
+# array's end. The offsets are those of `struct smfi_str` (libmilter/libmilter.h) of libmilter
+# 1.0.1 (sendmail 8.14-8.17) on LP64: ctx_id, ctx_sd, ctx_dbg, ctx_timeout, ctx_state, ctx_smfi,
+# ctx_prot_vers, ctx_aflags, ctx_pflags, ctx_pflags2mta, ctx_prot_vers2mta, then
+# ctx_mac_ptr[7] (char **, one per stage), ctx_mac_buf[7] (the packet each points into),
+# ctx_mac_list[7], ctx_reply, ctx_privdata. Before trusting them, the layout is checked once
+# on a live context: smfi_setpriv must land at ctx_privdata's offset. Any other build falls
+# back to smfi_getsymval.
+_CTX_MAC_PTR = 80
+_CTX_PRIVDATA = 256
+_MAX_MACROS_ENTRIES = 7
+_MAX_ARGV = 1 << 16  # a packet of at most 64 KiB has fewer strings than this
+_layout_known: bool | None = None
+
+_libc = ctypes.CDLL(None)
+# size_t malloc_usable_size(void *): bounds a read to the allocation it starts in (glibc, musl).
+_usable_size: Any = getattr(_libc, "malloc_usable_size", None)
+if _usable_size is not None:
+    _usable_size.argtypes = [ctypes.c_void_p]
+    _usable_size.restype = ctypes.c_size_t
+
+
+def _check_layout(ctx: int) -> bool:
+    """Whether `ctx` has the struct smfi_str layout above (same for every context)."""
+    if ctypes.sizeof(ctypes.c_void_p) != 8 or ctypes.sizeof(ctypes.c_long) != 8:
+        return False
+    if version() != (1, 0, 1):
+        return False
+    assert _loaded is not None
+    raw = _loaded[1]
+    marker = ctypes.c_char()
+    address = ctypes.addressof(marker)
+    if raw.smfi_setpriv(ctx, address) != MI_SUCCESS:
+        return False
+    try:
+        seen = ctypes.c_void_p.from_address(ctx + _CTX_PRIVDATA).value
+    finally:
+        raw.smfi_setpriv(ctx, None)  # pymilterkit keeps no private data (mi_clr_ctx checks)
+    return seen == address
+
+
+def layout_known(ctx: int) -> bool:
+    """Whether contexts can be read directly (checked once per process, on `ctx`)."""
+    global _layout_known
+    if _layout_known is None:
+        _layout_known = _check_layout(ctx)
+    return _layout_known
+
+
+def _cstring(pointer: int, start: int, blob: bytes | None) -> bytes:
+    """The NUL-terminated string at `pointer`; within `blob` (its allocation from `start`)."""
+    if blob is None:
+        return ctypes.string_at(pointer)
+    offset = pointer - start
+    end = blob.find(b"\0", offset)
+    return blob[offset:] if end < 0 else blob[offset:end]
+
+
+def _allocation(pointer: int) -> bytes | None:
+    """The bytes of the heap allocation starting at `pointer`, or None if unknowable."""
+    if _usable_size is None:
+        return None
+    return ctypes.string_at(pointer, _usable_size(pointer))
+
+
+def _stage_macros(argv: int, buf: int) -> list[bytes]:
+    """One stage's macro strings (names and values alternate), read up to the array's NULL."""
+    blob = _allocation(buf)
+    limit = _MAX_ARGV if _usable_size is None else _usable_size(argv) // 8
+    array = (ctypes.c_void_p * limit).from_address(argv)
+    strings: list[bytes] = []
+    for index in range(limit):
+        pointer = array[index]
+        if not pointer:
+            break
+        if blob is not None and not buf <= pointer < buf + len(blob):
+            break  # not into the packet: stop rather than read anywhere
+        strings.append(_cstring(pointer, buf, blob))
+    return strings
+
+
+def ctx_macro(lib: Libmilter, ctx: int, name: bytes) -> bytes | None:
+    """smfi_getsymval's answer, without walking past an odd-length macro list.
+
+    Same lookup: latest stage first, `x` also matches `{x}` and `{x}` matches `x`; a name
+    without a value (the odd one out) has none.
+    """
+    if not layout_known(ctx):
+        return lib.smfi_getsymval(ctx, name)
+    one = name[1:2] if len(name) == 3 and name[:1] == b"{" and name[2:] == b"}" else None
+    braces = b"{" + name + b"}" if len(name) == 1 else None
+    slots = (ctypes.c_void_p * (2 * _MAX_MACROS_ENTRIES)).from_address(ctx + _CTX_MAC_PTR)
+    for stage in range(_MAX_MACROS_ENTRIES - 1, -1, -1):
+        argv, buf = slots[stage], slots[_MAX_MACROS_ENTRIES + stage]
+        if not argv or not buf:
+            continue
+        strings = _stage_macros(argv, buf)
+        for index in range(0, len(strings), 2):
+            key = strings[index]
+            if key in (name, one, braces):
+                return strings[index + 1] if index + 1 < len(strings) else None
+    return None
+
+
+# The unknown command's length: libmilter passes xxfi_unknown only the packet's pointer (and
+# does not check for its NUL), but mi_engine holds the packet's length in its `genarg` (struct
+# arg_struct: size_t a_len; char *a_buf; int a_idx; SMFICTX *a_ctx) on this thread's stack, with
+# a_buf == the command, a_idx == -1 (no macro stage) and a_ctx == the context: found by
+# scanning the top of the worker thread's stack for exactly that triple.
+_GENARG = struct.Struct("=QQi4xQ")
+_STACK_SCAN = 256 << 10
+_pthread: Any = None
+
+
+def _stack_top() -> tuple[int, int] | None:
+    """This thread's stack as (lowest address, size), or None (not glibc)."""
+    global _pthread
+    if _pthread is None:
+        try:
+            _pthread = (
+                _libc.pthread_self,
+                _libc.pthread_getattr_np,
+                _libc.pthread_attr_getstack,
+                _libc.pthread_attr_destroy,
+            )
+        except AttributeError:
+            _pthread = ()
+        else:
+            _pthread[0].restype = ctypes.c_ulong
+            _pthread[1].argtypes = [ctypes.c_ulong, ctypes.c_void_p]
+            _pthread[2].argtypes = [
+                ctypes.c_void_p,
+                ctypes.POINTER(ctypes.c_void_p),
+                ctypes.POINTER(ctypes.c_size_t),
+            ]
+            _pthread[3].argtypes = [ctypes.c_void_p]
+    if not _pthread:
+        return None
+    self_, getattr_np, getstack, destroy = _pthread
+    attr = ctypes.create_string_buffer(256)  # pthread_attr_t is 56 bytes on x86-64 glibc
+    if getattr_np(self_(), attr) != 0:
+        return None
+    try:
+        low, size = ctypes.c_void_p(), ctypes.c_size_t()
+        if getstack(attr, ctypes.byref(low), ctypes.byref(size)) != 0 or not low.value:
+            return None
+        return low.value, size.value
+    finally:
+        destroy(attr)
+
+
+def _packet_length(ctx: int, pointer: int, bound: int) -> int | None:
+    """The length mi_engine read for the packet at `pointer` of `ctx`, or None if not found."""
+    stack = _stack_top()
+    if stack is None:
+        return None
+    low, size = stack
+    start = max(low, low + size - _STACK_SCAN)
+    blob = ctypes.string_at(start, low + size - start)
+    needle = struct.pack("=Q", pointer)
+    found = None
+    at = blob.find(needle, 8)
+    while at >= 0:
+        if at % 8 == 0 and at + 24 <= len(blob):
+            length, buf, idx, owner = _GENARG.unpack_from(blob, at - 8)
+            if buf == pointer and idx == -1 and owner == ctx and 0 < length <= bound:
+                found = length  # keep the outermost (highest) match: mi_engine's frame
+        at = blob.find(needle, at + 1)
+    return found
+
+
+def unknown_command(ctx: int, pointer: int | None) -> bytes:
+    """xxfi_unknown's command: only the packet's bytes, up to its NUL.
+
+    libmilter passes the packet without checking for its NUL, so reading it as a C string
+    reads past the packet. The length comes from mi_engine's frame (see _GENARG); where that is
+    not found (another libc or libmilter build), the read stops at the end of the packet's
+    heap allocation (malloc_usable_size), and an unterminated command may then carry up to 23
+    stale bytes of that allocation.
+    """
+    if not pointer:
+        return b""
+    if _usable_size is None:
+        return ctypes.string_at(pointer)
+    bound = _usable_size(pointer)
+    length = _packet_length(ctx, pointer, bound) if layout_known(ctx) else None
+    blob = ctypes.string_at(pointer, bound if length is None else length)
+    return _cstring(pointer, pointer, blob)

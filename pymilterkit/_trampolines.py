@@ -50,7 +50,7 @@ class CtxBackend:
         )
 
     def getsymval(self, name: bytes) -> bytes | None:
-        return self.lib.smfi_getsymval(self.ctx, name)
+        return c.ctx_macro(self.lib, self.ctx, name)  # not smfi_getsymval: it can crash
 
     def setreply(self, code: bytes, xcode: bytes | None, lines: Any) -> None:
         if len(lines) <= 1:
@@ -149,6 +149,7 @@ class Dispatcher(SessionDriver):
         track = "on_abort" in self.spec.stages and stage not in CONNECTION_STAGES
         is_rcpt, is_eom = stage == "on_rcpt", stage == "on_eom"
         envelope = convert is _envelope
+        unknown = convert is _unknown  # the only conversion that needs the context
         no_params, status_type, status_noreply = _NO_PARAMS, Status, Status.NOREPLY
 
         def trampoline(ctx: int, *cargs: Any) -> int:
@@ -172,6 +173,8 @@ class Dispatcher(SessionDriver):
                         result = method(session, *_envelope(argv))
                 elif convert is None:
                     result = method(session)
+                elif unknown:
+                    result = method(session, *_unknown(ctx, *cargs))
                 else:
                     result = method(session, *convert(*cargs))
             except BaseException as exc:  # noqa: BLE001 - nothing may reach C
@@ -266,7 +269,7 @@ class Dispatcher(SessionDriver):
             "on_mail": ("xxfi_envfrom", "argv", _envelope),
             "on_rcpt": ("xxfi_envrcpt", "argv", _envelope),
             "on_data": ("xxfi_data", "ctx", None),
-            "on_unknown": ("xxfi_unknown", "str1", lambda cmd: (decode(cmd or b""),)),
+            "on_unknown": ("xxfi_unknown", "ptr1", _unknown),
             "on_header": (
                 "xxfi_header",
                 "str2",
@@ -287,6 +290,11 @@ class Dispatcher(SessionDriver):
         if "on_abort" in stages:
             desc.xxfi_abort = make("ctx", self._abort)
         return desc
+
+
+def _unknown(ctx: int, cmd: int | None) -> tuple[str]:
+    """xxfi_unknown's command: only its packet's bytes (libmilter does not check the NUL)."""
+    return (decode(c.unknown_command(ctx, cmd)),)
 
 
 def _continue(ctx: int) -> int:
