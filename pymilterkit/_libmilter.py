@@ -531,6 +531,8 @@ def ctx_macro(lib: Libmilter, ctx: int, name: bytes) -> bytes | None:
     without a value (the odd one out) has none. When every list has pairs only (what MTAs
     send), smfi_getsymval itself answers (~1 us per stage checked; the walk here is slower).
     """
+    if not name:
+        return None  # as smfi_getsymval
     if not layout_known(ctx):
         return lib.smfi_getsymval(ctx, name)
     slots = _SLOTS.from_address(ctx + _CTX_MAC_PTR)
