@@ -175,7 +175,8 @@ def good_message(path: str) -> dict[str, str]:
     return headers(eom.modifications)
 
 
-def test_milter_serves_after_thousands_of_hostile_connections() -> None:
+@pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "workers-2"])
+def test_milter_serves_after_thousands_of_hostile_connections(workers: int) -> None:
     expected = {
         "X-Macro-absent": "None",
         "X-Macro-j": "'mx.example.org'",
@@ -184,8 +185,10 @@ def test_milter_serves_after_thousands_of_hostile_connections() -> None:
         "X-Macro-x": "None",
         "X-Unknown": "['XFOO bar']",
     }
-    with start("MacroProbe") as milter:
+    args = ("--workers", str(workers)) if workers else ()
+    with start("MacroProbe", *args) as milter:
         path = milter.spec.path
+        pids = worker_pids(milter.pid, workers) if workers else []
         failures: list[BaseException] = []
         good: list[dict[str, str]] = []
         counter = iter(range(HOSTILE_CONNECTIONS))
@@ -229,3 +232,5 @@ def test_milter_serves_after_thousands_of_hostile_connections() -> None:
         assert good and all(h == expected for h in good), good[:3]
         assert good_message(path) == expected  # still serving after all of them
         assert os.path.exists(path)
+        if workers:  # not one crashed and was replaced
+            assert worker_pids(milter.pid, workers) == pids
