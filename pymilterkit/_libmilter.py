@@ -416,8 +416,8 @@ def die_with_parent(signum: int) -> None:
 # number of strings (an MTA stand-in can send one) makes it step past the array's NULL and
 # strcmp garbage: a segfault. So pymilterkit reads the macro arrays itself: smfi_getsymval
 # answers only when every array holds pairs, otherwise the lookup walks them here, bounded by
-# the array's end and the packet's allocation. The offsets are those of `struct smfi_str` (libmilter/libmilter.h) of libmilter
-# 1.0.1 (sendmail 8.14-8.17) on LP64: ctx_id, ctx_sd, ctx_dbg, ctx_timeout, ctx_state, ctx_smfi,
+# the array's end and the packet's allocation. The offsets are those of `struct smfi_str`
+# (libmilter/libmilter.h) of libmilter 1.0.1 (sendmail 8.14-8.17) on LP64: ctx_id, ctx_sd, ctx_dbg, ctx_timeout, ctx_state, ctx_smfi,
 # ctx_prot_vers, ctx_aflags, ctx_pflags, ctx_pflags2mta, ctx_prot_vers2mta, then
 # ctx_mac_ptr[7] (char **, one per stage), ctx_mac_buf[7] (the packet each points into),
 # ctx_mac_list[7], ctx_reply, ctx_privdata. Before trusting them, the layout is checked once
