@@ -417,12 +417,12 @@ def die_with_parent(signum: int) -> None:
 # strcmp garbage: a segfault. So pymilterkit reads the macro arrays itself: smfi_getsymval
 # answers only when every array holds pairs, otherwise the lookup walks them here, bounded by
 # the array's end and the packet's allocation. The offsets are those of `struct smfi_str`
-# (libmilter/libmilter.h) of libmilter 1.0.1 (sendmail 8.14-8.17) on LP64: ctx_id, ctx_sd, ctx_dbg, ctx_timeout, ctx_state, ctx_smfi,
-# ctx_prot_vers, ctx_aflags, ctx_pflags, ctx_pflags2mta, ctx_prot_vers2mta, then
-# ctx_mac_ptr[7] (char **, one per stage), ctx_mac_buf[7] (the packet each points into),
-# ctx_mac_list[7], ctx_reply, ctx_privdata. Before trusting them, the layout is checked once
-# on a live context: smfi_setpriv must land at ctx_privdata's offset. Any other build falls
-# back to smfi_getsymval.
+# (libmilter/libmilter.h) of libmilter 1.0.1 (sendmail 8.14-8.17) on LP64: ctx_id, ctx_sd,
+# ctx_dbg, ctx_timeout, ctx_state, ctx_smfi, ctx_prot_vers, ctx_aflags, ctx_pflags,
+# ctx_pflags2mta, ctx_prot_vers2mta, then ctx_mac_ptr[7] (char **, one per stage),
+# ctx_mac_buf[7] (the packet each points into), ctx_mac_list[7], ctx_reply, ctx_privdata.
+# Before trusting them, the layout is checked once on a live context: smfi_setpriv must land
+# at ctx_privdata's offset. Any other build falls back to smfi_getsymval.
 _CTX_MAC_PTR = 80
 _CTX_PRIVDATA = 256
 _MAX_MACROS_ENTRIES = 7
