@@ -69,13 +69,61 @@ if ! "$VENV/bin/python" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/d
     python3 -m venv "$VENV"
 fi
 
-# Reinstall only when the project metadata or the interpreter changed.
-stamp="$VENV/.pymilterkit-installed"
-wanted="$(cat pyproject.toml "$VENV/pyvenv.cfg" | sha256sum | cut -d' ' -f1)"
-if [[ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]] \
-    || ! "$VENV/bin/python" -I -c 'import pymilterkit, pytest, mypy, mkdocs' 2>/dev/null; then
-    log "pip install -e '.[dev,docs]'"
-    "$VENV/bin/python" -m pip install -q -e '.[dev,docs]'
-    printf '%s\n' "$wanted" >"$stamp"
-fi
+# install_project VENV EXTRAS MODULES: `pip install -e .[EXTRAS]` into VENV, only when the project
+# metadata or the interpreter changed (or one of MODULES does not import).
+install_project() {
+    local venv=$1 extras=$2 modules=$3 stamp="$1/.pymilterkit-installed" wanted
+    wanted="$(cat pyproject.toml "$venv/pyvenv.cfg" | sha256sum | cut -d' ' -f1)"
+    if [[ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]] \
+        || ! "$venv/bin/python" -I -c "import $modules" 2>/dev/null; then
+        log "pip install -e '.[$extras]' into $venv"
+        "$venv/bin/python" -m pip install -q -e ".[$extras]"
+        printf '%s\n' "$wanted" >"$stamp"
+    fi
+}
+install_project "$VENV" dev,docs "pymilterkit, pytest, mypy, mkdocs"
+
+# --- Python 3.12 and 3.13: one more venv each (.venv-3.12, .venv-3.13), `pip install -e '.[dev]'` ----
+# Interpreters come from what the machine has: pyenv's versions, /usr/bin/python3.1x (Debian 13
+# ships 3.13, Ubuntu 24.04 3.12), pythonX.Y on PATH, or `uv python find`. One that is not found
+# is reported here and its `.ci/test` step fails (it never passes silently).
+EXTRA_PYTHONS=(3.12 3.13)
+
+find_python() {  # find_python X.Y: print the path of a CPython X.Y, or nothing
+    local version=$1 candidate
+    local -a candidates=()
+    shopt -s nullglob
+    candidates+=("${PYENV_ROOT:-$HOME/.pyenv}/versions/$version".*/bin/"python$version")
+    shopt -u nullglob
+    candidates+=("/usr/bin/python$version" "/usr/local/bin/python$version")
+    command -v "python$version" >/dev/null 2>&1 && candidates+=("$(command -v "python$version")")
+    command -v uv >/dev/null 2>&1 && candidates+=("$(uv python find "$version" 2>/dev/null || true)")
+    for candidate in "${candidates[@]}"; do
+        if [[ -n $candidate && -x $candidate ]] && "$candidate" -c \
+            "import sys, venv; assert sys.version_info[:2] == tuple(map(int, '$version'.split('.')))" \
+            2>/dev/null; then
+            printf '%s\n' "$candidate"
+            return
+        fi
+    done
+}
+
+for version in "${EXTRA_PYTHONS[@]}"; do
+    venv=".venv-$version"
+    python=$(find_python "$version")
+    if [[ -z $python ]]; then
+        log "WARNING: no Python $version found (pyenv, /usr/bin/python$version, PATH, uv);" \
+            "the .ci/test steps for $version will FAIL"
+        continue
+    fi
+    if [[ "$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" \
+        != "$version" ]]; then
+        log "creating $venv with $python ($("$python" --version 2>&1))"
+        rm -rf "$venv"
+        "$python" -m venv "$venv"
+        printf '*\n' >"$venv/.gitignore"  # (3.13's venv writes this itself; 3.12's does not)
+    fi
+    install_project "$venv" dev "pymilterkit, pytest, mypy"
+done
+
 log "ready: $("$VENV/bin/python" --version), $("$VENV/bin/python" -c 'import pymilterkit; print("pymilterkit", pymilterkit.__version__)')"
