@@ -1,31 +1,39 @@
-"""What every driver of sessions shares: the real runner's trampolines and the test harness.
+"""The rule set of sessions, run by both libmilter's callbacks and the test harness.
 
-Creating a session, calling a stage method, the error policy (an exception is logged and
-answered with the error status; a result that is not a `Status` likewise; only KeyboardInterrupt
-and SystemExit are fatal, any other BaseException is an error like an Exception), negotiation,
-and abort/close semantics live here once, so the harness in `pymilterkit.testing` cannot drift
-from what runs in production. The runner's hot path inlines `call` for speed but uses the same
-`fail` and `bad_result`.
+Creating a session, running a stage (`SessionDriver.stage_callback`: the one function both
+call for every command), the error policy (an exception is logged and answered with the error
+status; a result that is not a `Status` likewise; only KeyboardInterrupt and SystemExit are
+fatal, any other BaseException is an error like an Exception), negotiation, and abort/close
+semantics live here once, so the harness in `pymilterkit.testing` cannot drift from what runs
+in production. This module is also the one writer of a session's private `_pmk_*` state.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+import types
+from collections.abc import Callable
+from typing import Any
 
 from ._flags import Actions, ProtocolOpts, Status
 from ._logsafe import install as _install_log_escaping
+from ._protocol import ENDS_MESSAGE, STAGES
 from ._session import MilterSession, SessionBackend
+from ._types import EsmtpParams
 
-__all__ = ["ENDS_MESSAGE", "SessionDriver"]
+__all__ = ["CONNECTION_STAGES", "NO_PARAMS", "SessionDriver"]
 
 logger = logging.getLogger("pymilterkit")
 # Log lines carry untrusted input (exception texts, recipients): escape control characters.
 _install_log_escaping(logger)
 
-ENDS_MESSAGE = frozenset((Status.REJECT, Status.DISCARD, Status.ACCEPT, Status.TEMPFAIL))
-CONNECTION_STAGES = frozenset(("on_connect", "on_helo", "on_unknown"))
+CONNECTION_STAGES = frozenset(info.method for info in STAGES if info.connection)
+NO_PARAMS = EsmtpParams()  # read-only: one instance serves every address without parameters
+_ALWAYS_PINNED = types.SimpleNamespace(pinned=True)  # callers whose threads need no pinning
+
+
+def _nothing() -> None:
+    pass
 _FATAL = (KeyboardInterrupt, SystemExit)  # the only exceptions that stop the milter
 
 
@@ -56,7 +64,7 @@ class SessionDriver:
 
     # -- hooks -----------------------------------------------------------------------------
 
-    def report_error(self, exc: Exception, stage: str) -> None:
+    def report_error(self, exc: BaseException, stage: str) -> None:
         """An exception escaped a stage method: log it with its traceback."""
         logger.error(
             "%s.%s raised %s; answering %s",
@@ -76,11 +84,20 @@ class SessionDriver:
     def create(self, backend: SessionBackend) -> MilterSession:
         """A new session for a connection, attached to `backend`."""
         session = self.session_class()
+        self.attach(session, backend)
+        self.created += 1
+        return session
+
+    def attach(self, session: MilterSession, backend: SessionBackend) -> None:
+        """Attach `session` to its connection's `backend`, with the class's actions."""
         session._pmk_backend = backend
         session._pmk_actions = self.spec.actions
         session._pmk_in_message = False
-        self.created += 1
-        return session
+
+    @staticmethod
+    def enter(session: MilterSession, stage: str | None) -> None:
+        """Mark `stage` as the one `session` runs (None: none): actions check it."""
+        session._pmk_stage = stage
 
     def fail(self, exc: BaseException, stage: str) -> int:
         """The answer after `exc` escaped `stage`.
@@ -92,8 +109,7 @@ class SessionDriver:
         if isinstance(exc, _FATAL):
             self.fatal(exc, stage)
         else:
-            # report_error's subclasses still annotate Exception; they accept any instance.
-            self.report_error(cast(Exception, exc), stage)
+            self.report_error(exc, stage)
         if stage in self.noreply:
             return Status.NOREPLY
         return self.error_status
@@ -116,25 +132,93 @@ class SessionDriver:
         )
         return self.error_status
 
-    def call(self, session: MilterSession, stage: str, args: Sequence[Any]) -> int:
-        """Run one reply-giving stage method and turn its result into the answer to send."""
-        try:
+    def stage_callback(
+        self,
+        stage: str,
+        get: Callable[[Any], MilterSession | None],
+        create: Callable[[Any], MilterSession | None],
+        convert: Callable[..., tuple[Any, ...]] | None = None,
+        *,
+        envelope: bool = False,
+        keyed: bool = False,
+        pins: Any = None,
+        pin: Callable[[], object] | None = None,
+    ) -> Callable[..., int]:
+        """The function that runs reply-giving `stage` for a connection: `callback(key, *args)`.
+
+        libmilter's callbacks (`_trampolines`, key: the SMFICTX) and the harness (key: unused)
+        run this same code: the session is looked up by `get(key)`, made by `create(key)` if
+        there is none (a new connection after QUIT_NC; None while the runner stops: answered
+        TEMPFAIL), the stage is marked on the session (the actions' stage checks and a stop's
+        wait read it), the method runs, and the error policy, the abort guard and the result
+        check follow. `convert(*args)` turns the caller's arguments into the method's (None:
+        it takes none); `keyed`: `convert(key, *args)`; `envelope`: `convert` is the argv
+        decoder of MAIL/RCPT, whose common case (an address without parameters) is inlined.
+        `pin()` runs when `pins.__dict__` is empty (libmilter's threads: see `_libmilter`).
+
+        Every choice that depends only on the stage is made here, once: the callback runs for
+        every command, so each Python call, attribute and dict operation on it costs
+        throughput (`benchmarks/instructions.py`).
+        """
+        fail, bad = self.fail, self.bad_result
+        method = getattr(self.session_class, stage)
+        noreply = stage in self.noreply
+        # Which results end the message matters only to on_abort (run inside a message).
+        track = "on_abort" in self.spec.stages and stage not in CONNECTION_STAGES
+        is_rcpt, is_eom = stage == "on_rcpt", stage == "on_eom"
+        no_params, status_type, status_noreply = NO_PARAMS, Status, Status.NOREPLY
+        refused = Status.TEMPFAIL
+        if pins is None or pin is None:
+            pins, pin = _ALWAYS_PINNED, _nothing
+        enter: Callable[[], object] = pin
+
+        def callback(key: Any, *cargs: Any) -> int:
+            if not pins.__dict__:
+                enter()
+            session = get(key)
+            if session is None:  # after QUIT_NC: a new connection on the same context
+                try:
+                    session = create(key)
+                except BaseException as exc:  # noqa: BLE001 - nothing may reach C
+                    return fail(exc, stage)
+                if session is None:  # stopping: no new sessions
+                    return refused
             session._pmk_stage = stage
             try:
-                result = getattr(session, stage)(*args)
-            finally:
+                if envelope:
+                    argv = cargs[0]
+                    first = argv[0] if argv else None
+                    if first is not None and argv[1] is None:  # an address, no parameters
+                        address = first.decode("utf-8", "surrogateescape")
+                        result = method(session, address, no_params)
+                    else:
+                        result = method(session, *convert(argv))  # type: ignore[misc]
+                elif convert is None:
+                    result = method(session)
+                elif keyed:
+                    result = method(session, *convert(key, *cargs))
+                else:
+                    result = method(session, *convert(*cargs))
+            except BaseException as exc:  # noqa: BLE001 - nothing may reach C
                 session._pmk_stage = None
-            if stage not in CONNECTION_STAGES:
+                return fail(exc, stage)
+            session._pmk_stage = None
+            if track:
                 session._pmk_in_message = not (
-                    stage == "on_eom" or (result in ENDS_MESSAGE and stage != "on_rcpt")
+                    is_eom or (result in ENDS_MESSAGE and not is_rcpt)
                 )
-            if stage in self.noreply:
-                return Status.NOREPLY
-            if result.__class__ is Status and result is not Status.NOREPLY:
-                return int(result)
-            return self.bad_result(result, stage)
-        except BaseException as exc:  # noqa: BLE001 - nothing may reach C
-            return self.fail(exc, stage)
+            if noreply:
+                return status_noreply
+            if result.__class__ is status_type and result is not status_noreply:
+                return result
+            return bad(result, stage)
+
+        return callback
+
+    @staticmethod
+    def in_stage(session: MilterSession) -> str | None:
+        """The stage method `session` is running, if any."""
+        return session._pmk_stage
 
     def negotiate(
         self,

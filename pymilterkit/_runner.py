@@ -326,6 +326,8 @@ class Milter:
         if self._stop_requested.is_set():
             return
         self._stop_requested.set()
+        if self.dispatcher is not None:
+            self.dispatcher.stopping = True  # no session is created after a stop begins
         lib = self._lib
         if lib is None:
             return

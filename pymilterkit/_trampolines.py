@@ -16,17 +16,20 @@ runner's error status; KeyboardInterrupt/SystemExit also ask the runner to stop.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from . import _libmilter as c
-from ._dispatch import CONNECTION_STAGES, ENDS_MESSAGE, SessionDriver
+from ._dispatch import NO_PARAMS, SessionDriver
 from ._errors import LibmilterError
 from ._flags import Status
 from ._session import STAGE_FLAGS, MilterSession
 from ._types import EsmtpParams, decode
 
 __all__ = ["CtxBackend", "Dispatcher"]
+
+logger = logging.getLogger("pymilterkit")
 
 class CtxBackend:
     """Session actions as smfi_* calls on one libmilter context."""
@@ -116,8 +119,10 @@ class Dispatcher(SessionDriver):
         self.lib = lib
         self.on_fatal = on_fatal
         self.sessions: dict[int, MilterSession] = {}
-        # Running negotiate/abort/close callbacks; a running stage shows in `_pmk_stage`.
+        # Running negotiate/abort/close callbacks; a running stage shows in `in_stage`.
         self.active: dict[int, str] = {}
+        self.stopping = False
+        """Set when a stop begins: no session is created after it."""
 
     def fatal(self, exc: BaseException, stage: str) -> None:
         super().fatal(exc, stage)
@@ -125,7 +130,9 @@ class Dispatcher(SessionDriver):
 
     # -- trampolines -----------------------------------------------------------------------
 
-    def _create(self, ctx: int) -> MilterSession:
+    def _create(self, ctx: int) -> MilterSession | None:
+        if self.stopping:
+            return None
         session = self.create(CtxBackend(self.lib, ctx))
         self.sessions[ctx] = session
         return session
@@ -133,71 +140,24 @@ class Dispatcher(SessionDriver):
     def _stage(
         self, stage: str, convert: Callable[..., tuple[Any, ...]] | None
     ) -> Callable[..., int]:
-        """Build the trampoline of one reply-giving stage; `convert` maps C args to Python.
-
-        The body is `SessionDriver.call` inlined, with every choice that depends only on the
-        stage made here, once: this runs for every callback, so each Python call, attribute
-        and dict operation on this path costs throughput. A running stage is marked by the
-        session's `_pmk_stage` (which the stage checks of actions need anyway); `in_flight`
-        reads it for a stop. The envelope stages (MAIL, RCPT) decode their address inline.
-        """
-        get, create, fail, bad = self.sessions.get, self._create, self.fail, self.bad_result
-        pin, pins = c.pin_thread_state, c._pins
-        method = getattr(self.session_class, stage)
-        noreply = stage in self.noreply
-        # Which results end the message matters only to on_abort (run inside a message).
-        track = "on_abort" in self.spec.stages and stage not in CONNECTION_STAGES
-        is_rcpt, is_eom = stage == "on_rcpt", stage == "on_eom"
-        envelope = convert is _envelope
-        unknown = convert is _unknown  # the only conversion that needs the context
-        no_params, status_type, status_noreply = _NO_PARAMS, Status, Status.NOREPLY
-
-        def trampoline(ctx: int, *cargs: Any) -> int:
-            if not pins.__dict__:
-                pin()
-            session = get(ctx)
-            if session is None:  # after QUIT_NC: a new connection on the same context
-                try:
-                    session = create(ctx)
-                except BaseException as exc:  # noqa: BLE001 - nothing may reach C
-                    return fail(exc, stage)
-            session._pmk_stage = stage
-            try:
-                if envelope:
-                    argv = cargs[0]
-                    first = argv[0] if argv else None
-                    if first is not None and argv[1] is None:  # an address, no parameters
-                        address = first.decode("utf-8", "surrogateescape")
-                        result = method(session, address, no_params)
-                    else:
-                        result = method(session, *_envelope(argv))
-                elif convert is None:
-                    result = method(session)
-                elif unknown:
-                    result = method(session, *_unknown(ctx, *cargs))
-                else:
-                    result = method(session, *convert(*cargs))
-            except BaseException as exc:  # noqa: BLE001 - nothing may reach C
-                session._pmk_stage = None
-                return fail(exc, stage)
-            session._pmk_stage = None
-            if track:
-                session._pmk_in_message = not (
-                    is_eom or (result in ENDS_MESSAGE and not is_rcpt)
-                )
-            if noreply:
-                return status_noreply
-            if result.__class__ is status_type and result is not status_noreply:
-                return result
-            return bad(result, stage)
-
-        return trampoline
+        """The callback of one reply-giving stage: the shared `stage_callback`, keyed by ctx."""
+        return self.stage_callback(
+            stage,
+            self.sessions.get,
+            self._create,
+            convert,
+            envelope=convert is _envelope,
+            keyed=convert is _unknown,  # the only conversion that needs the context
+            pins=c._pins,
+            pin=c.pin_thread_state,
+        )
 
     def in_flight(self) -> bool:
         """Whether a callback is running (a stop waits for it before closing sessions)."""
         if self.active:
             return True
-        return any(s._pmk_stage is not None for s in list(self.sessions.values()))
+        in_stage = self.in_stage
+        return any(in_stage(s) is not None for s in list(self.sessions.values()))
 
     @contextlib.contextmanager
     def _running(self, ctx: int, stage: str) -> Iterator[None]:
@@ -217,6 +177,8 @@ class Dispatcher(SessionDriver):
                 session = self._create(ctx)
             except BaseException as exc:  # noqa: BLE001
                 self.fail(exc, "on_negotiate")
+                return Status.TEMPFAIL
+            if session is None:  # stopping: refuse the connection
                 return Status.TEMPFAIL
             lib = self.lib
             status, actions, opts = self.negotiate(
@@ -241,10 +203,18 @@ class Dispatcher(SessionDriver):
         return Status.CONTINUE
 
     def close_all(self) -> int:
-        """Run on_close for sessions libmilter abandoned (at stop); returns how many."""
+        """Run on_close for sessions libmilter abandoned (at stop); returns how many.
+
+        A session whose stage is still running is left alone (its calls never overlap):
+        it is logged, and the process ends around it.
+        """
         count = 0
         while self.sessions:
             _, session = self.sessions.popitem()
+            running = self.in_stage(session)
+            if running is not None:
+                logger.warning("a session is still in %s at stop: not closed", running)
+                continue
             count += 1
             self.abort(session)
             self.close(session)
@@ -301,18 +271,17 @@ def _continue(ctx: int) -> int:
     return Status.CONTINUE
 
 
-_NO_PARAMS = EsmtpParams()  # read-only: one instance serves every address without parameters
 
 
 def _envelope(argv: Any) -> tuple[str, EsmtpParams]:
     """envfrom/envrcpt's NULL-terminated argv: the address and its ESMTP parameters."""
     first = argv[0] if argv else None
     if first is None:
-        return "", _NO_PARAMS
+        return "", NO_PARAMS
     params = []
     index = 1
     while (item := argv[index]) is not None:  # libmilter ends the array with NULL
         params.append(item.decode("utf-8", "surrogateescape"))
         index += 1
     address = first.decode("utf-8", "surrogateescape")
-    return address, EsmtpParams(params) if params else _NO_PARAMS
+    return address, EsmtpParams(params) if params else NO_PARAMS

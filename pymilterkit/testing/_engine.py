@@ -178,6 +178,10 @@ class _Backend:
         self.engine.emit(w.QUARANTINE, reason + b"\0")
 
 
+def _arguments(*args: Any) -> tuple[Any, ...]:
+    return args  # the engine has decoded them already
+
+
 class _Dispatch(SessionDriver):
     """The runner's session handling (`SessionDriver`, shared with the trampolines) for one
     libmilter context, recording the exceptions stage methods raise."""
@@ -195,8 +199,9 @@ class _Dispatch(SessionDriver):
         self.reraise = reraise
         self.session: MilterSession | None = None
         self.errors: list[tuple[str, BaseException]] = []
+        self._callbacks: dict[tuple[str, bool], Callable[..., int]] = {}
 
-    def report_error(self, exc: Exception, stage: str) -> None:
+    def report_error(self, exc: BaseException, stage: str) -> None:
         self.errors.append((stage, exc))
         super().report_error(exc, stage)
         if self.reraise:
@@ -205,18 +210,21 @@ class _Dispatch(SessionDriver):
     def fatal(self, exc: BaseException, stage: str) -> None:
         raise exc  # KeyboardInterrupt / SystemExit: in a test, stop the test
 
-    def _create(self) -> MilterSession:
+    def _create(self, key: object = None) -> MilterSession:
         self.session = self.create(_Backend(self.engine))
         return self.session
 
+    def _current(self, key: object) -> MilterSession | None:
+        return self.session
+
     def stage(self, stage: str, *args: Any) -> int:
-        session = self.session
-        if session is None:
-            try:
-                session = self._create()
-            except BaseException as exc:  # noqa: BLE001 - mirrors the trampoline
-                return self.fail(exc, stage)
-        return self.call(session, stage, args)
+        """Run `stage` with the runner's own stage callback (`SessionDriver.stage_callback`)."""
+        callback = self._callbacks.get((stage, bool(args)))
+        if callback is None:
+            callback = self._callbacks[stage, bool(args)] = self.stage_callback(
+                stage, self._current, self._create, _arguments if args else None
+            )
+        return callback(None, *args)
 
     def negotiate_context(self, f0: int, f1: int) -> tuple[int, int, int]:
         try:

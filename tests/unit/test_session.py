@@ -20,6 +20,7 @@ from pymilterkit import (
     WrongStageError,
     noreply,
 )
+from pymilterkit._dispatch import SessionDriver
 from pymilterkit._flags import NO_STAGE_MASK
 from tests.integration.filters import EVERY_ACTION
 
@@ -69,9 +70,9 @@ class Recorder:
 
 def attach(session: MilterSession, stage: str | None = "on_eom") -> Recorder:
     backend = Recorder()
-    session._pmk_backend = backend
-    session._pmk_stage = stage
-    session._pmk_actions = type(session).negotiation().actions
+    driver = SessionDriver(type(session), Status.TEMPFAIL)
+    driver.attach(session, backend)
+    driver.enter(session, stage)
     return backend
 
 
