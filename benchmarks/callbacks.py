@@ -1,7 +1,7 @@
 """The per-callback cost of pymilterkit's trampolines, called from C as libmilter calls them.
 
 No socket and no MTA: a C loop (`c/callloop.c`, built as `build/libcallloop.so`) calls the
-exact callbacks pymilterkit registers with libmilter (`Dispatcher.descriptor`) for the
+exact callbacks pymilterkit registers with libmilter (`LibmilterCallbacks.descriptor`) for the
 recipient counter, with libmilter's argument shapes; `smfi_addheader` is a C stub with the same
 signature, called through the same ctypes declaration path. Single thread, warm caches: this is
 the lower bound of the Python work per message, without the thread hops and cache misses of a
@@ -33,7 +33,7 @@ from pymilterkit_rcptcount import RcptCount  # noqa: E402
 
 from pymilterkit import Status  # noqa: E402
 from pymilterkit import _libmilter as c  # noqa: E402
-from pymilterkit._trampolines import Dispatcher  # noqa: E402
+from pymilterkit._trampolines import LibmilterCallbacks  # noqa: E402
 
 CTX = 0x1234  # any non-NULL value: the stub never dereferences it
 
@@ -74,7 +74,7 @@ def measure(calls: int = 300_000) -> dict[str, Any]:
     loop = ctypes.CDLL(str(LIB))
     loop.loop_argv.argtypes = [c.ARGV, ctypes.c_void_p, ctypes.c_int, ctypes.c_long]
     loop.loop_ctx.argtypes = [c.CTXONLY, ctypes.c_void_p, ctypes.c_long]
-    dispatcher = Dispatcher(RcptCount, _StubLibmilter(loop), Status.TEMPFAIL,  # type: ignore[arg-type]
+    dispatcher = LibmilterCallbacks(RcptCount, _StubLibmilter(loop), Status.TEMPFAIL,  # type: ignore[arg-type]
                             lambda exc: None)
     desc = dispatcher.descriptor(b"callbacks")
     dispatcher._create(CTX)

@@ -2,7 +2,7 @@
 
 A diagnostic row of the suite, not a filter. The runner, the pre-forked workers, the CPU
 placement, the ctypes callbacks and the thread-state pins are pymilterkit's own; only the
-trampolines are replaced (a private hook, `Dispatcher._stage`) by ones that answer at once:
+trampolines are replaced (a private hook, `LibmilterCallbacks._stage`) by ones that answer at once:
 MAIL and RCPT return their answer without creating a session or calling Python code; EOM
 calls smfi_addheader with the constant `X-Rcpt-Count: 3` (the generator sends 3 recipients,
 `run.py` fixes that) through the same ctypes function pymilterkit uses. So
@@ -35,7 +35,7 @@ from pymilterkit import _libmilter as c  # noqa: E402
 HEADER, VALUE = b"X-Rcpt-Count", b"3"
 
 
-def _empty_stage(self: _trampolines.Dispatcher, stage: str,
+def _empty_stage(self: _trampolines.LibmilterCallbacks, stage: str,
                  convert: Callable[..., Any] | None) -> Callable[..., int]:
     pin, pins = c.pin_thread_state, c._pins
     if stage == "on_eom":
@@ -58,7 +58,7 @@ def _empty_stage(self: _trampolines.Dispatcher, stage: str,
     return envelope
 
 
-_trampolines.Dispatcher._stage = _empty_stage  # type: ignore[method-assign]
+_trampolines.LibmilterCallbacks._stage = _empty_stage  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     sys.exit(pymilterkit_rcptcount.main())

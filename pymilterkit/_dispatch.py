@@ -1,6 +1,6 @@
 """The rule set of sessions, run by both libmilter's callbacks and the test harness.
 
-Creating a session, running a stage (`SessionDriver.stage_callback`: the one function both
+Creating a session, running a stage (`SessionRules.stage_callback`: the one function both
 call for every command), the error policy (an exception is logged and answered with the error
 status; a result that is not a `Status` likewise; only KeyboardInterrupt and SystemExit are
 fatal, any other BaseException is an error like an Exception), negotiation, and abort/close
@@ -21,7 +21,7 @@ from ._protocol import ENDS_MESSAGE, STAGES
 from ._session import MilterSession, SessionBackend
 from ._types import EsmtpParams
 
-__all__ = ["CONNECTION_STAGES", "NO_PARAMS", "SessionDriver"]
+__all__ = ["CONNECTION_STAGES", "NO_PARAMS", "SessionRules"]
 
 logger = logging.getLogger("pymilterkit")
 # Log lines carry untrusted input (exception texts, recipients): escape control characters.
@@ -37,7 +37,7 @@ def _nothing() -> None:
 _FATAL = (KeyboardInterrupt, SystemExit)  # the only exceptions that stop the milter
 
 
-class SessionDriver:
+class SessionRules:
     """Drives sessions of one class with the runner's rules; subclasses supply the transport."""
 
     def __init__(

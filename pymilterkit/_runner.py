@@ -31,16 +31,22 @@ from ._affinity import CpuAffinity, confine, plan
 from ._affinity import check as check_affinity
 from ._errors import ConfigurationError, LibmilterError, SocketSpecError
 from ._flags import Status
+from ._limits import raise_nofile_limit
 from ._listen import Listener, open_listener, poke
 from ._security import check_can_drop_privileges, drop_privileges
 from ._session import MilterSession
 from ._signals import on_stop_signals
 from ._socketspec import SocketSpec, parse_socket_spec
-from ._trampolines import Dispatcher
+from ._trampolines import LibmilterCallbacks
 
 __all__ = ["Milter", "libmilter_version", "run", "set_debug_level", "shutdown"]
 
 logger = logging.getLogger("pymilterkit")
+
+DEFAULT_TIMEOUT = 600
+"""libmilter's I/O timeout unless `timeout` says otherwise: above Postfix's smtpd_timeout
+(300 s), the longest an MTA pauses between commands, and far below libmilter's own 7210 s, so a
+peer that stalls mid-packet frees its worker thread in minutes (docs/reliability.md)."""
 
 _state_lock = threading.Lock()
 _has_run = False
@@ -56,7 +62,8 @@ _ERROR_STATUSES = (Status.TEMPFAIL, Status.REJECT, Status.CONTINUE, Status.ACCEP
 class Milter:
     """Runs a `MilterSession` subclass on libmilter: `Milter(MyFilter, "unix:/run/f.sock").run()`.
 
-    `timeout` is libmilter's per-read/write timeout in seconds (default 7210), `backlog` the
+    `timeout` is libmilter's per-read/write timeout in seconds (default 600, not libmilter's
+    7210: a stalled peer holds a worker thread that long), `backlog` the
     listen backlog, `debug_level` libmilter's trace level (0-6), `error_status` the answer when
     a stage method raises, `workers` the number of pre-forked processes (1: this process).
     `socket_mode` (default 0o660: owner and group) and `socket_group` set a unix socket's
@@ -132,7 +139,7 @@ class Milter:
         self._stop_requested = threading.Event()
         self._main_done = threading.Event()
         self._lib: c.Libmilter | None = None
-        self.dispatcher: Dispatcher | None = None
+        self.dispatcher: LibmilterCallbacks | None = None
         self._listener: Listener | None = None
         self._inherited = False
 
@@ -152,6 +159,7 @@ class Milter:
                 )
             _has_run = True
             _current = self
+        raise_nofile_limit()  # one descriptor per MTA connection: allow what the admin allows
         self._plan_cpus()
         if self.workers > 1:
             from ._prefork import run_prefork
@@ -210,7 +218,7 @@ class Milter:
         """Register with libmilter and open the listening socket."""
         lib = self._lib = c.load()
         tcp = self.spec.kind in ("inet", "inet6")
-        self.dispatcher = Dispatcher(
+        self.dispatcher = LibmilterCallbacks(
             self.session_class, lib, self.error_status, self._on_fatal, tcp=tcp
         )
         desc = self.dispatcher.descriptor(self.name.encode("utf-8", "surrogateescape"))
@@ -222,8 +230,7 @@ class Milter:
         conn = f"fd:{inherited_fd}"
         if lib.smfi_setconn(conn.encode()) != c.MI_SUCCESS:
             raise SocketSpecError(f"libmilter refused socket spec {conn}")
-        if self.timeout is not None:
-            lib.smfi_settimeout(self.timeout)
+        lib.smfi_settimeout(DEFAULT_TIMEOUT if self.timeout is None else self.timeout)
         if self.backlog is not None and lib.smfi_setbacklog(self.backlog) != c.MI_SUCCESS:
             raise ConfigurationError(f"libmilter refused backlog {self.backlog}")
         lib.smfi_setdbg(self.debug_level or _default_debug_level)

@@ -1,4 +1,4 @@
-"""C-callable bridges from libmilter's callbacks to session methods.
+"""The C-callback adapter: libmilter's callbacks into the rule set (`_dispatch.SessionRules`).
 
 Theory of operation
 -------------------
@@ -21,13 +21,13 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from . import _libmilter as c
-from ._dispatch import NO_PARAMS, SessionDriver
+from ._dispatch import NO_PARAMS, SessionRules
 from ._errors import LibmilterError
 from ._flags import Status
 from ._session import STAGE_FLAGS, MilterSession
 from ._types import EsmtpParams, decode
 
-__all__ = ["CtxBackend", "Dispatcher"]
+__all__ = ["CtxBackend", "LibmilterCallbacks"]
 
 logger = logging.getLogger("pymilterkit")
 
@@ -104,7 +104,7 @@ class CtxBackend:
         self._check(self.lib.smfi_quarantine(self.ctx, reason), "smfi_quarantine")
 
 
-class Dispatcher(SessionDriver):
+class LibmilterCallbacks(SessionRules):
     """Owns the live sessions of one runner and builds libmilter's callback table."""
 
     def __init__(
@@ -253,7 +253,7 @@ class Dispatcher(SessionDriver):
         for stage, (field, shape, convert) in table.items():
             if stage in stages:
                 setattr(desc, field, make(shape, self._stage(stage, convert)))
-        if self.answer_data:  # TCP without on_data: see SessionDriver.__init__
+        if self.answer_data:  # TCP without on_data: see SessionRules.__init__
             desc.xxfi_data = make("ctx", _continue)
         desc.xxfi_negotiate = make("negotiate", self._negotiate)
         desc.xxfi_close = make("ctx", self._close)

@@ -11,7 +11,7 @@ from .._flags import Actions, ProtocolOpts
 from .._socketspec import SocketSpec, parse_socket_spec
 from . import _wire as w
 from ._conversation import ALL_ACTIONS, ALL_PROTOCOL
-from ._driver import MilterDriver
+from ._driver import MtaDriver
 from ._envelope import ClientInfo
 from ._results import Step
 
@@ -100,7 +100,7 @@ class SocketEndpoint:
             self.sock.close()
 
 
-class MilterClient(MilterDriver):
+class MilterClient(MtaDriver):
     """An MTA stand-in for a running milter at `socket` (`unix:`, `inet:`, `inet6:` spec).
 
     Each `run`/`run_connection` opens a new connection; `open()` gives a `MilterConnection`

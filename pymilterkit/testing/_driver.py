@@ -11,13 +11,13 @@ from ._conversation import ALL_ACTIONS, ALL_PROTOCOL, Endpoint, MilterConnection
 from ._envelope import ClientInfo, Envelope, MessageInput, Recipient
 from ._results import ConnectionResult, MessageResult
 
-__all__ = ["MessageSpec", "MilterDriver"]
+__all__ = ["MessageSpec", "MtaDriver"]
 
 MessageSpec = tuple[Envelope, MessageInput] | MessageInput
 """A message with its envelope, or just a message (sent with the default envelope)."""
 
 
-class MilterDriver(abc.ABC):
+class MtaDriver(abc.ABC):
     """Runs whole conversations through an endpoint; see `Harness` and `MilterClient`.
 
     `actions`, `protocol` and `version` are what the MTA offers in the negotiation (default:

@@ -1,4 +1,4 @@
-"""An in-process stand-in for libmilter plus the runner's trampolines, for the harness.
+"""The harness engine: an in-process port of libmilter's engine around the runner's rule set.
 
 Theory of operation
 -------------------
@@ -11,7 +11,7 @@ both layers the real runner has, fed with the same packets the wire client sends
   requirements" aborts), `sendreply` (custom replies used only when their class matches,
   no-reply stages silenced), and the `smfi_*` action calls with `mi_sendok`'s state check.
   Only stages the class overrides are "registered", as the runner registers only those.
-* `_Dispatch` is the runner's session handling itself (`pymilterkit._dispatch.SessionDriver`,
+* `_HarnessRules` is the runner's session handling itself (`pymilterkit._dispatch.SessionRules`,
   which the real trampolines use too): one session per connection, created at negotiate (and
   again at connect after QUIT_NC), the error policy, `@noreply` stages, on_abort only while a
   message is in progress. With `tcp=True` it behaves as the runner on an inet socket.
@@ -29,7 +29,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .._dispatch import SessionDriver
+from .._dispatch import SessionRules
 from .._errors import LibmilterError, ProtocolError
 from .._flags import NOREPLY_MASK, Actions, ProtocolOpts, Status
 from .._protocol import MI_FAILURE, STAGES
@@ -182,8 +182,8 @@ def _arguments(*args: Any) -> tuple[Any, ...]:
     return args  # the engine has decoded them already
 
 
-class _Dispatch(SessionDriver):
-    """The runner's session handling (`SessionDriver`, shared with the trampolines) for one
+class _HarnessRules(SessionRules):
+    """The runner's session handling (`SessionRules`, shared with the trampolines) for one
     libmilter context, recording the exceptions stage methods raise."""
 
     def __init__(
@@ -218,7 +218,7 @@ class _Dispatch(SessionDriver):
         return self.session
 
     def stage(self, stage: str, *args: Any) -> int:
-        """Run `stage` with the runner's own stage callback (`SessionDriver.stage_callback`)."""
+        """Run `stage` with the runner's own stage callback (`SessionRules.stage_callback`)."""
         callback = self._callbacks.get((stage, bool(args)))
         if callback is None:
             callback = self._callbacks[stage, bool(args)] = self.stage_callback(
@@ -247,7 +247,7 @@ class _Dispatch(SessionDriver):
 class _Engine:
     """libmilter's per-connection engine (mi_engine and the st_* functions)."""
 
-    def __init__(self, dispatch_factory: Callable[[_Engine], _Dispatch]) -> None:
+    def __init__(self, dispatch_factory: Callable[[_Engine], _HarnessRules]) -> None:
         self.out: collections.deque[w.Packet] = collections.deque()
         self.closed = False
         self.state = ST_INIT
@@ -574,7 +574,7 @@ class InProcessMilter:
         tcp: bool = False,
     ) -> None:
         self.engine = _Engine(
-            lambda e: _Dispatch(e, session_class, error_status, reraise, tcp=tcp)
+            lambda e: _HarnessRules(e, session_class, error_status, reraise, tcp=tcp)
         )
 
     @property

@@ -9,7 +9,7 @@ from .._flags import Actions, ProtocolOpts, Status
 from .._session import MilterSession
 from . import _wire as w
 from ._conversation import ALL_ACTIONS, ALL_PROTOCOL
-from ._driver import MilterDriver
+from ._driver import MtaDriver
 from ._engine import InProcessMilter
 from ._envelope import ClientInfo
 from ._results import ConnectionResult, Step
@@ -44,7 +44,7 @@ class _InProcessEndpoint:
         self.milter.close()
 
 
-class Harness(MilterDriver):
+class Harness(MtaDriver):
     """Drive a `MilterSession` subclass in this process, exactly as the runner would.
 
     Each connection gets a new session instance behind a model of libmilter's engine: stage

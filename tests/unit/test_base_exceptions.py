@@ -1,6 +1,6 @@
 """Only KeyboardInterrupt and SystemExit stop the milter; other BaseExceptions are stage errors.
 
-The harness uses the runner's error policy (`SessionDriver.fail`), so what holds here holds on
+The harness uses the runner's error policy (`SessionRules.fail`), so what holds here holds on
 libmilter too (tests/integration/test_hostile_macros.py checks that over the wire).
 """
 

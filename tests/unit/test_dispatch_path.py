@@ -1,7 +1,8 @@
-"""The one dispatch path (`SessionDriver.stage_callback`), without libmilter.
+"""The one dispatch path (`SessionRules.stage_callback`), without libmilter.
 
-libmilter's callbacks (`_trampolines.Dispatcher`) and the harness run the same function; these
-tests drive it directly: session creation, the abort guard, the error policy, the result check.
+libmilter's callbacks (`_trampolines.LibmilterCallbacks`) and the harness run the same
+function; these tests drive it directly: session creation, the abort guard, the error policy,
+the result check.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from typing import Any
 from typing_extensions import override
 
 from pymilterkit import EsmtpParams, MilterSession, Status
-from pymilterkit._dispatch import SessionDriver
-from pymilterkit._trampolines import Dispatcher
+from pymilterkit._dispatch import SessionRules
+from pymilterkit._trampolines import LibmilterCallbacks
 from pymilterkit.testing import Harness
 
 
@@ -40,10 +41,10 @@ class Events(MilterSession):
 
 
 class Driver:
-    """A `SessionDriver` with one connection, keyed by None, as the harness keys it."""
+    """A `SessionRules` with one connection, keyed by None, as the harness keys it."""
 
     def __init__(self, error_status: Status = Status.TEMPFAIL) -> None:
-        self.driver = SessionDriver(Events, error_status)
+        self.driver = SessionRules(Events, error_status)
         self.session: MilterSession | None = None
         self.created = 0
         self.callbacks = {
@@ -98,7 +99,7 @@ def test_errors_and_wrong_results_get_the_error_status() -> None:
 
 
 def test_refused_creation_while_stopping_answers_tempfail() -> None:
-    driver = SessionDriver(Events, Status.REJECT)
+    driver = SessionRules(Events, Status.REJECT)
     callback = driver.stage_callback("on_mail", lambda key: None, lambda key: None,
                                      lambda *a: a)
     assert callback(None, "a@b", EsmtpParams()) == Status.TEMPFAIL
@@ -106,11 +107,11 @@ def test_refused_creation_while_stopping_answers_tempfail() -> None:
 
 
 def test_libmilter_callbacks_and_the_harness_run_the_same_code() -> None:
-    dispatcher = Dispatcher(Events, None, Status.TEMPFAIL, lambda exc: None)  # type: ignore[arg-type]
+    dispatcher = LibmilterCallbacks(Events, None, Status.TEMPFAIL, lambda exc: None)  # type: ignore[arg-type]
     harness = Harness(Events)
     harness.run(b"Subject: x\r\n\r\nbody\r\n", sender="a@b", recipients=["c@d"])
     runner_code = dispatcher._stage("on_rcpt", None).__code__
-    shared_code = SessionDriver(Events, Status.TEMPFAIL).stage_callback(
+    shared_code = SessionRules(Events, Status.TEMPFAIL).stage_callback(
         "on_rcpt", lambda key: None, lambda key: None).__code__
     assert runner_code is shared_code
     assert Events.log[:1] == ["mail <a@b>"]  # the harness ran the filter through it too

@@ -28,7 +28,7 @@ from pymilterkit import (
     Status,
     UnixAddress,
 )
-from pymilterkit._dispatch import SessionDriver
+from pymilterkit._dispatch import SessionRules
 from pymilterkit._errors import SocketSpecError
 from pymilterkit._socketspec import parse_socket_spec
 from pymilterkit.testing import Reply
@@ -183,7 +183,7 @@ def codes(draw: st.DrawFn) -> tuple[str, str | None]:
 def test_valid_replies_round_trip_through_the_wire(code: tuple[str, str | None],
                                                    lines: list[str]) -> None:
     s, rec = session()
-    SessionDriver.enter(s, "on_rcpt")
+    SessionRules.enter(s, "on_rcpt")
     s.set_reply(code[0], code[1], *lines)
     [(_, raw_code, raw_x, raw_lines)] = rec.calls
     assert raw_code == code[0].encode()
@@ -204,7 +204,7 @@ def test_valid_replies_round_trip_through_the_wire(code: tuple[str, str | None],
 @given(code=st.text(max_size=5), data=st.data())
 def test_bad_reply_codes_are_refused(code: str, data: st.DataObject) -> None:
     s, rec = session()
-    SessionDriver.enter(s, "on_rcpt")
+    SessionRules.enter(s, "on_rcpt")
     if len(code) == 3 and code[0] in "45" and code[1:].isdigit() and code.isascii():
         code = "2" + code[1:]
     with pytest.raises(InvalidArgumentError, match="reply code"):
@@ -225,7 +225,7 @@ def test_reply_line_injection_is_refused(lines: list[str], bad: str,
     at = data.draw(st.integers(0, len(lines[index])))
     lines[index] = lines[index][:at] + bad + "250 fake" + lines[index][at:]
     s, rec = session()
-    SessionDriver.enter(s, "on_rcpt")
+    SessionRules.enter(s, "on_rcpt")
     with pytest.raises(InvalidArgumentError, match=f"reply line {index + 1}"):
         s.set_reply("550", "5.7.1", *lines)
     assert rec.calls == []
@@ -233,7 +233,7 @@ def test_reply_line_injection_is_refused(lines: list[str], bad: str,
 
 def test_too_many_or_too_long_reply_lines_are_refused() -> None:
     s, rec = session()
-    SessionDriver.enter(s, "on_rcpt")
+    SessionRules.enter(s, "on_rcpt")
     with pytest.raises(InvalidArgumentError, match="at most 32 lines"):
         s.set_reply("550", None, *["x"] * 33)
     with pytest.raises(InvalidArgumentError, match="'%' counts twice"):

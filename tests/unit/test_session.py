@@ -20,7 +20,7 @@ from pymilterkit import (
     WrongStageError,
     noreply,
 )
-from pymilterkit._dispatch import SessionDriver
+from pymilterkit._dispatch import SessionRules
 from pymilterkit._flags import NO_STAGE_MASK
 from tests.integration.filters import EVERY_ACTION
 
@@ -70,7 +70,7 @@ class Recorder:
 
 def attach(session: MilterSession, stage: str | None = "on_eom") -> Recorder:
     backend = Recorder()
-    driver = SessionDriver(type(session), Status.TEMPFAIL)
+    driver = SessionRules(type(session), Status.TEMPFAIL)
     driver.attach(session, backend)
     driver.enter(session, stage)
     return backend
