@@ -30,14 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pymilterkit_rcptcount  # noqa: E402
 
 from pymilterkit import Status, _trampolines  # noqa: E402
-from pymilterkit import _libmilter as c  # noqa: E402
+from pymilterkit import _threadstate as threadstate  # noqa: E402
 
 HEADER, VALUE = b"X-Rcpt-Count", b"3"
 
 
 def _empty_stage(self: _trampolines.LibmilterCallbacks, stage: str,
                  convert: Callable[..., Any] | None) -> Callable[..., int]:
-    pin, pins = c.pin_thread_state, c._pins
+    pin, pins = threadstate.pin_thread_state, threadstate.pins
     if stage == "on_eom":
         addheader = self.lib.smfi_addheader
 

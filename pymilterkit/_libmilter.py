@@ -19,6 +19,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Protocol, cast
 
+from . import _protocol
 from ._errors import LibraryNotFoundError
 from ._types import InetAddress, UnixAddress
 
@@ -31,14 +32,12 @@ __all__ = [
     "argv_to_bytes",
     "body_bytes",
     "load",
-    "pin_thread_state",
-    "release_exited_thread_states",
+    "prctl",
+    "python_api",
     "sockaddr_to_address",
-    "thread_state_count",
 ]
 
-MI_SUCCESS = 0
-MI_FAILURE = -1
+MI_SUCCESS, MI_FAILURE = _protocol.MI_SUCCESS, _protocol.MI_FAILURE
 SMFI_VERSION = 0x01000001
 
 SONAMES = ("libmilter.so.1.0.1", "libmilter.so.1.0", "libmilter.so.1", "libmilter.so")
@@ -308,70 +307,25 @@ def sockaddr_to_address(pointer: int | None) -> InetAddress | UnixAddress | None
     return None
 
 
-_pins = threading.local()
-"""Set on a thread state once it is pinned: per thread state, not per thread id, because
-libmilter's pool ends idle workers and a new thread often gets the id of an ended one."""
-_pinned_states: dict[int, int] = {}  # PyThreadState address -> the OS thread's native id
-
 # The interpreter's C API through our own handle (as ctypes.pythonapi, whose shared function
 # objects other code may have declared differently): PyDLL keeps the GIL across these calls.
-_api = ctypes.PyDLL(None)
-_api.PyGILState_Ensure.argtypes = []
-_api.PyGILState_Ensure.restype = ctypes.c_int
-_api.PyThreadState_Get.argtypes = []
-_api.PyThreadState_Get.restype = ctypes.c_void_p
-_api.PyThreadState_Clear.argtypes = [ctypes.c_void_p]
-_api.PyThreadState_Clear.restype = None
-_api.PyThreadState_Delete.argtypes = [ctypes.c_void_p]
-_api.PyThreadState_Delete.restype = None
-_api.PyInterpreterState_Get.argtypes = []
-_api.PyInterpreterState_Get.restype = ctypes.c_void_p
-_api.PyInterpreterState_ThreadHead.argtypes = [ctypes.c_void_p]
-_api.PyInterpreterState_ThreadHead.restype = ctypes.c_void_p
-_api.PyThreadState_Next.argtypes = [ctypes.c_void_p]
-_api.PyThreadState_Next.restype = ctypes.c_void_p
+python_api = ctypes.PyDLL(None)
+"""The CPython C API, declared here; `_threadstate` uses it."""
+python_api.PyGILState_Ensure.argtypes = []
+python_api.PyGILState_Ensure.restype = ctypes.c_int
+python_api.PyThreadState_Get.argtypes = []
+python_api.PyThreadState_Get.restype = ctypes.c_void_p
+python_api.PyThreadState_Clear.argtypes = [ctypes.c_void_p]
+python_api.PyThreadState_Clear.restype = None
+python_api.PyThreadState_Delete.argtypes = [ctypes.c_void_p]
+python_api.PyThreadState_Delete.restype = None
+python_api.PyInterpreterState_Get.argtypes = []
+python_api.PyInterpreterState_Get.restype = ctypes.c_void_p
+python_api.PyInterpreterState_ThreadHead.argtypes = [ctypes.c_void_p]
+python_api.PyInterpreterState_ThreadHead.restype = ctypes.c_void_p
+python_api.PyThreadState_Next.argtypes = [ctypes.c_void_p]
+python_api.PyThreadState_Next.restype = ctypes.c_void_p
 
-
-def pin_thread_state() -> None:
-    """Keep this foreign thread's Python thread state alive across callbacks.
-
-    ctypes creates and destroys a thread state on every callback from a thread Python did not
-    start (libmilter's workers), with a fresh 16 KiB frame stack (mmap/munmap) each time; one
-    extra PyGILState_Ensure, never released, keeps it. The GIL is still released between
-    callbacks. `release_exited_thread_states` frees it once the thread has ended.
-    """
-    if not _pins.__dict__:  # the trampolines test this inline first: it runs per callback
-        _pins.pinned = True
-        _api.PyGILState_Ensure()
-        _pinned_states[_api.PyThreadState_Get()] = threading.get_native_id()
-
-
-def release_exited_thread_states() -> int:
-    """Free the pinned thread states of OS threads that have ended; returns how many.
-
-    libmilter ends and starts pool workers as load changes; without this, each ended worker
-    would leave its thread state (and frame stack) behind. Needs the GIL; Linux only (/proc).
-    """
-    if not os.path.isdir("/proc/self/task"):
-        return 0
-    released = 0
-    for state, tid in list(_pinned_states.items()):
-        if not os.path.exists(f"/proc/self/task/{tid}"):
-            del _pinned_states[state]
-            _api.PyThreadState_Clear(state)
-            _api.PyThreadState_Delete(state)
-            released += 1
-    return released
-
-
-def thread_state_count() -> int:
-    """How many Python thread states this interpreter holds (for leak checks)."""
-    count = 0
-    state = _api.PyInterpreterState_ThreadHead(_api.PyInterpreterState_Get())
-    while state:
-        count += 1
-        state = _api.PyThreadState_Next(state)
-    return count
 
 
 class Callbacks:
@@ -396,18 +350,11 @@ class Callbacks:
         return cfunc
 
 
-def die_with_parent(signum: int) -> None:
-    """Have the kernel send `signum` to this process when its parent exits (Linux prctl).
-
-    A pre-forked worker must not outlive its supervisor, even one killed with SIGKILL.
-    """
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    prctl = libc.prctl
-    # int prctl(int option, unsigned long arg2, arg3, arg4, arg5)
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    prctl(pr_set_pdeathsig, signum, 0, 0, 0)
+_libc_errno = ctypes.CDLL(None, use_errno=True)
+prctl = _libc_errno.prctl
+"""int prctl(int option, unsigned long arg2, arg3, arg4, arg5)"""
+prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+prctl.restype = ctypes.c_int
 
 
 # -- A context's macros and the unknown command, read without over-reading (issue 19.3) --------

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from ._errors import LibmilterError
-from ._libmilter import die_with_parent
+from ._libmilter import prctl
 from ._listen import Listener
 from ._signals import STOP_SIGNALS, on_stop_signals
 
@@ -32,6 +32,13 @@ _RESPAWN_WINDOW = 10.0
 _STOP_GRACE = 30.0
 
 
+def _die_with_parent(signum: int) -> None:
+    """Have the kernel send `signum` to this process when its parent exits (Linux prctl):
+    a worker must not outlive its supervisor, even one killed with SIGKILL."""
+    pr_set_pdeathsig = 1
+    prctl(pr_set_pdeathsig, signum, 0, 0, 0)
+
+
 def _child(serve: Callable[[int, int], None], fd: int, parent: int, slot: int) -> None:
     for signum in (*STOP_SIGNALS, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
@@ -39,7 +46,7 @@ def _child(serve: Callable[[int, int], None], fd: int, parent: int, slot: int) -
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     code = 0
     try:
-        die_with_parent(signal.SIGTERM)
+        _die_with_parent(signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(0)
         serve(fd, slot)

@@ -37,6 +37,7 @@ from ._security import check_can_drop_privileges, drop_privileges
 from ._session import MilterSession
 from ._signals import on_stop_signals
 from ._socketspec import SocketSpec, parse_socket_spec
+from ._threadstate import release_exited_thread_states
 from ._trampolines import LibmilterCallbacks
 
 __all__ = ["Milter", "libmilter_version", "run", "set_debug_level", "shutdown"]
@@ -301,7 +302,7 @@ class Milter:
 
     @staticmethod
     def _release_thread_states() -> None:
-        released = c.release_exited_thread_states()
+        released = release_exited_thread_states()
         if released:
             logger.debug("released %d thread state(s) of ended libmilter workers", released)
 

@@ -25,6 +25,7 @@ from ._dispatch import NO_PARAMS, SessionRules
 from ._errors import LibmilterError
 from ._flags import Status
 from ._session import STAGE_FLAGS, MilterSession
+from ._threadstate import pin_thread_state, pins
 from ._types import EsmtpParams, decode
 
 __all__ = ["CtxBackend", "LibmilterCallbacks"]
@@ -148,8 +149,8 @@ class LibmilterCallbacks(SessionRules):
             convert,
             envelope=convert is _envelope,
             keyed=convert is _unknown,  # the only conversion that needs the context
-            pins=c._pins,
-            pin=c.pin_thread_state,
+            pins=pins,
+            pin=pin_thread_state,
         )
 
     def in_flight(self) -> bool:
@@ -162,7 +163,7 @@ class LibmilterCallbacks(SessionRules):
     @contextlib.contextmanager
     def _running(self, ctx: int, stage: str) -> Iterator[None]:
         """Mark a (non-hot) callback as running, so a stop waits for it to finish."""
-        c.pin_thread_state()
+        pin_thread_state()
         self.active[ctx] = stage
         try:
             yield

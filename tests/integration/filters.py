@@ -326,10 +326,10 @@ class ThreadStates(MilterSession):
 
     @override
     def on_eom(self) -> Status:
-        from pymilterkit import _libmilter
+        from pymilterkit import _threadstate
 
         threads = len(os.listdir("/proc/self/task"))
-        self.add_header("X-Thread-States", f"{_libmilter.thread_state_count()} {threads}")
+        self.add_header("X-Thread-States", f"{_threadstate.thread_state_count()} {threads}")
         return Status.CONTINUE
 
 
