@@ -738,3 +738,25 @@ class ConnectState(MilterSession):
         self.add_header("X-Has-Old-State", str(hasattr(self, "old")))
         self.old = True
         return Status.CONTINUE
+
+
+class HeadersAndBody(MilterSession):
+    """Counts header lines and body bytes and reports them at eom (any message shape)."""
+
+    actions = Actions.ADD_HEADER
+
+    @override
+    def on_header(self, name: str, value: str) -> Status:
+        self.headers = getattr(self, "headers", 0) + 1
+        return Status.CONTINUE
+
+    @override
+    def on_body(self, chunk: bytes) -> Status:
+        self.body = getattr(self, "body", 0) + len(chunk)
+        return Status.CONTINUE
+
+    @override
+    def on_eom(self) -> Status:
+        self.add_header("X-Shape", f"{getattr(self, 'headers', 0)} {getattr(self, 'body', 0)}")
+        self.headers = self.body = 0
+        return Status.CONTINUE

@@ -119,6 +119,11 @@ def check_every_action(result: ConnectionResult) -> None:
     assert msg.progress_count == 2
 
 
+def check_shape(result: ConnectionResult, expected: str) -> None:
+    (msg,) = result.messages
+    assert msg.status is Status.CONTINUE and msg.header("X-Shape") == expected
+
+
 def check_replies(case: str) -> Check:
     def check(result: ConnectionResult) -> None:
         msgs = result.messages
@@ -320,6 +325,17 @@ SCENARIOS: list[Scenario] = [
              check=check_leadspc),
     Scenario("quit-new-connection", f.ConnectState, script=quit_nc_script),
     Scenario("abort-mid-message", f.AbortCounter, script=abort_mid_message_script),
+    # Message shapes (a header-and-body filter once timed out in the harness on the first).
+    Scenario("shape-no-headers", f.HeadersAndBody, messages=((Envelope(), b"just a body\r\n"),),
+             check=lambda r: check_shape(r, "0 13")),
+    Scenario("shape-empty", f.HeadersAndBody, messages=((Envelope(), b""),),
+             check=lambda r: check_shape(r, "0 0")),
+    Scenario("shape-headers-only", f.HeadersAndBody,
+             messages=((Envelope(), b"Subject: x\r\nFrom: a@b\r\n"),),
+             check=lambda r: check_shape(r, "2 0")),
+    Scenario("shape-body-only", f.HeadersAndBody,
+             messages=((Envelope(), b"\r\nbody only\r\n"),),
+             check=lambda r: check_shape(r, "0 11")),
 ]
 
 
