@@ -10,7 +10,14 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 APT_PACKAGES=(libmilter1.0.1 postfix miltertest opendkim opendkim-tools python3-venv
-    libmilter-dev gcc python3-dev)  # the last three build pymilter (a foreign milter in tests)
+    libmilter-dev gcc python3-dev  # these three build pymilter (a foreign milter in tests)
+    m4 libwrap0 libdb5.3 liblockfile1 libnsl2 libsasl2-2 libldap-2.5-0)  # the unpacked Sendmail
+
+# Sendmail for tests/e2e/sendmail.py. Debian's sendmail-bin conflicts with postfix (both are the
+# mail-transport-agent), so it is not installed: its .debs are downloaded and unpacked with
+# `dpkg-deb -x` into SENDMAIL_ROOT, no maintainer script runs, and nothing in /etc/mail exists.
+SENDMAIL_ROOT=/opt/pmk-sendmail
+SENDMAIL_DEBS=(sendmail-bin sendmail-cf sendmail-base)
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
@@ -59,6 +66,29 @@ elif [[ ${#MISSING[@]} -gt 0 ]]; then
         "${APT_PACKAGES[*]}" >&2
     exit 1
 fi
+
+unpack_sendmail() {
+    [[ -x $SENDMAIL_ROOT/usr/libexec/sendmail/sendmail && -f $SENDMAIL_ROOT/usr/share/sendmail/cf/m4/cf.m4 ]] \
+        && return
+    if [[ "$(id -u)" != 0 ]]; then
+        log "WARNING: no Sendmail in $SENDMAIL_ROOT (run this as root to unpack it); its e2e tests will fail"
+        return
+    fi
+    local debs
+    debs=$(mktemp -d)
+    chmod 755 "$debs"  # apt's download user must write there
+    log "apt-get download ${SENDMAIL_DEBS[*]}; dpkg-deb -x into $SENDMAIL_ROOT"
+    (cd "$debs" && apt-get -q -o Acquire::Retries=3 download "${SENDMAIL_DEBS[@]}" >/dev/null 2>&1) \
+        || { apt-get -q update >/dev/null && (cd "$debs" && apt-get -q download "${SENDMAIL_DEBS[@]}" >/dev/null); }
+    rm -rf "$SENDMAIL_ROOT.new"
+    local deb
+    for deb in "$debs"/*.deb; do
+        dpkg-deb -x "$deb" "$SENDMAIL_ROOT.new"
+    done
+    rm -rf "$debs" "$SENDMAIL_ROOT"
+    mv "$SENDMAIL_ROOT.new" "$SENDMAIL_ROOT"
+}
+unpack_sendmail
 
 # --- Python environment ------------------------------------------------------------------------
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1

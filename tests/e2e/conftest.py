@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from .postfix import PostfixFactory, PostfixInstance, make_socket_dir
+from .sendmail import SendmailInstance
 
 _HERE = Path(__file__).parent
 
@@ -59,3 +60,22 @@ def milter_socket_dir(tmp_path: Path) -> Iterator[Path]:
     path = make_socket_dir(tmp_path)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def sendmail_factory(tmp_path: Path) -> Iterator[Callable[[str], SendmailInstance]]:
+    """A function ``make(milter_spec) -> SendmailInstance`` returning started private Sendmail
+    daemons (see ``sendmail.py``); all are stopped by PID at teardown, their output kept."""
+    _require_root()
+    instances: list[SendmailInstance] = []
+
+    def make(milter_spec: str) -> SendmailInstance:
+        instance = SendmailInstance(milter_spec)
+        instances.append(instance)
+        return instance.start()
+
+    yield make
+    for number, instance in enumerate(instances):
+        instance.stop()
+        (tmp_path / f"sendmail-{number}.out").write_text(instance.log_text())
+        instance.cleanup()
