@@ -24,7 +24,8 @@ from . import _libmilter as c
 from ._dispatch import NO_PARAMS, SessionRules
 from ._errors import LibmilterError
 from ._flags import Status
-from ._session import STAGE_FLAGS, MilterSession
+from ._protocol import BY_METHOD
+from ._session import MilterSession
 from ._threadstate import pin_thread_state, pins
 from ._types import EsmtpParams, decode
 
@@ -230,29 +231,27 @@ class LibmilterCallbacks(SessionRules):
         desc.xxfi_version = c.SMFI_VERSION
         desc.xxfi_flags = int(self.spec.actions)
 
-        table: dict[str, tuple[str, str, Callable[..., tuple[Any, ...]] | None]] = {
+        # Per stage: the C argument shape and the conversion to the method's arguments; the
+        # smfiDesc field comes from the stage table.
+        table: dict[str, tuple[str, Callable[..., tuple[Any, ...]] | None]] = {
             "on_connect": (
-                "xxfi_connect",
                 "connect",
                 lambda host, addr: (decode(host or b""), c.sockaddr_to_address(addr)),
             ),
-            "on_helo": ("xxfi_helo", "str1", lambda host: (decode(host or b""),)),
-            "on_mail": ("xxfi_envfrom", "argv", _envelope),
-            "on_rcpt": ("xxfi_envrcpt", "argv", _envelope),
-            "on_data": ("xxfi_data", "ctx", None),
-            "on_unknown": ("xxfi_unknown", "ptr1", _unknown),
-            "on_header": (
-                "xxfi_header",
-                "str2",
-                lambda n, v: (decode(n or b""), decode(v or b"")),
-            ),
-            "on_eoh": ("xxfi_eoh", "ctx", None),
-            "on_body": ("xxfi_body", "body", lambda p, n: (c.body_bytes(p, n),)),
-            "on_eom": ("xxfi_eom", "ctx", None),
+            "on_helo": ("str1", lambda host: (decode(host or b""),)),
+            "on_mail": ("argv", _envelope),
+            "on_rcpt": ("argv", _envelope),
+            "on_data": ("ctx", None),
+            "on_unknown": ("ptr1", _unknown),
+            "on_header": ("str2", lambda n, v: (decode(n or b""), decode(v or b""))),
+            "on_eoh": ("ctx", None),
+            "on_body": ("body", lambda p, n: (c.body_bytes(p, n),)),
+            "on_eom": ("ctx", None),
         }
-        assert set(STAGE_FLAGS) <= set(table)
-        for stage, (field, shape, convert) in table.items():
+        assert set(table) == set(BY_METHOD)
+        for stage, (shape, convert) in table.items():
             if stage in stages:
+                field = BY_METHOD[stage].callback
                 setattr(desc, field, make(shape, self._stage(stage, convert)))
         if self.answer_data:  # TCP without on_data: see SessionRules.__init__
             desc.xxfi_data = make("ctx", _continue)
