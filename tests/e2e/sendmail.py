@@ -81,7 +81,10 @@ class SmtpSink:
         return self
 
     def stop(self) -> None:
-        if self._loop.is_closed() or not self._thread.is_alive():
+        if self._loop.is_closed():
+            return
+        if not self._thread.is_alive():  # never started
+            self._loop.close()
             return
         if self._server is not None:
             self._loop.call_soon_threadsafe(self._server.close)
