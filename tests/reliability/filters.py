@@ -234,11 +234,34 @@ class RaisesWithRecipient(MilterSession):
 
 
 class FuzzTarget(SoakEveryAction):
-    """`SoakEveryAction` for the fuzzer: a hostile client that hangs up while the end-of-message
-    actions are sent makes libmilter refuse them; a careful filter expects that."""
+    """`SoakEveryAction` for the fuzzer, reading macros at every stage (present and absent
+    names: fuzzed macro packets reach libmilter's macro lists this way, issue 19.3). A hostile
+    client that hangs up while the end-of-message actions are sent makes libmilter refuse them;
+    a careful filter expects that."""
+
+    def _macros(self) -> None:
+        for name in ("j", "i", "{daemon_name}", "{mail_addr}", "{rcpt_addr}", "absent"):
+            value = self.macro(name)
+            assert value is None or isinstance(value, str)
+
+    @override
+    def on_connect(self, hostname: str, address: InetAddress | UnixAddress | None) -> Status:
+        self._macros()
+        return super().on_connect(hostname, address)
+
+    @override
+    def on_mail(self, sender: str, params: EsmtpParams) -> Status:
+        self._macros()
+        return super().on_mail(sender, params)
+
+    @override
+    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        self._macros()
+        return super().on_rcpt(recipient, params)
 
     @override
     def on_eom(self) -> Status:
+        self._macros()
         try:
             return super().on_eom()
         except LibmilterError:
