@@ -65,6 +65,8 @@ class SmtpSink:
 
     def __init__(self) -> None:
         self.messages: list[DeliveredMessage] = []
+        self.rcpt_params: dict[str, str] = {}
+        """The ESMTP parameters of each RCPT TO the sink was given (it offers DSN)."""
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
@@ -99,12 +101,14 @@ class SmtpSink:
         while line := await reader.readline():
             verb = line[:4].upper()
             if verb in (b"EHLO", b"HELO"):
-                writer.write(b"250-sink.example.test\r\n250 8BITMIME\r\n")
+                writer.write(b"250-sink.example.test\r\n250-DSN\r\n250 8BITMIME\r\n")
             elif verb == b"MAIL":
                 sender, recipients = _address(line), []
                 writer.write(b"250 2.1.0 ok\r\n")
             elif verb == b"RCPT":
                 recipients.append(_address(line))
+                with self._lock:
+                    self.rcpt_params[recipients[-1]] = _params(line)
                 writer.write(b"250 2.1.5 ok\r\n")
             elif verb == b"DATA":
                 writer.write(b"354 go on\r\n")
@@ -142,6 +146,12 @@ def _address(line: bytes) -> str:
     """The address between <> of a MAIL FROM / RCPT TO line ("" for <>)."""
     text = line.decode("utf-8", "surrogateescape")
     return text[text.index("<") + 1 : text.index(">")] if "<" in text else ""
+
+
+def _params(line: bytes) -> str:
+    """The ESMTP parameters after the address of a MAIL FROM / RCPT TO line."""
+    text = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
+    return text[text.index(">") + 1 :].strip() if ">" in text else ""
 
 
 class SendmailInstance:

@@ -55,6 +55,17 @@ class HeaderEdits(MilterSession):
         return Status.CONTINUE
 
 
+class RecipientWithArgs(MilterSession):
+    """At eom adds `<added-par@example.org>` with `NOTIFY=NEVER` (smfi_addrcpt_par)."""
+
+    actions = Actions.ADD_RCPT_PAR
+
+    @override
+    def on_eom(self) -> Status:
+        self.add_recipient("<added-par@example.org>", "NOTIFY=NEVER")
+        return Status.CONTINUE
+
+
 class MacroEcho(MilterSession):
     """Adds `X-Macro-<stage>-<name>: <value>` for each macro Sendmail sent (or "-" if unset)."""
 
@@ -198,6 +209,17 @@ def test_routing_adds_and_removes_recipients_and_changes_the_sender(start: Start
     assert audit.startswith(f"AuditedRouting on {HOSTNAME} queue-id=")
     assert "queue-id=unknown" not in audit
     assert delivered.message["Subject"] == "order"
+
+
+def test_a_recipient_added_with_esmtp_args_keeps_them(start: Start) -> None:
+    setup = start(f"{__name__}:RecipientWithArgs")
+    assert setup.send(message(), ["bob@example.com"]) == {}
+    [delivered] = setup.sendmail.wait_for_delivery(1)
+    assert sorted(delivered.recipients) == ["added-par@example.org", "bob@example.com"]
+    # Sendmail relays the DSN parameter the filter gave; the client's recipient has none.
+    assert setup.sendmail.sink.rcpt_params == {
+        "added-par@example.org": "NOTIFY=NEVER", "bob@example.com": ""
+    }
 
 
 def test_tagger_tags_and_prefixes_the_subject(start: Start) -> None:
