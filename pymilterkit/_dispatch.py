@@ -35,6 +35,7 @@ _ALWAYS_PINNED = types.SimpleNamespace(pinned=True)  # callers whose threads nee
 def _nothing() -> None:
     pass
 _FATAL = (KeyboardInterrupt, SystemExit)  # the only exceptions that stop the milter
+_DATA_OR_HEADERS_OFF = ProtocolOpts.NO_DATA | ProtocolOpts.NO_HDRS
 
 
 class SessionRules:
@@ -241,6 +242,11 @@ class SessionRules:
                 return int(status), 0, 0
             if self.answer_data:
                 opts = ProtocolOpts(int(opts) & ~int(ProtocolOpts.NO_DATA))
+            if opts & ProtocolOpts.NO_EOH and not opts & _DATA_OR_HEADERS_OFF:
+                # libmilter's state machine (trans_ok) goes from DATA to the body only past a
+                # header or end of headers: after DATA, the body of a message without header
+                # lines would go unanswered (the MTA times out). Keep end of headers, unanswered.
+                opts = (opts & ~ProtocolOpts.NO_EOH) | ProtocolOpts.NR_EOH
             missing = Actions(int(actions) & ~offered_actions)
             if missing:
                 logger.error(

@@ -296,3 +296,15 @@ def test_policy_rejects_at_connect_with_a_multi_line_reply(start: Start) -> None
     with pytest.raises(smtplib.SMTPConnectError):
         setup.smtp()
     assert setup.postfix.delivered() == []
+
+
+def test_a_message_without_header_lines_over_tcp_is_filtered(start: Start) -> None:
+    # Postfix adds no headers for a client outside local_header_rewrite_clients, so the milter
+    # sees DATA (answered on TCP) and then the body with no header in between; libmilter used to
+    # leave that body unanswered (Postfix: "can't read SMFIC_BODY reply packet header").
+    setup = start("tests.integration.filters:HeadersBodyAndRcpt", inet=True,
+                  extra_config={"local_header_rewrite_clients": "",
+                                "milter_content_timeout": "10s"})
+    assert setup.send(b"just a body\r\n", ["bob@example.com"]) == {}
+    [delivered] = setup.postfix.wait_for_delivery(1)
+    assert delivered.message["X-Shape"] == "0 13"

@@ -760,3 +760,24 @@ class HeadersAndBody(MilterSession):
         self.add_header("X-Shape", f"{getattr(self, 'headers', 0)} {getattr(self, 'body', 0)}")
         self.headers = self.body = 0
         return Status.CONTINUE
+
+
+class HeadersBodyAndRcpt(HeadersAndBody):
+    """HeadersAndBody that also sees recipients: libmilter cannot restart its state machine at
+    HELO to reach the body, so after DATA it needs a header or end of headers first."""
+
+    @override
+    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        return Status.CONTINUE
+
+
+class HeadersBodyAndData(HeadersAndBody):
+    """HeadersAndBody with on_data: the MTA sends DATA on any socket."""
+
+    @override
+    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        return Status.CONTINUE
+
+    @override
+    def on_data(self) -> Status:
+        return Status.CONTINUE

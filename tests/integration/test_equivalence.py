@@ -6,6 +6,8 @@ equal. Each scenario also checks a few facts, so equality of two wrong results c
 from __future__ import annotations
 
 import dataclasses
+import functools
+import socket
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv6Address
 
@@ -65,6 +67,7 @@ class Scenario:
     protocol: ProtocolOpts = ALL_PROTOCOL
     check: Check | None = None
     script: Script | None = None
+    tcp: bool = False  # the runner on an inet socket (Harness(tcp=True))
 
 
 def two_rcpts() -> Envelope:
@@ -122,6 +125,28 @@ def check_every_action(result: ConnectionResult) -> None:
 def check_shape(result: ConnectionResult, expected: str) -> None:
     (msg,) = result.messages
     assert msg.status is Status.CONTINUE and msg.header("X-Shape") == expected
+
+
+SHAPES = (  # a message with no header lines once went unanswered after DATA
+    ("no-headers", b"just a body\r\n", "0 13"),
+    ("empty", b"", "0 0"),
+    ("headers-only", b"Subject: x\r\nFrom: a@b\r\n", "2 0"),
+    ("body-only", b"\r\nbody only\r\n", "0 11"),
+)
+
+
+def shape_scenarios() -> Iterator[Scenario]:
+    """Each message shape through header-and-body filters, where the MTA sends DATA or not."""
+    for filter_class, tcp, where in (
+        (f.HeadersAndBody, False, ""),
+        (f.HeadersAndBody, True, "-tcp"),
+        (f.HeadersBodyAndRcpt, True, "-rcpt-tcp"),
+        (f.HeadersBodyAndData, False, "-data"),
+    ):
+        for name, message, shape in SHAPES:
+            yield Scenario(f"shape-{name}{where}", filter_class, tcp=tcp,
+                           messages=((Envelope(), message),),
+                           check=functools.partial(check_shape, expected=shape))
 
 
 def check_replies(case: str) -> Check:
@@ -325,17 +350,7 @@ SCENARIOS: list[Scenario] = [
              check=check_leadspc),
     Scenario("quit-new-connection", f.ConnectState, script=quit_nc_script),
     Scenario("abort-mid-message", f.AbortCounter, script=abort_mid_message_script),
-    # Message shapes (a header-and-body filter once timed out in the harness on the first).
-    Scenario("shape-no-headers", f.HeadersAndBody, messages=((Envelope(), b"just a body\r\n"),),
-             check=lambda r: check_shape(r, "0 13")),
-    Scenario("shape-empty", f.HeadersAndBody, messages=((Envelope(), b""),),
-             check=lambda r: check_shape(r, "0 0")),
-    Scenario("shape-headers-only", f.HeadersAndBody,
-             messages=((Envelope(), b"Subject: x\r\nFrom: a@b\r\n"),),
-             check=lambda r: check_shape(r, "2 0")),
-    Scenario("shape-body-only", f.HeadersAndBody,
-             messages=((Envelope(), b"\r\nbody only\r\n"),),
-             check=lambda r: check_shape(r, "0 11")),
+    *shape_scenarios(),
 ]
 
 
@@ -350,11 +365,20 @@ def milters() -> Iterator[dict[str, MilterProcess]]:
             process.__exit__(None, None, None)
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def _client(milters: dict[str, MilterProcess], scenario: Scenario) -> MilterClient:
     name = scenario.filter.__name__
-    if name not in milters:
-        milters[name] = MilterProcess(f"{MODULE}:{name}").__enter__()
-    return MilterClient(milters[name].socket, timeout=10, protocol=scenario.protocol,
+    key = f"{name}-tcp" if scenario.tcp else name
+    if key not in milters:
+        spec = f"inet:{_free_port()}@127.0.0.1" if scenario.tcp else None
+        milters[key] = MilterProcess(f"{MODULE}:{name}", spec).__enter__()
+    return MilterClient(milters[key].socket, timeout=10, protocol=scenario.protocol,
                         client=scenario.client)
 
 
@@ -366,13 +390,14 @@ def _run(driver: Harness | MilterClient, scenario: Scenario) -> object:
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_harness_equals_real_runner(scenario: Scenario, milters: dict[str, MilterProcess]) -> None:
-    harness = Harness(scenario.filter, protocol=scenario.protocol, client=scenario.client)
+    harness = Harness(scenario.filter, protocol=scenario.protocol, client=scenario.client,
+                      tcp=scenario.tcp)
     expected = _run(harness, scenario)
     client = _client(milters, scenario)
     try:
         actual = _run(client, scenario)
     except Exception:
-        print(milters[scenario.filter.__name__].log()[-3000:])
+        print(milters[f"{scenario.filter.__name__}{'-tcp' * scenario.tcp}"].log()[-3000:])
         raise
     assert actual == expected
     if scenario.check is not None:

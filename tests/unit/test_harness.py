@@ -40,6 +40,7 @@ from pymilterkit.testing import (
     apply_envelope,
     apply_modifications,
 )
+from tests.integration.filters import HeadersBodyAndRcpt
 
 MESSAGE = b"From: a@example.net\r\nSubject: hi\r\n there\r\nTo: b@example.org\r\n\r\nline 1\r\n"
 
@@ -420,3 +421,27 @@ def test_a_stage_libmilter_would_not_answer_times_out() -> None:
 def test_harness_refuses_non_session_classes() -> None:
     with pytest.raises(TypeError):
         Harness(object)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("message", "shape"),
+    [(b"just a body\r\n", "0 13"), (b"", "0 0"), (b"\r\nbody only\r\n", "0 11"),
+     (b"Subject: x\r\n", "1 0")],
+)
+def test_after_data_a_message_without_headers_is_answered(message: bytes, shape: str) -> None:
+    # On TCP the MTA sends DATA; libmilter reaches the body from DATA only past a header or
+    # end of headers, so end of headers is negotiated (without an answer) for such a filter.
+    result = Harness(HeadersBodyAndRcpt, tcp=True).run_connection([message])
+    assert result.negotiation.protocol & ProtocolOpts.NR_EOH
+    assert not result.negotiation.protocol & (ProtocolOpts.NO_EOH | ProtocolOpts.NO_DATA)
+    (msg,) = result.messages
+    assert msg.status is Status.CONTINUE and msg.header("X-Shape") == shape
+    eoh = [a for a in msg.answers if a.step is Step.EOH]
+    assert [a.status for a in eoh] == [Status.NOREPLY]
+
+
+def test_end_of_headers_stays_off_when_the_mta_sends_no_data() -> None:
+    result = Harness(HeadersBodyAndRcpt).run_connection([b"just a body\r\n"])
+    assert result.negotiation.protocol & ProtocolOpts.NO_EOH
+    assert not result.negotiation.protocol & ProtocolOpts.NR_EOH
+    assert result.messages[0].header("X-Shape") == "0 13"
