@@ -14,7 +14,11 @@ At end of message (`on_eom`), from the envelope collected at MAIL FROM and RCPT 
 Addresses are compared without angle brackets and case-insensitively; the recipient passed to
 `remove_recipient` is exactly the one the MTA gave (brackets included), as libmilter requires.
 
+The three tables are settings (`RoutingConfig`): the defaults below, or the `[filter]` table of
+a config file (`examples/routing.toml`).
+
 Run it:  pymilterkit run examples.routing:Routing --socket unix:/tmp/routing.sock
+or:      pymilterkit run --config examples/routing.toml
 or:      python examples/routing.py [SOCKET]
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from typing_extensions import override
@@ -34,13 +39,37 @@ def bare(address: str) -> str:
     return address.strip().removeprefix("<").removesuffix(">").lower()
 
 
+@dataclass(frozen=True)
+class RoutingConfig:
+    """The settings of `Routing` (the `[filter]` table of a config file)."""
+
+    archive: Mapping[str, str] = field(
+        default_factory=lambda: {"sales@example.com": "archive@example.com"}
+    )
+    """Recipient -> archive address added as a further recipient."""
+    drop_local_parts: frozenset[str] = frozenset({"noreply", "no-reply", "donotreply"})
+    """Local parts of recipients to remove."""
+    sender_domains: Mapping[str, str] = field(
+        default_factory=lambda: {"legacy.example.net": "example.com"}
+    )
+    """Sender domain -> the domain it is rewritten to."""
+
+    def __post_init__(self) -> None:
+        # Compared with bare(): lower case, no brackets.
+        object.__setattr__(self, "archive", {bare(k): bare(v) for k, v in self.archive.items()})
+        object.__setattr__(
+            self, "drop_local_parts", frozenset(p.lower() for p in self.drop_local_parts)
+        )
+        object.__setattr__(
+            self, "sender_domains", {k.lower(): v for k, v in self.sender_domains.items()}
+        )
+
+
 class Routing(MilterSession):
     """Adds archive recipients, removes no-reply recipients, rewrites legacy senders."""
 
     actions = Actions.ADD_RCPT | Actions.DELETE_RCPT | Actions.CHANGE_FROM
-    archive: ClassVar[Mapping[str, str]] = {"sales@example.com": "archive@example.com"}
-    drop_local_parts: ClassVar[frozenset[str]] = frozenset({"noreply", "no-reply", "donotreply"})
-    sender_domains: ClassVar[Mapping[str, str]] = {"legacy.example.net": "example.com"}
+    config: ClassVar[RoutingConfig] = RoutingConfig()
     kept_sender_params: ClassVar[tuple[str, ...]] = ("RET", "ENVID")
 
     @override
@@ -59,17 +88,21 @@ class Routing(MilterSession):
         """The rewritten envelope sender, or None to keep it (the null sender is kept)."""
         address = bare(self.sender)
         local, at, domain = address.rpartition("@")
-        if not at or domain not in self.sender_domains:
+        domains = self.config.sender_domains
+        if not at or domain not in domains:
             return None
-        return f"{local}@{self.sender_domains[domain]}"
+        return f"{local}@{domains[domain]}"
 
     @override
     def on_eom(self) -> Status:
+        config = self.config
         present = {bare(r) for r in self.recipients}
-        dropped = [r for r in self.recipients if bare(r).partition("@")[0] in self.drop_local_parts]
+        dropped = [
+            r for r in self.recipients if bare(r).partition("@")[0] in config.drop_local_parts
+        ]
         added: list[str] = []
         for recipient in self.recipients:
-            target = self.archive.get(bare(recipient))
+            target = config.archive.get(bare(recipient))
             if target is not None and target not in present and target not in added:
                 added.append(target)
         if len(dropped) == len(self.recipients) and not added:

@@ -13,14 +13,17 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ._affinity import parse as parse_affinity
+from ._config import filter_config, read_config, run_subparser
+from ._config import parse_args as parse_args_with_config
 from ._errors import ConfigurationError, MilterError
 from ._flags import Status
 from ._runner import ErrorStatus
 from ._session import MilterSession
 
-__all__ = ["load_session_class", "main"]
+__all__ = ["load_config", "load_session_class", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -60,6 +63,26 @@ def load_session_class(target: str) -> type[MilterSession]:
     return obj
 
 
+def load_config(
+    path: str, session_class: type[MilterSession] | None = None
+) -> tuple[dict[str, Any], object | None]:
+    """Read and check config file `path`: (its `run` options by argparse dest, filter config).
+
+    The filter config is the filled dataclass of `session_class` (default: the file's
+    `target`), or None when the file has no `[filter]` table (the class keeps its default).
+    The one call a reload needs; raises `ConfigurationError` naming the file, key and type.
+    """
+    options, section = read_config(path, run_subparser(_parser()))
+    if session_class is None:
+        target = options.get("target")
+        if target is None:
+            if section:
+                raise ConfigurationError(f"{path}: a [filter] table needs a `target` key")
+            return options, None
+        session_class = load_session_class(target)
+    return options, filter_config(session_class, section, path)
+
+
 _ERROR_STATUS: dict[str, ErrorStatus] = {
     "tempfail": Status.TEMPFAIL,
     "reject": Status.REJECT,
@@ -84,6 +107,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ._runner import Milter
 
     session_class = load_session_class(args.target)
+    path = getattr(args, "config_path", None)
+    config = filter_config(session_class, args.config_section, path) if path else None
     Milter(
         session_class,
         args.socket,
@@ -98,6 +123,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         user=args.user,
         group=args.group,
         cpu_affinity=parse_affinity(args.cpu_affinity),
+        config=config,
     ).run()
     return EXIT_OK
 
@@ -191,6 +217,12 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a filter class on a socket")
     run.add_argument("target", metavar="MODULE:CLASS", help="the MilterSession subclass")
+    run.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="read options (keys named like the flags) and the [filter] table from a TOML "
+        "file; flags override it",
+    )
     run.add_argument("--socket", required=True, help="unix:/path, inet:PORT@HOST, inet6:...")
     run.add_argument("--name", help="filter name reported to libmilter")
     run.add_argument("--timeout", type=int, help="libmilter I/O timeout in seconds")
@@ -233,7 +265,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pymilterkit` command; returns the exit code."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse_args_with_config(parser, sys.argv[1:] if argv is None else list(argv))
+    except ConfigurationError as exc:
+        print(f"pymilterkit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     level = getattr(args, "run_log_level", None) or args.log_level
     logging.basicConfig(
         level=getattr(logging, level),

@@ -29,6 +29,7 @@ from typing_extensions import Unpack
 from . import _libmilter as c
 from ._affinity import CpuAffinity, confine, plan
 from ._affinity import check as check_affinity
+from ._config import install as install_config
 from ._errors import ConfigurationError, LibmilterError, SocketSpecError
 from ._flags import Status
 from ._limits import raise_nofile_limit
@@ -71,7 +72,8 @@ class Milter:
     permissions so only the MTA's user can connect; `user`/`group` drop privileges once the
     socket is open. `cpu_affinity` ("auto": each process on one CPU, which spares the GIL
     cross-CPU hand-overs between libmilter's threads; None: the scheduler decides; or a list of
-    CPUs) is applied when `run()` starts.
+    CPUs) is applied when `run()` starts. `config` is an instance of the dataclass the class
+    declares as `config` (docs/guides/operations.md): it is set on the class at once.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class Milter:
         user: str | int | None = None,
         group: str | int | None = None,
         cpu_affinity: CpuAffinity = "auto",
+        config: object | None = None,
     ) -> None:
         if not (isinstance(session_class, type) and issubclass(session_class, MilterSession)):
             raise ConfigurationError(
@@ -104,6 +107,7 @@ class Milter:
             ) from None
         except ValueError:  # no signature available (C-implemented __init__): assume fine
             pass
+        install_config(session_class, config)  # visible to the class before any fork
         self.session_class = session_class
         self.spec: SocketSpec = parse_socket_spec(socket)
         self.name = name or session_class.__name__
@@ -376,6 +380,7 @@ class MilterOptions(TypedDict, total=False):
     user: str | int | None
     group: str | int | None
     cpu_affinity: CpuAffinity
+    config: object | None
 
 
 def run(
