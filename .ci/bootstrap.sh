@@ -12,7 +12,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 APT_PACKAGES=(libmilter1.0.1 postfix miltertest opendkim opendkim-tools python3-venv
     haproxy  # tests/e2e/test_haproxy.py: Postfix -> HAProxy -> several milters (started by the test)
     libmilter-dev gcc python3-dev  # these three build pymilter (a foreign milter in tests)
-    m4 libwrap0 libdb5.3 liblockfile1 libnsl2 libsasl2-2 libldap-2.5-0)  # the unpacked Sendmail
+    m4 libwrap0 libdb5.3 liblockfile1 libnsl2 libsasl2-2 libldap-2.5-0  # the unpacked Sendmail
+    systemd)  # systemd-socket-activate and systemd-analyze (tests/integration/test_systemd.py);
+              # installing it in a container is harmless: nothing starts without systemd as PID 1
 
 # Sendmail for tests/e2e/sendmail.py. Debian's sendmail-bin conflicts with postfix (both are the
 # mail-transport-agent), so it is not installed: its .debs are downloaded and unpacked with

@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from ._errors import LibmilterError
 from ._libmilter import prctl
@@ -65,13 +65,15 @@ def run_prefork(
     wake: Callable[[], None],
     name: str,
     where: str,
+    tick: Callable[[Collection[int], bool], None] | None = None,
 ) -> None:
     """Serve with `workers` processes until a stop signal; raise if workers failed.
 
     `open_socket()` opens the listener (in this process, once, after the stop signals are
     handled here); `serve(fd, slot)` serves on it in worker `slot` and returns at its stop;
     `wake()` ends the workers' waits in accept() so they notice a stop at once; `name` and
-    `where` (the socket) are for the log.
+    `where` (the socket) are for the log; `tick(slots, stopping)` is called about every 50 ms
+    with the live workers' slots (for systemd's READY/STATUS/WATCHDOG).
     """
     parent = os.getpid()
     children: dict[int, int] = {}  # pid -> slot
@@ -127,6 +129,8 @@ def run_prefork(
                 break
             if pid == 0:
                 time.sleep(0.05)
+                if tick is not None:
+                    tick(children.values(), stopping)
                 if stopping:
                     stop_workers()  # also one forked while the signal was being handled
                     # Wake the workers' listeners so each notices the stop at once.

@@ -27,6 +27,7 @@ from typing import Literal, TypedDict
 from typing_extensions import Unpack
 
 from . import _libmilter as c
+from . import _systemd
 from ._affinity import CpuAffinity, confine, plan
 from ._affinity import check as check_affinity
 from ._config import install as install_config
@@ -147,6 +148,8 @@ class Milter:
         self.dispatcher: LibmilterCallbacks | None = None
         self._listener: Listener | None = None
         self._inherited = False
+        self._activated: Listener | None = None  # the socket systemd passed (spec "systemd")
+        self._slot: int | None = None  # the pre-forked worker this process is
 
     # -- running ---------------------------------------------------------------------------
 
@@ -165,10 +168,14 @@ class Milter:
             _has_run = True
             _current = self
         raise_nofile_limit()  # one descriptor per MTA connection: allow what the admin allows
+        service = _systemd.notifier()  # takes NOTIFY_SOCKET & co. out of the environment
+        if self.spec.kind == "systemd":  # from here on, the passed socket's unix/inet address
+            self._activated, self.spec = _systemd.take_listener(self.spec)
         self._plan_cpus()
         if self.workers > 1:
             from ._prefork import run_prefork
 
+            service.for_workers(self.workers)
             run_prefork(
                 self.workers,
                 open_socket=self._open_socket,
@@ -176,6 +183,9 @@ class Milter:
                 wake=lambda: poke(self.spec),
                 name=self.name,
                 where=str(self.spec),
+                tick=lambda slots, stopping: service.tick(
+                    str(self.spec), workers=slots, stopping=stopping
+                ),
             )
             return
         self._confine_to_cpus()
@@ -198,6 +208,7 @@ class Milter:
         """Serve as pre-forked worker `slot` on the parent's listening socket, until stopped."""
         self._confine_to_cpus(slot)
         self._inherited = True
+        self._slot = slot
         self._prepare(inherited_fd=fd)
         self._serve()
 
@@ -209,9 +220,10 @@ class Milter:
         socket its mode and group before it appears at its path.
         """
         check_can_drop_privileges(self.user, self.group)
-        listener = open_listener(
+        listener = self._activated or open_listener(
             self.spec, self.backlog, self.socket_mode, self.socket_group, owner=self.user
         )
+        self._activated = None
         try:
             drop_privileges(self.user, self.group)
         except BaseException:
@@ -285,9 +297,11 @@ class Milter:
             ticks = 0
             while main.is_alive():
                 main.join(0.25)
+                self._notify()
                 ticks += 1
                 if ticks % 4 == 0:  # about once a second
                     self._release_thread_states()
+        self._notify(stopping=True)
         self._drain()
         left = len(self.dispatcher.sessions)
         abandoned = self.dispatcher.close_all()
@@ -303,6 +317,17 @@ class Milter:
             raise self._fatal
         if result and result[0] != c.MI_SUCCESS:
             raise LibmilterError(f"smfi_main failed ({result[0]}); see syslog")
+
+    def _notify(self, stopping: bool = False) -> None:
+        """Tell systemd how the run goes (nothing without NOTIFY_SOCKET); a pre-forked worker
+        tells its supervisor instead."""
+        assert self.dispatcher is not None
+        open_, served = len(self.dispatcher.sessions), self.dispatcher.created
+        if self._slot is not None:
+            _systemd.notifier().worker_tick(self._slot, open_, served)
+            return
+        stopping = stopping or self._stop_requested.is_set()
+        _systemd.notifier().tick(str(self.spec), open_, served, stopping=stopping)
 
     @staticmethod
     def _release_thread_states() -> None:

@@ -16,7 +16,10 @@ _UNIX_PATH_MAX = 107  # sizeof(sun_path) - 1 on Linux
 
 @dataclasses.dataclass(frozen=True)
 class SocketSpec:
-    """A parsed socket spec: `unix`, `inet`, `inet6` or `fd` with its parts."""
+    """A parsed socket spec: `unix`, `inet`, `inet6`, `fd` or `systemd` with its parts.
+
+    For `systemd`, `path` is the socket's name in LISTEN_FDNAMES ("" for the only one).
+    """
 
     kind: str
     path: str = ""
@@ -30,6 +33,8 @@ class SocketSpec:
             return f"unix:{self.path}"
         if self.kind == "fd":
             return f"fd:{self.fd}"
+        if self.kind == "systemd":
+            return f"systemd:{self.path}" if self.path else "systemd"
         host = f"@{self.host}" if self.host else ""
         return f"{self.kind}:{self.port}{host}"
 
@@ -74,13 +79,16 @@ def _port(text: str, spec: str) -> int:
 
 
 def parse_socket_spec(spec: str) -> SocketSpec:
-    """Parse `unix:/path`, `local:/path`, `/path`, `inet:PORT[@HOST]`, `inet6:PORT[@HOST]`, `fd:N`.
+    """Parse `unix:/path`, `local:/path`, `/path`, `inet:PORT[@HOST]`, `inet6:PORT[@HOST]`, `fd:N`,
+    `systemd` or `systemd:NAME` (socket activation, see `_systemd`).
 
     Raises SocketSpecError naming what is wrong and the accepted forms.
     """
-    forms = "use unix:/path/to/sock, inet:PORT@HOST or inet6:PORT@[::1]"
+    forms = "use unix:/path/to/sock, inet:PORT@HOST, inet6:PORT@[::1] or systemd"
     if not isinstance(spec, str) or not spec or "\0" in spec:
         raise SocketSpecError(f"empty or invalid socket spec {spec!r}; {forms}")
+    if spec.lower() == "systemd":
+        return SocketSpec("systemd")
     kind, sep, rest = spec.partition(":")
     if not sep or kind == "":
         kind, rest = "unix", spec if not sep else rest
@@ -105,6 +113,12 @@ def parse_socket_spec(spec: str) -> SocketSpec:
         if not rest.isdigit():
             raise SocketSpecError(f"fd socket spec needs a descriptor number, got {spec!r}")
         return SocketSpec("fd", fd=int(rest))
+    if kind == "systemd":
+        if not rest or any(ch in rest for ch in ": \t\n"):
+            raise SocketSpecError(
+                f"systemd socket spec wants a FileDescriptorName= (no ':' or spaces): {spec!r}"
+            )
+        return SocketSpec("systemd", path=rest)
     raise SocketSpecError(f"unknown socket type {kind!r} in {spec!r}; {forms}")
 
 

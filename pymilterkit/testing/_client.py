@@ -28,8 +28,11 @@ def parse_client_spec(spec: str) -> SocketSpec:
         host, _, port = rest.rpartition(":")
         spec = f"{kind}:{port}@{host}"
     parsed = parse_socket_spec(spec)
-    if parsed.kind == "fd":
-        raise SocketSpecError("a client cannot connect to an fd: spec; use unix: or inet:")
+    if parsed.kind in ("fd", "systemd"):
+        raise SocketSpecError(
+            f"a client cannot connect to a {parsed.kind} spec; use the socket's unix: or inet: "
+            f"address"
+        )
     return parsed
 
 
