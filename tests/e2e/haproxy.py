@@ -49,6 +49,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
@@ -74,6 +75,7 @@ __all__ = [
     "Topology",
     "haproxy_binary",
     "message_for",
+    "port_free_on_all",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -401,8 +403,9 @@ class Instance:
     """One ``pymilterkit run`` on its own loopback address ("host"); restartable."""
 
     def __init__(self, name: str, host: str, port: int, metrics_port: int | None,
-                 args: Sequence[str] = ()) -> None:
+                 args: Sequence[str] = (), target: str = FILTER) -> None:
         self.name = name
+        self.target = target
         self.host = host
         self.port = port
         self.metrics_port = metrics_port
@@ -419,7 +422,7 @@ class Instance:
 
     def start(self) -> Self:
         env = dict(os.environ, PMK_INSTANCE=self.name)
-        self.process = MilterProcess(FILTER, f"inet:{self.port}@{self.host}",
+        self.process = MilterProcess(self.target, f"inet:{self.port}@{self.host}",
                                      args=self.command_args(), env=env, cwd=ROOT)
         self.process.start()
         self.starts += 1
@@ -461,8 +464,8 @@ class Fleet:
 
     def __init__(self, count: int = 3, *, metrics: bool = False, args: Sequence[str] = ()):
         hosts = [f"127.0.0.{2 + i}" for i in range(count)]
-        port = _port_free_on_all(hosts)
-        metrics_port = _port_free_on_all(hosts, avoid=port) if metrics else None
+        port = port_free_on_all(hosts)
+        metrics_port = port_free_on_all(hosts, avoid=port) if metrics else None
         self.instances = [Instance(f"m{i + 1}", host, port, metrics_port, args)
                           for i, host in enumerate(hosts)]
 
@@ -486,7 +489,8 @@ class Fleet:
                 instance.stop(10)
 
 
-def _port_free_on_all(hosts: Iterable[str], avoid: int = 0) -> int:
+def port_free_on_all(hosts: Iterable[str], avoid: int = 0) -> int:
+    """A TCP port that is free on each of ``hosts`` (loopback addresses)."""
     hosts = list(hosts)
     for _ in range(50):
         port = free_port(hosts[0])
@@ -540,6 +544,7 @@ class Load:
     concurrency: int = 12
     per_session: int = 5
     prefix: str = "m"
+    source: str = "127.0.0.1"  # the clients' address (Postfix accepts 127.0.0.0/8)
     outcomes: list[Outcome] = field(default_factory=list)
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -564,6 +569,8 @@ class Load:
     def _send(smtp: smtplib.SMTP, key: str, opened: float) -> Outcome:
         try:
             refused = smtp.sendmail(SENDER, list(RECIPIENTS), message_for(key))
+        except smtplib.SMTPRecipientsRefused as exc:  # every RCPT refused (not a response one)
+            refused = exc.recipients
         except smtplib.SMTPResponseException as exc:
             error: bytes | str = exc.smtp_error
             reply = error.decode(errors="replace") if isinstance(error, bytes) else error
@@ -577,7 +584,8 @@ class Load:
         """Send message ``key`` over an SMTP session of its own (e.g. a retry); not recorded."""
         opened = time.monotonic()
         try:
-            with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as smtp:
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=60,
+                              source_address=(self.source, 0)) as smtp:
                 smtp.ehlo("client.example.net")
                 return self._send(smtp, key, opened)
         except (OSError, smtplib.SMTPException) as exc:
@@ -588,7 +596,8 @@ class Load:
         while key is not None:
             opened = time.monotonic()
             try:
-                with smtplib.SMTP("127.0.0.1", self.port, timeout=60) as smtp:
+                with smtplib.SMTP("127.0.0.1", self.port, timeout=60,
+                              source_address=(self.source, 0)) as smtp:
                     smtp.ehlo("client.example.net")
                     for _ in range(self.per_session):
                         outcome = self._send(smtp, key, opened)
@@ -758,6 +767,7 @@ class FailoverReport:
             "accepted": len(self.outcomes) - len(self.failures),
             "tempfailed": sum(o.code == 451 for o in self.failures),
             "other_failures": sum(o.code != 451 for o in self.failures),
+            "failure_replies": dict(Counter(f"{o.code} {o.reply}" for o in self.failures)),
             "failed_in_sessions_opened_after_the_kill": len(self.failed_later),
             "in_flight_at_kill": self.in_flight_at_kill,
             "seconds_to_down": round(self.seconds_to_down, 3),

@@ -30,12 +30,18 @@ def topology(postfix_factory: object) -> Iterator[Topology]:
 
 
 def test_postfix_reaches_three_instances_through_haproxy(topology: Topology) -> None:
-    load = Load(topology.smtp_port, 240, concurrency=12, per_session=4, prefix="s")
+    # The SMTP clients connect from 127.0.0.5; HAProxy connects to the milters from 127.0.0.1.
+    load = Load(topology.smtp_port, 240, concurrency=12, per_session=4, prefix="s",
+                source="127.0.0.5")
     outcomes = load.run()
     assert Counter(o.code for o in outcomes) == {250: 240}
     served = check_deliveries(outcomes, topology.sink)
     per_instance = Counter(served.values())
     assert set(per_instance) == {"m1", "m2", "m3"}, per_instance
+    # The filter saw the SMTP client's address, not HAProxy's: the milter protocol carries it
+    # (no PROXY protocol needed).
+    clients = Counter(d.headers()["X-Smtp-Client"] for d in topology.sink.deliveries())
+    assert clients == {"127.0.0.5": 240}
     # HAProxy counted the milter connections: one per SMTP session (4 messages each), on
     # every instance, each of which ended.
     sessions = topology.haproxy.total_sessions()
