@@ -216,3 +216,119 @@ def test_no_socket_for_this_process_is_refused(
     assert f"pymilterkit: error: --socket systemd: {message}" in result.stderr
     assert "listening" not in result.stderr and "workers on" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- the shipped units ------------------------------------------------------------------------
+
+UNITS = ROOT / "deploy" / "systemd"
+SHIPPED_BINARY = "/opt/pymilterkit/bin/pymilterkit"
+
+
+def _unit(path: Path) -> dict[str, list[str]]:
+    """`Key` -> values of a unit file (continuation lines joined, comments left out)."""
+    found: dict[str, list[str]] = {}
+    text = path.read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            found.setdefault(key, []).append(" ".join(value.split()))
+    return found
+
+
+def _installed_units(tmp_path: Path) -> Path:
+    """The shipped units in a unit directory of their own, ExecStart pointing at this
+    environment's `pymilterkit` (systemd-analyze checks that the command exists)."""
+    binary = Path(sys.executable).parent / "pymilterkit"
+    assert binary.exists(), f"no pymilterkit console script next to {sys.executable}"
+    units = tmp_path / "units"
+    units.mkdir()
+    for name in ("pymilterkit@.service", "pymilterkit@.socket"):
+        text = (UNITS / name).read_text()
+        (units / name).write_text(text.replace(SHIPPED_BINARY, str(binary)))
+    return units
+
+
+def _verify(units: Path, *names: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_tool("systemd-analyze"), "verify", "--man=no", *(str(units / n) for n in names)],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice", "SYSTEMD_PAGER": "", "LC_ALL": "C"},
+    )
+
+
+def test_shipped_units_verify(tmp_path: Path) -> None:
+    units = _installed_units(tmp_path)
+    for instance in ("rcpt", "routing"):
+        for kind in ("service", "socket"):
+            os.symlink(units / f"pymilterkit@.{kind}", units / f"pymilterkit@{instance}.{kind}")
+        result = _verify(units, f"pymilterkit@{instance}.socket", f"pymilterkit@{instance}.service")
+        # Warnings (an unknown key, a bad value) do not change the exit status: none may appear.
+        ours = [ln for ln in (result.stdout + result.stderr).splitlines() if "pymilterkit" in ln]
+        assert result.returncode == 0 and not ours, result.stdout + result.stderr
+    # The check is real: one misspelt key and one bad value in a copy are reported.
+    broken = units / "pymilterkit@.service"
+    broken.write_text(
+        broken.read_text().replace("LimitNOFILE=", "LimitNOFILES=").replace(
+            "Type=notify", "Type=notifyy")
+    )
+    result = _verify(units, "pymilterkit@rcpt.service")
+    assert "Unknown key 'LimitNOFILES'" in result.stderr
+    assert "Failed to parse service type" in result.stderr
+
+
+def test_shipped_units_say_what_the_guide_says() -> None:
+    service = _unit(UNITS / "pymilterkit@.service")
+    socket_unit = _unit(UNITS / "pymilterkit@.socket")
+    assert service["Type"] == ["notify"]
+    (exec_start,) = service["ExecStart"]
+    assert exec_start.startswith(
+        f"{SHIPPED_BINARY} run --config /etc/pymilterkit/%i.toml --socket systemd"
+    )
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert service["EnvironmentFile"] == ["-/etc/pymilterkit/%i.env"]
+    assert int(service["TimeoutStopSec"][0]) > 30  # longer than the default drain timeout
+    assert service["LimitNOFILE"] == ["65536"]
+    assert service["RestartPreventExitStatus"] == ["2"]
+    for hardening in ("NoNewPrivileges", "PrivateTmp", "ProtectHome"):
+        assert service[hardening] == ["yes"]
+    assert service["ProtectSystem"] == ["strict"]
+    assert "RuntimeDirectory" not in service  # it would remove the socket's directory at stop
+    assert socket_unit["ListenStream"] == ["/run/pymilterkit/%i.sock"]
+    assert socket_unit["SocketMode"] == ["0660"]
+
+
+def test_the_units_command_serves_on_the_units_socket(tmp_path: Path, manager: Manager) -> None:
+    """The service's ExecStart, with a config file, on the socket unit's ListenStream (moved to
+    a temporary directory), started as systemd would start it."""
+    (exec_start,) = _unit(UNITS / "pymilterkit@.service")["ExecStart"]
+    (listen,) = _unit(UNITS / "pymilterkit@.socket")["ListenStream"]
+    path = tmp_path / Path(listen.replace("%i", "rcpt")).name
+    config = tmp_path / "rcpt.toml"
+    config.write_text(f'target = "{TARGET}"\nsocket = "unix:/ignored/by/--socket.sock"\n')
+    argv = exec_start.replace("%i", "rcpt").replace("$PYMILTERKIT_ARGS", "").split()
+    assert argv[:2] == [SHIPPED_BINARY, "run"]
+    argv = [sys.executable, "-m", "pymilterkit", *argv[1:]]
+    argv[argv.index("/etc/pymilterkit/rcpt.toml")] = str(config)
+    setenv = [f"--setenv=NOTIFY_SOCKET={manager.path}"]
+    if "PYTHONPATH" in os.environ:
+        setenv.append(f"--setenv=PYTHONPATH={os.environ['PYTHONPATH']}")
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [_tool("systemd-socket-activate"), "-l", str(path), *setenv, *argv],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while not path.exists():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        _answers(f"unix:{path}", 1)
+        manager.wait_for("READY")
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(20) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
