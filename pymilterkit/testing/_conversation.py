@@ -445,14 +445,19 @@ def _run_message(
 
     def ask(step: Step, answer: Answer | None) -> Answer | None:
         nonlocal skipping
-        if answer is None:
-            return None
-        answers.append(answer)
-        if answer.status is Status.SKIP:
-            skipping = step
+        if answer is not None:
+            answers.append(answer)
+            if answer.status is Status.SKIP:
+                skipping = step
         return answer
 
-    def send(step: Step) -> bool:
+    def ended(step: Step, answer: Answer | None) -> MessageResult | None:
+        """The message's result if `answer` ends it (at RCPT: see the loop)."""
+        if (done := ask(step, answer)) is None or done.status not in _MESSAGE_ENDERS:
+            return None
+        return finish(done.status, step, _reply_for(done))
+
+    def sends(step: Step) -> bool:
         """Postfix skips further events of the kind the milter answered SKIP to."""
         nonlocal skipping
         if skipping is step:
@@ -460,26 +465,24 @@ def _run_message(
         skipping = None
         return True
 
-    def ends(answer: Answer | None) -> bool:
-        return answer is not None and answer.status in _MESSAGE_ENDERS
+    def macros(step: Step, extra: dict[str, str] | None = None) -> None:
+        conn.macros(step, _macros_for(conn, step, tables, extra))
 
-    send(Step.MAIL)
-    conn.macros(Step.MAIL, _macros_for(conn, Step.MAIL, tables))
-    answer = ask(Step.MAIL, conn.mail(bracket(envelope.sender), envelope.sender_params))
-    if answer is not None and ends(answer):
-        return finish(answer.status, Step.MAIL, _reply_for(answer))
+    sends(Step.MAIL)
+    macros(Step.MAIL)
+    if done := ended(Step.MAIL, conn.mail(bracket(envelope.sender), envelope.sender_params)):
+        return done
 
     accepted = 0
     last_refusal: Answer | None = None
     for rcpt in envelope.recipients:
-        address = bracket(rcpt.address)
-        if not send(Step.RCPT):
+        if not sends(Step.RCPT):
             recipients.append(RecipientResult(rcpt.address, rcpt.params, Status.CONTINUE))
             accepted += 1
             continue
-        extra = {"{rcpt_addr}": rcpt.address.strip("<>")} if envelope.default_macros else None
-        conn.macros(Step.RCPT, _macros_for(conn, Step.RCPT, tables, extra))
-        answer = ask(Step.RCPT, conn.rcpt(address, rcpt.params))
+        macros(Step.RCPT, {"{rcpt_addr}": rcpt.address.strip("<>")}
+               if envelope.default_macros else None)
+        answer = ask(Step.RCPT, conn.rcpt(bracket(rcpt.address), rcpt.params))
         status = Status.CONTINUE if answer is None else answer.status
         reply = None if answer is None else _reply_for(answer)
         recipients.append(RecipientResult(rcpt.address, rcpt.params, status, reply))
@@ -487,43 +490,38 @@ def _run_message(
             last_refusal = answer
             continue
         accepted += 1
-        if answer is not None and ends(answer):
-            return finish(answer.status, Step.RCPT, _reply_for(answer))
+        if status in _MESSAGE_ENDERS:
+            return finish(status, Step.RCPT, reply)
     if envelope.recipients and accepted == 0 and last_refusal is not None:
         return finish(last_refusal.status, Step.RCPT, _reply_for(last_refusal))
 
-    send(Step.DATA)
-    conn.macros(Step.DATA, _macros_for(conn, Step.DATA, tables))
-    answer = ask(Step.DATA, conn.data())
-    if answer is not None and ends(answer):
-        return finish(answer.status, Step.DATA, _reply_for(answer))
+    sends(Step.DATA)
+    macros(Step.DATA)
+    if done := ended(Step.DATA, conn.data()):
+        return done
 
     headers, body = split_message(raw)
     leading_space = bool(conn._negotiated().protocol & ProtocolOpts.HDR_LEADSPC)
     for name, value in headers:
-        if not send(Step.HEADER):
-            continue
-        answer = ask(Step.HEADER, conn.header(name, header_value_for_milter(value,
-                                                                            leading_space)))
-        if answer is not None and ends(answer):
-            return finish(answer.status, Step.HEADER, _reply_for(answer))
+        if sends(Step.HEADER):
+            value = header_value_for_milter(value, leading_space)
+            if done := ended(Step.HEADER, conn.header(name, value)):
+                return done
 
-    send(Step.EOH)
-    conn.macros(Step.EOH, _macros_for(conn, Step.EOH, tables))
-    answer = ask(Step.EOH, conn.eoh())
-    if answer is not None and ends(answer):
-        return finish(answer.status, Step.EOH, _reply_for(answer))
+    sends(Step.EOH)
+    macros(Step.EOH)
+    if done := ended(Step.EOH, conn.eoh()):
+        return done
 
     for chunk in chunks(crlf_body(body), w.MAX_DATA):
-        if not send(Step.BODY):
+        if not sends(Step.BODY):
             break
-        answer = ask(Step.BODY, conn.body(chunk))
-        if answer is not None and ends(answer):
-            return finish(answer.status, Step.BODY, _reply_for(answer))
+        if done := ended(Step.BODY, conn.body(chunk)):
+            return done
 
-    send(Step.EOM)
-    conn.macros(Step.EOM, _macros_for(conn, Step.EOM, tables))
-    answer = ask(Step.EOM, conn.eom())
-    assert answer is not None
+    sends(Step.EOM)
+    macros(Step.EOM)
+    answer = conn.eom()
+    ask(Step.EOM, answer)
     status = Status.CONTINUE if answer.status is Status.SKIP else answer.status
     return finish(status, Step.EOM, _reply_for(answer))

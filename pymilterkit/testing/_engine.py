@@ -5,7 +5,7 @@ Theory of operation
 The harness must answer exactly as a filter run by the real runner would, so this module plays
 both layers the real runner has, fed with the same packets the wire client sends:
 
-* `_Engine` is libmilter's side: its command table and state machine (`mi_engine`,
+* `Engine` is libmilter's side: its command table and state machine (`mi_engine`,
   `trans_ok`, `fix_stm`), the per-stage macro slots and `smfi_getsymval`'s lookup order, option
   negotiation (`st_optionneg`, including the faked no-reply bits and the "does not fulfil
   requirements" aborts), `sendreply` (custom replies used only when their class matches,
@@ -16,8 +16,8 @@ both layers the real runner has, fed with the same packets the wire client sends
   again at connect after QUIT_NC), the error policy, `@noreply` stages, on_abort only while a
   message is in progress. With `tcp=True` it behaves as the runner on an inet socket.
 
-Responses are queued as packets; the harness endpoint hands them to the same conversation code
-the wire client uses. A command libmilter would not answer leaves the queue empty, and the
+`Engine` is the harness's endpoint: responses are queued as packets for the same conversation
+code the wire client uses. A command libmilter would not answer leaves the queue empty, and the
 conversation reports a timeout, just as against a real milter.
 """
 
@@ -30,14 +30,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._dispatch import SessionRules
-from .._errors import LibmilterError, ProtocolError
-from .._flags import NOREPLY_MASK, Actions, ProtocolOpts, Status
+from .._errors import LibmilterError, MilterTimeout, ProtocolError
+from .._flags import NOREPLY_MASK, Actions, ProtocolOpts, Stage, Status
 from .._protocol import MI_FAILURE, STAGES
-from .._session import STAGE_FLAGS, MilterSession
+from .._session import MilterSession
 from .._types import EsmtpParams, decode
 from . import _wire as w
+from ._results import Step
 
-__all__ = ["InProcessMilter"]
+__all__ = ["Engine"]
 
 logger = logging.getLogger("pymilterkit")
 
@@ -79,18 +80,18 @@ _NEXT_STATES = (
 )
 _NX_SKIP = 1 << ST_SKIP
 
-# macro slots (CI_*) and the stage each command stores into / clears after
-CI_NONE, CI_CONN, CI_HELO, CI_MAIL, CI_RCPT, CI_DATA, CI_EOM, CI_EOH = -1, 0, 1, 2, 3, 4, 5, 6
-_MACRO_SLOTS = 7
+# macro slots (CI_*: the SMFIM_* stage each command stores into / clears after)
+CI_NONE, CI_EOM, _MACRO_SLOTS = -1, int(Stage.EOM), 7
 _MACRO_SLOT_OF = {info.command: int(info.macros) for info in STAGES if info.macros is not None}
 
 # internal return codes of libmilter's command functions
-_KEEP, _ABORT, _OPTIONS, _FAIL, _NONE = 20, 21, 22, -1, -2
+_KEEP, _ABORT, _OPTIONS = 20, 21, 22
 
 _CT_IGNO, _CT_END = 0x1, 0x8
 
 _NR_BIT = {_STATE_OF[info.method]: info.noreply for info in STAGES if info.noreply}
 _SMFI_INTERNAL = 0x70000000
+_OLD_MTA_SENDS = int(ProtocolOpts.NO_DATA | ProtocolOpts.NO_UNKNOWN)
 _SMFI_V1_ACTS, _SMFI_V1_PROT = 0xF, 0x3F
 _U32 = struct.Struct(">I")
 
@@ -98,16 +99,18 @@ _U32 = struct.Struct(">I")
 class _Backend:
     """The smfi_* calls of one context, as packets into the engine's output queue."""
 
-    def __init__(self, engine: _Engine) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def _sendok(self, flag: Actions, function: str) -> None:
+    def _emit(self, flag: Actions, function: str, cmd: bytes, data: bytes) -> None:
+        """`mi_sendok`'s check (the action was negotiated, the stage is eom), then the packet."""
         e = self.engine
-        if not (flag & e.aflags or flag == Actions.NONE) or e.state != ST_ENDM:
+        if not flag & e.aflags or e.state != ST_ENDM:
             raise LibmilterError(
                 f"libmilter refused {function} (MI_FAILURE): the MTA connection may be gone, "
                 f"or the action was not negotiated"
             )
+        e.emit(cmd, data)
 
     def getsymval(self, name: bytes) -> bytes | None:
         return self.engine.getsymval(name)
@@ -131,51 +134,41 @@ class _Backend:
         self.engine.reply = buf
 
     def addheader(self, name: bytes, value: bytes) -> None:
-        self._sendok(Actions.ADD_HEADER, "smfi_addheader")
-        self.engine.emit(w.ADDHEADER, name + b"\0" + value + b"\0")
+        self._emit(Actions.ADD_HEADER, "smfi_addheader", w.ADDHEADER, name + b"\0" + value + b"\0")
 
     def insheader(self, index: int, name: bytes, value: bytes) -> None:
-        self._sendok(Actions.ADD_HEADER, "smfi_insheader")
-        self.engine.emit(w.INSHEADER, _U32.pack(index) + name + b"\0" + value + b"\0")
+        data = _U32.pack(index) + name + b"\0" + value + b"\0"
+        self._emit(Actions.ADD_HEADER, "smfi_insheader", w.INSHEADER, data)
 
     def chgheader(self, name: bytes, index: int, value: bytes | None) -> None:
-        self._sendok(Actions.CHANGE_HEADER, "smfi_chgheader")
-        self.engine.emit(w.CHGHEADER, _U32.pack(index) + name + b"\0" + (value or b"") + b"\0")
+        data = _U32.pack(index) + name + b"\0" + (value or b"") + b"\0"
+        self._emit(Actions.CHANGE_HEADER, "smfi_chgheader", w.CHGHEADER, data)
 
     def chgfrom(self, sender: bytes, params: bytes | None) -> None:
-        self._sendok(Actions.CHANGE_FROM, "smfi_chgfrom")
         data = sender + b"\0" + (params + b"\0" if params is not None else b"")
-        self.engine.emit(w.CHGFROM, data)
+        self._emit(Actions.CHANGE_FROM, "smfi_chgfrom", w.CHGFROM, data)
 
     def addrcpt(self, recipient: bytes, params: bytes | None) -> None:
         if params is None:
-            self._sendok(Actions.ADD_RCPT, "smfi_addrcpt")
-            self.engine.emit(w.ADDRCPT, recipient + b"\0")
+            self._emit(Actions.ADD_RCPT, "smfi_addrcpt", w.ADDRCPT, recipient + b"\0")
         else:
-            self._sendok(Actions.ADD_RCPT_PAR, "smfi_addrcpt_par")
-            self.engine.emit(w.ADDRCPT_PAR, recipient + b"\0" + params + b"\0")
+            data = recipient + b"\0" + params + b"\0"
+            self._emit(Actions.ADD_RCPT_PAR, "smfi_addrcpt_par", w.ADDRCPT_PAR, data)
 
     def delrcpt(self, recipient: bytes) -> None:
-        self._sendok(Actions.DELETE_RCPT, "smfi_delrcpt")
-        self.engine.emit(w.DELRCPT, recipient + b"\0")
+        self._emit(Actions.DELETE_RCPT, "smfi_delrcpt", w.DELRCPT, recipient + b"\0")
 
     def replacebody(self, chunk: bytes) -> None:
-        self._sendok(Actions.CHANGE_BODY, "smfi_replacebody")
-        offset = 0
-        while True:
+        for offset in range(0, max(len(chunk), 1), w.MAX_DATA):  # one packet at least
             piece = chunk[offset : offset + w.MAX_DATA]
-            self.engine.emit(w.REPLBODY, piece)
-            offset += len(piece)
-            if offset >= len(chunk):
-                break
+            self._emit(Actions.CHANGE_BODY, "smfi_replacebody", w.REPLBODY, piece)
 
     def progress(self) -> None:
         # smfi_progress has no state check in libmilter (the session API has one).
         self.engine.emit(w.PROGRESS, b"")
 
     def quarantine(self, reason: bytes) -> None:
-        self._sendok(Actions.QUARANTINE, "smfi_quarantine")
-        self.engine.emit(w.QUARANTINE, reason + b"\0")
+        self._emit(Actions.QUARANTINE, "smfi_quarantine", w.QUARANTINE, reason + b"\0")
 
 
 def _arguments(*args: Any) -> tuple[Any, ...]:
@@ -187,19 +180,15 @@ class _HarnessRules(SessionRules):
     libmilter context, recording the exceptions stage methods raise."""
 
     def __init__(
-        self,
-        engine: _Engine,
-        session_class: type[MilterSession],
-        error_status: Status,
-        reraise: bool,
-        tcp: bool = False,
+        self, engine: Engine, session_class: type[MilterSession], error_status: Status,
+        reraise: bool, tcp: bool,
     ) -> None:
         super().__init__(session_class, error_status, tcp=tcp)
         self.engine = engine
         self.reraise = reraise
         self.session: MilterSession | None = None
         self.errors: list[tuple[str, BaseException]] = []
-        self._callbacks: dict[tuple[str, bool], Callable[..., int]] = {}
+        self._callbacks: dict[str, Callable[..., int]] = {}
 
     def report_error(self, exc: BaseException, stage: str) -> None:
         self.errors.append((stage, exc))
@@ -219,10 +208,10 @@ class _HarnessRules(SessionRules):
 
     def stage(self, stage: str, *args: Any) -> int:
         """Run `stage` with the runner's own stage callback (`SessionRules.stage_callback`)."""
-        callback = self._callbacks.get((stage, bool(args)))
+        callback = self._callbacks.get(stage)
         if callback is None:
-            callback = self._callbacks[stage, bool(args)] = self.stage_callback(
-                stage, self._current, self._create, _arguments if args else None
+            callback = self._callbacks[stage] = self.stage_callback(
+                stage, self._current, self._create, _arguments
             )
         return callback(None, *args)
 
@@ -244,25 +233,69 @@ class _HarnessRules(SessionRules):
             super().close(session)
 
 
-class _Engine:
-    """libmilter's per-connection engine (mi_engine and the st_* functions)."""
+_Parsed = tuple[Any, ...] | int
+"""A stage command's method arguments, or the code libmilter answers a malformed packet with."""
 
-    def __init__(self, dispatch_factory: Callable[[_Engine], _HarnessRules]) -> None:
+
+def _connect(data: bytes) -> _Parsed:
+    try:
+        host, address = w.decode_connect(data)
+    except ProtocolError:
+        return _ABORT
+    return decode(host), address
+
+
+def _helo(data: bytes) -> _Parsed:
+    return (decode(data.split(b"\0", 1)[0]),) if data.endswith(b"\0") else MI_FAILURE
+
+
+def _argv(data: bytes) -> _Parsed:
+    if b"\0" not in data:
+        return _ABORT
+    args = data.split(b"\0")
+    if data.endswith(b"\0"):
+        args = args[:-1]
+    return decode(args[0]), EsmtpParams([decode(a) for a in args[1:]])
+
+
+def _header(data: bytes) -> _Parsed:
+    end = data.find(b"\0", 1)
+    if not data.endswith(b"\0") or end < 0 or end >= len(data) - 1:
+        return _ABORT
+    return decode(data[:end]), decode(data[end + 1 : -1].split(b"\0", 1)[0])
+
+
+_PARSE: dict[str, Callable[[bytes], _Parsed]] = {
+    "on_connect": _connect, "on_helo": _helo, "on_mail": _argv, "on_rcpt": _argv,
+    "on_data": lambda data: (), "on_unknown": lambda data: (decode(data.split(b"\0", 1)[0]),),
+    "on_header": _header, "on_eoh": lambda data: (), "on_body": lambda data: (data,),
+}
+"""How libmilter's st_* function of each stage (but end of message) reads its packet."""
+_CLEARS_MACROS = frozenset(("on_connect", "on_helo", "on_mail", "on_rcpt"))
+_IGNORES_REFUSAL = frozenset(("on_rcpt", "on_unknown"))  # CT_IGNO: a refusal keeps the state
+_SIMPLE_REPLY = {Status.CONTINUE: w.CONTINUE, Status.DISCARD: w.DISCARD,
+                 Status.ACCEPT: w.ACCEPT, Status.SKIP: w.SKIP}
+
+
+class Engine:
+    """libmilter's per-connection engine (mi_engine and the st_* functions), in this process.
+
+    It is the harness's endpoint: packets go in with `send`, what libmilter would write comes
+    out of `receive`; nothing queued means libmilter would send nothing (the MTA times out).
+    """
+
+    def __init__(
+        self, session_class: type[MilterSession], error_status: Status, reraise: bool, tcp: bool
+    ) -> None:
         self.out: collections.deque[w.Packet] = collections.deque()
         self.closed = False
         self.state = ST_INIT
-        self.dispatch = dispatch_factory(self)
-        registered = self.dispatch.spec.stages
-        self.registered = registered
-        preset = ProtocolOpts.NONE
-        for name, (off_flag, _nr) in STAGE_FLAGS.items():
-            if name not in registered:
-                preset |= off_flag
-        self.pflags = int(preset)
+        self.dispatch = _HarnessRules(self, session_class, error_status, reraise, tcp)
+        self.registered = registered = self.dispatch.spec.stages  # the runner registers these
+        self.pflags = sum(int(info.off) for info in STAGES if info.method not in registered)
         self.pflags2mta = self.pflags
-        self.mta_pflags = 0
+        self.mta_pflags = self.mta_aflags = 0
         self.aflags = int(self.dispatch.spec.actions)
-        self.mta_aflags = 0
         self.version2mta = w.PROTOCOL_VERSION
         self.reply: bytes | None = None
         self.macros: list[list[tuple[bytes, bytes]] | None] = [None] * _MACRO_SLOTS
@@ -270,22 +303,45 @@ class _Engine:
         self.next_states = list(_NEXT_STATES)
         self._fix_stm()
         self.commands: dict[bytes, tuple[int, int, int, Callable[[bytes, int], int]]] = {
+            info.command: (
+                _STATE_OF[info.method],
+                _CT_IGNO if info.method in _IGNORES_REFUSAL else 0,
+                CI_NONE if info.macros is None else int(info.macros),
+                self._stage_command(info.method),
+            )
+            for info in STAGES
+            if info.method != "on_eom"
+        }
+        self.commands.update({
+            w.BODYEOB: (ST_ENDM, 0, CI_EOM, self.st_bodyend),
             w.ABORT: (ST_ABRT, 0, CI_NONE, self.st_abort),
             w.MACRO: (ST_NONE, 0, CI_NONE, self.st_macros),
-            w.BODY: (ST_BODY, 0, CI_NONE, self.st_body),
-            w.CONNECT: (ST_CONN, 0, CI_CONN, self.st_connect),
-            w.BODYEOB: (ST_ENDM, 0, CI_EOM, self.st_bodyend),
-            w.HELO: (ST_HELO, 0, CI_HELO, self.st_helo),
-            w.HEADER: (ST_HDRS, 0, CI_NONE, self.st_header),
-            w.MAIL: (ST_MAIL, 0, CI_MAIL, self.st_mail),
             w.OPTNEG: (ST_OPTS, 0, CI_NONE, self.st_optneg),
-            w.EOH: (ST_EOHS, 0, CI_EOH, self.st_eoh),
             w.QUIT: (ST_QUIT, _CT_END, CI_NONE, self.st_quit),
-            w.DATA: (ST_DATA, 0, CI_DATA, self.st_data),
-            w.RCPT: (ST_RCPT, _CT_IGNO, CI_RCPT, self.st_rcpt),
-            w.UNKNOWN: (ST_UNKN, _CT_IGNO, CI_NONE, self.st_unknown),
             w.QUIT_NC: (ST_Q_NC, 0, CI_NONE, self.st_quit),
-        }
+        })
+
+    # -- the endpoint --------------------------------------------------------------------
+
+    def send(self, cmd: bytes, data: bytes, step: Step) -> None:
+        if self.closed:
+            raise ProtocolError(f"the milter closed the connection before {step}")
+        self.handle(cmd, data)
+
+    def receive(self, step: Step) -> w.Packet:
+        if self.out:
+            return self.out.popleft()
+        if self.closed:
+            raise ProtocolError(f"the milter closed the connection during {step}")
+        raise MilterTimeout(
+            f"the milter sent no answer to {step} (libmilter would send nothing here; "
+            f"a real MTA would time out)"
+        )
+
+    def close(self) -> None:
+        """The MTA closed the connection."""
+        if not self.closed:
+            self._fail()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -293,9 +349,8 @@ class _Engine:
         self.out.append((cmd, data))
 
     def _fix_stm(self) -> None:
-        fl = self.pflags
         for info in STAGES:
-            if fl & info.off:
+            if self.pflags & info.off:
                 self.next_states[_STATE_OF[info.method]] |= _NX_SKIP
 
     def _trans_ok(self, old: int, new: int) -> bool:
@@ -330,15 +385,10 @@ class _Engine:
                     return value
         return None
 
-    def _registered(self, stage: str) -> bool:
-        return stage in self.registered
-
     # -- the engine loop, one command at a time -------------------------------------------
 
     def handle(self, cmd: bytes, data: bytes) -> None:
         """Process one packet from the MTA, queueing whatever libmilter would answer."""
-        if self.closed:
-            raise ProtocolError("the milter has closed the connection")
         entry = self.commands.get(cmd)
         if entry is None:
             self._fail()
@@ -346,7 +396,7 @@ class _Engine:
         newstate, todo, macro_idx, function = entry
         call_abort = ST_MAIL <= self.state < ST_ENDM
         if newstate != ST_NONE and not self._trans_ok(self.state, newstate):
-            if call_abort and self._registered("on_abort"):
+            if call_abort and "on_abort" in self.registered:
                 self.dispatch.abort_context()
             self.state = ST_HELO
             if not self._trans_ok(self.state, newstate):
@@ -354,9 +404,7 @@ class _Engine:
         if newstate != ST_NONE:
             self.state = newstate
         r = function(data, macro_idx)
-        if not self._sendreply(r):
-            self._fail()
-            return
+        self._sendreply(r)
         if r == Status.ACCEPT:
             self.state = ST_HELO
         elif r in (Status.REJECT, Status.DISCARD, Status.TEMPFAIL):
@@ -368,19 +416,14 @@ class _Engine:
         if todo & _CT_END:
             self.closed = True
 
-    def eof(self) -> None:
-        """The MTA closed the connection."""
-        if not self.closed:
-            self._fail()
-
     def _fail(self) -> None:
-        if ST_MAIL <= self.state < ST_ENDM and self._registered("on_abort"):
+        if ST_MAIL <= self.state < ST_ENDM and "on_abort" in self.registered:
             self.dispatch.abort_context()
         if self.state != ST_QUIT:
             self.dispatch.close_context()
         self.closed = True
 
-    def _sendreply(self, r: int) -> bool:
+    def _sendreply(self, r: int) -> None:
         bit = _NR_BIT.get(self.state, 0)
         if bit and self.pflags & bit and r != Status.NOREPLY:
             if Status.CONTINUE <= r < _KEEP:
@@ -388,8 +431,9 @@ class _Engine:
             if r in (Status.CONTINUE, Status.TEMPFAIL, Status.REJECT, Status.DISCARD,
                      Status.ACCEPT, Status.SKIP, _OPTIONS):
                 r = Status.NOREPLY
-        if r == Status.CONTINUE:
-            self.emit(w.CONTINUE, b"")
+        simple = _SIMPLE_REPLY.get(r)  # type: ignore[call-overload]
+        if simple is not None:
+            self.emit(simple, b"")
         elif r in (Status.TEMPFAIL, Status.REJECT):
             first = b"4" if r == Status.TEMPFAIL else b"5"
             if self.reply is not None and self.reply[:1] == first:
@@ -397,12 +441,6 @@ class _Engine:
                 self.reply = None
             else:
                 self.emit(w.REJECT if r == Status.REJECT else w.TEMPFAIL, b"")
-        elif r == Status.DISCARD:
-            self.emit(w.DISCARD, b"")
-        elif r == Status.ACCEPT:
-            self.emit(w.ACCEPT, b"")
-        elif r == Status.SKIP:
-            self.emit(w.SKIP, b"")
         elif r == _OPTIONS:
             data = _U32.pack(self.version2mta) + _U32.pack(self.aflags)
             data += _U32.pack(self.pflags2mta)
@@ -412,9 +450,24 @@ class _Engine:
         elif r == Status.NOREPLY and bit and self.pflags & bit and not self.mta_pflags & bit:
             # The milter wants no reply but the MTA cannot do without: libmilter fakes one.
             self.emit(w.CONTINUE, b"")
-        return True
 
     # -- command functions (st_*) ----------------------------------------------------------
+
+    def _stage_command(self, stage: str) -> Callable[[bytes, int], int]:
+        """The st_* function of `stage`: read the packet, run the stage if it is registered."""
+        parse, clears = _PARSE[stage], stage in _CLEARS_MACROS
+
+        def st_stage(data: bytes, idx: int) -> int:
+            if clears:
+                self._clear_macros(idx + 1)
+            if stage not in self.registered:
+                return Status.CONTINUE
+            args = parse(data)
+            if isinstance(args, int):
+                return args
+            return self.dispatch.stage(stage, *args)
+
+        return st_stage
 
     def st_optneg(self, data: bytes, idx: int) -> int:
         self._clear_macros(idx + 1)
@@ -430,30 +483,16 @@ class _Engine:
         r, aflags, pflags = self.dispatch.negotiate_context(self.mta_aflags, self.mta_pflags | fake)
         if r != Status.CONTINUE:
             return _ABORT
-        self.aflags = aflags
-        self.pflags = pflags
-        self.pflags2mta = pflags
-        if self.pflags2mta & ~self.mta_pflags:
-            for bit in range(32):
-                b = 1 << bit
-                if not self.mta_pflags & b and fake & b:
-                    self.pflags2mta &= ~b
+        self.aflags, self.pflags = aflags, pflags
+        self.pflags2mta = pflags & ~(fake & ~self.mta_pflags)  # the faked no-reply bits
         if self.aflags & ~self.mta_aflags:
-            logger.error(
-                "libmilter: 0x%x does not fulfill action requirements 0x%x",
-                self.mta_aflags,
-                self.aflags,
-            )
+            logger.error("libmilter: 0x%x does not fulfill action requirements 0x%x",
+                         self.mta_aflags, self.aflags)
             return _ABORT
-        for flag in (ProtocolOpts.NO_DATA, ProtocolOpts.NO_UNKNOWN):
-            if self.pflags2mta & flag and not self.mta_pflags & flag:
-                self.pflags2mta &= ~flag
+        self.pflags2mta &= ~(_OLD_MTA_SENDS & ~self.mta_pflags)  # an old MTA sends them anyway
         if self.pflags2mta & ~self.mta_pflags:
-            logger.error(
-                "libmilter: 0x%x does not fulfill protocol requirements 0x%x",
-                self.mta_pflags,
-                self.pflags2mta,
-            )
+            logger.error("libmilter: 0x%x does not fulfill protocol requirements 0x%x",
+                         self.mta_pflags, self.pflags2mta)
             return _ABORT
         self._fix_stm()
         self.pflags2mta &= ~_SMFI_INTERNAL
@@ -461,98 +500,28 @@ class _Engine:
 
     def st_macros(self, data: bytes, idx: int) -> int:
         if not data:
-            return _FAIL
+            return MI_FAILURE
         slot = _MACRO_SLOT_OF.get(data[:1])
         items = data[1:].split(b"\0")
         if slot is None or len(items) < 2:
-            return _FAIL
+            return MI_FAILURE
         items = items[:-1]
         pairs = list(zip(items[0::2], items[1::2], strict=False))
         self.macros[slot] = pairs
         return _KEEP
 
-    def st_connect(self, data: bytes, idx: int) -> int:
-        self._clear_macros(idx + 1)
-        if not self._registered("on_connect"):
-            return Status.CONTINUE
-        try:
-            host, address = w.decode_connect(data)
-        except ProtocolError:
-            return _ABORT
-        return self.dispatch.stage("on_connect", decode(host), address)
-
-    def st_helo(self, data: bytes, idx: int) -> int:
-        self._clear_macros(idx + 1)
-        if not self._registered("on_helo"):
-            return Status.CONTINUE
-        if not data.endswith(b"\0"):
-            return MI_FAILURE
-        return self.dispatch.stage("on_helo", decode(data.split(b"\0", 1)[0]))
-
-    def _argv(self, stage: str, data: bytes, idx: int) -> int:
-        self._clear_macros(idx + 1)
-        if not self._registered(stage):
-            return Status.CONTINUE
-        if b"\0" not in data:
-            return _ABORT
-        args = data.split(b"\0")
-        if data.endswith(b"\0"):
-            args = args[:-1]
-        if not args:
-            return self.dispatch.stage(stage, "", EsmtpParams())
-        return self.dispatch.stage(
-            stage, decode(args[0]), EsmtpParams([decode(a) for a in args[1:]])
-        )
-
-    def st_mail(self, data: bytes, idx: int) -> int:
-        return self._argv("on_mail", data, idx)
-
-    def st_rcpt(self, data: bytes, idx: int) -> int:
-        return self._argv("on_rcpt", data, idx)
-
-    def st_unknown(self, data: bytes, idx: int) -> int:
-        if not self._registered("on_unknown"):
-            return Status.CONTINUE
-        return self.dispatch.stage("on_unknown", decode(data.split(b"\0", 1)[0]))
-
-    def st_data(self, data: bytes, idx: int) -> int:
-        if not self._registered("on_data"):
-            return Status.CONTINUE
-        return self.dispatch.stage("on_data")
-
-    def st_header(self, data: bytes, idx: int) -> int:
-        if not self._registered("on_header"):
-            return Status.CONTINUE
-        if not data.endswith(b"\0"):
-            return _ABORT
-        end = data.find(b"\0", 1)
-        if end < 0 or end >= len(data) - 1:
-            return _ABORT
-        name, value = data[:end], data[end + 1 : -1].split(b"\0", 1)[0]
-        return self.dispatch.stage("on_header", decode(name), decode(value))
-
-    def st_eoh(self, data: bytes, idx: int) -> int:
-        if not self._registered("on_eoh"):
-            return Status.CONTINUE
-        return self.dispatch.stage("on_eoh")
-
-    def st_body(self, data: bytes, idx: int) -> int:
-        if not self._registered("on_body"):
-            return Status.CONTINUE
-        return self.dispatch.stage("on_body", data)
-
     def st_bodyend(self, data: bytes, idx: int) -> int:
         r: int = Status.CONTINUE
-        if self._registered("on_body") and data:
+        if "on_body" in self.registered and data:
             r = self.dispatch.stage("on_body", data)
             if r != Status.CONTINUE:
                 self._sendreply(r)
-        if r == Status.CONTINUE and self._registered("on_eom"):
+        if r == Status.CONTINUE and "on_eom" in self.registered:
             return self.dispatch.stage("on_eom")
         return r
 
     def st_abort(self, data: bytes, idx: int) -> int:
-        if self._registered("on_abort"):
+        if "on_abort" in self.registered:
             self.dispatch.abort_context()
         return Status.NOREPLY
 
@@ -560,38 +529,3 @@ class _Engine:
         self.dispatch.close_context()
         self._clear_macros(0)
         return Status.NOREPLY
-
-
-class InProcessMilter:
-    """A session class behind libmilter's engine, spoken to with packets, in this process."""
-
-    def __init__(
-        self,
-        session_class: type[MilterSession],
-        *,
-        error_status: Status = Status.TEMPFAIL,
-        reraise: bool = False,
-        tcp: bool = False,
-    ) -> None:
-        self.engine = _Engine(
-            lambda e: _HarnessRules(e, session_class, error_status, reraise, tcp=tcp)
-        )
-
-    @property
-    def errors(self) -> list[tuple[str, BaseException]]:
-        """Exceptions raised by stage methods so far (stage name, exception)."""
-        return self.engine.dispatch.errors
-
-    @property
-    def closed(self) -> bool:
-        return self.engine.closed
-
-    def send(self, cmd: bytes, data: bytes) -> None:
-        self.engine.handle(cmd, data)
-
-    def receive(self) -> w.Packet | None:
-        """The next queued response, or None if libmilter would not (yet) have sent one."""
-        return self.engine.out.popleft() if self.engine.out else None
-
-    def close(self) -> None:
-        self.engine.eof()

@@ -4,44 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from .._errors import MilterTimeout, ProtocolError
 from .._flags import Actions, ProtocolOpts, Status
 from .._session import MilterSession
 from . import _wire as w
 from ._conversation import ALL_ACTIONS, ALL_PROTOCOL
 from ._driver import MtaDriver
-from ._engine import InProcessMilter
+from ._engine import Engine
 from ._envelope import ClientInfo
-from ._results import ConnectionResult, Step
+from ._results import ConnectionResult
 
 __all__ = ["Harness"]
-
-
-class _InProcessEndpoint:
-    """Packets straight into the engine; an answer libmilter would not send is a timeout."""
-
-    def __init__(self, milter: InProcessMilter) -> None:
-        self.milter = milter
-
-    def send(self, cmd: bytes, data: bytes, step: Step) -> None:
-        try:
-            self.milter.send(cmd, data)
-        except ProtocolError:
-            raise ProtocolError(f"the milter closed the connection before {step}") from None
-
-    def receive(self, step: Step) -> w.Packet:
-        packet = self.milter.receive()
-        if packet is not None:
-            return packet
-        if self.milter.closed:
-            raise ProtocolError(f"the milter closed the connection during {step}")
-        raise MilterTimeout(
-            f"the milter sent no answer to {step} (libmilter would send nothing here; "
-            f"a real MTA would time out)"
-        )
-
-    def close(self) -> None:
-        self.milter.close()
 
 
 class Harness(MtaDriver):
@@ -79,16 +51,9 @@ class Harness(MtaDriver):
         self.reraise = reraise
         self.tcp = tcp
 
-    def _endpoint(self) -> _InProcessEndpoint:
-        return _InProcessEndpoint(
-            InProcessMilter(
-                self.session_class,
-                error_status=self.error_status,
-                reraise=self.reraise,
-                tcp=self.tcp,
-            )
-        )
+    def _endpoint(self) -> Engine:
+        return Engine(self.session_class, self.error_status, self.reraise, self.tcp)
 
     def _finish(self, result: ConnectionResult, endpoint: object) -> ConnectionResult:
-        assert isinstance(endpoint, _InProcessEndpoint)
-        return dataclasses.replace(result, errors=tuple(endpoint.milter.errors))
+        assert isinstance(endpoint, Engine)
+        return dataclasses.replace(result, errors=tuple(endpoint.dispatch.errors))

@@ -234,61 +234,51 @@ def encode_argv(args: Sequence[bytes]) -> bytes:
 # -- milter -> MTA -----------------------------------------------------------------------
 
 
-def _index_and_pair(data: bytes, what: str) -> tuple[int, bytes, bytes]:
-    if len(data) < 4:
-        raise ProtocolError(f"malformed {what} packet: no index")
-    (index,) = _U32.unpack_from(data)
-    parts = split_strings(data[4:], what)
-    if len(parts) != 2:
-        raise ProtocolError(f"malformed {what} packet: expected name and value")
-    return index, parts[0], parts[1]
-
-
 def decode_modification(cmd: bytes, data: bytes) -> Modification:
     """A modification packet of the end-of-message phase as a typed value."""
-    if cmd == ADDHEADER:
-        parts = split_strings(data, "add header")
-        if len(parts) != 2:
-            raise ProtocolError("malformed add header packet: expected name and value")
-        return HeaderAdded(decode(parts[0]), decode(parts[1]))
-    if cmd == INSHEADER:
-        index, name, value = _index_and_pair(data, "insert header")
-        return HeaderInserted(index, decode(name), decode(value))
-    if cmd == CHGHEADER:
-        index, name, value = _index_and_pair(data, "change header")
-        # Sendmail and Postfix treat index 0 as 1.
-        index = max(index, 1)
-        if not value:
-            return HeaderDeleted(decode(name), index)
-        return HeaderChanged(decode(name), index, decode(value))
-    if cmd == CHGFROM:
-        parts = split_strings(data, "change sender")
-        if len(parts) > 2:
-            raise ProtocolError("malformed change sender packet")
-        return SenderChanged(decode(parts[0]), decode(parts[1]) if len(parts) == 2 else None)
-    if cmd == ADDRCPT:
-        parts = split_strings(data, "add recipient")
-        if len(parts) != 1:
-            raise ProtocolError("malformed add recipient packet")
-        return RecipientAdded(decode(parts[0]), None)
-    if cmd == ADDRCPT_PAR:
-        parts = split_strings(data, "add recipient")
-        if len(parts) > 2:
-            raise ProtocolError("malformed add recipient packet")
-        return RecipientAdded(decode(parts[0]), decode(parts[1]) if len(parts) == 2 else None)
-    if cmd == DELRCPT:
-        parts = split_strings(data, "remove recipient")
-        if len(parts) != 1:
-            raise ProtocolError("malformed remove recipient packet")
-        return RecipientRemoved(decode(parts[0]))
     if cmd == REPLBODY:
         return BodyReplaced(data)
-    if cmd == QUARANTINE:
-        parts = split_strings(data, "quarantine")
-        return Quarantined(decode(parts[0]))
     if cmd == PROGRESS:
         return Progress()
-    raise ProtocolError(f"unknown response {cmd!r} from the milter")
+    if cmd not in _MODIFICATIONS:
+        raise ProtocolError(f"unknown response {cmd!r} from the milter")
+    what, indexed, least, most = _MODIFICATIONS[cmd]
+    index = 0
+    if indexed:
+        if len(data) < 4:
+            raise ProtocolError(f"malformed {what} packet: no index")
+        (index,) = _U32.unpack_from(data)
+        data = data[4:]
+    parts = [decode(part) for part in split_strings(data, what)]
+    if not least <= len(parts) <= most:
+        raise ProtocolError(f"malformed {what} packet: {len(parts)} strings")
+    if cmd == ADDHEADER:
+        return HeaderAdded(parts[0], parts[1])
+    if cmd == INSHEADER:
+        return HeaderInserted(index, parts[0], parts[1])
+    if cmd == CHGHEADER:  # Sendmail and Postfix treat index 0 as 1; an empty value deletes
+        if not parts[1]:
+            return HeaderDeleted(parts[0], max(index, 1))
+        return HeaderChanged(parts[0], max(index, 1), parts[1])
+    if cmd == CHGFROM:
+        return SenderChanged(parts[0], parts[1] if len(parts) == 2 else None)
+    if cmd in (ADDRCPT, ADDRCPT_PAR):
+        return RecipientAdded(parts[0], parts[1] if len(parts) == 2 else None)
+    if cmd == DELRCPT:
+        return RecipientRemoved(parts[0])
+    return Quarantined(parts[0])
+
+
+_MODIFICATIONS = {  # what the packet is called, whether an index leads, how many strings follow
+    ADDHEADER: ("add header", False, 2, 2),
+    INSHEADER: ("insert header", True, 2, 2),
+    CHGHEADER: ("change header", True, 2, 2),
+    CHGFROM: ("change sender", False, 1, 2),
+    ADDRCPT: ("add recipient", False, 1, 1),
+    ADDRCPT_PAR: ("add recipient", False, 1, 2),
+    DELRCPT: ("remove recipient", False, 1, 1),
+    QUARANTINE: ("quarantine", False, 1, 1 << 30),
+}
 
 
 def macro_pairs(values: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
