@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -20,6 +19,8 @@ from ._config import filter_config, read_config, run_subparser
 from ._config import parse_args as parse_args_with_config
 from ._errors import ConfigurationError, MilterError
 from ._flags import Status
+from ._logging import LOG_FORMATS
+from ._logging import configure as configure_logging
 from ._runner import ErrorStatus
 from ._session import MilterSession
 
@@ -205,13 +206,16 @@ def _add_send_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     parser.set_defaults(handler=_cmd_send)
 
 
+_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pymilterkit", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--log-level",
         default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-        help="log level of the pymilterkit logger on stderr (default INFO)",
+        choices=_LEVELS,
+        help="log level of the pymilterkit loggers (default INFO; others: --root-log-level)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -250,8 +254,26 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--log-level",
         dest="run_log_level",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        choices=_LEVELS,
         help="same as the global --log-level",
+    )
+    run.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text (default), or json: one object per line with the session fields",
+    )
+    run.add_argument(
+        "--syslog",
+        action="store_true",
+        help="log to syslog (/dev/log, facility mail) as pymilterkit[PID] instead of stderr",
+    )
+    run.add_argument(
+        "--root-log-level",
+        default="WARNING",
+        choices=_LEVELS,
+        help="level of every logger outside pymilterkit: libraries, the filter's own modules "
+        "(default WARNING)",
     )
     run.set_defaults(handler=_cmd_run)
 
@@ -270,14 +292,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         print(f"pymilterkit: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    level = getattr(args, "run_log_level", None) or args.log_level
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
     handler: Handler = args.handler
     try:
+        configure_logging(
+            getattr(args, "run_log_level", None) or args.log_level,
+            log_format=getattr(args, "log_format", "text"),
+            syslog=getattr(args, "syslog", False),
+            root_level=getattr(args, "root_log_level", "WARNING"),
+        )
         return handler(args)
     except MilterError as exc:
         print(f"pymilterkit: error: {exc}", file=sys.stderr)

@@ -10,13 +10,14 @@ in production. This module is also the one writer of a session's private `_pmk_*
 
 from __future__ import annotations
 
+import itertools
 import logging
 import types
 from collections.abc import Callable
 from typing import Any
 
 from ._flags import Actions, ProtocolOpts, Status
-from ._logsafe import install as _install_log_escaping
+from ._logging import install as _install_log_fields
 from ._protocol import ENDS_MESSAGE, STAGES
 from ._session import MilterSession, SessionBackend
 from ._types import EsmtpParams
@@ -25,7 +26,8 @@ __all__ = ["CONNECTION_STAGES", "NO_PARAMS", "SessionRules"]
 
 logger = logging.getLogger("pymilterkit")
 # Log lines carry untrusted input (exception texts, recipients): escape control characters.
-_install_log_escaping(logger)
+# Records about a session get its fields (id, queue id, stage, client) when emitted.
+_install_log_fields(logger)
 
 CONNECTION_STAGES = frozenset(info.method for info in STAGES if info.connection)
 NO_PARAMS = EsmtpParams()  # read-only: one instance serves every address without parameters
@@ -35,6 +37,7 @@ _ALWAYS_PINNED = types.SimpleNamespace(pinned=True)  # callers whose threads nee
 def _nothing() -> None:
     pass
 _FATAL = (KeyboardInterrupt, SystemExit)  # the only exceptions that stop the milter
+_session_numbers = itertools.count(1)
 _DATA_OR_HEADERS_OFF = ProtocolOpts.NO_DATA | ProtocolOpts.NO_HDRS
 
 
@@ -65,7 +68,9 @@ class SessionRules:
 
     # -- hooks -----------------------------------------------------------------------------
 
-    def report_error(self, exc: BaseException, stage: str) -> None:
+    def report_error(
+        self, exc: BaseException, stage: str, session: MilterSession | None = None
+    ) -> None:
         """An exception escaped a stage method: log it with its traceback."""
         logger.error(
             "%s.%s raised %s; answering %s",
@@ -74,6 +79,7 @@ class SessionRules:
             type(exc).__name__,
             self.error_status.name,
             exc_info=exc,
+            extra={"pmk_session": session, "pmk_stage": stage},
         )
 
     def fatal(self, exc: BaseException, stage: str) -> None:
@@ -86,6 +92,7 @@ class SessionRules:
         """A new session for a connection, attached to `backend`."""
         session = self.session_class()
         self.attach(session, backend)
+        session._pmk_id = next(_session_numbers)  # in this process: its logs' session id
         self.created += 1
         return session
 
@@ -100,7 +107,9 @@ class SessionRules:
         """Mark `stage` as the one `session` runs (None: none): actions check it."""
         session._pmk_stage = stage
 
-    def fail(self, exc: BaseException, stage: str) -> int:
+    def fail(
+        self, exc: BaseException, stage: str, session: MilterSession | None = None
+    ) -> int:
         """The answer after `exc` escaped `stage`.
 
         Only KeyboardInterrupt and SystemExit stop the milter. Any other BaseException
@@ -110,18 +119,22 @@ class SessionRules:
         if isinstance(exc, _FATAL):
             self.fatal(exc, stage)
         else:
-            self.report_error(exc, stage)
+            self.report_error(exc, stage, session)
         if stage in self.noreply:
             return Status.NOREPLY
         return self.error_status
 
-    def bad_result(self, result: object, stage: str) -> int:
+    def bad_result(
+        self, result: object, stage: str, session: MilterSession | None = None
+    ) -> int:
         """The answer when `stage` returned something that is not a sendable Status."""
+        extra = {"pmk_session": session, "pmk_stage": stage}
         if result is Status.NOREPLY:
             logger.warning(
                 "%s.%s returned NOREPLY but the stage is not @noreply; sending CONTINUE",
                 self.session_class.__qualname__,
                 stage,
+                extra=extra,
             )
             return Status.CONTINUE
         logger.error(
@@ -130,6 +143,7 @@ class SessionRules:
             stage,
             result,
             self.error_status.name,
+            extra=extra,
         )
         return self.error_status
 
@@ -202,7 +216,7 @@ class SessionRules:
                     result = method(session, *convert(*cargs))
             except BaseException as exc:  # noqa: BLE001 - nothing may reach C
                 session._pmk_stage = None
-                return fail(exc, stage)
+                return fail(exc, stage, session)
             session._pmk_stage = None
             if track:
                 session._pmk_in_message = not (
@@ -212,7 +226,7 @@ class SessionRules:
                 return status_noreply
             if result.__class__ is status_type and result is not status_noreply:
                 return result
-            return bad(result, stage)
+            return bad(result, stage, session)
 
         return callback
 
@@ -238,7 +252,11 @@ class SessionRules:
             finally:
                 session._pmk_stage = None
             if status is not Status.CONTINUE:
-                logger.info("on_negotiate answered %s: refusing the connection", status.name)
+                logger.info(
+                    "on_negotiate answered %s: refusing the connection",
+                    status.name,
+                    extra={"pmk_session": session, "pmk_stage": "on_negotiate"},
+                )
                 return int(status), 0, 0
             if self.answer_data:
                 opts = ProtocolOpts(int(opts) & ~int(ProtocolOpts.NO_DATA))
@@ -254,13 +272,14 @@ class SessionRules:
                     "connection",
                     missing,
                     self.session_class.__qualname__,
+                    extra={"pmk_session": session, "pmk_stage": "on_negotiate"},
                 )
             session._pmk_actions = Actions(actions)
             for where, names in self.spec.macros.items():
                 setsymlist(int(where), " ".join(names).encode("ascii"))
             return Status.CONTINUE, int(actions), int(opts)
         except BaseException as exc:  # noqa: BLE001
-            self.fail(exc, "on_negotiate")
+            self.fail(exc, "on_negotiate", session)
             # Anything but CONTINUE: libmilter drops the connection.
             return Status.TEMPFAIL, 0, 0
 
@@ -284,6 +303,6 @@ class SessionRules:
             session._pmk_stage = stage
             getattr(session, stage)()
         except BaseException as exc:  # noqa: BLE001
-            self.fail(exc, stage)
+            self.fail(exc, stage, session)
         finally:
             session._pmk_stage = None

@@ -17,12 +17,14 @@ backend, so the same rules hold in tests and in production.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from . import _validate as v
 from ._errors import UndeclaredActionError, WrongStageError
 from ._flags import NO_STAGE_MASK, Actions, ProtocolOpts, Stage, Status
+from ._logging import SessionLog, session_log
 from ._protocol import ALL_ACTIONS, ALL_LIBMILTER_OPTS, STAGES
 from ._types import EsmtpParams, InetAddress, UnixAddress, decode
 
@@ -203,6 +205,7 @@ class MilterSession:
     _pmk_stage: str | None = None
     _pmk_actions: Actions = Actions.NONE
     _pmk_in_message: bool = False
+    _pmk_id: int = 0  # the session's number in this process (its logs' session id)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -273,6 +276,13 @@ class MilterSession:
         """The connection is over: always the last call; then the instance is dropped."""
 
     # -- session API -----------------------------------------------------------------------
+
+    @functools.cached_property
+    def log(self) -> SessionLog:
+        """A logger (`pymilterkit.filter.<class name>`) whose records carry this session's id,
+        queue id, stage, client address and worker PID, worked out only if a record is
+        emitted; `--log-level` sets its level."""
+        return session_log(self)
 
     def _pmk_eom(self, method: str) -> SessionBackend:
         if self._pmk_stage != "on_eom":

@@ -215,7 +215,11 @@ class LibmilterCallbacks(SessionRules):
             _, session = self.sessions.popitem()
             running = self.in_stage(session)
             if running is not None:
-                logger.warning("a session is still in %s at stop: not closed", running)
+                logger.warning(
+                    "a session is still in %s at stop: not closed",
+                    running,
+                    extra={"pmk_session": session},
+                )
                 continue
             count += 1
             self.abort(session)

@@ -190,9 +190,11 @@ class _HarnessRules(SessionRules):
         self.errors: list[tuple[str, BaseException]] = []
         self._callbacks: dict[str, Callable[..., int]] = {}
 
-    def report_error(self, exc: BaseException, stage: str) -> None:
+    def report_error(
+        self, exc: BaseException, stage: str, session: MilterSession | None = None
+    ) -> None:
         self.errors.append((stage, exc))
-        super().report_error(exc, stage)
+        super().report_error(exc, stage, session)
         if self.reraise:
             raise exc
 

@@ -20,11 +20,11 @@ from pymilterkit.testing import Harness
 class Events(MilterSession):
     """Records its calls; the sender's local part says what MAIL answers."""
 
-    log: list[str] = []
+    events: list[str] = []
 
     @override
     def on_mail(self, sender: str, params: EsmtpParams) -> Status:
-        self.log.append(f"mail {sender}")
+        self.events.append(f"mail {sender}")
         return Status[sender.upper()] if sender.isalpha() else Status.CONTINUE
 
     @override
@@ -37,7 +37,7 @@ class Events(MilterSession):
 
     @override
     def on_abort(self) -> None:
-        self.log.append("abort")
+        self.events.append("abort")
 
 
 class Driver:
@@ -67,7 +67,7 @@ class Driver:
 
 
 def setup_function() -> None:
-    Events.log = []
+    Events.events = []
 
 
 def test_a_session_is_made_at_the_first_stage_and_kept() -> None:
@@ -83,11 +83,11 @@ def test_abort_runs_only_inside_a_message_and_once() -> None:
     d("on_rcpt", "reject", EsmtpParams())  # a refused recipient does not end the message
     d.abort()
     d.abort()
-    assert Events.log == ["mail a@b", "abort"]
-    Events.log.clear()
+    assert Events.events == ["mail a@b", "abort"]
+    Events.events.clear()
     d("on_mail", "reject", EsmtpParams())  # a refused sender ends it: nothing to abort
     d.abort()
-    assert Events.log == ["mail reject"]
+    assert Events.events == ["mail reject"]
 
 
 def test_errors_and_wrong_results_get_the_error_status() -> None:
@@ -103,7 +103,7 @@ def test_refused_creation_while_stopping_answers_tempfail() -> None:
     callback = driver.stage_callback("on_mail", lambda key: None, lambda key: None,
                                      lambda *a: a)
     assert callback(None, "a@b", EsmtpParams()) == Status.TEMPFAIL
-    assert Events.log == []
+    assert Events.events == []
 
 
 def test_libmilter_callbacks_and_the_harness_run_the_same_code() -> None:
@@ -114,4 +114,4 @@ def test_libmilter_callbacks_and_the_harness_run_the_same_code() -> None:
     shared_code = SessionRules(Events, Status.TEMPFAIL).stage_callback(
         "on_rcpt", lambda key: None, lambda key: None).__code__
     assert runner_code is shared_code
-    assert Events.log[:1] == ["mail <a@b>"]  # the harness ran the filter through it too
+    assert Events.events[:1] == ["mail <a@b>"]  # the harness ran the filter through it too

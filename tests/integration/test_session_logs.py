@@ -1,0 +1,43 @@
+"""The library's log record of a failing stage, written by the real runner as JSON, carries the
+session id, queue id, stage, client address and worker PID."""
+
+from __future__ import annotations
+
+import json
+from ipaddress import ip_address
+from pathlib import Path
+
+import pytest
+
+from pymilterkit import InetAddress, Status
+from pymilterkit.testing import ClientInfo, Envelope, MilterClient, MilterProcess
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_an_error_record_names_session_queue_id_stage_and_pid() -> None:
+    client = ClientInfo("mx.example.net", InetAddress(ip_address("198.51.100.9"), 2525))
+    with MilterProcess("tests.integration.filters:Faulty", args=["--log-format", "json"],
+                       cwd=ROOT) as milter:
+        mta = MilterClient(milter.socket, client=client)
+        ok = mta.run(b"Subject: 1\r\n\r\nx\r\n",
+                     envelope=Envelope.of("a@example.net", ["b@example.org"], queue_id="4Q1"))
+        failed = mta.run(b"Subject: 2\r\n\r\nx\r\n", envelope=Envelope.of(
+            "a@example.net", ["raise@example.org"], queue_id="4Q2"))
+        assert milter.stop() == 0
+        lines = milter.log().splitlines()
+    assert ok.status is Status.CONTINUE and failed.status is Status.TEMPFAIL
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    errors = [r for r in records if r["level"] == "ERROR"]
+    assert len(errors) == 1, lines
+    error = errors[0]
+    assert error["message"] == "Faulty.on_rcpt raised RuntimeError; answering TEMPFAIL"
+    assert error["pid"] == milter.pid
+    assert error["session_id"] == f"{milter.pid}-2"  # the second connection of this process
+    assert error["queue_id"] == "4Q2"
+    assert error["stage"] == "on_rcpt"
+    assert error["client"] == "198.51.100.9"
+    assert "RuntimeError: boom in on_rcpt\\nwith a second line" in error["exception"]
+    started = [r for r in records if "listening on" in r["message"]]
+    assert started and started[0]["session_id"] is None
