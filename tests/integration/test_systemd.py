@@ -151,12 +151,10 @@ def test_unix_socket_activation_and_notify(tmp_path: Path, manager: Manager) -> 
         milter.wait_listening()
         pids = _answers(f"unix:{path}", 3)
         assert set(pids) == {str(milter.process.pid)}  # exec'd in place: LISTEN_PID matched
-        manager.wait_for("READY", "STATUS", watchdogs=3)
+        manager.wait_for("READY", watchdogs=3)
         assert manager.messages[0]["READY"] == "1"
-        assert any(
-            s.startswith(f"serving on unix:{path}; 0 session(s) open,")
-            for s in manager.values("STATUS")
-        ), manager.messages
+        wanted = f"serving on unix:{path}; 0 session(s) open, 3 served"
+        manager.wait_until(lambda: wanted in manager.values("STATUS"), f"STATUS={wanted}")
         assert milter.stop() == 0, milter.log()
         manager.wait_for("STOPPING")
     finally:
@@ -332,3 +330,12 @@ def test_the_units_command_serves_on_the_units_socket(tmp_path: Path, manager: M
         if process.poll() is None:
             process.kill()
             process.wait(5)
+
+
+@pytest.mark.parametrize("name", ["pymilterkit@.service", "pymilterkit@.socket"])
+def test_the_deployment_guide_shows_the_shipped_units(name: str, tmp_path: Path) -> None:
+    guide = (ROOT / "docs" / "guides" / "deployment.md").read_text()
+    start = guide.index(f"```ini\n# /etc/systemd/system/{name}\n") + len("```ini\n")
+    shown = tmp_path / name
+    shown.write_text(guide[start:guide.index("```", start)])
+    assert _unit(shown) == _unit(UNITS / name)
