@@ -249,8 +249,10 @@ class HAProxy:
         check_inter_ms: int = 500,
         fall: int = 2,
         rise: int = 2,
+        idle_timeout: str = "10m",
     ) -> None:
         self.servers = list(servers)
+        self.idle_timeout = idle_timeout
         self.health = health
         self.check_inter_ms = check_inter_ms
         self.fall = fall
@@ -276,8 +278,11 @@ class HAProxy:
             "    log global",
             "    option tcplog",
             "    timeout connect 2s",
-            "    timeout client 10m",
-            "    timeout server 10m",
+            # Longer than an SMTP session may sit idle (smtpd_timeout, 300 s by default): the
+            # milter connection is idle as long as the SMTP client is.
+            f"    timeout client {self.idle_timeout}",
+            f"    timeout server {self.idle_timeout}",
+            f"    timeout tunnel {self.idle_timeout}",
             "    timeout check 2s",
             "    retries 2",
             "    option redispatch 1",
@@ -321,12 +326,13 @@ class HAProxy:
                 if self.admin_socket.exists() and self.runtime("show info"):
                     return self
             if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"haproxy did not start:\n{self.log_text()}")
+                text = self.log_text()
+                self.cleanup()
+                raise RuntimeError(f"haproxy did not start:\n{text}")
             time.sleep(0.05)
 
     def stop(self) -> None:
-        """Hard stop (SIGTERM to our PID), then remove the directory."""
+        """Hard stop: SIGTERM to our PID (SIGKILL if it lingers)."""
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)
@@ -336,13 +342,17 @@ class HAProxy:
                     self.process.kill()
                     self.process.wait(5)
             self.process = None
+
+    def cleanup(self) -> None:
+        """Stop, then remove the directory (config, runtime socket, log)."""
+        self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.cleanup()
 
     def log_text(self) -> str:
         try:
@@ -656,11 +666,12 @@ class Topology:
 
     def __init__(self, *, health: Health = "tcp", instances: int = 3,
                  milter_args: Sequence[str] = (), check_inter_ms: int = 500,
+                 idle_timeout: str = "10m",
                  postfix_config: dict[str, str] | None = None) -> None:
         self.sink = LmtpSink()
         self.fleet = Fleet(instances, metrics=health == "http", args=milter_args)
         self.haproxy = HAProxy(self.fleet.backends(), health=health,
-                               check_inter_ms=check_inter_ms)
+                               check_inter_ms=check_inter_ms, idle_timeout=idle_timeout)
         self.postfix: SinkPostfix | None = None
         self.postfix_config = dict(postfix_config or {})
 
@@ -683,9 +694,12 @@ class Topology:
     def stop(self) -> None:
         if self.postfix is not None:
             self.postfix.cleanup()
-        self.haproxy.stop()
+        self.haproxy.cleanup()
         self.fleet.stop()
         self.sink.stop()
+
+    def postfix_log(self) -> str:
+        return self.postfix.log_text() if self.postfix is not None else ""
 
     def logs(self) -> str:
         """Everything worth reading after a failure."""

@@ -10,12 +10,25 @@ are printed (``-s``); `benchmarks/haproxy_fleet.py` measures them with more mess
 
 from __future__ import annotations
 
+import smtplib
+import time
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 
-from .haproxy import Load, Topology, check_deliveries, failover, rolling_restart
+from .haproxy import (
+    RECIPIENTS,
+    SENDER,
+    Load,
+    Topology,
+    check_deliveries,
+    failover,
+    message_for,
+    rolling_restart,
+)
+
+TEMPFAIL = (451, b"4.7.1 Service unavailable - try again later")
 
 pytestmark = pytest.mark.e2e
 
@@ -87,3 +100,49 @@ def test_rolling_restart_through_haproxy_drain_loses_nothing(topology: Topology)
     assert all(instance.starts == 2 for instance in topology.fleet)
     assert report.failures == []
     assert len(report.served) == len(report.outcomes) > 600
+
+
+def _mail_reply(smtp: smtplib.SMTP, key: str) -> tuple[int, bytes]:
+    try:
+        assert smtp.sendmail(SENDER, list(RECIPIENTS), message_for(key)) == {}
+    except smtplib.SMTPResponseException as exc:
+        error: bytes | str = exc.smtp_error
+        return exc.smtp_code, error.encode() if isinstance(error, str) else error
+    return 250, b""
+
+
+def test_what_fails_how_idle_cut_no_instance_no_haproxy(postfix_factory: object) -> None:
+    """The failures of docs/guides/several-hosts.md that are not an instance dying: each is
+    Postfix's milter_default_action (tempfail), for the rest of the SMTP session."""
+    _ = postfix_factory
+    with Topology(idle_timeout="2s") as topo:
+        try:
+            # 1. HAProxy's idle timeout shorter than the SMTP session's pauses: it cuts the
+            # milter connection, and the next message of that session is tempfailed.
+            with smtplib.SMTP("127.0.0.1", topo.smtp_port, timeout=30) as smtp:
+                smtp.ehlo("client.example.net")
+                assert _mail_reply(smtp, "idle-1") == (250, b"")
+                time.sleep(3.5)
+                assert _mail_reply(smtp, "idle-2") == TEMPFAIL
+                assert _mail_reply(smtp, "idle-3") == TEMPFAIL  # the session stays failed
+            assert " cD " in topo.haproxy.log_text()  # (client-side timeout, in data)
+            assert "can't read SMFIC_MAIL reply packet header" in topo.postfix_log()
+            # 2. Every instance down: HAProxy accepts Postfix's connection, finds no server
+            # and closes it; the negotiation fails.
+            for instance in topo.fleet:
+                instance.kill()
+            for instance in topo.fleet:
+                topo.haproxy.wait_status(instance.name, "DOWN")
+            with smtplib.SMTP("127.0.0.1", topo.smtp_port, timeout=30) as smtp:
+                smtp.ehlo("client.example.net")
+                assert _mail_reply(smtp, "none-1") == TEMPFAIL
+            assert "read error in initial handshake" in topo.postfix_log()
+            # 3. HAProxy itself gone: Postfix's connect is refused.
+            topo.haproxy.stop()
+            with smtplib.SMTP("127.0.0.1", topo.smtp_port, timeout=30) as smtp:
+                smtp.ehlo("client.example.net")
+                assert _mail_reply(smtp, "gone-1") == TEMPFAIL
+            assert "Connection refused" in topo.postfix_log()
+            assert len(topo.sink.wait_for(1)) == 1  # only idle-1 got through
+        finally:
+            print(topo.logs())
