@@ -227,7 +227,10 @@ def _parser() -> argparse.ArgumentParser:
         help="read options (keys named like the flags) and the [filter] table from a TOML "
         "file; flags override it",
     )
-    run.add_argument("--socket", required=True, help="unix:/path, inet:PORT@HOST, inet6:...")
+    run.add_argument(
+        "--socket", required=True,
+        help="unix:/path, inet:PORT@HOST, inet6:..., or systemd (socket activation)",
+    )
     run.add_argument("--name", help="filter name reported to libmilter")
     run.add_argument("--timeout", type=int, help="libmilter I/O timeout in seconds")
     run.add_argument("--backlog", type=int, help="listen backlog")

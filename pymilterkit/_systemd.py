@@ -166,19 +166,26 @@ _SLOT = struct.Struct("=QQQ")  # serving (0/1), sessions open, sessions served
 
 
 class _Board:
-    """Per-worker session counts in memory shared with the supervisor (anonymous mmap)."""
+    """Per-worker session counts in memory shared with the supervisor (anonymous mmap).
+
+    Room for more slots than workers (a reload may run old and new workers side by side); a
+    slot beyond it is not counted rather than failing a worker.
+    """
 
     def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._map = mmap.mmap(-1, _SLOT.size * workers)
+        self.slots = 4 * workers + 4
+        self._map = mmap.mmap(-1, _SLOT.size * self.slots)
 
     def write(self, slot: int, open_: int, served: int) -> None:
-        _SLOT.pack_into(self._map, slot * _SLOT.size, 1, open_, served)
+        if 0 <= slot < self.slots:
+            _SLOT.pack_into(self._map, slot * _SLOT.size, 1, open_, served)
 
     def totals(self, slots: Collection[int]) -> tuple[int, int, int]:
         """Workers serving, sessions open, sessions served, over the live workers' `slots`."""
         serving = open_ = served = 0
         for slot in slots:
+            if not 0 <= slot < self.slots:
+                continue
             flag, o, s = _SLOT.unpack_from(self._map, slot * _SLOT.size)
             serving += flag
             open_ += o

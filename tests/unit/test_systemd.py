@@ -272,8 +272,9 @@ def test_a_supervisor_reports_its_workers_sessions(manager: socket.socket) -> No
         board.write(2, 3, 5)
         notifier.tick("unix:/m", workers=[0, 1, 2])
         board.write(1, 4, 4)
+        board.write(10**6, 100, 100)  # beyond the board: not counted, no failure
         notifier._next_status = 0.0
-        notifier.tick("unix:/m", workers=[1, 2])  # worker 0 has gone
+        notifier.tick("unix:/m", workers=[1, 2, 10**6])  # worker 0 has gone
         got = _messages(manager)
     finally:
         notifier.close()
@@ -282,7 +283,7 @@ def test_a_supervisor_reports_its_workers_sessions(manager: socket.socket) -> No
         "READY": "1",
         "STATUS": "serving on unix:/m, 3 worker(s) alive (2 serving); 4 session(s) open, 15 served",
     }
-    assert got[2]["STATUS"].endswith("2 worker(s) alive (2 serving); 7 session(s) open, 9 served")
+    assert got[2]["STATUS"].endswith("3 worker(s) alive (2 serving); 7 session(s) open, 9 served")
 
 
 def test_no_notify_socket_means_no_messages(manager: socket.socket) -> None:
