@@ -728,19 +728,30 @@ class Topology:
 UNLIMITED = 10**7  # a Load's count when it runs until `Load.stop`
 
 
+def _key(delivery: Delivery) -> str:
+    return str(delivery.headers()["Subject"]).removeprefix("load ")
+
+
 def check_deliveries(outcomes: Sequence[Outcome], sink: LmtpSink,
                      timeout: float = 60) -> dict[str, str]:
     """Wait for every accepted message; return ``{key: X-Served-By}`` of the deliveries.
 
-    Raises AssertionError if a delivery is missing, unexpected, duplicated, or lacks the
-    filter's modification (``X-Rcpt-Count: 2``, one ``X-Served-By``).
+    Only deliveries of the loads that sent ``outcomes`` are looked at (same key prefixes).
+    Raises AssertionError if one is missing, unexpected, duplicated, or lacks the filter's
+    modification (``X-Rcpt-Count: 2``, one ``X-Served-By``).
     """
     accepted = {o.key for o in outcomes if o.accepted}
-    deliveries = sink.wait_for(len(accepted), timeout)
+    prefixes = tuple({o.key.rstrip("0123456789") for o in outcomes})
+
+    def ours() -> list[Delivery]:
+        return [d for d in sink.deliveries() if _key(d).startswith(prefixes)]
+
+    _wait(lambda: len(ours()) >= len(accepted), timeout,
+          f"{len(accepted)} deliveries (have {len(ours())})", step=0.1)
     served: dict[str, str] = {}
-    for delivery in deliveries:
+    for delivery in ours():
         headers = delivery.headers()
-        key = str(headers["Subject"]).removeprefix("load ")
+        key = _key(delivery)
         assert key not in served, f"{key} delivered twice"
         assert headers.get_all("X-Rcpt-Count") == ["2"], (key, headers.items())
         [served[key]] = headers.get_all("X-Served-By") or ["(none)"]
