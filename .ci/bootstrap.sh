@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare a machine to test pymilterkit: system packages, then .venv with `pip install -e '.[dev,docs]'`.
+# Prepare a machine to test pymilterkit: system packages, then .venv with `pip install -e '.[dev,docs,metrics]'`.
 #
 #   bash .ci/bootstrap.sh        (or `source` it: it only defines variables and changes directory)
 #
@@ -118,9 +118,9 @@ install_project() {
         printf '%s\n' "$wanted" >"$stamp"
     fi
 }
-install_project "$VENV" dev,docs "pymilterkit, pytest, mypy, mkdocs"
+install_project "$VENV" dev,docs,metrics "pymilterkit, pytest, mypy, mkdocs, prometheus_client"
 
-# --- Python 3.12 and 3.13: one more venv each (.venv-3.12, .venv-3.13), `pip install -e '.[dev]'` ----
+# --- Python 3.12 and 3.13: one more venv each (.venv-3.12, .venv-3.13), `pip install -e '.[dev,metrics]'`
 # Interpreters come from what the machine has: pyenv's versions, /usr/bin/python3.1x (Debian 13
 # ships 3.13, Ubuntu 24.04 3.12), pythonX.Y on PATH, or `uv python find`. One that is not found
 # is reported here and its `.ci/test` step fails (it never passes silently).
@@ -160,7 +160,7 @@ for version in "${EXTRA_PYTHONS[@]}"; do
         "$python" -m venv "$venv"
         printf '*\n' >"$venv/.gitignore"  # (3.13's venv writes this itself; 3.12's does not)
     fi
-    install_project "$venv" dev "pymilterkit, pytest, mypy"
+    install_project "$venv" dev,metrics "pymilterkit, pytest, mypy, prometheus_client"
 done
 
 log "ready: $("$VENV/bin/python" --version), $("$VENV/bin/python" -c 'import pymilterkit; print("pymilterkit", pymilterkit.__version__)')"

@@ -125,6 +125,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         group=args.group,
         cpu_affinity=parse_affinity(args.cpu_affinity),
         config=config,
+        metrics=args.metrics,
+        dry_run=args.dry_run,
     ).run()
     return EXIT_OK
 
@@ -254,6 +256,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--socket-group", help="group of a unix socket (e.g. postfix)")
     run.add_argument("--user", help="drop privileges to this user after opening the socket")
     run.add_argument("--group", help="drop privileges to this group")
+    run.add_argument(
+        "--metrics", metavar="HOST:PORT",
+        help="serve /metrics (Prometheus) and /healthz on this address, e.g. 127.0.0.1:9100 "
+        "(needs pymilterkit[metrics])",
+    )
+    run.add_argument(
+        "--dry-run", action="store_true",
+        help="run the filter but send CONTINUE and no modification; log what it would do",
+    )
     run.add_argument(
         "--log-level",
         dest="run_log_level",

@@ -19,6 +19,7 @@ import signal
 import time
 from collections.abc import Callable, Collection
 
+from . import _metrics
 from ._errors import LibmilterError
 from ._libmilter import prctl
 from ._listen import Listener
@@ -88,10 +89,12 @@ def run_prefork(
         # stops it too) and, in the worker, until it has its own handlers.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
+            _metrics.before_fork()
             pid = os.fork()
             if pid == 0:
                 _child(serve, fd, parent, slot)
             children[pid] = slot
+            _metrics.worker_started(pid)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
@@ -143,6 +146,7 @@ def run_prefork(
             if pid not in children:
                 continue
             slot = children.pop(pid)
+            _metrics.worker_exited(pid)
             code = os.waitstatus_to_exitcode(status)
             if stopping:
                 # -SIGTERM: the stop reached a worker still starting, before its handler.
@@ -158,6 +162,7 @@ def run_prefork(
                 failed = True
                 on_signal(signal.SIGTERM)
                 continue
+            _metrics.worker_restarted()
             spawn(slot)
     if failed:
         raise LibmilterError("one or more workers failed; see the log")

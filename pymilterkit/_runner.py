@@ -27,12 +27,13 @@ from typing import Literal, TypedDict
 from typing_extensions import Unpack
 
 from . import _libmilter as c
-from . import _systemd
+from . import _metrics, _systemd
 from ._affinity import CpuAffinity, confine, plan
 from ._affinity import check as check_affinity
 from ._config import install as install_config
 from ._errors import ConfigurationError, LibmilterError, SocketSpecError
 from ._flags import Status
+from ._instrument import callbacks_class
 from ._limits import raise_nofile_limit
 from ._listen import Listener, open_listener, poke
 from ._security import check_can_drop_privileges, drop_privileges
@@ -75,6 +76,9 @@ class Milter:
     cross-CPU hand-overs between libmilter's threads; None: the scheduler decides; or a list of
     CPUs) is applied when `run()` starts. `config` is an instance of the dataclass the class
     declares as `config` (docs/guides/operations.md): it is set on the class at once.
+    `metrics="HOST:PORT"` serves `/metrics` and `/healthz` there (extra `pymilterkit[metrics]`);
+    `dry_run` runs the filter but sends the MTA CONTINUE and no modification, logging what it
+    would have done.
     """
 
     def __init__(
@@ -94,6 +98,8 @@ class Milter:
         group: str | int | None = None,
         cpu_affinity: CpuAffinity = "auto",
         config: object | None = None,
+        metrics: str | None = None,
+        dry_run: bool = False,
     ) -> None:
         if not (isinstance(session_class, type) and issubclass(session_class, MilterSession)):
             raise ConfigurationError(
@@ -130,6 +136,10 @@ class Milter:
             raise ConfigurationError("socket_mode must be a permission mode like 0o660")
         if (socket_mode is not None or socket_group is not None) and self.spec.kind != "unix":
             raise ConfigurationError("socket_mode and socket_group apply to unix sockets only")
+        if not isinstance(dry_run, bool):
+            raise ConfigurationError(f"dry_run must be True or False: {dry_run!r}")
+        self.metrics = None if metrics is None else _metrics.parse_address(metrics)
+        self.dry_run = dry_run
         self.timeout = timeout
         self.backlog = backlog
         self.debug_level = debug_level
@@ -172,25 +182,35 @@ class Milter:
         if self.spec.kind == "systemd":  # from here on, the passed socket's unix/inet address
             self._activated, self.spec = _systemd.take_listener(self.spec)
         self._plan_cpus()
-        if self.workers > 1:
-            from ._prefork import run_prefork
+        stop_metrics = _metrics.nothing
+        if self.metrics is not None:  # only then is prometheus_client imported
+            from ._metrics_http import start as start_metrics
 
-            service.for_workers(self.workers)
-            run_prefork(
-                self.workers,
-                open_socket=self._open_socket,
-                serve=self._serve_worker,
-                wake=lambda: poke(self.spec),
-                name=self.name,
-                where=str(self.spec),
-                tick=lambda slots, stopping: service.tick(
-                    str(self.spec), workers=slots, stopping=stopping
-                ),
+            stop_metrics = start_metrics(
+                self.metrics, self.session_class, self.workers, dry_run=self.dry_run
             )
-            return
-        self._confine_to_cpus()
-        self._prepare()
-        self._serve()
+        try:
+            if self.workers > 1:
+                from ._prefork import run_prefork
+
+                service.for_workers(self.workers)
+                run_prefork(
+                    self.workers,
+                    open_socket=self._open_socket,
+                    serve=self._serve_worker,
+                    wake=lambda: poke(self.spec),
+                    name=self.name,
+                    where=str(self.spec),
+                    tick=lambda slots, stopping: service.tick(
+                        str(self.spec), workers=slots, stopping=stopping
+                    ),
+                )
+                return
+            self._confine_to_cpus()
+            self._prepare()
+            self._serve()
+        finally:
+            stop_metrics()
 
     def _plan_cpus(self) -> None:
         """Choose the CPUs of this process, or of each worker (`cpu_affinity`), before forking."""
@@ -235,7 +255,8 @@ class Milter:
         """Register with libmilter and open the listening socket."""
         lib = self._lib = c.load()
         tcp = self.spec.kind in ("inet", "inet6")
-        self.dispatcher = LibmilterCallbacks(
+        callbacks = callbacks_class(metrics=self.metrics is not None, dry_run=self.dry_run)
+        self.dispatcher = callbacks(
             self.session_class, lib, self.error_status, self._on_fatal, tcp=tcp
         )
         desc = self.dispatcher.descriptor(self.name.encode("utf-8", "surrogateescape"))
@@ -406,6 +427,8 @@ class MilterOptions(TypedDict, total=False):
     group: str | int | None
     cpu_affinity: CpuAffinity
     config: object | None
+    metrics: str | None
+    dry_run: bool
 
 
 def run(

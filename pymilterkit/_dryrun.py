@@ -1,0 +1,190 @@
+"""Dry-run: the filter runs unchanged; its verdicts and modifications are logged, not sent.
+
+For rolling a new filter out on live mail. Every stage method runs as usual and every action is
+validated as usual (bad input raises the same `MilterError`), but:
+
+* an answer other than CONTINUE (REJECT, TEMPFAIL, DISCARD, ACCEPT; also the error status after
+  an exception) is logged and counted, and the MTA gets CONTINUE (SKIP and NOREPLY, which
+  decide nothing about the mail, go through);
+* every modification (headers, envelope, body, quarantine) and `set_reply` is logged and
+  counted instead of reaching libmilter; `macro()` and `progress()` work as usual;
+* the negotiation asks the MTA for no actions (only SETSYMLIST, when the filter requests
+  macros: it changes nothing in the mail), so the MTA itself can see the filter cannot act.
+
+The session's actions are still checked against what the class declares. Counts go to the
+metrics (`pymilterkit_dry_run_*`) when they are on, and a summary is logged at stop.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import _metrics
+from ._dispatch import SessionRules
+from ._flags import Actions, Status
+from ._session import MilterSession, SessionBackend
+
+__all__ = ["DryRunBackend", "DryRunRules"]
+
+logger = logging.getLogger("pymilterkit")
+
+_VERDICTS = frozenset(
+    (Status.REJECT, Status.DISCARD, Status.ACCEPT, Status.TEMPFAIL)
+)
+_CONTINUE = Status.CONTINUE
+_MACROS_ONLY = int(Actions.SETSYMLIST)
+
+
+def _text(raw: bytes | None) -> str:
+    return "" if raw is None else raw.decode("utf-8", "surrogateescape")
+
+
+class DryRunTally:
+    """What a process would have done: counts by what, for the summary at stop."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def add(self, what: str) -> None:
+        with self.lock:
+            self.counts[what] += 1
+
+    def summary(self) -> str:
+        with self.lock:
+            items = sorted(self.counts.items())
+        return ", ".join(f"{what} x{n}" for what, n in items) or "nothing"
+
+
+class DryRunBackend:
+    """A session backend that logs and counts modifications instead of carrying them out."""
+
+    __slots__ = ("inner", "reply", "session", "tally")
+
+    def __init__(self, inner: SessionBackend, tally: DryRunTally) -> None:
+        self.inner = inner
+        self.tally = tally
+        self.session: MilterSession | None = None
+        """The session (its records carry its id, queue id and client)."""
+        self.reply: str | None = None
+        """The reply `set_reply` would have set (shown with the verdict it goes with)."""
+
+    def _would(self, action: str, detail: str) -> None:
+        logger.info("dry-run: would %s %s", action, detail, extra={"pmk_session": self.session})
+        self.tally.add(action)
+        rec = _metrics.recorder()
+        if rec is not None:
+            rec.action(action, dry=True)
+
+    def getsymval(self, name: bytes) -> bytes | None:
+        return self.inner.getsymval(name)
+
+    def progress(self) -> None:
+        self.inner.progress()  # changes nothing in the mail; keeps the MTA waiting
+
+    def setreply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None:
+        text = " ".join(_text(part) for part in (code, xcode, *lines) if part)
+        self.reply = text
+        self._would("set_reply", text)
+
+    def addheader(self, name: bytes, value: bytes) -> None:
+        self._would("add_header", f"{_text(name)}: {_text(value)}")
+
+    def insheader(self, index: int, name: bytes, value: bytes) -> None:
+        self._would("insert_header", f"#{index} {_text(name)}: {_text(value)}")
+
+    def chgheader(self, name: bytes, index: int, value: bytes | None) -> None:
+        if value is None:
+            self._would("delete_header", f"{_text(name)} #{index}")
+        else:
+            self._would("change_header", f"{_text(name)} #{index}: {_text(value)}")
+
+    def chgfrom(self, sender: bytes, params: bytes | None) -> None:
+        self._would("change_sender", f"{_text(sender)} {_text(params)}".rstrip())
+
+    def addrcpt(self, recipient: bytes, params: bytes | None) -> None:
+        self._would("add_recipient", f"{_text(recipient)} {_text(params)}".rstrip())
+
+    def delrcpt(self, recipient: bytes) -> None:
+        self._would("remove_recipient", _text(recipient))
+
+    def replacebody(self, chunk: bytes) -> None:
+        self._would("replace_body", f"({len(chunk)} bytes)")
+
+    def quarantine(self, reason: bytes) -> None:
+        self._would("quarantine", _text(reason))
+
+
+class DryRunRules(SessionRules):
+    """Session rules for dry-run (a mixin the runner combines with its callbacks class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dry_tally = DryRunTally()
+
+    def stage_callback(self, stage: str, *args: Any, **kwargs: Any) -> Callable[..., int]:
+        callback = super().stage_callback(stage, *args, **kwargs)
+        get: Callable[[Any], MilterSession | None] = args[0] if args else kwargs["get"]
+        verdicts, proceed, would = _VERDICTS, _CONTINUE, self.would_answer
+
+        def dry(key: Any, *cargs: Any) -> int:
+            answer = callback(key, *cargs)
+            if answer in verdicts:
+                would(stage, answer, key, get)
+                return proceed
+            return answer
+
+        return dry
+
+    def would_answer(
+        self, stage: str, answer: int, key: Any, get: Callable[[Any], MilterSession | None]
+    ) -> None:
+        """Log and count an answer dry-run does not send (it sends CONTINUE)."""
+        try:
+            status = Status(answer)
+            session = get(key)
+            backend = session._pmk_backend if session is not None else None
+            reply = ""
+            if isinstance(backend, DryRunBackend):
+                if backend.reply is not None and status in (Status.REJECT, Status.TEMPFAIL):
+                    reply = f" with reply {backend.reply!r}"
+                backend.reply = None
+            logger.info(
+                "dry-run: would answer %s at %s%s; sent CONTINUE",
+                status.name, stage.removeprefix("on_"), reply,
+                extra={"pmk_session": session, "pmk_stage": stage},
+            )
+            self.dry_tally.add(f"{status.name} at {stage.removeprefix('on_')}")
+            rec = _metrics.recorder()
+            if rec is not None:
+                rec.dry_verdict(stage, answer)
+        except Exception:
+            logger.exception("dry-run: could not log a verdict")
+
+    def create(self, backend: SessionBackend) -> MilterSession:
+        dry = DryRunBackend(backend, self.dry_tally)
+        session = super().create(dry)
+        dry.session = session
+        return session
+
+    def negotiate(
+        self,
+        session: MilterSession,
+        offered_actions: int,
+        offered_opts: int,
+        setsymlist: Callable[[int, bytes], object],
+    ) -> tuple[int, int, int]:
+        status, actions, opts = super().negotiate(
+            session, offered_actions, offered_opts, setsymlist
+        )
+        # The session keeps its declared actions (they are still checked); the MTA is asked
+        # for none of them.
+        return status, actions & _MACROS_ONLY, opts
+
+    def dry_run_summary(self) -> None:
+        """Log what this process would have done (at stop)."""
+        logger.info("dry-run: not sent: %s", self.dry_tally.summary())

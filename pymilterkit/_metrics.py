@@ -1,0 +1,493 @@
+"""Metrics of a running milter, summed over pre-forked workers; health for probes.
+
+Theory of operation
+-------------------
+Counts live in one anonymous shared memory map (`mmap(-1, ...)`: MAP_SHARED|MAP_ANONYMOUS) that
+the process owning the listening socket (the single process, or the worker supervisor) creates
+before it forks: no file, no directory, nothing to clean up, nothing another user can read or
+plant, even when the milter starts as root. The map has one row per serving process. The owner
+gives a row to each worker just before forking it (`before_fork`); the worker writes only its own
+row, under a lock of its own (libmilter runs callbacks on many threads). A worker started after
+one died gets a free row, usually the dead one's, and adds to it: counters never go backwards,
+and a worker killed with SIGKILL loses nothing it counted (every count is in the shared map the
+moment it is made). The owner zeroes a dead worker's gauges (active sessions) when it reaps it.
+
+The HTTP endpoint (`_metrics_http`, the only module that imports `prometheus_client`) runs in the
+owner: it reads every row, sums, and writes the Prometheus text format. Without `metrics` none
+of this exists: the runner builds the plain callbacks, and the hooks below (called by the
+supervisor at fork and reap, and by the drain and stage-deadline code) return at once.
+
+The per-stage figures come from wrapping each stage's callback when it is built
+(`MeteredRules.stage_callback`), never from a test on the hot path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+import logging
+import mmap
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._dispatch import SessionRules
+from ._errors import ConfigurationError
+from ._flags import Status
+from ._protocol import STAGES
+from ._session import MilterSession, SessionBackend
+
+__all__ = [
+    "ACTIONS",
+    "BUCKETS",
+    "STAGE_NAMES",
+    "MeteredRules",
+    "MetricsAddress",
+    "before_fork",
+    "count_timeout",
+    "install",
+    "nothing",
+    "parse_address",
+    "set_draining",
+    "worker_exited",
+    "worker_restarted",
+    "worker_started",
+]
+
+logger = logging.getLogger("pymilterkit")
+
+STAGE_NAMES: tuple[str, ...] = (
+    *(info.method for info in STAGES), "on_negotiate", "on_abort", "on_close"
+)
+"""Every stage method; the metrics' `stage` label is the name without `on_`."""
+STATUSES: tuple[Status, ...] = tuple(Status)
+BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+"""Upper bounds (seconds) of the stage latency histogram; +Inf follows."""
+ACTIONS: tuple[str, ...] = (
+    "add_header", "insert_header", "change_header", "delete_header", "change_sender",
+    "add_recipient", "remove_recipient", "replace_body", "quarantine", "progress", "set_reply",
+)
+"""The `action` label: the session API call that reached (or, in dry-run, would reach) the MTA."""
+
+# -- layout of one row (float64 cells) ---------------------------------------------------------
+_NS, _NB = len(STATUSES), len(BUCKETS) + 1
+_RESULTS, _HIST = 0, _NS  # per stage: results by status, histogram buckets (not cumulative),
+_SUM = _HIST + _NB  # latency sum,
+_ERRORS, _TIMEOUTS, _DRY = _SUM + 1, _SUM + 2, _SUM + 3  # errors, timeouts, dry-run verdicts
+_STAGE_CELLS = _DRY + _NS
+_STAGE_INDEX = {name: i for i, name in enumerate(STAGE_NAMES)}
+_PROCESS = len(STAGE_NAMES) * _STAGE_CELLS  # per process, after the stages:
+_SESSIONS_TOTAL, _SESSIONS_ACTIVE, _DRAINING = _PROCESS, _PROCESS + 1, _PROCESS + 2
+_ACTIONS = _PROCESS + 3
+_DRY_ACTIONS = _ACTIONS + len(ACTIONS)
+_ROW = 512  # cells: 4 KiB, a page per process
+assert _DRY_ACTIONS + len(ACTIONS) <= _ROW
+_ACTION_INDEX = {name: i for i, name in enumerate(ACTIONS)}
+# Status value -> its results cell; SMFIS_* values are 0..8 with gaps.
+_STATUS_CELL = tuple(
+    STATUSES.index(Status(v)) if v in Status._value2member_map_ else 0
+    for v in range(max(STATUSES) + 1)
+)
+
+
+def stage_label(stage: str) -> str:
+    """`on_rcpt` -> `rcpt`."""
+    return stage.removeprefix("on_")
+
+
+# -- the address ----------------------------------------------------------------------------
+
+
+class MetricsAddress:
+    """Where the HTTP endpoint listens: `HOST:PORT` (`[::1]:9100` for IPv6; port 0: any)."""
+
+    __slots__ = ("host", "port")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(text: str) -> MetricsAddress:
+    """Parse `--metrics HOST:PORT`; the host is required (it is the only address bound)."""
+    if not isinstance(text, str):
+        raise ConfigurationError(f"metrics must be 'HOST:PORT', got {text!r}")
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigurationError(f"metrics: {host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ConfigurationError(f"metrics: write an IPv6 address in brackets: [{host}]:PORT")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigurationError(
+            f"metrics must be HOST:PORT (e.g. 127.0.0.1:9100, [::1]:9100), got {text!r}"
+        )
+    return MetricsAddress(host, int(port_text))
+
+
+# -- the shared map ---------------------------------------------------------------------------
+
+
+class SharedCounts:
+    """The anonymous shared map: `rows` rows for serving processes, one for the owner."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self._map = mmap.mmap(-1, (rows + 1) * _ROW * 8)  # MAP_SHARED|MAP_ANONYMOUS, zeroed
+        self.cells = memoryview(self._map).cast("d")
+        self.owner_row = rows
+
+    def row(self, index: int) -> int:
+        """The first cell of row `index`."""
+        return index * _ROW
+
+    def total(self, offset: int) -> float:
+        """Cell `offset` summed over the serving processes' rows."""
+        cells = self.cells
+        return sum(cells[r * _ROW + offset] for r in range(self.rows))
+
+    def stage_total(self, stage: str, cell: int) -> float:
+        return self.total(_STAGE_INDEX[stage] * _STAGE_CELLS + cell)
+
+    def zero_gauges(self, index: int) -> None:
+        base = index * _ROW
+        self.cells[base + _SESSIONS_ACTIVE] = 0.0
+        self.cells[base + _DRAINING] = 0.0
+
+    def close(self) -> None:
+        self.cells.release()
+        self._map.close()
+
+
+class Recorder:
+    """A serving process's writer into its row of the shared map."""
+
+    def __init__(self, shared: SharedCounts, row: int) -> None:
+        self.cells = shared.cells
+        self.base = shared.row(row)
+        self.lock = threading.Lock()
+
+    def stage_base(self, stage: str) -> int:
+        return self.base + _STAGE_INDEX.get(stage, 0) * _STAGE_CELLS
+
+    def add(self, cell: int, amount: float = 1.0) -> None:
+        """Add to cell `cell` of this row (thread-safe)."""
+        with self.lock:
+            self.cells[self.base + cell] += amount
+
+    def stage_count(self, stage: str, cell: int) -> None:
+        if stage in _STAGE_INDEX:
+            self.add(_STAGE_INDEX[stage] * _STAGE_CELLS + cell)
+
+    def action(self, kind: str, dry: bool = False) -> None:
+        self.add((_DRY_ACTIONS if dry else _ACTIONS) + _ACTION_INDEX[kind])
+
+    def dry_verdict(self, stage: str, status: int) -> None:
+        self.stage_count(stage, _DRY + _STATUS_CELL[status])
+
+    def timed(self, stage: str, callback: Callable[..., int]) -> Callable[..., int]:
+        """`callback` (a stage's), counting its answers and timing it."""
+        cells, lock = self.cells, self.lock
+        base = self.stage_base(stage)
+        results, hist, total = base + _RESULTS, base + _HIST, base + _SUM
+        status_cell = _STATUS_CELL
+        bounds = list(BUCKETS)
+        clock, where = time.perf_counter, bisect.bisect_left
+
+        def metered(key: Any, *cargs: Any) -> int:
+            start = clock()
+            answer = callback(key, *cargs)
+            try:
+                elapsed = clock() - start
+                bucket = where(bounds, elapsed)
+                with lock:
+                    cells[hist + bucket] += 1.0
+                    cells[total] += elapsed
+                    cells[results + status_cell[answer]] += 1.0
+            except Exception:  # noqa: BLE001 - nothing may reach C; a count is not worth it
+                pass
+            return answer
+
+        return metered
+
+
+# -- this process's state -------------------------------------------------------------------
+
+_shared: SharedCounts | None = None
+"""The map (in the owner, and inherited by each worker)."""
+_row = 0
+"""The row of this process (a worker inherits the one `before_fork` chose)."""
+_recorder: Recorder | None = None
+"""This serving process's writer, once it serves with metrics."""
+_owner: Owner | None = None
+"""In the owner process: rows in use, workers, the HTTP endpoint."""
+
+
+class Owner:
+    """The owner's bookkeeping: which worker has which row, how many are alive, restarts."""
+
+    def __init__(self, shared: SharedCounts) -> None:
+        self.shared = shared
+        self.pid = os.getpid()
+        self.rows: dict[int, int] = {}  # pid -> row
+        self.restarts = 0
+        self.draining = False
+        self.server: Any = None  # _metrics_http.MetricsServer
+
+    @property
+    def alive(self) -> int:
+        return len(self.rows)
+
+    def free_row(self) -> int:
+        used = set(self.rows.values())
+        for row in range(self.shared.rows):
+            if row not in used:
+                return row
+        logger.error("metrics: more workers than rows; a worker shares the last row")
+        return self.shared.rows - 1
+
+    def healthy(self) -> tuple[bool, str]:
+        """(serving?, why): 503 while draining or with no live worker."""
+        cells = self.shared.cells
+        if self.draining or cells[self.shared.row(self.shared.owner_row) + _DRAINING]:
+            return False, "draining"
+        if not self.rows:
+            return False, "no live worker"
+        if all(cells[self.shared.row(row) + _DRAINING] for row in list(self.rows.values())):
+            return False, "draining"
+        return True, "serving"
+
+
+def install(owner: Owner) -> Callable[[], None]:
+    """Make `owner` (with its shared map) this process's metrics; returns the uninstall."""
+    global _shared, _owner, _row
+    _shared, _owner, _row = owner.shared, owner, 0
+
+    def uninstall() -> None:
+        global _shared, _owner, _recorder
+        _shared = _owner = _recorder = None
+
+    return uninstall
+
+
+def nothing() -> None:
+    """The stop of metrics that were never started."""
+
+
+def recorder() -> Recorder | None:
+    """This serving process's recorder (created on first use), or None without metrics."""
+    global _recorder
+    if _shared is None:
+        return None
+    if _recorder is None:
+        _recorder = Recorder(_shared, _row)
+    return _recorder
+
+
+# -- hooks for the supervisor, the drain and stage deadlines (no-ops without metrics) -----------
+
+
+def before_fork() -> None:
+    """Supervisor, just before forking a worker: choose the row the child inherits."""
+    global _row
+    if _owner is not None:
+        _row = _owner.free_row()
+
+
+def worker_started(pid: int) -> None:
+    """Supervisor, after forking worker `pid` (the row chosen by `before_fork`)."""
+    owner = _owner
+    if owner is not None and os.getpid() == owner.pid:
+        owner.rows[pid] = _row
+
+
+def worker_exited(pid: int) -> None:
+    """Supervisor, after reaping worker `pid`: its row is free, its gauges zero."""
+    owner = _owner
+    if owner is not None and os.getpid() == owner.pid:
+        row = owner.rows.pop(pid, None)
+        if row is not None:
+            owner.shared.zero_gauges(row)
+
+
+def worker_restarted() -> None:
+    """Supervisor: a worker died and a new one is started in its place (counted)."""
+    owner = _owner
+    if owner is not None:
+        owner.restarts += 1
+
+
+def set_draining() -> None:
+    """This process drains (takes no new connections): `/healthz` answers 503.
+
+    In the supervisor (or the single process) the whole milter is draining; in a worker, that
+    worker is (503 once no live worker is left that is not draining). Safe from any thread.
+    """
+    shared = _shared
+    if shared is None:
+        return
+    owner = _owner
+    if owner is not None and os.getpid() == owner.pid:
+        owner.draining = True
+        shared.cells[shared.row(shared.owner_row) + _DRAINING] = 1.0
+    else:
+        shared.cells[shared.row(_row) + _DRAINING] = 1.0
+
+
+def count_timeout(stage: str) -> None:
+    """A stage ran past its deadline (`stage_timeout`): count it. Safe from any thread."""
+    rec = recorder()
+    if rec is not None:
+        rec.stage_count(stage, _TIMEOUTS)
+
+
+def _in_child() -> None:
+    """After fork, in the child: the HTTP endpoint and worker table are the parent's."""
+    global _owner, _recorder
+    owner = _owner
+    if owner is not None:
+        if owner.server is not None:
+            owner.server.forget()  # close the inherited listening socket, here only
+        _owner = None
+    _recorder = None  # the parent's lock is not this process's
+
+
+os.register_at_fork(after_in_child=_in_child)
+
+
+# -- the callbacks ------------------------------------------------------------------------------
+
+
+class CountingBackend:
+    """A session backend that counts each action by kind, then carries it out."""
+
+    __slots__ = ("inner", "rec")
+
+    def __init__(self, inner: SessionBackend, rec: Recorder) -> None:
+        self.inner = inner
+        self.rec = rec
+
+    def getsymval(self, name: bytes) -> bytes | None:
+        return self.inner.getsymval(name)
+
+    def setreply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None:
+        self.inner.setreply(code, xcode, lines)
+        self.rec.action("set_reply")
+
+    def addheader(self, name: bytes, value: bytes) -> None:
+        self.inner.addheader(name, value)
+        self.rec.action("add_header")
+
+    def insheader(self, index: int, name: bytes, value: bytes) -> None:
+        self.inner.insheader(index, name, value)
+        self.rec.action("insert_header")
+
+    def chgheader(self, name: bytes, index: int, value: bytes | None) -> None:
+        self.inner.chgheader(name, index, value)
+        self.rec.action("change_header" if value is not None else "delete_header")
+
+    def chgfrom(self, sender: bytes, params: bytes | None) -> None:
+        self.inner.chgfrom(sender, params)
+        self.rec.action("change_sender")
+
+    def addrcpt(self, recipient: bytes, params: bytes | None) -> None:
+        self.inner.addrcpt(recipient, params)
+        self.rec.action("add_recipient")
+
+    def delrcpt(self, recipient: bytes) -> None:
+        self.inner.delrcpt(recipient)
+        self.rec.action("remove_recipient")
+
+    def replacebody(self, chunk: bytes) -> None:
+        self.inner.replacebody(chunk)
+        self.rec.action("replace_body")
+
+    def progress(self) -> None:
+        self.inner.progress()
+        self.rec.action("progress")
+
+    def quarantine(self, reason: bytes) -> None:
+        self.inner.quarantine(reason)
+        self.rec.action("quarantine")
+
+
+class MeteredRules(SessionRules):
+    """Session rules that count: stage answers and latency, errors, sessions, actions.
+
+    A mixin: the runner combines it with its callbacks class when metrics are on.
+    """
+
+    def _recorder(self) -> Recorder:
+        rec = recorder()
+        assert rec is not None, "MeteredRules without metrics.start()"
+        return rec
+
+    def stage_callback(self, stage: str, *args: Any, **kwargs: Any) -> Callable[..., int]:
+        return self._recorder().timed(stage, super().stage_callback(stage, *args, **kwargs))
+
+    def create(self, backend: SessionBackend) -> MilterSession:
+        rec = self._recorder()
+        session = super().create(CountingBackend(backend, rec))
+        with rec.lock:
+            rec.cells[rec.base + _SESSIONS_TOTAL] += 1.0
+            rec.cells[rec.base + _SESSIONS_ACTIVE] += 1.0
+        return session
+
+    def close(self, session: MilterSession) -> None:
+        try:
+            super().close(session)
+        finally:
+            self._recorder().add(_SESSIONS_ACTIVE, -1.0)
+
+    def fail(
+        self, exc: BaseException, stage: str, session: MilterSession | None = None
+    ) -> int:
+        self._recorder().stage_count(stage, _ERRORS)
+        return super().fail(exc, stage, session)
+
+    def bad_result(
+        self, result: object, stage: str, session: MilterSession | None = None
+    ) -> int:
+        if result is not Status.NOREPLY:  # NOREPLY is only corrected, not an error
+            self._recorder().stage_count(stage, _ERRORS)
+        return super().bad_result(result, stage, session)
+
+
+# -- reading (the owner's HTTP endpoint) ----------------------------------------------------------
+
+
+def snapshot(shared: SharedCounts) -> dict[str, Any]:
+    """Every figure summed over the rows: what `/metrics` shows."""
+    stages: dict[str, dict[str, Any]] = {}
+    for stage in STAGE_NAMES:
+        base = _STAGE_INDEX[stage] * _STAGE_CELLS
+        stages[stage] = {
+            "results": {
+                s.name.lower(): shared.total(base + _RESULTS + i) for i, s in enumerate(STATUSES)
+            },
+            "buckets": [shared.total(base + _HIST + i) for i in range(_NB)],
+            "sum": shared.total(base + _SUM),
+            "errors": shared.total(base + _ERRORS),
+            "timeouts": shared.total(base + _TIMEOUTS),
+            "dry_run": {
+                s.name.lower(): shared.total(base + _DRY + i) for i, s in enumerate(STATUSES)
+            },
+        }
+    return {
+        "stages": stages,
+        "sessions_total": shared.total(_SESSIONS_TOTAL),
+        "sessions_active": shared.total(_SESSIONS_ACTIVE),
+        "actions": {a: shared.total(_ACTIONS + i) for i, a in enumerate(ACTIONS)},
+        "dry_run_actions": {a: shared.total(_DRY_ACTIONS + i) for i, a in enumerate(ACTIONS)},
+    }

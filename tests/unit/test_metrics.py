@@ -1,0 +1,163 @@
+"""Metrics and dry-run without libmilter: addresses, health, rows, and what is off costs nothing."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pymilterkit import ConfigurationError, Milter, MilterError, _metrics
+from pymilterkit._instrument import callbacks_class
+from pymilterkit._metrics_http import start
+from pymilterkit._trampolines import LibmilterCallbacks
+
+from ..integration.ops_filters import Verdicts
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("127.0.0.1:9100", "127.0.0.1", 9100),
+        ("[::1]:0", "::1", 0),
+        ("localhost:80", "localhost", 80),
+    ],
+)
+def test_metrics_addresses(text: str, host: str, port: int) -> None:
+    address = _metrics.parse_address(text)
+    assert (address.host, address.port) == (host, port)
+    assert str(address) == text
+
+
+@pytest.mark.parametrize("text", ["9100", ":9100", "127.0.0.1:", "127.0.0.1:99999", "::1:9100",
+                                  "[nothost]:9100", "host:port"])
+def test_bad_metrics_addresses_are_refused(text: str) -> None:
+    with pytest.raises(ConfigurationError, match="metrics"):
+        _metrics.parse_address(text)
+
+
+def test_milter_refuses_bad_metrics_and_dry_run_options() -> None:
+    with pytest.raises(ConfigurationError, match="HOST:PORT"):
+        Milter(Verdicts, "unix:/tmp/unused.sock", metrics="9100")
+    with pytest.raises(ConfigurationError, match="dry_run"):
+        Milter(Verdicts, "unix:/tmp/unused.sock", dry_run="yes")  # type: ignore[arg-type]
+
+
+def test_features_that_are_off_leave_the_plain_callbacks() -> None:
+    assert callbacks_class(metrics=False, dry_run=False) is LibmilterCallbacks
+    for metrics, dry_run in [(True, False), (False, True), (True, True)]:
+        assert issubclass(callbacks_class(metrics=metrics, dry_run=dry_run), LibmilterCallbacks)
+
+
+def test_nothing_imports_prometheus_client_without_metrics() -> None:
+    code = (
+        "import sys, pymilterkit, pymilterkit._cli, pymilterkit._runner, pymilterkit._prefork\n"
+        "from pymilterkit import Milter\n"
+        "from tests.integration.ops_filters import Verdicts\n"
+        "Milter(Verdicts, 'unix:/tmp/unused.sock', dry_run=True, workers=2)\n"
+        "print(sorted(m for m in sys.modules if 'prometheus' in m or m.endswith('_http')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def health(address: tuple[str, int]) -> tuple[int, str]:
+    conn = http.client.HTTPConnection(*address, timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def supervisor() -> Iterator[tuple[str, int]]:
+    """The metrics of a 2-worker supervisor in this process; workers are only simulated."""
+    stop = start(_metrics.parse_address("127.0.0.1:0"), Verdicts, 2)
+    owner = _metrics._owner
+    assert owner is not None and owner.server is not None
+    try:
+        yield owner.server.address
+    finally:
+        stop()
+
+
+def test_health_follows_workers_and_draining(
+    supervisor: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = _metrics._owner
+    assert owner is not None
+    assert health(supervisor) == (503, "no live worker\n")
+    for pid in (1001, 1002):
+        _metrics.before_fork()
+        _metrics.worker_started(pid)
+    assert owner.rows == {1001: 0, 1002: 1}
+    assert health(supervisor) == (200, "serving\n")
+
+    # A worker drains (the hook runs in that worker): the other one still serves.
+    monkeypatch.setattr(os, "getpid", lambda: 1001)
+    monkeypatch.setattr(_metrics, "_row", 0)
+    _metrics.set_draining()
+    monkeypatch.undo()
+    assert health(supervisor) == (200, "serving\n")
+    _metrics.worker_exited(1002)
+    assert health(supervisor) == (503, "draining\n")
+    _metrics.worker_exited(1001)
+    assert health(supervisor) == (503, "no live worker\n")
+
+    # A new worker takes a free row (its gauges were zeroed), and is healthy.
+    _metrics.before_fork()
+    _metrics.worker_started(1003)
+    _metrics.worker_restarted()
+    assert owner.rows == {1003: 0} and owner.restarts == 1
+    assert health(supervisor) == (200, "serving\n")
+    # The supervisor drains: the whole milter does.
+    _metrics.set_draining()
+    assert health(supervisor) == (503, "draining\n")
+
+
+def test_counts_in_a_reused_row_add_up(supervisor: tuple[str, int]) -> None:
+    shared = _metrics._shared
+    assert shared is not None
+    _metrics.before_fork()
+    _metrics.worker_started(2001)
+    rec = _metrics.Recorder(shared, 0)
+    rec.action("add_header")
+    rec.dry_verdict("on_rcpt", 1)
+    _metrics.count_timeout("on_eom")  # the supervisor has no recorder of its own: row 0 too
+    _metrics.worker_exited(2001)
+    _metrics.before_fork()
+    _metrics.worker_started(2002)
+    again = _metrics.Recorder(shared, 0)
+    again.action("add_header")
+    snap = _metrics.snapshot(shared)
+    assert snap["actions"]["add_header"] == 2
+    assert snap["stages"]["on_rcpt"]["dry_run"]["reject"] == 1
+    assert snap["stages"]["on_eom"]["timeouts"] == 1
+
+
+def test_hooks_do_nothing_without_metrics() -> None:
+    assert _metrics._shared is None
+    _metrics.before_fork()
+    _metrics.worker_started(1)
+    _metrics.worker_exited(1)
+    _metrics.worker_restarted()
+    _metrics.set_draining()
+    _metrics.count_timeout("on_eom")
+    assert _metrics.recorder() is None
+
+
+def test_a_taken_metrics_port_is_a_configuration_error(supervisor: tuple[str, int]) -> None:
+    with pytest.raises(MilterError, match="cannot listen"):
+        start(_metrics.parse_address(f"127.0.0.1:{supervisor[1]}"), Verdicts, 1)
