@@ -124,17 +124,19 @@ def test_options_added_to_run_later_become_keys(tmp_path: Path) -> None:
         return Status[text.upper()]
 
     run.add_argument("--stage-timeout", type=float)
-    run.add_argument("--dry-run", action="store_true")
+    # (--dry-run, a flag, and --metrics, a string, are real options of run)
     run.add_argument("--no-color", dest="color", action="store_false")
     run.add_argument("--timeout-status", type=status, default=Status.TEMPFAIL)
-    run.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=False)
+    run.add_argument("--pretty", action=argparse.BooleanOptionalAction, default=False)
     run.add_argument("--tag", action="append", default=[])
     path = write(tmp_path, 'socket = "unix:/x"\ntarget = "m:C"\nstage-timeout = 5\n'
-                 "dry-run = true\nno-color = true\ntimeout-status = 'reject'\nmetrics = true\n"
+                 "dry-run = true\nno-color = true\ntimeout-status = 'reject'\npretty = true\n"
+                 "metrics = '127.0.0.1:9100'\n"
                  "tag = ['a', 'b']\n")
     args = parse_args(parser, ["run", "--config", path])
     assert args.stage_timeout == 5.0 and isinstance(args.stage_timeout, float)
-    assert args.dry_run is True and args.color is False and args.metrics is True
+    assert args.dry_run is True and args.color is False and args.pretty is True
+    assert args.metrics == "127.0.0.1:9100"
     assert args.timeout_status is Status.REJECT
     assert args.tag == ["a", "b"]
     bad = write(tmp_path, "timeout-status = 'sometimes'\n", "bad.toml")
