@@ -76,8 +76,10 @@ class SessionFields(EscapeControls):
     unknown or not about a session), and escapes control characters; never drops a record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        super().filter(record)
         fields = record.__dict__
+        if "pmk_done" in fields:  # done already (by the logger's filter, then the handler's)
+            return True
+        super().filter(record)
         session = fields.get("pmk_session")
         stage = fields.get("pmk_stage")
         session_id = queue_id = client = None
@@ -95,6 +97,7 @@ class SessionFields(EscapeControls):
         fields["queue_id"] = queue_id
         fields["stage"] = stage
         fields["client"] = client
+        fields["pmk_done"] = True
         return True
 
 
@@ -240,6 +243,8 @@ def configure(
     else:
         handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(formatter(log_format, syslog=syslog))
+    # Also for the records of other loggers (the filter's own modules): escaped, with fields.
+    handler.addFilter(SessionFields())
     root.addHandler(handler)
     root.setLevel(root_level)
     install(logging.getLogger("pymilterkit")).setLevel(level)

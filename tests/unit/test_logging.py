@@ -222,6 +222,13 @@ def test_text_lines_name_the_fields(clean_logging: None) -> None:
     assert out.getvalue().splitlines()[-1].endswith(f"pymilterkit[{PID}] WARNING no session")
 
 
+def test_other_loggers_records_are_escaped_too(clean_logging: None) -> None:
+    out = io.StringIO()
+    _logging.configure("INFO", stream=out, force=True)
+    logging.getLogger("myfilter").warning("rcpt %s", "<a@b>\r\nFAKE")
+    assert out.getvalue().endswith(f"myfilter[{PID}] WARNING rcpt <a@b>\\r\\nFAKE\n")
+
+
 def test_log_level_sets_only_the_pymilterkit_loggers(clean_logging: None) -> None:
     out = io.StringIO()
     _logging.configure("DEBUG", stream=out, force=True)
