@@ -41,3 +41,21 @@ def test_an_error_record_names_session_queue_id_stage_and_pid() -> None:
     assert "RuntimeError: boom in on_rcpt\\nwith a second line" in error["exception"]
     started = [r for r in records if "listening on" in r["message"]]
     assert started and started[0]["session_id"] is None
+
+
+def test_workers_lines_tell_the_workers_apart() -> None:
+    with MilterProcess("tests.integration.filters:Faulty",
+                       args=["--log-format", "json", "--workers", "2"], cwd=ROOT) as milter:
+        mta = MilterClient(milter.socket)
+        for n in range(8):
+            mta.run(b"Subject: x\r\n\r\nx\r\n", envelope=Envelope.of(
+                "a@example.net", ["raise@example.org"], queue_id=f"W{n}"))
+        assert milter.stop() == 0
+        records = [json.loads(line) for line in milter.log().splitlines()]
+    errors = [r for r in records if r["level"] == "ERROR"]
+    assert sorted(r["queue_id"] for r in errors) == [f"W{n}" for n in range(8)]
+    for error in errors:
+        assert error["pid"] != milter.pid  # a worker wrote it, not the supervisor
+        assert error["session_id"].startswith(f"{error['pid']}-")
+    ids = [r["session_id"] for r in errors]
+    assert len(set(ids)) == 8  # unique across both workers
