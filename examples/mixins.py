@@ -3,7 +3,10 @@
 `AuditMixin` is a plain `MilterSession` subclass that brings its own class-level configuration:
 its `actions` (ADD_HEADER) and `requested_macros` (the queue id `i` at end of message, the
 MTA's name `j` at connect) are merged with those of the filter it is mixed into, and its
-`on_connect`/`on_eom` cooperate with the filter's through `super()`. After the filter's own
+`on_connect`/`on_eom` cooperate with the filter's through `super()`. They are sync, as the
+filters they wrap: `sync_answer` narrows what `super()` returns (a `StageResult`: a Status, or
+an awaitable from an `async def` method) to the Status a sync method can use; wrapping an
+async filter takes an `async def` mixin that awaits it. After the filter's own
 `on_eom` has let the message through (CONTINUE or ACCEPT) it adds::
 
     X-Audit: <Filter> on <MTA name> queue-id=<queue id>; client=<host name> [<address>]
@@ -26,9 +29,25 @@ from typing_extensions import override
 
 from examples.routing import Routing
 from examples.tagger import Tagger
-from pymilterkit import Actions, InetAddress, Milter, MilterSession, Stage, Status, UnixAddress
+from pymilterkit import (
+    Actions,
+    InetAddress,
+    Milter,
+    MilterSession,
+    Stage,
+    StageResult,
+    Status,
+    UnixAddress,
+)
 
 AUDIT_HEADER = "X-Audit"
+
+
+def sync_answer(result: StageResult) -> Status:
+    """The answer of a sync stage method called through `super()`."""
+    if not isinstance(result, Status):
+        raise TypeError("AuditMixin wraps sync stage methods; use an async mixin for async ones")
+    return result
 
 
 class AuditMixin(MilterSession):
@@ -51,7 +70,7 @@ class AuditMixin(MilterSession):
             where = "[unknown]"
         self.audit_client = f"{hostname} {where}"
         self.audit_mta = self.macro("j") or "unknown"
-        return super().on_connect(hostname, address)
+        return sync_answer(super().on_connect(hostname, address))
 
     def audit_value(self) -> str:
         """The X-Audit header value for the current message."""
@@ -63,7 +82,7 @@ class AuditMixin(MilterSession):
 
     @override
     def on_eom(self) -> Status:
-        status = super().on_eom()  # the filter's own end of message first
+        status = sync_answer(super().on_eom())  # the filter's own end of message first
         if status in (Status.CONTINUE, Status.ACCEPT):
             self.add_header(AUDIT_HEADER, self.audit_value())
         return status

@@ -16,12 +16,14 @@ from ._errors import (
     MilterTimeout,
     ProtocolError,
     SocketSpecError,
+    StageResultError,
     UndeclaredActionError,
+    WorkerStartError,
     WrongStageError,
 )
 from ._flags import Actions, ProtocolOpts, Stage, Status
 from ._runner import Milter, libmilter_version, run, set_debug_level, shutdown
-from ._session import ClassSpec, MilterSession, noreply
+from ._session import ClassSpec, MilterSession, StageResult, noreply
 from ._types import EsmtpParams, InetAddress, UnixAddress
 
 __version__ = "0.1.0"
@@ -44,9 +46,12 @@ __all__ = [
     "ProtocolOpts",
     "SocketSpecError",
     "Stage",
+    "StageResult",
+    "StageResultError",
     "Status",
     "UndeclaredActionError",
     "UnixAddress",
+    "WorkerStartError",
     "WrongStageError",
     "__version__",
     "libmilter_version",

@@ -104,6 +104,16 @@ def _octal_mode(text: str | None) -> int | None:
         ) from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds >= 0: {text!r}")
+    return value
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from ._runner import Milter
 
@@ -127,6 +137,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config=config,
         metrics=args.metrics,
         dry_run=args.dry_run,
+        stage_timeout=args.stage_timeout,
+        timeout_status=_ERROR_STATUS[args.timeout_status],
+        progress_interval=args.progress_interval or None,
     ).run()
     return EXIT_OK
 
@@ -248,6 +261,27 @@ def _parser() -> argparse.ArgumentParser:
         default="tempfail",
         choices=list(_ERROR_STATUS),
         help="answer when a stage method raises (default tempfail)",
+    )
+    run.add_argument(
+        "--stage-timeout",
+        type=_seconds,
+        metavar="S",
+        help="cancel an async stage after S seconds and answer --timeout-status (a sync "
+        "stage past it is logged); keep it below the MTA's timeouts",
+    )
+    run.add_argument(
+        "--timeout-status",
+        default="tempfail",
+        choices=list(_ERROR_STATUS),
+        help="answer for a stage past --stage-timeout (default tempfail)",
+    )
+    run.add_argument(
+        "--progress-interval",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="while on_eom runs, tell the MTA every S seconds it is still working "
+        "(default 10; 0: never)",
     )
     run.add_argument("--debug-level", type=int, default=0, help="libmilter trace level")
     run.add_argument(

@@ -10,10 +10,12 @@ in production. This module is also the one writer of a session's private `_pmk_*
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
+import time
 import types
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from ._flags import Actions, ProtocolOpts, Status
@@ -50,10 +52,16 @@ class SessionRules:
         error_status: Status,
         *,
         tcp: bool = False,
+        stage_timeout: float | None = None,
+        timeout_status: Status = Status.TEMPFAIL,
     ) -> None:
         self.session_class = session_class
         self.spec = session_class.negotiation()
         self.error_status = error_status
+        self.asynchronous = self.spec.asynchronous  # async def stages
+        self.stage_timeout = stage_timeout
+        """Seconds an async stage may run before it is cancelled (None: no limit)."""
+        self.timeout_status = timeout_status
         self.noreply = frozenset(self.spec.noreply)  # @noreply stages: nothing is sent back
         # On TCP, Postfix sends the DATA stage's macros even when DATA is negotiated away, as a
         # packet of its own that the milter never answers; its next packet (end of message) then
@@ -85,6 +93,34 @@ class SessionRules:
     def fatal(self, exc: BaseException, stage: str) -> None:
         """KeyboardInterrupt/SystemExit in a stage method; the runner stops the milter."""
         logger.warning("%s in %s: stopping the milter", type(exc).__name__, stage)
+
+    def timed_out(
+        self, stage: str, elapsed: float, cancelled: bool, session: MilterSession | None = None
+    ) -> None:
+        """A stage ran past `stage_timeout`: log it (async ones were cancelled)."""
+        logger.warning(
+            "%s.%s ran %.3f s, past stage_timeout (%g s)%s",
+            self.session_class.__qualname__,
+            stage,
+            elapsed,
+            self.stage_timeout,
+            f": cancelled, answering {self.timeout_status.name}" if cancelled else "",
+            extra={"pmk_session": session, "pmk_stage": stage},
+        )
+
+    def async_answer(
+        self, stage: str, answer: int, session: MilterSession, key: Any, elapsed: float
+    ) -> int:
+        """The answer of an async stage once its coroutine is done (`elapsed` s after it
+        began); metrics count it and dry-run replaces a verdict here."""
+        return answer
+
+    def run_coroutine(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run an async stage method's coroutine to its end and return its result.
+
+        The harness runs it on its own loop; the runner on the milter's event loop.
+        """
+        raise NotImplementedError
 
     # -- the policy ------------------------------------------------------------------------
 
@@ -129,6 +165,19 @@ class SessionRules:
     ) -> int:
         """The answer when `stage` returned something that is not a sendable Status."""
         extra = {"pmk_session": session, "pmk_stage": stage}
+        if isinstance(result, Awaitable):
+            if isinstance(result, Coroutine):
+                result.close()  # never run: no "coroutine was never awaited" warning either
+            logger.error(
+                "%s.%s returned %r: declare it `async def` (a decorator may hide that: "
+                "mark its wrapper with inspect.markcoroutinefunction); answering %s",
+                self.session_class.__qualname__,
+                stage,
+                result,
+                self.error_status.name,
+                extra=extra,
+            )
+            return self.error_status
         if result is Status.NOREPLY:
             logger.warning(
                 "%s.%s returned NOREPLY but the stage is not @noreply; sending CONTINUE",
@@ -175,8 +224,14 @@ class SessionRules:
         every command, so each Python call, attribute and dict operation on it costs
         throughput (`benchmarks/instructions.py`).
         """
+        if stage in self.asynchronous:
+            return self._async_callback(
+                stage, get, create, convert, envelope=envelope, keyed=keyed, pins=pins, pin=pin
+            )
         fail, bad = self.fail, self.bad_result
         method = getattr(self.session_class, stage)
+        if self.stage_timeout is not None:
+            method = self._timed(method, stage)
         noreply = stage in self.noreply
         # Which results end the message matters only to on_abort (run inside a message).
         track = "on_abort" in self.spec.stages and stage not in CONNECTION_STAGES
@@ -229,6 +284,138 @@ class SessionRules:
             return bad(result, stage, session)
 
         return callback
+
+    def _timed(self, method: Callable[..., Any], stage: str) -> Callable[..., Any]:
+        """`method`, logging each call that runs past `stage_timeout` (a sync stage)."""
+        limit = self.stage_timeout
+        assert limit is not None
+        clock, timed_out = time.monotonic, self.timed_out
+
+        def timed(session: MilterSession, *args: Any) -> Any:
+            start = clock()
+            try:
+                return method(session, *args)
+            finally:
+                elapsed = clock() - start
+                if elapsed > limit:
+                    timed_out(stage, elapsed, False, session)
+
+        return timed
+
+    # -- async def stages --------------------------------------------------------------------
+
+    def _async_callback(
+        self,
+        stage: str,
+        get: Callable[[Any], MilterSession | None],
+        create: Callable[[Any], MilterSession | None],
+        convert: Callable[..., tuple[Any, ...]] | None,
+        *,
+        envelope: bool,
+        keyed: bool,
+        pins: Any,
+        pin: Callable[[], object] | None,
+    ) -> Callable[..., int]:
+        """The callback of an `async def` stage: the coroutine goes to `answer_async`.
+
+        Same session rules as the sync callback (`stage_callback`); the result is checked by
+        `finish` when the coroutine is done, which may be after the callback returned.
+        """
+        method = getattr(self.session_class, stage)
+        fail, answer = self.fail, self.answer_async
+        if pins is None or pin is None:
+            pins, pin = _ALWAYS_PINNED, _nothing
+        enter: Callable[[], object] = pin
+
+        def arguments(key: Any, cargs: tuple[Any, ...]) -> tuple[Any, ...]:
+            if convert is None:
+                return ()
+            if keyed:
+                return convert(key, *cargs)
+            return convert(*cargs)
+
+        def callback(key: Any, *cargs: Any) -> int:
+            if not pins.__dict__:
+                enter()
+            session = get(key)
+            if session is None:
+                try:
+                    session = create(key)
+                except BaseException as exc:  # noqa: BLE001 - nothing may reach C
+                    return fail(exc, stage)
+                if session is None:
+                    return Status.TEMPFAIL
+            self.wait_pending(session)
+            session._pmk_stage = stage
+            try:
+                coro = method(session, *arguments(key, cargs))
+            except BaseException as exc:  # noqa: BLE001
+                session._pmk_stage = None
+                return fail(exc, stage, session)
+            return answer(key, session, stage, coro)
+
+        return callback
+
+    @staticmethod
+    def wait_pending(session: MilterSession) -> None:
+        """Wait until `session`'s previous async stage is answered (a peer that did not wait)."""
+        pending = session._pmk_pending
+        if pending is not None:
+            pending.wait()
+
+    def answer_async(
+        self, key: Any, session: MilterSession, stage: str, coro: Coroutine[Any, Any, Any]
+    ) -> int:
+        """Await `coro` (an async `stage` of `session`) and return the answer.
+
+        The runner overrides this to answer after the callback returned (`_trampolines`).
+        """
+        start = time.perf_counter()
+        answer = self.settle(session, stage, self.run_coroutine(self.bounded(coro, stage)))
+        return self.async_answer(stage, answer, session, key, time.perf_counter() - start)
+
+    async def bounded(self, coro: Coroutine[Any, Any, Any], stage: str) -> tuple[bool, Any]:
+        """`coro`'s outcome, (True, result) or (False, exception), cancelled past
+        `stage_timeout` (then the exception is an `_Expired`)."""
+        limit = self.stage_timeout
+        start = time.monotonic()
+        try:
+            if limit is None:
+                return (True, await coro)
+            async with asyncio.timeout(limit) as scope:
+                result = await coro
+            if scope.expired():  # it caught the cancellation and returned anyway
+                return (False, _Expired(time.monotonic() - start))
+            return (True, result)
+        except TimeoutError as exc:
+            if limit is not None and scope.expired():
+                return (False, _Expired(time.monotonic() - start))
+            return (False, exc)
+        except BaseException as exc:  # noqa: BLE001 - the error policy decides
+            return (False, exc)
+
+    def settle(self, session: MilterSession, stage: str, outcome: tuple[bool, Any]) -> int:
+        """The answer to send for an async stage's outcome; ends the stage on `session`.
+
+        The same rules as the sync callback's tail: errors, timeouts, the abort guard, no-reply
+        stages and the result check.
+        """
+        ok, value = outcome
+        session._pmk_stage = None
+        if not ok:
+            if isinstance(value, _Expired):
+                self.timed_out(stage, value.elapsed, True, session)
+                return Status.NOREPLY if stage in self.noreply else self.timeout_status
+            return self.fail(value, stage, session)
+        if "on_abort" in self.spec.stages and stage not in CONNECTION_STAGES:
+            session._pmk_in_message = not (
+                stage == "on_eom" or (value in ENDS_MESSAGE and stage != "on_rcpt")
+            )
+        if stage in self.noreply:
+            return Status.NOREPLY
+        if value.__class__ is Status and value is not Status.NOREPLY:
+            return int(value)
+        return self.bad_result(value, stage, session)
 
     @staticmethod
     def in_stage(session: MilterSession) -> str | None:
@@ -288,6 +475,7 @@ class SessionRules:
 
         Postfix sends abort after every message, and libmilter may pass it on after eom.
         """
+        self.wait_pending(session)
         if session._pmk_in_message:
             session._pmk_in_message = False
             self.cleanup(session, "on_abort")
@@ -299,10 +487,27 @@ class SessionRules:
 
     def cleanup(self, session: MilterSession, stage: str) -> None:
         """Run on_abort or on_close; errors are logged, nothing is answered."""
+        self.wait_pending(session)
         try:
             session._pmk_stage = stage
-            getattr(session, stage)()
+            result = getattr(session, stage)()
+            if stage in self.asynchronous:
+                ok, value = self.run_coroutine(self.bounded(result, stage))
+                if not ok:
+                    if isinstance(value, _Expired):
+                        self.timed_out(stage, value.elapsed, True, session)
+                    else:
+                        self.fail(value, stage, session)
         except BaseException as exc:  # noqa: BLE001
             self.fail(exc, stage, session)
         finally:
             session._pmk_stage = None
+
+
+class _Expired:
+    """An async stage's outcome when it ran past `stage_timeout` and was cancelled."""
+
+    __slots__ = ("elapsed",)
+
+    def __init__(self, elapsed: float) -> None:
+        self.elapsed = elapsed

@@ -140,6 +140,15 @@ class DryRunRules(SessionRules):
 
         return dry
 
+    def async_answer(
+        self, stage: str, answer: int, session: MilterSession, key: Any, elapsed: float
+    ) -> int:
+        answer = super().async_answer(stage, answer, session, key, elapsed)
+        if answer in _VERDICTS:
+            self.would_answer(stage, answer, key, lambda _: session)
+            return _CONTINUE
+        return answer
+
     def would_answer(
         self, stage: str, answer: int, key: Any, get: Callable[[Any], MilterSession | None]
     ) -> None:

@@ -9,6 +9,9 @@
     ├── ActionError                   an action used where libmilter forbids it
     │   ├── WrongStageError           a message action outside on_eom
     │   └── UndeclaredActionError     an action whose flag is not in the class's `actions`
+    ├── WorkerStartError              the filter's on_worker_start raised: nothing is served
+    ├── StageResultError              (also TypeError) a stage method's result is not a Status
+    │                                 (raised in tests with reraise=True; logged in production)
     ├── LibmilterError                libmilter answered MI_FAILURE (or failed to start)
     └── ProtocolError                 (pymilterkit.testing) the milter broke the wire protocol
         └── MilterTimeout             the milter did not answer in time
@@ -26,7 +29,9 @@ __all__ = [
     "MilterTimeout",
     "ProtocolError",
     "SocketSpecError",
+    "StageResultError",
     "UndeclaredActionError",
+    "WorkerStartError",
     "WrongStageError",
 ]
 
@@ -61,6 +66,14 @@ class WrongStageError(ActionError):
 
 class UndeclaredActionError(ActionError):
     """An action whose flag is missing from the class's `actions` (so it was not negotiated)."""
+
+
+class WorkerStartError(MilterError):
+    """The filter's `on_worker_start` failed: the process does not serve (its cause is chained)."""
+
+
+class StageResultError(MilterError, TypeError):
+    """A stage method returned something that is not a `Status` (in a test with `reraise`)."""
 
 
 class LibmilterError(MilterError):

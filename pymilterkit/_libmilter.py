@@ -9,6 +9,7 @@ The C prototypes are from libmilter/mfapi.h (8.17, Debian libmilter1.0.1).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -584,3 +585,94 @@ def unknown_command(ctx: int, pointer: int | None) -> bytes:
     length = _packet_length(ctx, pointer, bound) if layout_known(ctx) else None
     blob = ctypes.string_at(pointer, bound if length is None else length)
     return _cstring(pointer, pointer, blob)
+
+
+# -- Answering a stage after its callback returned (async stages, `_trampolines`) -------------
+#
+# An `async def` stage's callback hands the coroutine to the event loop and returns
+# SMFIS_NOREPLY: libmilter sends nothing, finds no next command within a millisecond and parks
+# the session, so its worker thread is free. When the coroutine is done, the loop sends the
+# answer itself with libmilter's own writer (mi_wr_cmd, exported by the Debian .so) on the
+# context's socket, as engine.c's sendreply would have: SMFIR_REPLYCODE with the reply text a
+# set_reply stored (ctx_reply) when its class matches the status, else the status's command.
+# Used only when the context layout is known (`layout_known`); the context and its socket stay
+# valid until xxfi_close returns, and the runner's close waits for a pending answer.
+_CTX_SD = 8
+_CTX_TIMEOUT = 16
+_CTX_STATE = 24
+_CTX_REPLY = 248
+ST_BODY, ST_ENDM = 9, 10
+"""engine.c's states while xxfi_body runs for a body chunk / inside end of message."""
+
+
+class _Timeval(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
+
+
+_free = _libc.free
+_free.argtypes = [ctypes.c_void_p]
+_free.restype = None
+_wr_cmd: Any = None
+_REPLY_COMMANDS = {0: b"c", 1: b"r", 2: b"d", 3: b"a", 4: b"t", 8: b"s"}  # SMFIS_* -> SMFIR_*
+_WRITE_TIMEOUT = 10
+
+
+def _writer() -> Any:
+    """int mi_wr_cmd(socket_t sd, struct timeval *timeout, int cmd, char *buf, size_t len)"""
+    global _wr_cmd
+    if _wr_cmd is None:
+        assert _loaded is not None
+        function = _loaded[1].mi_wr_cmd
+        function.argtypes = [
+            ctypes.c_int, ctypes.POINTER(_Timeval), ctypes.c_int, ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
+        function.restype = ctypes.c_int
+        _wr_cmd = function
+    return _wr_cmd
+
+
+def can_answer_later(ctx: int) -> bool:
+    """Whether a stage of `ctx` may be answered after its callback returned."""
+    if not layout_known(ctx):
+        return False
+    assert _loaded is not None
+    return hasattr(_loaded[1], "mi_wr_cmd")
+
+
+def ctx_state(ctx: int) -> int:
+    """engine.c's state of `ctx` (layout must be known)."""
+    return ctypes.c_int.from_address(ctx + _CTX_STATE).value
+
+
+def send_reply(ctx: int, status: int) -> bool:
+    """Send the answer `status` (SMFIS_*) for the stage `ctx` is in; False if it failed."""
+    command = _REPLY_COMMANDS.get(status)
+    if command is None:
+        return True  # NOREPLY and the like: nothing is sent
+    sd = ctypes.c_int.from_address(ctx + _CTX_SD).value
+    timeout = _Timeval(_WRITE_TIMEOUT, 0)
+    reply = ctypes.c_void_p.from_address(ctx + _CTX_REPLY)
+    if reply.value and status in (1, 4):
+        text = ctypes.string_at(reply.value)
+        if text[:1] == (b"5" if status == 1 else b"4"):
+            result = _writer()(sd, ctypes.byref(timeout), ord("y"), text + b"\0", len(text) + 1)
+            _free(reply.value)
+            reply.value = None
+            return bool(result == MI_SUCCESS)
+    return bool(_writer()(sd, ctypes.byref(timeout), ord(command), None, 0) == MI_SUCCESS)
+
+
+def hang_up(ctx: int) -> None:
+    """Shut the context's socket down, so libmilter ends the session at its next read."""
+    sd = ctypes.c_int.from_address(ctx + _CTX_SD).value
+    with contextlib.suppress(OSError):
+        _shutdown(sd)
+
+
+def _shutdown(sd: int) -> None:
+    dup = socket.socket(fileno=os.dup(sd))
+    try:
+        dup.shutdown(socket.SHUT_RDWR)
+    finally:
+        dup.close()

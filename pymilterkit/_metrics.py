@@ -196,6 +196,14 @@ class Recorder:
     def dry_verdict(self, stage: str, status: int) -> None:
         self.stage_count(stage, _DRY + _STATUS_CELL[status])
 
+    def record(self, stage: str, answer: int, elapsed: float) -> None:
+        """Count one answer of `stage` that took `elapsed` seconds (an async stage's)."""
+        base = self.stage_base(stage)
+        with self.lock:
+            self.cells[base + _HIST + bisect.bisect_left(BUCKETS, elapsed)] += 1.0
+            self.cells[base + _SUM] += elapsed
+            self.cells[base + _RESULTS + _STATUS_CELL[answer]] += 1.0
+
     def timed(self, stage: str, callback: Callable[..., int]) -> Callable[..., int]:
         """`callback` (a stage's), counting its answers and timing it."""
         cells, lock = self.cells, self.lock
@@ -434,7 +442,23 @@ class MeteredRules(SessionRules):
         return rec
 
     def stage_callback(self, stage: str, *args: Any, **kwargs: Any) -> Callable[..., int]:
-        return self._recorder().timed(stage, super().stage_callback(stage, *args, **kwargs))
+        callback = super().stage_callback(stage, *args, **kwargs)
+        if stage in self.asynchronous:  # counted when answered (`async_answer`)
+            return callback
+        return self._recorder().timed(stage, callback)
+
+    def async_answer(
+        self, stage: str, answer: int, session: MilterSession, key: Any, elapsed: float
+    ) -> int:
+        answer = super().async_answer(stage, answer, session, key, elapsed)
+        self._recorder().record(stage, answer, elapsed)
+        return answer
+
+    def timed_out(
+        self, stage: str, elapsed: float, cancelled: bool, session: MilterSession | None = None
+    ) -> None:
+        self._recorder().stage_count(stage, _TIMEOUTS)
+        super().timed_out(stage, elapsed, cancelled, session)
 
     def create(self, backend: SessionBackend) -> MilterSession:
         rec = self._recorder()

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Collection
 
 from . import _metrics
-from ._errors import LibmilterError
+from ._errors import LibmilterError, WorkerStartError
 from ._libmilter import prctl
 from ._listen import Listener
 from ._signals import STOP_SIGNALS, on_stop_signals
@@ -30,6 +30,7 @@ __all__ = ["run_prefork"]
 logger = logging.getLogger("pymilterkit")
 
 _RESPAWN_WINDOW = 10.0
+_START_FAILED = 3  # a worker's exit code when the filter's on_worker_start failed
 _STOP_GRACE = 30.0
 
 
@@ -51,6 +52,8 @@ def _child(serve: Callable[[int, int], None], fd: int, parent: int, slot: int) -
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(0)
         serve(fd, slot)
+    except WorkerStartError:
+        code = _START_FAILED  # logged with its traceback; the parent does not retry
     except BaseException:
         logger.exception("worker %d failed", os.getpid())
         code = 1
@@ -153,6 +156,11 @@ def run_prefork(
                 if code not in (0, -signal.SIGTERM):
                     failed = True
                     logger.error("worker %d exited with %d", pid, code)
+                continue
+            if code == _START_FAILED:
+                logger.error("worker %d: on_worker_start failed; stopping", pid)
+                failed = True
+                on_signal(signal.SIGTERM)
                 continue
             logger.warning("worker %d died (exit %d); starting a new one", pid, code)
             now = time.monotonic()

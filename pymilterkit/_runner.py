@@ -22,7 +22,7 @@ import signal
 import socket as socketlib
 import threading
 import time
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 from typing_extensions import Unpack
 
@@ -31,17 +31,18 @@ from . import _metrics, _systemd
 from ._affinity import CpuAffinity, confine, plan
 from ._affinity import check as check_affinity
 from ._config import install as install_config
-from ._errors import ConfigurationError, LibmilterError, SocketSpecError
+from ._errors import ConfigurationError, LibmilterError, SocketSpecError, WorkerStartError
 from ._flags import Status
 from ._instrument import callbacks_class
 from ._limits import raise_nofile_limit
 from ._listen import Listener, open_listener, poke
+from ._loop import EventLoopThread, call_hook
 from ._security import check_can_drop_privileges, drop_privileges
 from ._session import MilterSession
 from ._signals import on_stop_signals
 from ._socketspec import SocketSpec, parse_socket_spec
 from ._threadstate import release_exited_thread_states
-from ._trampolines import LibmilterCallbacks
+from ._trampolines import LibmilterCallbacks, SyncEomProgress
 
 __all__ = ["Milter", "libmilter_version", "run", "set_debug_level", "shutdown"]
 
@@ -79,6 +80,12 @@ class Milter:
     `metrics="HOST:PORT"` serves `/metrics` and `/healthz` there (extra `pymilterkit[metrics]`);
     `dry_run` runs the filter but sends the MTA CONTINUE and no modification, logging what it
     would have done.
+
+    Slow work: `stage_timeout` (seconds, None: no limit) cancels an `async def` stage that
+    runs longer and answers `timeout_status`; a sync stage past it is logged. While on_eom
+    runs longer than `progress_interval` seconds (None: never), the MTA is sent progress at
+    that interval, so its timeout does not fire. Keep `stage_timeout` below the MTA's
+    (Postfix: milter_command_timeout 30 s, milter_content_timeout 300 s for on_eom).
     """
 
     def __init__(
@@ -100,6 +107,9 @@ class Milter:
         config: object | None = None,
         metrics: str | None = None,
         dry_run: bool = False,
+        stage_timeout: float | None = None,
+        timeout_status: ErrorStatus = Status.TEMPFAIL,
+        progress_interval: float | None = 10.0,
     ) -> None:
         if not (isinstance(session_class, type) and issubclass(session_class, MilterSession)):
             raise ConfigurationError(
@@ -130,6 +140,19 @@ class Milter:
             raise ConfigurationError(
                 f"error_status must be one of {[s.name for s in _ERROR_STATUSES]}"
             )
+        for label, seconds in (
+            ("stage_timeout", stage_timeout), ("progress_interval", progress_interval)
+        ):
+            if seconds is not None and (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, (int, float))
+                or not seconds > 0
+            ):
+                raise ConfigurationError(f"{label} must be a positive number of seconds or None")
+        if timeout_status not in _ERROR_STATUSES:
+            raise ConfigurationError(
+                f"timeout_status must be one of {[s.name for s in _ERROR_STATUSES]}"
+            )
         if not isinstance(workers, int) or workers < 1:
             raise ConfigurationError(f"workers must be an int >= 1: {workers!r}")
         if socket_mode is not None and not 0 <= socket_mode <= 0o777:
@@ -151,6 +174,11 @@ class Milter:
         self.socket_group = socket_group
         self.user = user
         self.group = group
+        self.stage_timeout = None if stage_timeout is None else float(stage_timeout)
+        self.timeout_status = timeout_status
+        self.progress_interval = None if progress_interval is None else float(progress_interval)
+        self._loop: EventLoopThread | None = None
+        self._progress: SyncEomProgress | None = None
         self._fatal: BaseException | None = None
         self._stop_requested = threading.Event()
         self._main_done = threading.Event()
@@ -257,7 +285,14 @@ class Milter:
         tcp = self.spec.kind in ("inet", "inet6")
         callbacks = callbacks_class(metrics=self.metrics is not None, dry_run=self.dry_run)
         self.dispatcher = callbacks(
-            self.session_class, lib, self.error_status, self._on_fatal, tcp=tcp
+            self.session_class,
+            lib,
+            self.error_status,
+            self._on_fatal,
+            tcp=tcp,
+            stage_timeout=self.stage_timeout,
+            timeout_status=self.timeout_status,
+            progress_interval=self.progress_interval,
         )
         desc = self.dispatcher.descriptor(self.name.encode("utf-8", "surrogateescape"))
         if lib.smfi_register(desc) != c.MI_SUCCESS:
@@ -289,6 +324,62 @@ class Milter:
             raise SocketSpecError(
                 f"could not listen on {self.spec}: {self._why_not_listening()}"
             )
+        # The filter's own start-up, as the user it runs as (privileges are dropped by now).
+        self._start_worker()
+        self.dispatcher.loop = self._loop
+        spec = self.session_class.negotiation()
+        if (
+            self.progress_interval is not None
+            and "on_eom" in spec.stages
+            and "on_eom" not in spec.asynchronous
+        ):
+            self._progress = SyncEomProgress(self.dispatcher, self.progress_interval)
+
+    def _needs_loop(self) -> bool:
+        cls = self.session_class
+        return bool(cls.negotiation().asynchronous) or any(
+            inspect.iscoroutinefunction(getattr(cls, hook))
+            for hook in ("on_worker_start", "on_worker_stop")
+        )
+
+    def _start_worker(self) -> None:
+        """In the serving process: start the event loop (if any stage or hook is async) and
+        run the class's `on_worker_start`; a failure stops start-up (`WorkerStartError`)."""
+        if self._needs_loop() and self._loop is None:
+            self._loop = EventLoopThread()
+        try:
+            call_hook(self.session_class.on_worker_start(), self._run_on_loop)
+        except BaseException as exc:
+            self._stop_loop()
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            logger.error(
+                "%s.on_worker_start failed; not serving",
+                self.session_class.__qualname__,
+                exc_info=exc,
+            )
+            raise WorkerStartError(
+                f"{self.session_class.__qualname__}.on_worker_start failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _stop_worker(self) -> None:
+        """After the last session: the class's `on_worker_stop`, then the loop stops."""
+        try:
+            call_hook(self.session_class.on_worker_stop(), self._run_on_loop)
+        except Exception:
+            logger.exception("%s.on_worker_stop failed", self.session_class.__qualname__)
+        finally:
+            self._stop_loop()
+
+    def _run_on_loop(self, coro: Any) -> Any:
+        assert self._loop is not None, "an async hook needs the event loop"
+        return self._loop.run(coro)
+
+    def _stop_loop(self) -> None:
+        if self._loop is not None:
+            self._loop.stop()
+            self._loop = None
 
     def _why_not_listening(self) -> str:
         if self.spec.kind in ("inet", "inet6"):
@@ -333,6 +424,9 @@ class Milter:
         )
         if abandoned:
             logger.debug("closed %d abandoned session(s)", abandoned)
+        if self._progress is not None:
+            self._progress.stop()
+        self._stop_worker()
         self._remove_socket_file()
         if self._fatal is not None:
             raise self._fatal
@@ -429,6 +523,9 @@ class MilterOptions(TypedDict, total=False):
     config: object | None
     metrics: str | None
     dry_run: bool
+    stage_timeout: float | None
+    timeout_status: ErrorStatus
+    progress_interval: float | None
 
 
 def run(

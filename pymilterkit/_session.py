@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+import inspect
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from . import _validate as v
@@ -28,7 +29,17 @@ from ._logging import SessionLog, session_log
 from ._protocol import ALL_ACTIONS, ALL_LIBMILTER_OPTS, STAGES
 from ._types import EsmtpParams, InetAddress, UnixAddress, decode
 
-__all__ = ["STAGE_FLAGS", "ClassSpec", "MilterSession", "SessionBackend", "noreply"]
+__all__ = [
+    "STAGE_FLAGS", "ClassSpec", "HookResult", "MilterSession", "SessionBackend", "StageResult",
+    "noreply",
+]
+
+StageResult = Status | Awaitable[Status]
+"""What a stage method returns: a `Status`, or (`async def`) an awaitable of one."""
+CleanupResult = None | Awaitable[None]
+"""What on_abort/on_close return: nothing, or (`async def`) an awaitable of nothing."""
+HookResult = None | Awaitable[None]
+"""What on_worker_start/on_worker_stop return: nothing, or (`async def`) an awaitable."""
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -77,6 +88,8 @@ class ClassSpec:
     protocol: ProtocolOpts
     """NO_* for stages not overridden, NR_* for @noreply stages, plus the class's `protocol`."""
     macros: Mapping[Stage, tuple[str, ...]]
+    asynchronous: frozenset[str] = frozenset()
+    """The overridden stages written `async def` (awaited on the milter's event loop)."""
 
     def negotiate(self, offered_actions: Actions, offered: ProtocolOpts) -> ProtocolOpts:
         """The protocol options to request from an MTA that offers `offered`.
@@ -152,6 +165,11 @@ def build_spec(cls: type[MilterSession]) -> ClassSpec:
         method = getattr(cls, name)
         if method is not getattr(MilterSession, name):
             stages.add(name)
+            if name == "on_negotiate" and inspect.iscoroutinefunction(method):
+                raise TypeError(
+                    f"{cls.__qualname__}.on_negotiate cannot be async: libmilter needs the "
+                    f"negotiation before the connection goes on"
+                )
             if getattr(method, _NOREPLY_ATTR, False):
                 raise TypeError(
                     f"{cls.__qualname__}.{name}: @noreply is only for stages that answer the "
@@ -175,7 +193,11 @@ def build_spec(cls: type[MilterSession]) -> ClassSpec:
     macros = _merge_macros(cls)
     if macros:
         actions |= Actions.SETSYMLIST
+    asynchronous = frozenset(
+        name for name in stages if inspect.iscoroutinefunction(getattr(cls, name))
+    )
     return ClassSpec(
+        asynchronous=asynchronous,
         stages=frozenset(stages),
         noreply=frozenset(no_reply),
         actions=actions,
@@ -206,6 +228,7 @@ class MilterSession:
     _pmk_actions: Actions = Actions.NONE
     _pmk_in_message: bool = False
     _pmk_id: int = 0  # the session's number in this process (its logs' session id)
+    _pmk_pending: Any = None  # an async stage still to be answered (runner: threading.Event)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -229,51 +252,68 @@ class MilterSession:
         spec = type(self)._pmk_spec
         return Status.CONTINUE, spec.actions, spec.negotiate(actions, opts)
 
-    def on_connect(self, hostname: str, address: InetAddress | UnixAddress | None) -> Status:
+    def on_connect(
+        self, hostname: str, address: InetAddress | UnixAddress | None
+    ) -> StageResult:
         """A client connected (xxfi_connect); `address` is None for an unknown family."""
         return Status.CONTINUE
 
-    def on_helo(self, hostname: str) -> Status:
+    def on_helo(self, hostname: str) -> StageResult:
         """HELO/EHLO with the name the client gave (xxfi_helo)."""
         return Status.CONTINUE
 
-    def on_mail(self, sender: str, params: EsmtpParams) -> Status:
+    def on_mail(self, sender: str, params: EsmtpParams) -> StageResult:
         """MAIL FROM: a new message starts (xxfi_envfrom)."""
         return Status.CONTINUE
 
-    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+    def on_rcpt(self, recipient: str, params: EsmtpParams) -> StageResult:
         """RCPT TO, once per recipient; REJECT refuses only this recipient (xxfi_envrcpt)."""
         return Status.CONTINUE
 
-    def on_data(self) -> Status:
+    def on_data(self) -> StageResult:
         """The DATA command (xxfi_data)."""
         return Status.CONTINUE
 
-    def on_unknown(self, command: str) -> Status:
+    def on_unknown(self, command: str) -> StageResult:
         """An SMTP command the MTA does not know (xxfi_unknown)."""
         return Status.CONTINUE
 
-    def on_header(self, name: str, value: str) -> Status:
+    def on_header(self, name: str, value: str) -> StageResult:
         """One message header, in order (xxfi_header)."""
         return Status.CONTINUE
 
-    def on_eoh(self) -> Status:
+    def on_eoh(self) -> StageResult:
         """End of the headers (xxfi_eoh)."""
         return Status.CONTINUE
 
-    def on_body(self, chunk: bytes) -> Status:
+    def on_body(self, chunk: bytes) -> StageResult:
         """A piece of the body, called once per chunk (xxfi_body)."""
         return Status.CONTINUE
 
-    def on_eom(self) -> Status:
+    def on_eom(self) -> StageResult:
         """End of message: the only stage where message actions are allowed (xxfi_eom)."""
         return Status.CONTINUE
 
-    def on_abort(self) -> None:
+    def on_abort(self) -> CleanupResult:
         """The current message was aborted; the connection goes on (xxfi_abort)."""
 
-    def on_close(self) -> None:
+    def on_close(self) -> CleanupResult:
         """The connection is over: always the last call; then the instance is dropped."""
+
+    # -- per-process hooks -------------------------------------------------------------------
+
+    @classmethod
+    def on_worker_start(cls) -> HookResult:
+        """Once in every serving process, before its first session (sync or `async def`).
+
+        The place for shared clients (an HTTP client, a resolver, a pool): an async one runs
+        on the milter's event loop, where async stage methods run. With pre-forked workers it
+        runs in each worker, after the fork. An exception stops start-up.
+        """
+
+    @classmethod
+    def on_worker_stop(cls) -> HookResult:
+        """Once in every serving process, after its last session (sync or `async def`)."""
 
     # -- session API -----------------------------------------------------------------------
 

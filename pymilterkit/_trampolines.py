@@ -15,17 +15,21 @@ runner's error status; KeyboardInterrupt/SystemExit also ask the runner to stop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, NoReturn
 
 from . import _libmilter as c
 from ._dispatch import NO_PARAMS, SessionRules
 from ._errors import LibmilterError
 from ._flags import Status
+from ._loop import EventLoopThread
 from ._protocol import BY_METHOD
-from ._session import MilterSession
+from ._session import MilterSession, SessionBackend
 from ._threadstate import pin_thread_state, pins
 from ._types import EsmtpParams, decode
 
@@ -116,10 +120,25 @@ class LibmilterCallbacks(SessionRules):
         error_status: Status,
         on_fatal: Callable[[BaseException], None],
         tcp: bool = False,
+        *,
+        loop: EventLoopThread | None = None,
+        stage_timeout: float | None = None,
+        timeout_status: Status = Status.TEMPFAIL,
+        progress_interval: float | None = None,
     ) -> None:
-        super().__init__(session_class, error_status, tcp=tcp)
+        super().__init__(
+            session_class,
+            error_status,
+            tcp=tcp,
+            stage_timeout=stage_timeout,
+            timeout_status=timeout_status,
+        )
         self.lib = lib
         self.on_fatal = on_fatal
+        self.loop = loop
+        """The event loop of `async def` stages (None: the class has none)."""
+        self.progress_interval = progress_interval
+        self._answer_later: bool | None = None  # whether replies can be sent later (layout)
         self.sessions: dict[int, MilterSession] = {}
         # Running negotiate/abort/close callbacks; a running stage shows in `in_stage`.
         self.active: dict[int, str] = {}
@@ -153,6 +172,107 @@ class LibmilterCallbacks(SessionRules):
             pins=pins,
             pin=pin_thread_state,
         )
+
+    # -- async def stages --------------------------------------------------------------------
+    #
+    # An async stage's callback hands its coroutine to the event loop and, where it can
+    # (`_can_defer`), returns NOREPLY at once: libmilter sends nothing and parks the session, so
+    # its worker thread serves other connections while the coroutine waits; the loop sends the
+    # answer when the coroutine is done (`c.send_reply`). Until then the session's
+    # `_pmk_pending` is set: a callback for the same connection (a peer that did not wait for
+    # the answer, a close) waits for it first, so one connection's calls never overlap, and
+    # the context stays valid (libmilter frees it only after xxfi_close returns).
+
+    def run_coroutine(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run `coro` on the event loop; this (libmilter) thread waits for its result."""
+        assert self.loop is not None
+        return self.loop.run(coro)
+
+    def _can_defer(self, ctx: int, stage: str) -> bool:
+        answer_later = self._answer_later
+        if answer_later is None:
+            answer_later = self._answer_later = c.can_answer_later(ctx)
+        if not answer_later:
+            return False  # another libmilter build: the worker waits for the coroutine
+        # A body chunk carried by the end-of-message packet: libmilter calls eom right after
+        # on_body returns CONTINUE, so that answer cannot wait.
+        return stage != "on_body" or c.ctx_state(ctx) != c.ST_ENDM
+
+    def answer_async(
+        self, key: Any, session: MilterSession, stage: str, coro: Coroutine[Any, Any, Any]
+    ) -> int:
+        if not self._can_defer(key, stage):
+            return super().answer_async(key, session, stage, coro)
+        assert self.loop is not None
+        pending = _Pending()
+        session._pmk_pending = pending
+        self.loop.call(self._start, key, session, stage, coro, pending)
+        return Status.NOREPLY  # answered by the loop (`_answer`)
+
+    def _start(
+        self,
+        ctx: int,
+        session: MilterSession,
+        stage: str,
+        coro: Coroutine[Any, Any, Any],
+        pending: _Pending,
+    ) -> None:
+        task = pending.task = asyncio.ensure_future(
+            self._answer(ctx, session, stage, coro, pending)
+        )
+
+        def ended(_: object) -> None:  # also when cancelled before it began (a hang-up)
+            if not pending.is_set():
+                coro.close()
+                session._pmk_stage = None
+                session._pmk_pending = None
+                pending.set()
+
+        task.add_done_callback(ended)
+
+    async def _answer(
+        self,
+        ctx: int,
+        session: MilterSession,
+        stage: str,
+        coro: Coroutine[Any, Any, Any],
+        pending: _Pending,
+    ) -> None:
+        start = time.perf_counter()
+        ticker = None
+        if stage == "on_eom" and self.progress_interval:
+            ticker = _Progress(self.lib, ctx, self.progress_interval)
+        try:
+            outcome = await self.bounded(coro, stage)
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+        try:
+            if pending.closing:  # the MTA hung up: nothing to answer
+                session._pmk_stage = None
+                logger.info(
+                    "%s.%s: the connection closed while it ran; cancelled",
+                    self.session_class.__qualname__,
+                    stage,
+                )
+            else:
+                answer = self.settle(session, stage, outcome)
+                answer = self.async_answer(
+                    stage, answer, session, ctx, time.perf_counter() - start
+                )
+                if stage not in self.noreply and not c.send_reply(ctx, answer):
+                    logger.warning("could not send the answer of %s to the MTA", stage)
+                    c.hang_up(ctx)
+        finally:
+            session._pmk_pending = None
+            pending.set()
+
+    def _cancel_pending(self, session: MilterSession) -> None:
+        """The connection is closing: cancel its running async stage (close waits for it)."""
+        pending = session._pmk_pending
+        if pending is not None and self.loop is not None:
+            pending.closing = True
+            self.loop.call(pending.cancel)
 
     def in_flight(self) -> bool:
         """Whether a callback is running (a stop waits for it before closing sessions)."""
@@ -200,6 +320,7 @@ class LibmilterCallbacks(SessionRules):
     def _close(self, ctx: int) -> int:
         session = self.sessions.pop(ctx, None)
         if session is not None:
+            self._cancel_pending(session)
             with self._running(ctx, "on_close"):
                 self.close(session)
         return Status.CONTINUE
@@ -264,6 +385,104 @@ class LibmilterCallbacks(SessionRules):
         if "on_abort" in stages:
             desc.xxfi_abort = make("ctx", self._abort)
         return desc
+
+
+class _Guarded:
+    """A session's backend whose calls hold a lock, so progress can be sent between them."""
+
+    def __init__(self, inner: SessionBackend) -> None:
+        self.inner = inner
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        function = getattr(self.inner, name)
+
+        def locked(*args: Any) -> Any:
+            with self.lock:
+                return function(*args)
+
+        setattr(self, name, locked)
+        return locked
+
+    def send_progress(self) -> None:
+        with self.lock:
+            self.inner.progress()
+
+
+class SyncEomProgress:
+    """Sends progress for sync on_eom methods that run longer than `interval` seconds.
+
+    A thread looks at the sessions every `period` seconds: one it finds in on_eom gets a
+    backend whose actions hold a lock (`_Guarded`), and once it has been seen in on_eom for
+    `interval`, progress is sent under that lock, so it never interleaves with the filter's
+    own actions on the socket. An action that began before the swap is a write of at most
+    64 KiB, long done by the first progress `interval` later. Nothing is added to the
+    callbacks: a fast on_eom never meets the thread.
+    """
+
+    def __init__(self, callbacks: LibmilterCallbacks, interval: float) -> None:
+        self.callbacks = callbacks
+        self.interval = interval
+        self.period = min(1.0, interval / 4)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pymilterkit-progress", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(2.0)
+
+    def _run(self) -> None:
+        seen: dict[int, tuple[MilterSession, float, float]] = {}
+        while not self.stopped.wait(self.period):
+            now = time.monotonic()
+            current: dict[int, tuple[MilterSession, float, float]] = {}
+            for ctx, session in list(self.callbacks.sessions.items()):
+                if session._pmk_stage != "on_eom" or session._pmk_pending is not None:
+                    continue
+                backend = session._pmk_backend
+                entry = seen.get(ctx)
+                if entry is None or entry[0] is not session:
+                    if backend is not None and not isinstance(backend, _Guarded):
+                        session._pmk_backend = _Guarded(backend)
+                    entry = (session, now, now)
+                elif now - entry[2] >= self.interval and isinstance(backend, _Guarded):
+                    try:
+                        backend.send_progress()
+                    except Exception:  # the MTA may be gone; its close follows
+                        logger.debug("could not send progress", exc_info=True)
+                    entry = (session, entry[1], now)
+                current[ctx] = entry
+            seen = current
+
+
+class _Pending(threading.Event):
+    """Set when a session's async stage has been answered; holds its task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.task: asyncio.Future[None] | None = None
+        self.closing = False
+
+    def cancel(self) -> None:
+        """Cancel the stage's task (on the loop's thread)."""
+        if self.task is not None:
+            self.task.cancel()
+
+
+class _Progress:
+    """Sends SMFIR_PROGRESS every `interval` seconds while an async on_eom runs (loop thread)."""
+
+    def __init__(self, lib: c.Libmilter, ctx: int, interval: float) -> None:
+        self.lib, self.ctx, self.interval = lib, ctx, interval
+        self.handle = asyncio.get_running_loop().call_later(interval, self.tick)
+
+    def tick(self) -> None:
+        self.lib.smfi_progress(self.ctx)
+        self.handle = asyncio.get_running_loop().call_later(self.interval, self.tick)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 def _unknown(ctx: int, cmd: int | None) -> tuple[str]:

@@ -26,12 +26,13 @@ from __future__ import annotations
 import collections
 import logging
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from .._dispatch import SessionRules
-from .._errors import LibmilterError, MilterTimeout, ProtocolError
+from .._errors import LibmilterError, MilterTimeout, ProtocolError, StageResultError
 from .._flags import NOREPLY_MASK, Actions, ProtocolOpts, Stage, Status
+from .._loop import InlineLoop
 from .._protocol import MI_FAILURE, STAGES
 from .._session import MilterSession
 from .._types import EsmtpParams, decode
@@ -180,12 +181,18 @@ class _HarnessRules(SessionRules):
     libmilter context, recording the exceptions stage methods raise."""
 
     def __init__(
-        self, engine: Engine, session_class: type[MilterSession], error_status: Status,
-        reraise: bool, tcp: bool,
+        self,
+        engine: Engine,
+        session_class: type[MilterSession],
+        error_status: Status,
+        reraise: bool,
+        tcp: bool,
+        loop: InlineLoop | None = None,
     ) -> None:
         super().__init__(session_class, error_status, tcp=tcp)
         self.engine = engine
         self.reraise = reraise
+        self.loop = loop or InlineLoop()
         self.session: MilterSession | None = None
         self.errors: list[tuple[str, BaseException]] = []
         self._callbacks: dict[str, Callable[..., int]] = {}
@@ -200,6 +207,22 @@ class _HarnessRules(SessionRules):
 
     def fatal(self, exc: BaseException, stage: str) -> None:
         raise exc  # KeyboardInterrupt / SystemExit: in a test, stop the test
+
+    def run_coroutine(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return self.loop.run(coro)
+
+    def bad_result(
+        self, result: object, stage: str, session: MilterSession | None = None
+    ) -> int:
+        answer = super().bad_result(result, stage, session)
+        if self.reraise and not isinstance(result, Status):
+            exc = StageResultError(
+                f"{self.session_class.__qualname__}.{stage} returned {result!r}, not a Status"
+                + (" (declare it `async def`)" if isinstance(result, Awaitable) else "")
+            )
+            self.errors.append((stage, exc))
+            raise exc
+        return answer
 
     def _create(self, key: object = None) -> MilterSession:
         self.session = self.create(_Backend(self.engine))
@@ -287,12 +310,17 @@ class Engine:
     """
 
     def __init__(
-        self, session_class: type[MilterSession], error_status: Status, reraise: bool, tcp: bool
+        self,
+        session_class: type[MilterSession],
+        error_status: Status,
+        reraise: bool,
+        tcp: bool,
+        loop: InlineLoop | None = None,
     ) -> None:
         self.out: collections.deque[w.Packet] = collections.deque()
         self.closed = False
         self.state = ST_INIT
-        self.dispatch = _HarnessRules(self, session_class, error_status, reraise, tcp)
+        self.dispatch = _HarnessRules(self, session_class, error_status, reraise, tcp, loop)
         self.registered = registered = self.dispatch.spec.stages  # the runner registers these
         self.pflags = sum(int(info.off) for info in STAGES if info.method not in registered)
         self.pflags2mta = self.pflags

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from .._flags import Actions, ProtocolOpts, Status
+from .._loop import InlineLoop, call_hook
 from .._session import MilterSession
 from . import _wire as w
 from ._conversation import ALL_ACTIONS, ALL_PROTOCOL
@@ -50,9 +51,31 @@ class Harness(MtaDriver):
         self.error_status = error_status
         self.reraise = reraise
         self.tcp = tcp
+        self._loop = InlineLoop()
+        self._started = False
 
     def _endpoint(self) -> Engine:
-        return Engine(self.session_class, self.error_status, self.reraise, self.tcp)
+        if not self._started:  # as in a serving process: before the first session
+            self._started = True
+            call_hook(self.session_class.on_worker_start(), self._loop.run)
+        return Engine(self.session_class, self.error_status, self.reraise, self.tcp, self._loop)
+
+    def close(self) -> None:
+        """Run the class's `on_worker_stop` (if it started) and close the harness's loop.
+
+        The loop is where `async def` stage methods and hooks run; a harness used as a
+        context manager closes itself.
+        """
+        if self._started:
+            self._started = False
+            call_hook(self.session_class.on_worker_stop(), self._loop.run)
+        self._loop.stop()
+
+    def __enter__(self) -> Harness:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _finish(self, result: ConnectionResult, endpoint: object) -> ConnectionResult:
         assert isinstance(endpoint, Engine)

@@ -53,14 +53,24 @@ def _target(target: str | type[MilterSession]) -> str:
 
 
 @pytest.fixture
-def milter_harness() -> HarnessFactory:
-    """Factory for in-process harnesses that re-raise stage-method exceptions by default."""
+def milter_harness() -> Iterator[HarnessFactory]:
+    """Factory for in-process harnesses that re-raise stage-method exceptions by default.
+
+    Each harness is closed when the test ends (its class's `on_worker_stop` runs).
+    """
+    made: list[Harness] = []
 
     def make(session_class: type[MilterSession], **options: Any) -> Harness:
         options.setdefault("reraise", True)
-        return Harness(session_class, **options)
+        harness = Harness(session_class, **options)
+        made.append(harness)
+        return harness
 
-    return make
+    try:
+        yield make
+    finally:
+        for harness in reversed(made):
+            harness.close()
 
 
 @pytest.fixture

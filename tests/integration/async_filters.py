@@ -1,0 +1,221 @@
+"""Filters with `async def` stages, run by `test_async_runner.py` in their own processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from typing_extensions import override
+
+from pymilterkit import Actions, EsmtpParams, MilterSession, Status, noreply
+
+
+class AsyncRcpt(MilterSession):
+    """Each recipient waits `PMK_DELAY` seconds; `bad...` is rejected; eom adds X-Rcpts."""
+
+    actions = Actions.ADD_HEADER
+    delay = float(os.environ.get("PMK_DELAY", "0"))
+    started_in: int | None = None
+
+    def __init__(self) -> None:
+        self.recipients: list[str] = []
+
+    @classmethod
+    @override
+    async def on_worker_start(cls) -> None:
+        cls.started_in = os.getpid()
+
+    @override
+    async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        await asyncio.sleep(self.delay)
+        if recipient.strip("<>").startswith("bad"):
+            self.set_reply("550", "5.1.1", "no such user")
+            return Status.REJECT
+        self.recipients.append(recipient)
+        return Status.CONTINUE
+
+    @override
+    async def on_eom(self) -> Status:
+        await asyncio.sleep(0)
+        self.add_header("X-Rcpts", str(len(self.recipients)))
+        self.add_header("X-Started-In", str(self.started_in == os.getpid()))
+        return Status.CONTINUE
+
+
+class AsyncEverything(MilterSession):
+    """Every stage async (headers no-reply); eom reports the order the stages ran in."""
+
+    actions = Actions.ADD_HEADER
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def _note(self, stage: str) -> Status:
+        await asyncio.sleep(0.001)
+        self.seen.append(stage)
+        return Status.CONTINUE
+
+    @override
+    async def on_connect(self, hostname: str, address: object) -> Status:
+        return await self._note("connect")
+
+    @override
+    async def on_helo(self, hostname: str) -> Status:
+        return await self._note("helo")
+
+    @override
+    async def on_mail(self, sender: str, params: EsmtpParams) -> Status:
+        return await self._note("mail")
+
+    @override
+    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:  # a sync one among them
+        self.seen.append("rcpt")
+        return Status.CONTINUE
+
+    @override
+    @noreply
+    async def on_header(self, name: str, value: str) -> Status:
+        return await self._note("header")
+
+    @override
+    async def on_eoh(self) -> Status:
+        return await self._note("eoh")
+
+    @override
+    async def on_body(self, chunk: bytes) -> Status:
+        return await self._note("body")
+
+    @override
+    async def on_eom(self) -> Status:
+        await self._note("eom")
+        self.add_header("X-Seen", ",".join(self.seen))
+        return Status.CONTINUE
+
+    @override
+    async def on_abort(self) -> None:
+        await asyncio.sleep(0)
+
+    @override
+    async def on_close(self) -> None:
+        await asyncio.sleep(0)
+
+
+class SlowEom(MilterSession):
+    """on_eom takes `PMK_DELAY` seconds (async, or sync with PMK_SYNC=1), then adds X-Slow."""
+
+    actions = Actions.ADD_HEADER
+    delay = float(os.environ.get("PMK_DELAY", "3"))
+
+    @override
+    async def on_eom(self) -> Status:
+        await asyncio.sleep(self.delay)
+        self.add_header("X-Slow", "done")
+        return Status.CONTINUE
+
+
+class SlowEomSync(MilterSession):
+    actions = Actions.ADD_HEADER
+    delay = float(os.environ.get("PMK_DELAY", "3"))
+
+    @override
+    def on_eom(self) -> Status:
+        time.sleep(self.delay)
+        self.add_header("X-Slow", "done")
+        return Status.CONTINUE
+
+
+class Deadline(MilterSession):
+    """on_rcpt sleeps forever unless the recipient starts with `fast`; records cancellation."""
+
+    cancelled = 0
+
+    @override
+    async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        if recipient.strip("<>").startswith("fast"):
+            return Status.CONTINUE
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            type(self).cancelled += 1
+            raise
+        return Status.CONTINUE
+
+    @override
+    def on_eom(self) -> Status:
+        return Status.CONTINUE
+
+
+class Strays(MilterSession):
+    """Async stages that fail: a stray CancelledError, an exception, a wrong result."""
+
+    @override
+    async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        name = recipient.strip("<>")
+        if name.startswith("cancel"):
+            raise asyncio.CancelledError
+        if name.startswith("raise"):
+            raise RuntimeError("lookup failed")
+        if name.startswith("wrong"):
+            return "yes"  # type: ignore[return-value]
+        return Status.CONTINUE
+
+
+class BrokenStart(MilterSession):
+    """on_worker_start raises: the milter must not start."""
+
+    @classmethod
+    @override
+    async def on_worker_start(cls) -> None:
+        raise RuntimeError("no database")
+
+    @override
+    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        return Status.CONTINUE
+
+
+class InFlight(MilterSession):
+    """Each recipient's lookup takes `PMK_DELAY` s; eom reports the most lookups seen at once."""
+
+    actions = Actions.ADD_HEADER
+    delay = float(os.environ.get("PMK_DELAY", "0.5"))
+    running = 0
+    most = 0
+
+    @override
+    async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        cls = type(self)
+        cls.running += 1
+        cls.most = max(cls.most, cls.running)
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            cls.running -= 1
+        return Status.CONTINUE
+
+    @override
+    def on_eom(self) -> Status:
+        self.add_header("X-Most", str(type(self).most))
+        return Status.CONTINUE
+
+
+class Ordered(MilterSession):
+    """A slow async on_rcpt whose connection may close meanwhile; close logs the order."""
+
+    def __init__(self) -> None:
+        self.rcpt_done = False
+
+    @override
+    async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        try:
+            if recipient.strip("<>").startswith("slow"):
+                await asyncio.sleep(float(os.environ.get("PMK_DELAY", "2")))
+        finally:
+            self.rcpt_done = True
+        return Status.CONTINUE
+
+    @override
+    def on_close(self) -> None:
+        import logging
+
+        logging.getLogger("pymilterkit").warning("closed after rcpt ended: %s", self.rcpt_done)
