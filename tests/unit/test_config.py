@@ -123,24 +123,24 @@ def test_options_added_to_run_later_become_keys(tmp_path: Path) -> None:
     def status(text: str) -> Status:
         return Status[text.upper()]
 
-    run.add_argument("--stage-timeout", type=float)
+    run.add_argument("--future-timeout", type=float)
     # (--dry-run, a flag, and --metrics, a string, are real options of run)
     run.add_argument("--no-color", dest="color", action="store_false")
-    run.add_argument("--timeout-status", type=status, default=Status.TEMPFAIL)
+    run.add_argument("--future-status", type=status, default=Status.TEMPFAIL)
     run.add_argument("--pretty", action=argparse.BooleanOptionalAction, default=False)
     run.add_argument("--tag", action="append", default=[])
-    path = write(tmp_path, 'socket = "unix:/x"\ntarget = "m:C"\nstage-timeout = 5\n'
-                 "dry-run = true\nno-color = true\ntimeout-status = 'reject'\npretty = true\n"
+    path = write(tmp_path, 'socket = "unix:/x"\ntarget = "m:C"\nfuture-timeout = 5\n'
+                 "dry-run = true\nno-color = true\nfuture-status = 'reject'\npretty = true\n"
                  "metrics = '127.0.0.1:9100'\n"
                  "tag = ['a', 'b']\n")
     args = parse_args(parser, ["run", "--config", path])
-    assert args.stage_timeout == 5.0 and isinstance(args.stage_timeout, float)
+    assert args.future_timeout == 5.0 and isinstance(args.future_timeout, float)
     assert args.dry_run is True and args.color is False and args.pretty is True
     assert args.metrics == "127.0.0.1:9100"
-    assert args.timeout_status is Status.REJECT
+    assert args.future_status is Status.REJECT
     assert args.tag == ["a", "b"]
-    bad = write(tmp_path, "timeout-status = 'sometimes'\n", "bad.toml")
-    with pytest.raises(ConfigurationError, match="key 'timeout-status': invalid value"):
+    bad = write(tmp_path, "future-status = 'sometimes'\n", "bad.toml")
+    with pytest.raises(ConfigurationError, match="key 'future-status': invalid value"):
         read_config(bad, run)
     bad = write(tmp_path, "dry-run = 'yes'\n", "bad2.toml")
     with pytest.raises(ConfigurationError, match="key 'dry-run': expected true or false"):
