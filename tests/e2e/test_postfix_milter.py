@@ -10,9 +10,10 @@ the milter's log are printed (pytest shows them under "Captured stdout teardown"
 from __future__ import annotations
 
 import email.policy
+import os
 import smtplib
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -73,7 +74,12 @@ def start(
     processes: list[MilterProcess] = []
 
     def make(
-        target: str, *, inet: bool = False, extra_config: dict[str, str] | None = None
+        target: str,
+        *,
+        inet: bool = False,
+        extra_config: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> Setup:
         if inet:
             port = free_port()
@@ -81,8 +87,11 @@ def start(
         else:
             path = milter_socket_dir / f"m{len(processes)}.sock"
             milter_spec, postfix_spec = f"unix:{path}", f"unix:{path}"
-        args = [] if inet else ["--socket-mode", "666"]  # smtpd runs as user postfix
-        process = MilterProcess(target, milter_spec, args=args, cwd=ROOT)
+        socket_args = [] if inet else ["--socket-mode", "666"]  # smtpd runs as user postfix
+        process = MilterProcess(
+            target, milter_spec, args=[*socket_args, *args], cwd=ROOT,
+            env=None if env is None else {**os.environ, **env},
+        )
         processes.append(process)
         process.start()
         setup = Setup(process, postfix_factory(postfix_spec, extra_config))
