@@ -494,6 +494,10 @@ class Milter:
             self._main_done.set()
 
     def _stop_now(self, lib: c.Libmilter) -> None:
+        if self.dispatcher is not None and self.dispatcher.loop is not None:
+            cancelled = self.dispatcher.end_pending(grace=2.0)
+            if cancelled:
+                logger.warning("stop: %d async stage(s) still running were cancelled", cancelled)
         waker = threading.Thread(target=self._wake_listener, daemon=True)
         waker.start()
         lib.smfi_stop()

@@ -267,6 +267,30 @@ class LibmilterCallbacks(SessionRules):
             session._pmk_pending = None
             pending.set()
 
+    def end_pending(self, grace: float) -> int:
+        """Before libmilter stops: let pending async stages finish for up to `grace` seconds,
+        then cancel the rest and detach them; returns how many were cancelled.
+
+        At its stop libmilter frees every context; an answer or action sent after that would
+        use freed memory, so none is sent once this returns.
+        """
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self._pending_sessions():
+            time.sleep(0.01)
+        left = self._pending_sessions()
+        for session in left:
+            self._cancel_pending(session)
+            session._pmk_backend = _DETACHED  # the coroutine's later actions raise
+        deadline = time.monotonic() + 1.0
+        for session in left:
+            pending = session._pmk_pending
+            if pending is not None:
+                pending.wait(max(0.0, deadline - time.monotonic()))
+        return len(left)
+
+    def _pending_sessions(self) -> list[MilterSession]:
+        return [s for s in list(self.sessions.values()) if s._pmk_pending is not None]
+
     def _cancel_pending(self, session: MilterSession) -> None:
         """The connection is closing: cancel its running async stage (close waits for it)."""
         pending = session._pmk_pending
@@ -454,6 +478,19 @@ class SyncEomProgress:
                     entry = (session, entry[1], now)
                 current[ctx] = entry
             seen = current
+
+
+class _Detached:
+    """The backend of a session whose connection is gone: every action raises."""
+
+    def __getattr__(self, name: str) -> Any:
+        def refuse(*args: Any) -> Any:
+            raise LibmilterError(f"{name}: the milter is stopping; the connection is gone")
+
+        return refuse
+
+
+_DETACHED: Any = _Detached()
 
 
 class _Pending(threading.Event):

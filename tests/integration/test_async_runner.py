@@ -181,3 +181,25 @@ def test_a_hang_up_right_after_the_command_does_not_hold_the_session() -> None:
         log = milter.log()
     assert log.count("closed after rcpt ended") == 6  # every session was closed
     assert "0 left open" in log
+
+
+def test_a_stop_during_an_async_stage_cancels_it_cleanly() -> None:
+    """libmilter frees its contexts at stop: a pending stage is cancelled first, and nothing is
+    sent on its connection afterwards (exit 0, no crash)."""
+    with start("Ordered", delay=30) as milter:
+        conns = []
+        for _ in range(3):
+            conn = MilterClient(milter.socket, timeout=10).open()
+            conn.negotiate()
+            conn.mail("<a@x>")
+            endpoint = conn.endpoint
+            assert isinstance(endpoint, SocketEndpoint)
+            endpoint.send(b"R", b"<slow@y>\0", Step.RCPT)
+            conns.append(endpoint)
+        threading.Event().wait(0.3)
+        assert milter.stop() == 0
+        log = milter.log()
+        for endpoint in conns:
+            endpoint.close()
+    assert "stop: 3 async stage(s) still running were cancelled" in log
+    assert "Traceback" not in log
