@@ -232,6 +232,8 @@ class SessionRules:
         method = getattr(self.session_class, stage)
         if self.stage_timeout is not None:
             method = self._timed(method, stage)
+        if self.asynchronous:  # a sync stage may follow an async one not yet answered
+            get = self._after_pending(get)
         noreply = stage in self.noreply
         # Which results end the message matters only to on_abort (run inside a message).
         track = "on_abort" in self.spec.stages and stage not in CONNECTION_STAGES
@@ -355,6 +357,24 @@ class SessionRules:
             return answer(key, session, stage, coro)
 
         return callback
+
+    @staticmethod
+    def _after_pending(
+        get: Callable[[Any], MilterSession | None],
+    ) -> Callable[[Any], MilterSession | None]:
+        """`get`, waiting first for the session's pending async stage (a @noreply one, or a
+        peer that did not wait), so a sync stage never overlaps it: classes with async stages
+        only."""
+
+        def waiting(key: Any) -> MilterSession | None:
+            session = get(key)
+            if session is not None:
+                pending = session._pmk_pending
+                if pending is not None:
+                    pending.wait()
+            return session
+
+        return waiting
 
     @staticmethod
     def wait_pending(session: MilterSession) -> None:

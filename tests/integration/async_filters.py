@@ -219,3 +219,25 @@ class Ordered(MilterSession):
         import logging
 
         logging.getLogger("pymilterkit").warning("closed after rcpt ended: %s", self.rcpt_done)
+
+
+class NoReplyRcpt(MilterSession):
+    """`@noreply async def on_rcpt` waits `PMK_DELAY` s and counts; the sync eom reports it."""
+
+    actions = Actions.ADD_HEADER
+    delay = float(os.environ.get("PMK_DELAY", "0"))
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @override
+    @noreply
+    async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        await asyncio.sleep(self.delay)
+        self.count += 1
+        return Status.CONTINUE
+
+    @override
+    def on_eom(self) -> Status:
+        self.add_header("X-Rcpts", str(self.count))
+        return Status.CONTINUE

@@ -59,6 +59,16 @@ def test_every_stage_async_keeps_the_stage_order() -> None:
         assert "Traceback" not in milter.log()
 
 
+def test_a_sync_stage_waits_for_the_noreply_async_stage_before_it() -> None:
+    # The MTA does not wait for a @noreply RCPT: end of message arrives while the coroutines
+    # still run, and the sync on_eom must see all of them done.
+    with start("NoReplyRcpt", delay=0.05) as milter:
+        result = MilterClient(milter.socket, timeout=10).run(
+            MESSAGE, recipients=["a@x", "b@y", "c@z"]
+        )
+        assert result.modifications == (HeaderAdded("X-Rcpts", "3"),)
+
+
 def test_lookups_of_many_connections_run_at_once() -> None:
     """20 connections whose lookups take 1 s each: all run on the loop together (a libmilter
     worker that waited for each would let only a few run at a time)."""
