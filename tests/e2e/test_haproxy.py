@@ -27,6 +27,7 @@ from .haproxy import (
     message_for,
     rolling_restart,
 )
+from .postfix import PostfixFactory
 
 TEMPFAIL = (451, b"4.7.1 Service unavailable - try again later")
 
@@ -34,10 +35,11 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def topology(postfix_factory: object) -> Iterator[Topology]:
-    """Sink, three instances (TCP health checks), HAProxy and Postfix; logs shown on failure."""
-    _ = postfix_factory  # (its root check; the Postfix here is the topology's own)
-    with Topology() as topo:
+def topology(postfix_factory: PostfixFactory) -> Iterator[Topology]:
+    """Sink, three instances (HAProxy checks their /healthz), HAProxy and Postfix; logs shown
+    on failure."""
+    _ = postfix_factory  # (for its root check; the Postfix here is the topology's own)
+    with Topology(health="http") as topo:
         yield topo
         print(topo.logs())
 
@@ -111,7 +113,7 @@ def _mail_reply(smtp: smtplib.SMTP, key: str) -> tuple[int, bytes]:
     return 250, b""
 
 
-def test_what_fails_how_idle_cut_no_instance_no_haproxy(postfix_factory: object) -> None:
+def test_what_fails_how_idle_cut_no_instance_no_haproxy(postfix_factory: PostfixFactory) -> None:
     """The failures of docs/guides/several-hosts.md that are not an instance dying: each is
     Postfix's milter_default_action (tempfail), for the rest of the SMTP session."""
     _ = postfix_factory
