@@ -204,7 +204,6 @@ class SessionRules:
         convert: Callable[..., tuple[Any, ...]] | None = None,
         *,
         envelope: bool = False,
-        keyed: bool = False,
         pins: Any = None,
         pin: Callable[[], object] | None = None,
     ) -> Callable[..., int]:
@@ -216,8 +215,8 @@ class SessionRules:
         TEMPFAIL), the stage is marked on the session (the actions' stage checks and a stop's
         wait read it), the method runs, and the error policy, the abort guard and the result
         check follow. `convert(*args)` turns the caller's arguments into the method's (None:
-        it takes none); `keyed`: `convert(key, *args)`; `envelope`: `convert` is the argv
-        decoder of MAIL/RCPT, whose common case (an address without parameters) is inlined.
+        it takes none); `envelope`: `convert` is the argv decoder of MAIL/RCPT, whose common
+        case (an address without parameters) is inlined.
         `pin()` runs when `pins.__dict__` is empty (libmilter's threads: see `_libmilter`).
 
         Every choice that depends only on the stage is made here, once: the callback runs for
@@ -226,7 +225,7 @@ class SessionRules:
         """
         if stage in self.asynchronous:
             return self._async_callback(
-                stage, get, create, convert, envelope=envelope, keyed=keyed, pins=pins, pin=pin
+                stage, get, create, convert, envelope=envelope, pins=pins, pin=pin
             )
         fail, bad = self.fail, self.bad_result
         method = getattr(self.session_class, stage)
@@ -239,7 +238,6 @@ class SessionRules:
         track = "on_abort" in self.spec.stages and stage not in CONNECTION_STAGES
         is_rcpt, is_eom = stage == "on_rcpt", stage == "on_eom"
         no_params, status_type, status_noreply = NO_PARAMS, Status, Status.NOREPLY
-        refused = Status.TEMPFAIL
         if pins is None or pin is None:
             pins, pin = _ALWAYS_PINNED, _nothing
         enter: Callable[[], object] = pin
@@ -254,7 +252,7 @@ class SessionRules:
                 except BaseException as exc:  # noqa: BLE001 - nothing may reach C
                     return fail(exc, stage)
                 if session is None:  # stopping: no new sessions
-                    return refused
+                    return status_type.TEMPFAIL
             session._pmk_stage = stage
             try:
                 if envelope:
@@ -267,8 +265,6 @@ class SessionRules:
                         result = method(session, *convert(argv))  # type: ignore[misc]
                 elif convert is None:
                     result = method(session)
-                elif keyed:
-                    result = method(session, *convert(key, *cargs))
                 else:
                     result = method(session, *convert(*cargs))
             except BaseException as exc:  # noqa: BLE001 - nothing may reach C
@@ -314,7 +310,6 @@ class SessionRules:
         convert: Callable[..., tuple[Any, ...]] | None,
         *,
         envelope: bool,
-        keyed: bool,
         pins: Any,
         pin: Callable[[], object] | None,
     ) -> Callable[..., int]:
@@ -332,8 +327,6 @@ class SessionRules:
         def arguments(key: Any, cargs: tuple[Any, ...]) -> tuple[Any, ...]:
             if convert is None:
                 return ()
-            if keyed:
-                return convert(key, *cargs)
             return convert(*cargs)
 
         def callback(key: Any, *cargs: Any) -> int:

@@ -162,16 +162,18 @@ class LibmilterCallbacks(SessionRules):
         self, stage: str, convert: Callable[..., tuple[Any, ...]] | None
     ) -> Callable[..., int]:
         """The callback of one reply-giving stage: the shared `stage_callback`, keyed by ctx."""
-        return self.stage_callback(
+        callback = self.stage_callback(
             stage,
             self.sessions.get,
             self._create,
             convert,
             envelope=convert is _envelope,
-            keyed=convert is _unknown,  # the only conversion that needs the context
             pins=pins,
             pin=pin_thread_state,
         )
+        if convert is _unknown:  # the only conversion that needs the context: hand it on
+            return lambda ctx, cmd: callback(ctx, ctx, cmd)
+        return callback
 
     # -- async def stages --------------------------------------------------------------------
     #
