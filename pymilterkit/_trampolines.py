@@ -443,7 +443,8 @@ class SyncEomProgress:
     `interval`, progress is sent under that lock, so it never interleaves with the filter's
     own actions on the socket. An action that began before the swap is a write of at most
     64 KiB, long done by the first progress `interval` later. Nothing is added to the
-    callbacks: a fast on_eom never meets the thread.
+    callbacks: a fast on_eom never meets the thread, and a session seen out of on_eom gets its
+    plain backend back (a long connection would otherwise pay the lock on every later action).
     """
 
     def __init__(self, callbacks: LibmilterCallbacks, interval: float) -> None:
@@ -464,9 +465,11 @@ class SyncEomProgress:
             now = time.monotonic()
             current: dict[int, tuple[MilterSession, float, float]] = {}
             for ctx, session in list(self.callbacks.sessions.items()):
-                if session._pmk_stage != "on_eom" or session._pmk_pending is not None:
-                    continue
                 backend = session._pmk_backend
+                if session._pmk_stage != "on_eom" or session._pmk_pending is not None:
+                    if isinstance(backend, _Guarded):  # out of on_eom: the plain backend again
+                        session._pmk_backend = backend.inner
+                    continue
                 entry = seen.get(ctx)
                 if entry is None or entry[0] is not session:
                     if backend is not None and not isinstance(backend, _Guarded):
