@@ -2,11 +2,13 @@
 
 Theory of operation
 -------------------
-Counts live in one anonymous shared memory map (`mmap(-1, ...)`: MAP_SHARED|MAP_ANONYMOUS) that
-the process owning the listening socket (the single process, or the worker supervisor) creates
-before it forks: no file, no directory, nothing to clean up, nothing another user can read or
-plant, even when the milter starts as root. The map has one row per serving process. The owner
-gives a row to each worker just before forking it (`before_fork`); the worker writes only its own
+Counts live in one shared memory map of an anonymous memory file (`memfd_create`) that the
+process owning the listening socket (the single process, or the worker supervisor) creates
+before it starts workers: no path in any file system, nothing to clean up, nothing another user
+can read or plant, even when the milter starts as root. A forked worker inherits the map; a
+worker started as a fresh interpreter (a reload) gets the file's descriptor and maps it
+(`fresh_worker` / `attach_from_environment`). The map has one row per serving process. The owner
+gives a row to each worker just before starting it (`before_fork`); the worker writes only its own
 row, under a lock of its own (libmilter runs callbacks on many threads). A worker started after
 one died gets a free row, usually the dead one's, and adds to it: counters never go backwards,
 and a worker killed with SIGKILL loses nothing it counted (every count is in the shared map the
@@ -45,8 +47,10 @@ __all__ = [
     "STAGE_NAMES",
     "MeteredRules",
     "MetricsAddress",
+    "attach_from_environment",
     "before_fork",
     "count_timeout",
+    "fresh_worker",
     "install",
     "nothing",
     "parse_address",
@@ -140,11 +144,19 @@ def parse_address(text: str) -> MetricsAddress:
 
 
 class SharedCounts:
-    """The anonymous shared map: `rows` rows for serving processes, one for the owner."""
+    """The shared map: `rows` rows for serving processes, one for the owner.
 
-    def __init__(self, rows: int) -> None:
+    Without `fd` a new anonymous memory file (zeroed); with `fd`, the owner's, inherited.
+    """
+
+    def __init__(self, rows: int, fd: int | None = None) -> None:
         self.rows = rows
-        self._map = mmap.mmap(-1, (rows + 1) * _ROW * 8)  # MAP_SHARED|MAP_ANONYMOUS, zeroed
+        size = (rows + 1) * _ROW * 8
+        if fd is None:
+            fd = os.memfd_create("pymilterkit-metrics", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        self.fd = fd
+        self._map = mmap.mmap(fd, size)  # MAP_SHARED: every process sees every write
         self.cells = memoryview(self._map).cast("d")
         self.owner_row = rows
 
@@ -168,6 +180,10 @@ class SharedCounts:
     def close(self) -> None:
         self.cells.release()
         self._map.close()
+        os.close(self.fd)
+
+
+_NO_ARG: Any = object()
 
 
 class Recorder:
@@ -177,14 +193,18 @@ class Recorder:
         self.cells = shared.cells
         self.base = shared.row(row)
         self.lock = threading.Lock()
+        self._acquire, self._release = self.lock.acquire, self.lock.release
 
     def stage_base(self, stage: str) -> int:
         return self.base + _STAGE_INDEX.get(stage, 0) * _STAGE_CELLS
 
     def add(self, cell: int, amount: float = 1.0) -> None:
         """Add to cell `cell` of this row (thread-safe)."""
-        with self.lock:
+        self._acquire()  # (half the cost of `with lock:` on 3.11)
+        try:
             self.cells[self.base + cell] += amount
+        finally:
+            self._release()
 
     def stage_count(self, stage: str, cell: int) -> None:
         if stage in _STAGE_INDEX:
@@ -207,22 +227,35 @@ class Recorder:
     def timed(self, stage: str, callback: Callable[..., int]) -> Callable[..., int]:
         """`callback` (a stage's), counting its answers and timing it."""
         cells, lock = self.cells, self.lock
+        acquire, release = lock.acquire, lock.release
         base = self.stage_base(stage)
         results, hist, total = base + _RESULTS, base + _HIST, base + _SUM
         status_cell = _STATUS_CELL
         bounds = list(BUCKETS)
         clock, where = time.perf_counter, bisect.bisect_left
 
-        def metered(key: Any, *cargs: Any) -> int:
+        # libmilter's callbacks take 1 to 3 arguments: passing them by name, not as *args,
+        # spares a tuple and a generic call per stage (a third of this wrapper's cost).
+        def metered(key: Any, a: Any = _NO_ARG, b: Any = _NO_ARG, *more: Any) -> int:
             start = clock()
-            answer = callback(key, *cargs)
+            if a is _NO_ARG:
+                answer = callback(key)
+            elif b is _NO_ARG:
+                answer = callback(key, a)
+            elif not more:
+                answer = callback(key, a, b)
+            else:
+                answer = callback(key, a, b, *more)
             try:
                 elapsed = clock() - start
                 bucket = where(bounds, elapsed)
-                with lock:
+                acquire()
+                try:
                     cells[hist + bucket] += 1.0
                     cells[total] += elapsed
                     cells[results + status_cell[answer]] += 1.0
+                finally:
+                    release()
             except Exception:  # noqa: BLE001 - nothing may reach C; a count is not worth it
                 pass
             return answer
@@ -313,6 +346,32 @@ def before_fork() -> None:
         _row = _owner.free_row()
 
 
+_ENVIRONMENT = "PYMILTERKIT_METRICS"
+
+
+def fresh_worker() -> tuple[dict[str, str], tuple[int, ...]]:
+    """Supervisor, before starting a worker as a fresh interpreter (not forked): the variables
+    to add to its environment and the descriptors to pass it (`subprocess`'s `pass_fds`); then
+    `worker_started(pid)`. Nothing without metrics. The worker calls `attach_from_environment`.
+    """
+    shared = _shared
+    if shared is None or _owner is None:
+        return {}, ()
+    before_fork()
+    return {_ENVIRONMENT: f"{shared.fd}:{_row}:{shared.rows}"}, (shared.fd,)
+
+
+def attach_from_environment() -> None:
+    """In a worker started as a fresh interpreter: map the supervisor's counts, if it passed
+    them (`fresh_worker`), and take the variable out of the environment."""
+    global _shared, _row
+    value = os.environ.pop(_ENVIRONMENT, None)
+    if value is None:
+        return
+    fd, row, rows = (int(part) for part in value.split(":"))
+    _shared, _row = SharedCounts(rows, fd=fd), row
+
+
 def worker_started(pid: int) -> None:
     """Supervisor, after forking worker `pid` (the row chosen by `before_fork`)."""
     owner = _owner
@@ -377,57 +436,63 @@ os.register_at_fork(after_in_child=_in_child)
 # -- the callbacks ------------------------------------------------------------------------------
 
 
+_A = {name: _ACTIONS + i for i, name in enumerate(ACTIONS)}  # action -> its cell
+
+
 class CountingBackend:
     """A session backend that counts each action by kind, then carries it out."""
 
-    __slots__ = ("inner", "rec")
+    __slots__ = ("add", "inner")
 
     def __init__(self, inner: SessionBackend, rec: Recorder) -> None:
         self.inner = inner
-        self.rec = rec
+        self.add = rec.add
 
     def getsymval(self, name: bytes) -> bytes | None:
         return self.inner.getsymval(name)
 
     def setreply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None:
         self.inner.setreply(code, xcode, lines)
-        self.rec.action("set_reply")
+        self.add(_A["set_reply"])
 
     def addheader(self, name: bytes, value: bytes) -> None:
         self.inner.addheader(name, value)
-        self.rec.action("add_header")
+        self.add(_ADD_HEADER_CELL)
 
     def insheader(self, index: int, name: bytes, value: bytes) -> None:
         self.inner.insheader(index, name, value)
-        self.rec.action("insert_header")
+        self.add(_A["insert_header"])
 
     def chgheader(self, name: bytes, index: int, value: bytes | None) -> None:
         self.inner.chgheader(name, index, value)
-        self.rec.action("change_header" if value is not None else "delete_header")
+        self.add(_A["change_header" if value is not None else "delete_header"])
 
     def chgfrom(self, sender: bytes, params: bytes | None) -> None:
         self.inner.chgfrom(sender, params)
-        self.rec.action("change_sender")
+        self.add(_A["change_sender"])
 
     def addrcpt(self, recipient: bytes, params: bytes | None) -> None:
         self.inner.addrcpt(recipient, params)
-        self.rec.action("add_recipient")
+        self.add(_A["add_recipient"])
 
     def delrcpt(self, recipient: bytes) -> None:
         self.inner.delrcpt(recipient)
-        self.rec.action("remove_recipient")
+        self.add(_A["remove_recipient"])
 
     def replacebody(self, chunk: bytes) -> None:
         self.inner.replacebody(chunk)
-        self.rec.action("replace_body")
+        self.add(_A["replace_body"])
 
     def progress(self) -> None:
         self.inner.progress()
-        self.rec.action("progress")
+        self.add(_A["progress"])
 
     def quarantine(self, reason: bytes) -> None:
         self.inner.quarantine(reason)
-        self.rec.action("quarantine")
+        self.add(_A["quarantine"])
+
+
+_ADD_HEADER_CELL = _A["add_header"]  # the action of most messages
 
 
 class MeteredRules(SessionRules):
@@ -463,9 +528,8 @@ class MeteredRules(SessionRules):
     def create(self, backend: SessionBackend) -> MilterSession:
         rec = self._recorder()
         session = super().create(CountingBackend(backend, rec))
-        with rec.lock:
-            rec.cells[rec.base + _SESSIONS_TOTAL] += 1.0
-            rec.cells[rec.base + _SESSIONS_ACTIVE] += 1.0
+        rec.add(_SESSIONS_TOTAL)
+        rec.add(_SESSIONS_ACTIVE)
         return session
 
     def close(self, session: MilterSession) -> None:

@@ -161,3 +161,27 @@ def test_hooks_do_nothing_without_metrics() -> None:
 def test_a_taken_metrics_port_is_a_configuration_error(supervisor: tuple[str, int]) -> None:
     with pytest.raises(MilterError, match="cannot listen"):
         start(_metrics.parse_address(f"127.0.0.1:{supervisor[1]}"), Verdicts, 1)
+
+
+def test_a_fresh_worker_maps_the_supervisors_counts(
+    supervisor: tuple[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = _metrics._owner
+    assert owner is not None
+    env, fds = _metrics.fresh_worker()
+    [fd] = fds
+    fd_text, row, rows = env["PYMILTERKIT_METRICS"].split(":")
+    assert int(fd_text) == fd and int(rows) == owner.shared.rows
+    _metrics.worker_started(3001)
+    assert owner.rows == {3001: int(row)}
+    # What the fresh interpreter does with its inherited copy of the descriptor.
+    monkeypatch.setenv("PYMILTERKIT_METRICS", f"{os.dup(fd)}:{row}:{rows}")
+    monkeypatch.setattr(_metrics, "_shared", None)
+    monkeypatch.setattr(_metrics, "_recorder", None)
+    _metrics.attach_from_environment()
+    assert "PYMILTERKIT_METRICS" not in os.environ
+    worker_side = _metrics._shared
+    assert worker_side is not None and worker_side is not owner.shared
+    _metrics.count_timeout("on_eom")
+    worker_side.close()
+    assert _metrics.snapshot(owner.shared)["stages"]["on_eom"]["timeouts"] == 1
