@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--messages", type=int, default=2000, help="messages counted per milter")
     ap.add_argument("--modes", nargs="+", default=["noreply", "answered"],
                     choices=["noreply", "answered"])
-    ap.add_argument("--milters", nargs="+", default=list(MILTERS), choices=MILTERS)
+    ap.add_argument("--milters", nargs="+", default=list(MILTERS),
+                    choices=[*MILTERS, "pymilterkit-metrics"])  # -metrics: benchmarks/metrics.py
     args = ap.parse_args(argv)
     for tool in ("valgrind", "callgrind_control", "callgrind_annotate"):
         if shutil.which(tool) is None:

@@ -18,6 +18,7 @@ SIGTERM stops it (exit 0).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -52,10 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-affinity", default="auto", help="auto (default), none, or CPUs")
     ap.add_argument("--socket-mode", type=lambda v: int(v, 8), default=None,
                     help="octal mode of a unix socket (e.g. 666 so Postfix can connect)")
+    ap.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                    help="serve /metrics and /healthz there (benchmarks/metrics.py)")
     args = ap.parse_args(argv)
+    if args.metrics:  # the start-up lines say which port --metrics 127.0.0.1:0 took
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     cls = RcptCountNoReply if args.noreply else RcptCount
     Milter(cls, args.sockspec, name="bench", timeout=args.timeout, workers=args.workers,
-           socket_mode=args.socket_mode, cpu_affinity=parse_affinity(args.cpu_affinity)).run()
+           socket_mode=args.socket_mode, cpu_affinity=parse_affinity(args.cpu_affinity),
+           metrics=args.metrics).run()
     return 0
 
 

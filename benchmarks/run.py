@@ -101,12 +101,15 @@ def milter_command(name: str, mode: str, spec: str, venv_py: Path,
         return [str(venv_py), str(HERE / "pymilter_rcptcount.py"),
                 *([] if noreply else ["--reply"]), spec]
     if name.startswith("pymilterkit"):
+        # -metrics (benchmarks/metrics.py): the same milter with --metrics on a free port
+        metrics = ["--metrics", "127.0.0.1:0"] if name.endswith("-metrics") else []
+        name = name.removesuffix("-metrics")
         workers = ["--workers", name.rsplit("-w", 1)[1]] if "-w" in name else []
         mode_arg = ["--socket-mode", "666"] if world_socket and spec.startswith("unix:") else []
         anycpu = ["--cpu-affinity", "none"] if name.endswith("-anycpu") else []
         script = "pymilterkit_empty.py" if "-empty" in name else "pymilterkit_rcptcount.py"
         return [sys.executable, str(HERE / script),
-                *(["--noreply"] if noreply else []), *workers, *mode_arg, *anycpu, spec]
+                *(["--noreply"] if noreply else []), *workers, *mode_arg, *anycpu, *metrics, spec]
     raise ValueError(name)
 
 
