@@ -181,3 +181,40 @@ def test_workers_counts_survive_a_killed_worker_and_restarts_are_counted() -> No
         final = settled(address, 8)
         assert value(final, "pymilterkit_stage_calls_total", stage="rcpt") == 14
         assert value(final, "pymilterkit_actions_total", action="add_header") == 8 * 3
+
+
+def test_async_stages_are_counted_and_timeouts_too() -> None:
+    args = ["--metrics", "127.0.0.1:0", "--stage-timeout", "0.3"]
+    with MilterProcess("tests.integration.async_filters:Deadline", args=args, cwd=ROOT) as milter:
+        address = endpoint(milter)
+        result = MilterClient(milter.socket).run(
+            MESSAGE, recipients=["fast@example.org", "slow@example.org"]
+        )
+        assert [r.status for r in result.recipients] == [Status.CONTINUE, Status.TEMPFAIL]
+        samples = settled(address, 1)
+        assert value(samples, "pymilterkit_stage_timeouts_total", stage="rcpt") == 1
+        assert value(samples, "pymilterkit_stage_results_total", stage="rcpt",
+                     status="continue") == 1
+        assert value(samples, "pymilterkit_stage_results_total", stage="rcpt",
+                     status="tempfail") == 1
+        assert value(samples, "pymilterkit_stage_duration_seconds_bucket", stage="rcpt",
+                     le="0.25") == 1  # only the fast one: the other ran to the deadline
+        assert value(samples, "pymilterkit_stage_calls_total", stage="eom") == 1
+
+
+def test_async_verdicts_in_dry_run_are_counted_not_sent() -> None:
+    args = ["--metrics", "127.0.0.1:0", "--dry-run"]
+    with MilterProcess("tests.integration.async_filters:AsyncRcpt", args=args, cwd=ROOT) as milter:
+        address = endpoint(milter)
+        result = MilterClient(milter.socket).run(
+            MESSAGE, recipients=["bad@example.org", "ok@example.org"]
+        )
+        assert [r.status for r in result.recipients] == [Status.CONTINUE, Status.CONTINUE]
+        assert result.modifications == ()
+        samples = settled(address, 1)
+        assert value(samples, "pymilterkit_dry_run_verdicts_total", stage="rcpt",
+                     status="reject") == 1
+        assert value(samples, "pymilterkit_stage_results_total", stage="rcpt",
+                     status="continue") == 2
+        assert value(samples, "pymilterkit_dry_run_actions_total", action="add_header") == 2
+        assert value(samples, "pymilterkit_actions_total", action="add_header") == 0
