@@ -30,6 +30,7 @@ import ipaddress
 import logging
 import mmap
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -184,6 +185,8 @@ class SharedCounts:
 
 
 _NO_ARG: Any = object()
+_GIL: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
+"""False on a free-threaded interpreter (3.13t): the stage wrapper then takes a lock."""
 
 
 class Recorder:
@@ -229,18 +232,19 @@ class Recorder:
         cells, lock = self.cells, self.lock
         acquire, release = lock.acquire, lock.release
         base = self.stage_base(stage)
-        results, hist, total = base + _RESULTS, base + _HIST, base + _SUM
-        status_cell = _STATUS_CELL
+        hist, total = base + _HIST, base + _SUM
+        result_cell = tuple(base + _RESULTS + cell for cell in _STATUS_CELL)  # by status value
         bounds = list(BUCKETS)
         clock, where = time.perf_counter, bisect.bisect_left
+        no_arg = _NO_ARG
 
         # libmilter's callbacks take 1 to 3 arguments: passing them by name, not as *args,
-        # spares a tuple and a generic call per stage (a third of this wrapper's cost).
-        def metered(key: Any, a: Any = _NO_ARG, b: Any = _NO_ARG, *more: Any) -> int:
+        # spares a tuple and a generic call per stage.
+        def metered(key: Any, a: Any = no_arg, b: Any = no_arg, *more: Any) -> int:
             start = clock()
-            if a is _NO_ARG:
+            if a is no_arg:
                 answer = callback(key)
-            elif b is _NO_ARG:
+            elif b is no_arg:
                 answer = callback(key, a)
             elif not more:
                 answer = callback(key, a, b)
@@ -248,19 +252,35 @@ class Recorder:
                 answer = callback(key, a, b, *more)
             try:
                 elapsed = clock() - start
+                # Under the GIL these three read-add-writes of shared-memory cells (C-level
+                # subscripts, no call between them) cannot interleave with another thread's:
+                # the interpreter switches threads only at calls and backward jumps. Without a
+                # GIL (free-threaded builds) `locked` below is used instead.
+                cells[hist + where(bounds, elapsed)] += 1.0
+                cells[total] += elapsed
+                cells[result_cell[answer]] += 1.0
+            except Exception:  # noqa: BLE001 - nothing may reach C; a count is not worth it
+                pass
+            return answer
+
+        def locked(key: Any, *cargs: Any) -> int:
+            start = clock()
+            answer = callback(key, *cargs)
+            try:
+                elapsed = clock() - start
                 bucket = where(bounds, elapsed)
                 acquire()
                 try:
                     cells[hist + bucket] += 1.0
                     cells[total] += elapsed
-                    cells[results + status_cell[answer]] += 1.0
+                    cells[result_cell[answer]] += 1.0
                 finally:
                     release()
-            except Exception:  # noqa: BLE001 - nothing may reach C; a count is not worth it
+            except Exception:  # noqa: BLE001
                 pass
             return answer
 
-        return metered
+        return metered if _GIL else locked
 
 
 # -- this process's state -------------------------------------------------------------------
