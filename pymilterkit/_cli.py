@@ -12,7 +12,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._affinity import parse as parse_affinity
 from ._config import filter_config, read_config, run_subparser
@@ -23,6 +23,9 @@ from ._logging import LOG_FORMATS
 from ._logging import configure as configure_logging
 from ._runner import ErrorStatus
 from ._session import MilterSession
+
+if TYPE_CHECKING:
+    from ._runner import Milter
 
 __all__ = ["load_config", "load_session_class", "main"]
 
@@ -114,13 +117,14 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def build_milter(args: argparse.Namespace) -> Milter:
+    """The `Milter` a parsed `run` command line describes (also a reload's fresh worker)."""
     from ._runner import Milter
 
     session_class = load_session_class(args.target)
     path = getattr(args, "config_path", None)
     config = filter_config(session_class, args.config_section, path) if path else None
-    Milter(
+    milter = Milter(
         session_class,
         args.socket,
         name=args.name,
@@ -140,7 +144,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         stage_timeout=args.stage_timeout,
         timeout_status=_ERROR_STATUS[args.timeout_status],
         progress_interval=args.progress_interval or None,
-    ).run()
+        drain_timeout=args.drain_timeout,
+        max_sessions_per_worker=args.max_sessions_per_worker,
+        max_worker_rss=args.max_worker_rss,
+    )
+    milter.cli_argv = getattr(args, "pmk_argv", None)
+    return milter
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    build_milter(args).run()
     return EXIT_OK
 
 
@@ -285,6 +298,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--debug-level", type=int, default=0, help="libmilter trace level")
     run.add_argument(
+        "--drain-timeout", type=float, default=30.0, metavar="S",
+        help="on SIGTERM, let sessions in flight finish for up to S seconds (default 30)",
+    )
+    run.add_argument(
+        "--max-sessions-per-worker", type=int, metavar="N",
+        help="retire a worker (drain, replace) after N sessions",
+    )
+    run.add_argument(
+        "--max-worker-rss", type=float, metavar="MIB",
+        help="retire a worker (drain, replace) whose memory passes MIB MiB",
+    )
+    run.add_argument(
         "--socket-mode", help="octal mode of a unix socket (default 660: owner and group only)"
     )
     run.add_argument("--socket-group", help="group of a unix socket (e.g. postfix)")
@@ -332,22 +357,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(args: argparse.Namespace) -> None:
+    configure_logging(
+        getattr(args, "run_log_level", None) or args.log_level,
+        log_format=getattr(args, "log_format", "text"),
+        syslog=getattr(args, "syslog", False),
+        root_level=getattr(args, "root_log_level", "WARNING"),
+    )
+
+
+def milter_for_reload(argv: Sequence[str]) -> Milter:
+    """In a reload's fresh worker: the command line parsed again, the config file read again,
+    logging set up as the command does, the filter class imported anew."""
+    args = parse_args_with_config(_parser(), list(argv))
+    args.pmk_argv = list(argv)
+    _configure_logging(args)
+    return build_milter(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pymilterkit` command; returns the exit code."""
     parser = _parser()
     try:
-        args = parse_args_with_config(parser, sys.argv[1:] if argv is None else list(argv))
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = parse_args_with_config(parser, argv)
     except ConfigurationError as exc:
         print(f"pymilterkit: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    args.pmk_argv = argv  # a reload's fresh workers parse it (and the config file) again
     handler: Handler = args.handler
     try:
-        configure_logging(
-            getattr(args, "run_log_level", None) or args.log_level,
-            log_format=getattr(args, "log_format", "text"),
-            syslog=getattr(args, "syslog", False),
-            root_level=getattr(args, "root_log_level", "WARNING"),
-        )
+        _configure_logging(args)
         return handler(args)
     except MilterError as exc:
         print(f"pymilterkit: error: {exc}", file=sys.stderr)

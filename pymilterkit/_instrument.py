@@ -13,8 +13,8 @@ __all__ = ["callbacks_class"]
 
 
 class _DryRunCallbacks(DryRunRules, LibmilterCallbacks):
-    def close_all(self) -> int:
-        count = super().close_all()
+    def close_all(self, grace: float = 0.0) -> int:
+        count = super().close_all(grace)
         self.dry_run_summary()
         return count
 

@@ -5,23 +5,30 @@ Theory of operation
 libmilter allows one `smfi_main` per process (a stop is sticky), so a process runs one milter.
 `smfi_main` runs on a dedicated thread: it blocks SIGTERM/SIGINT/SIGHUP in its own thread and
 starts a sigwait thread, while the main thread keeps Python's signal handling and turns those
-signals into `smfi_stop`. `smfi_stop` can block for up to 5 s (libmilter's listener polls with
-the lock held), so it is called from a helper thread, never from a callback's thread.
+signals into a drain, a stop or a reload (`_lifecycle.StopRequests`). `smfi_stop` waits for
+libmilter's listener, which polls for up to 5 s holding a lock; it is called from a helper thread
+while the listener thread is woken from its poll by a signal (`_lifecycle.ListenerThread`).
 
+A drain (SIGTERM/SIGINT) closes libmilter's listening descriptor to new connections
+(`_lifecycle.Gate`), lets the sessions in flight finish, up to `drain_timeout`, then stops.
 When `smfi_main` returns, callbacks still in flight are waited for, and sessions libmilter
 abandoned (its worker pool does not call xxfi_close for parked connections at stop) get their
-`on_close` from Python, so no session outlives the run.
+`on_close` from Python, each after its running stage returned, so no session outlives the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
+import pickle
 import signal
 import socket as socketlib
+import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Literal, TypedDict
 
 from typing_extensions import Unpack
@@ -34,6 +41,16 @@ from ._config import install as install_config
 from ._errors import ConfigurationError, LibmilterError, SocketSpecError, WorkerStartError
 from ._flags import Status
 from ._instrument import callbacks_class
+from ._lifecycle import (
+    Gate,
+    ListenerThread,
+    StopRequests,
+    notify_draining,
+    notify_ready,
+    notify_reloading,
+    rss_mib,
+    wake_handler,
+)
 from ._limits import raise_nofile_limit
 from ._listen import Listener, open_listener, poke
 from ._loop import EventLoopThread, call_hook
@@ -47,6 +64,12 @@ from ._trampolines import LibmilterCallbacks, SyncEomProgress
 __all__ = ["Milter", "libmilter_version", "run", "set_debug_level", "shutdown"]
 
 logger = logging.getLogger("pymilterkit")
+
+DEFAULT_DRAIN_TIMEOUT = 30.0
+"""Seconds a drain (SIGTERM) waits for the sessions in flight before ending them."""
+
+STOP_GRACE = 10.0
+"""Seconds a stop waits for stage methods still running before it closes their sessions."""
 
 DEFAULT_TIMEOUT = 600
 """libmilter's I/O timeout unless `timeout` says otherwise: above Postfix's smtpd_timeout
@@ -86,6 +109,10 @@ class Milter:
     runs longer than `progress_interval` seconds (None: never), the MTA is sent progress at
     that interval, so its timeout does not fire. Keep `stage_timeout` below the MTA's
     (Postfix: milter_command_timeout 30 s, milter_content_timeout 300 s for on_eom).
+
+    Lifecycle (docs/lifecycle.md): `drain_timeout` is how long SIGTERM lets the sessions in
+    flight finish; `max_sessions_per_worker` and `max_worker_rss` (MiB) retire a worker past
+    either limit (it drains, a fresh one takes its place).
     """
 
     def __init__(
@@ -110,6 +137,9 @@ class Milter:
         stage_timeout: float | None = None,
         timeout_status: ErrorStatus = Status.TEMPFAIL,
         progress_interval: float | None = 10.0,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        max_sessions_per_worker: int | None = None,
+        max_worker_rss: float | None = None,
     ) -> None:
         if not (isinstance(session_class, type) and issubclass(session_class, MilterSession)):
             raise ConfigurationError(
@@ -161,6 +191,34 @@ class Milter:
             raise ConfigurationError("socket_mode and socket_group apply to unix sockets only")
         if not isinstance(dry_run, bool):
             raise ConfigurationError(f"dry_run must be True or False: {dry_run!r}")
+        if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, (int, float)) or not (
+            0 <= drain_timeout < float("inf")
+        ):
+            raise ConfigurationError(f"drain_timeout must be seconds >= 0: {drain_timeout!r}")
+        for option, limit in (
+            ("max_sessions_per_worker", max_sessions_per_worker),
+            ("max_worker_rss", max_worker_rss),
+        ):
+            if limit is not None and (
+                isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0
+            ):
+                raise ConfigurationError(f"{option} must be a positive number: {limit!r}")
+        self._options: dict[str, object] = {
+            "name": name, "timeout": timeout, "backlog": backlog, "debug_level": debug_level,
+            "error_status": error_status, "workers": workers, "socket_mode": socket_mode,
+            "socket_group": socket_group, "user": user, "group": group,
+            "cpu_affinity": cpu_affinity, "config": config, "metrics": metrics,
+            "dry_run": dry_run, "stage_timeout": stage_timeout, "timeout_status": timeout_status,
+            "progress_interval": progress_interval, "drain_timeout": drain_timeout,
+            "max_sessions_per_worker": max_sessions_per_worker, "max_worker_rss": max_worker_rss,
+        }
+        """The options again, for a fresh worker at reload (`_fresh`)."""
+        self.cli_argv: list[str] | None = None
+        """The `pymilterkit` command line this run came from: a reload parses it again (and
+        reads its config file again)."""
+        self.drain_timeout = float(drain_timeout)
+        self.max_sessions_per_worker = max_sessions_per_worker
+        self.max_worker_rss = max_worker_rss
         self.metrics = None if metrics is None else _metrics.parse_address(metrics)
         self.dry_run = dry_run
         self.timeout = timeout
@@ -181,30 +239,39 @@ class Milter:
         self._progress: SyncEomProgress | None = None
         self._fatal: BaseException | None = None
         self._stop_requested = threading.Event()
-        self._main_done = threading.Event()
         self._lib: c.Libmilter | None = None
         self.dispatcher: LibmilterCallbacks | None = None
         self._listener: Listener | None = None
         self._inherited = False
         self._activated: Listener | None = None  # the socket systemd passed (spec "systemd")
         self._slot: int | None = None  # the pre-forked worker this process is
+        self._gate: Gate | None = None
+        self._thread: ListenerThread | None = None
+        self._can_wake = False
+        self._requests = StopRequests()
+        self._drain_deadline: float | None = None
+        self._idle_ticks = 0
+        self.retiring = False
+        """A worker past `max_sessions_per_worker`/`max_worker_rss`: it drains and exits."""
+        self.handing_over = False
+        """A single process reloading: its socket passes to the worker that replaces it."""
+        self._successor: int | None = None  # single-process reload: the fresh worker
+        self._control: tuple[int, int] | None = None
+        self._reload_started = 0.0
+        self.on_serving: Callable[[], None] | None = None
+        """Called once serving is about to begin (the supervisor's worker readiness)."""
+        self.on_retiring: Callable[[str], None] | None = None
+        """Called when a worker begins to retire (the supervisor starts its successor)."""
 
     # -- running ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Serve until SIGTERM, SIGINT, SIGHUP or `shutdown()`; raises `MilterError` on failure.
+        """Serve until SIGTERM/SIGINT (after a drain) or `shutdown()`; SIGHUP reloads.
+        Raises `MilterError` on failure.
 
         libmilter allows this once per process: a second call raises `ConfigurationError`.
         """
-        global _has_run, _current
-        with _state_lock:
-            if _has_run:
-                raise ConfigurationError(
-                    "libmilter allows one milter run per process and this process already ran "
-                    "one; start a new process (e.g. multiprocessing or subprocess)"
-                )
-            _has_run = True
-            _current = self
+        claim_run(self)
         raise_nofile_limit()  # one descriptor per MTA connection: allow what the admin allows
         service = _systemd.notifier()  # takes NOTIFY_SOCKET & co. out of the environment
         if self.spec.kind == "systemd":  # from here on, the passed socket's unix/inet address
@@ -226,17 +293,24 @@ class Milter:
                     self.workers,
                     open_socket=self._open_socket,
                     serve=self._serve_worker,
-                    wake=lambda: poke(self.spec),
                     name=self.name,
                     where=str(self.spec),
                     tick=lambda slots, stopping: service.tick(
                         str(self.spec), workers=slots, stopping=stopping
                     ),
+                    spawn_fresh=self._spawn_fresh,
+                    drain_timeout=self.drain_timeout,
                 )
                 return
             self._confine_to_cpus()
-            self._prepare()
+            try:
+                self._prepare()
+            except BaseException:
+                self._discard()  # a run refused before serving leaves no socket file
+                raise
             self._serve()
+            if self._successor is not None:
+                self._supervise_successor()
         finally:
             stop_metrics()
 
@@ -252,13 +326,46 @@ class Milter:
             logger.info("running on CPU %s (cpu_affinity=%r)", ",".join(map(str, sorted(cpus))),
                         self.cpu_affinity)
 
-    def _serve_worker(self, fd: int, slot: int) -> None:
-        """Serve as pre-forked worker `slot` on the parent's listening socket, until stopped."""
+    def _serve_worker(self, fd: int, slot: int, control: int) -> None:
+        """Serve as pre-forked worker `slot` on the parent's listening socket, until stopped;
+        report to the supervisor on `control`."""
+        from ._prefork import READY, RETIRING, notify_supervisor
+
+        self.on_serving = lambda: notify_supervisor(control, READY)
+        self.on_retiring = lambda reason: notify_supervisor(control, RETIRING)
         self._confine_to_cpus(slot)
         self._inherited = True
         self._slot = slot
-        self._prepare(inherited_fd=fd)
+        try:
+            self._prepare(inherited_fd=fd)
+        except BaseException:
+            self._discard()
+            raise
         self._serve()
+
+    def _spawn_fresh(self, fd: int, slot: int, control: int) -> int:
+        """Start worker `slot` as a fresh interpreter that imports the filter anew (reload)."""
+        from . import _fresh
+
+        description: dict[str, Any] = {
+            "fd": fd,
+            "slot": slot,
+            "control": control,
+            "parent": os.getpid(),
+            "path": sys.path,
+            "cwd": os.getcwd(),
+            "log_level": logging.getLogger("pymilterkit").getEffectiveLevel(),
+        }
+        if self.cli_argv is not None:  # parse the command line (and its config file) again
+            description["argv"] = self.cli_argv
+        else:
+            description["target"] = _fresh.class_target(self.session_class)
+            description["socket"] = str(self.spec)
+            try:
+                description["options"] = pickle.dumps(self._options).hex()
+            except Exception as exc:
+                raise OSError(f"the run's options cannot be passed on: {exc}") from exc
+        return _fresh.spawn(description)
 
     def _open_socket(self) -> Listener:
         """Open the listening socket, then drop privileges: once per run, in the process that
@@ -299,8 +406,11 @@ class Milter:
             raise LibmilterError("smfi_register failed")
         if inherited_fd is None:
             self._listener = self._open_socket()
-            inherited_fd = self._listener.fileno()
-        conn = f"fd:{inherited_fd}"
+            self._gate = Gate(self._listener.fileno())
+        else:
+            self._gate = Gate(inherited_fd)
+            os.close(inherited_fd)  # the supervisor keeps the shared socket
+        conn = f"fd:{self._gate.fd}"
         if lib.smfi_setconn(conn.encode()) != c.MI_SUCCESS:
             raise SocketSpecError(f"libmilter refused socket spec {conn}")
         lib.smfi_settimeout(DEFAULT_TIMEOUT if self.timeout is None else self.timeout)
@@ -309,8 +419,7 @@ class Milter:
         lib.smfi_setdbg(self.debug_level or _default_debug_level)
         opened = lib.smfi_opensocket(0) == c.MI_SUCCESS
         if not opened and self._listener is not None:
-            self._listener.close()
-            self._listener = None
+            self._discard()
             if not tcp:
                 raise SocketSpecError(
                     f"this libmilter does not accept an inherited socket (fd:N, a Debian "
@@ -396,30 +505,52 @@ class Milter:
                 return f"no write permission in {directory}"
         return "libmilter could not create the socket (see syslog)"
 
+    def _discard(self) -> None:
+        """Close what `_prepare` opened; libmilter never served on it."""
+        if self._gate is not None:
+            self._gate.discard()
+            self._gate = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
     def _serve(self) -> None:
         lib = self._lib
-        assert lib is not None and self.dispatcher is not None
+        dispatcher = self.dispatcher
+        assert lib is not None and dispatcher is not None
         result: list[int] = []
-        main = threading.Thread(
-            target=self._main, args=(lib, result), name="libmilter-main", daemon=True
-        )
-        with on_stop_signals(self._on_stop_signal):
-            main.start()
+        attention = threading.Event()  # smfi_main returned, or a worker reached its limit
+        thread = self._thread = ListenerThread(lambda: result.append(lib.smfi_main()), attention)
+        if self.max_sessions_per_worker is not None:
+            dispatcher.session_limit = self.max_sessions_per_worker
+            dispatcher.past_limit = attention
+        with on_stop_signals(self._on_signal), wake_handler() as can_wake:
+            self._can_wake = can_wake
+            if self.on_serving is not None:
+                self.on_serving()
+            thread.start()
             logger.info("%s listening on %s", self.name, self.spec)
-            ticks = 0
-            while main.is_alive():
-                main.join(0.25)
+            released = time.monotonic()
+            while not thread.done.is_set():
+                attention.wait(0.25 if self._drain_deadline is None else 0.02)
+                attention.clear()
+                if thread.done.is_set():
+                    break
+                self._tick()
                 self._notify()
-                ticks += 1
-                if ticks % 4 == 0:  # about once a second
+                now = time.monotonic()
+                if now - released >= 1.0:
+                    released = now
                     self._release_thread_states()
         self._notify(stopping=True)
-        self._drain()
-        left = len(self.dispatcher.sessions)
-        abandoned = self.dispatcher.close_all()
+        if self._gate is not None:
+            self._gate.forget()  # libmilter closed its descriptor at stop
+            self._gate = None
+        left = len(dispatcher.sessions)
+        abandoned = dispatcher.close_all(STOP_GRACE)
         logger.info(
             "stopped: %d session(s) served, %d left open by libmilter and closed here",
-            self.dispatcher.created,
+            dispatcher.created,
             left,
         )
         if abandoned:
@@ -427,11 +558,100 @@ class Milter:
         if self._progress is not None:
             self._progress.stop()
         self._stop_worker()
-        self._remove_socket_file()
+        if self._successor is None:  # else the socket passes to the supervisor (reload)
+            self._remove_socket_file()
         if self._fatal is not None:
             raise self._fatal
         if result and result[0] != c.MI_SUCCESS:
             raise LibmilterError(f"smfi_main failed ({result[0]}); see syslog")
+
+    def _tick(self) -> None:
+        """Between waits of the main thread: end a finished drain, retire a worker past a limit."""
+        if self._successor is not None and not self.handing_over:
+            self._check_successor()
+        if self._stop_requested.is_set():
+            return
+        if self._drain_deadline is not None:
+            if self._drained():
+                logger.info("drained: every session has ended; stopping")
+                self.stop()
+            elif time.monotonic() >= self._drain_deadline:
+                assert self.dispatcher is not None
+                logger.warning(
+                    "drain timeout (%g s): ending %d session(s) still open",
+                    self.drain_timeout,
+                    len(self.dispatcher.sessions),
+                )
+                self.stop()
+            return
+        if not self.retiring and self._successor is None:
+            reason = self._past_limit()
+            if reason is None:
+                pass
+            elif self._inherited:
+                self.retire(reason)
+            else:  # a single process: hand over to a fresh worker, as a reload does
+                self.retiring = True
+                logger.info("retiring: %s; a fresh worker takes over", reason)
+                self.reload()
+
+    def _drained(self) -> bool:
+        """No session and no callback, twice in a row (a connection libmilter accepted just
+        before the gate closed shows up at its negotiate a moment later)."""
+        assert self.dispatcher is not None
+        if self.dispatcher.sessions or self.dispatcher.in_flight():
+            self._idle_ticks = 0
+            return False
+        self._idle_ticks += 1
+        return self._idle_ticks >= 3
+
+    def _past_limit(self) -> str | None:
+        assert self.dispatcher is not None
+        limit = self.max_sessions_per_worker
+        if limit is not None and self.dispatcher.created >= limit:
+            return f"{self.dispatcher.created} sessions (max_sessions_per_worker={limit})"
+        if self.max_worker_rss is not None:
+            rss = rss_mib()
+            if rss > self.max_worker_rss:
+                return f"RSS {rss:.0f} MiB (max_worker_rss={self.max_worker_rss:g})"
+        return None
+
+    def retire(self, reason: str) -> None:
+        """Drain this worker and exit, so that a fresh one takes its place."""
+        self.retiring = True
+        logger.info("worker %d retires: %s", os.getpid(), reason)
+        if self.on_retiring is not None:
+            self.on_retiring(reason)
+        self.drain("retiring")
+
+    def drain(self, reason: str) -> None:
+        """Take no new connections; stop once the sessions in flight ended (`drain_timeout`)."""
+        if self._drain_deadline is not None or self._stop_requested.is_set():
+            return
+        dispatcher = self.dispatcher
+        assert dispatcher is not None
+        self._drain_deadline = time.monotonic() + self.drain_timeout
+        if self._gate is not None:
+            self._gate.close()
+            self._wake()  # a poll still on the real socket moves to the gate at once
+            if self._listener is not None and self._successor is None:
+                # Single process: refuse new connections rather than queue them for no one.
+                self._listener.sock.close()
+        else:  # libmilter opened its own socket: refuse new sessions instead
+            dispatcher.stopping = True
+        if not self.handing_over:
+            notify_draining(stopping=not self.retiring and not self._inherited)
+        logger.info(
+            "%s: draining %d session(s), for up to %g s",
+            reason,
+            len(dispatcher.sessions),
+            self.drain_timeout,
+        )
+
+    def _wake(self) -> None:
+        thread = self._thread
+        if thread is not None and self._can_wake:
+            thread.wake()
 
     def _notify(self, stopping: bool = False) -> None:
         """Tell systemd how the run goes (nothing without NOTIFY_SOCKET); a pre-forked worker
@@ -454,19 +674,97 @@ class Milter:
         # The socket is ours (fd:N): libmilter neither created nor removes it. A pre-forked
         # worker leaves the shared socket to its parent.
         if self._listener is not None:
-            self._listener.close(closed_by_libmilter=True)
+            self._listener.close()  # libmilter closed only its own duplicate (the gate)
             self._listener = None
 
-    def _drain(self, limit: float = 10.0) -> None:
-        """Wait (bounded) for callbacks still running on libmilter's threads."""
-        assert self.dispatcher is not None
-        deadline = time.monotonic() + limit
-        while self.dispatcher.in_flight() and time.monotonic() < deadline:
-            time.sleep(0.01)
+    def _on_signal(self, signum: signal.Signals) -> None:
+        request = self._requests.classify(signum)
+        if request is None:
+            return
+        if request != "reload" and self._successor is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._successor, signal.SIGTERM)  # the stop is for it too
+        if request == "now":
+            logger.info("signal %s again: stopping at once", signum.name)
+            self.stop()
+        elif request == "drain":
+            self.drain(f"signal {signum.name}")
+        elif self._inherited:  # SIGHUP to a worker: replace it by a fresh one
+            self.retire(f"signal {signum.name}")
+        else:
+            self.reload()
 
-    def _on_stop_signal(self, signum: signal.Signals) -> None:
-        logger.info("signal %s: stopping", signum.name)
-        self.stop()
+    def reload(self) -> None:
+        """SIGHUP in a single process: a fresh worker process takes the socket; once it serves,
+        this process drains and then supervises it (as with `workers`, docs/lifecycle.md)."""
+        from ._prefork import control_pipe
+
+        if self._listener is None or self._gate is None:
+            logger.warning("SIGHUP: libmilter opened the socket itself; cannot reload")
+            return
+        if self._successor is not None or self._drain_deadline is not None:
+            logger.warning("SIGHUP: a reload or stop is already under way")
+            return
+        control = control_pipe()
+        fd = self._listener.fileno()
+        os.set_inheritable(fd, True)
+        try:
+            pid = self._spawn_fresh(fd, 0, control[1])
+        except OSError as exc:
+            for end in control:
+                os.close(end)
+            logger.error("reload failed: could not start a worker: %s", exc)
+            return
+        finally:
+            os.set_inheritable(fd, False)
+        self._successor, self._control = pid, control
+        self._reload_started = time.monotonic()
+        notify_reloading()
+        logger.info("SIGHUP: reloading: fresh worker %d starts", pid)
+
+    def _check_successor(self) -> None:
+        from ._prefork import READY, READY_TIMEOUT, read_reports
+
+        pid, control = self._successor, self._control
+        assert pid is not None and control is not None
+        if (READY, pid) in read_reports(control[0]):
+            self.handing_over = True
+            notify_ready()
+            logger.info(
+                "reloaded in %.2f s: worker %d serves; this process drains, then supervises",
+                time.monotonic() - self._reload_started,
+                pid,
+            )
+            self.drain("reloaded")
+            return
+        why = None
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            why = f"the new worker exited with {os.waitstatus_to_exitcode(status)} before serving"
+        elif time.monotonic() - self._reload_started > READY_TIMEOUT:
+            why = f"the new worker did not serve within {READY_TIMEOUT:g} s"
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        if why is not None:
+            logger.error("reload failed: %s (see above); this process keeps serving", why)
+            notify_ready()
+            for end in control:
+                os.close(end)
+            self._successor = self._control = None
+
+    def _supervise_successor(self) -> None:
+        """After a single process's reload: supervise the worker that took its socket."""
+        from ._prefork import Supervisor
+
+        pid, control, listener = self._successor, self._control, self._listener
+        assert pid is not None and control is not None and listener is not None
+        self._listener = None
+        supervisor = Supervisor(
+            1, self._serve_worker, self._spawn_fresh, self.name, str(self.spec),
+            self.drain_timeout,
+        )
+        supervisor.adopt(listener, control, pid, stop=not self.handing_over
+                         or self._requests.draining)
 
     def _on_fatal(self, exc: BaseException) -> None:
         if self._fatal is None:
@@ -474,7 +772,7 @@ class Milter:
         self.stop()
 
     def stop(self) -> None:
-        """Ask the milter to stop; returns at once (smfi_stop runs on a helper thread)."""
+        """Ask the milter to stop now; returns at once (smfi_stop runs on a helper thread)."""
         if self._stop_requested.is_set():
             return
         self._stop_requested.set()
@@ -487,12 +785,6 @@ class Milter:
             target=self._stop_now, args=(lib,), name="libmilter-stop", daemon=True
         ).start()
 
-    def _main(self, lib: c.Libmilter, result: list[int]) -> None:
-        try:
-            result.append(lib.smfi_main())
-        finally:
-            self._main_done.set()
-
     def _stop_now(self, lib: c.Libmilter) -> None:
         if self.dispatcher is not None and self.dispatcher.loop is not None:
             cancelled = self.dispatcher.end_pending(grace=2.0)
@@ -503,11 +795,15 @@ class Milter:
         lib.smfi_stop()
 
     def _wake_listener(self, limit: float = 15.0) -> None:
-        # Poke until smfi_main is back: with pre-forked workers sharing the socket, a poke may
-        # be taken by another worker while this one's listener sits in accept().
+        # Wake the listener until smfi_main is back: a wake can land just before its poll.
+        thread = self._thread
+        if thread is None:
+            return
         deadline = time.monotonic() + limit
-        while not self._main_done.wait(0.05) and time.monotonic() < deadline:
-            poke(self.spec)
+        while not thread.done.wait(0.02) and time.monotonic() < deadline:
+            if not (self._can_wake and thread.wake()) and (self._gate is None
+                                                          or self._gate.open):
+                poke(self.spec)  # run() off the main thread: no wake signal handler
 
 
 class MilterOptions(TypedDict, total=False):
@@ -530,6 +826,22 @@ class MilterOptions(TypedDict, total=False):
     stage_timeout: float | None
     timeout_status: ErrorStatus
     progress_interval: float | None
+    drain_timeout: float
+    max_sessions_per_worker: int | None
+    max_worker_rss: float | None
+
+
+def claim_run(milter: Milter) -> None:
+    """Make `milter` this process's one run (libmilter allows one), or raise."""
+    global _has_run, _current
+    with _state_lock:
+        if _has_run:
+            raise ConfigurationError(
+                "libmilter allows one milter run per process and this process already ran "
+                "one; start a new process (e.g. multiprocessing or subprocess)"
+            )
+        _has_run = True
+        _current = milter
 
 
 def run(

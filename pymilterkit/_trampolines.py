@@ -144,6 +144,9 @@ class LibmilterCallbacks(SessionRules):
         self.active: dict[int, str] = {}
         self.stopping = False
         """Set when a stop begins: no session is created after it."""
+        self.session_limit: int | None = None
+        self.past_limit: threading.Event | None = None
+        """Set once `session_limit` sessions were created (a worker then retires)."""
 
     def fatal(self, exc: BaseException, stage: str) -> None:
         super().fatal(exc, stage)
@@ -156,6 +159,9 @@ class LibmilterCallbacks(SessionRules):
             return None
         session = self.create(CtxBackend(self.lib, ctx))
         self.sessions[ctx] = session
+        if self.session_limit is not None and self.created >= self.session_limit:
+            assert self.past_limit is not None
+            self.past_limit.set()
         return session
 
     def _stage(
@@ -351,26 +357,35 @@ class LibmilterCallbacks(SessionRules):
                 self.close(session)
         return Status.CONTINUE
 
-    def close_all(self) -> int:
+    def close_all(self, grace: float = 0.0) -> int:
         """Run on_close for sessions libmilter abandoned (at stop); returns how many.
 
-        A session whose stage is still running is left alone (its calls never overlap):
-        it is logged, and the process ends around it.
+        A session whose stage (or negotiate/abort/close) is still running is closed once it
+        returned, waiting up to `grace` seconds: its calls never overlap and on_close is the
+        last. One still running then is logged, and the process ends around it.
         """
         count = 0
+        deadline = time.monotonic() + grace
         while self.sessions:
-            _, session = self.sessions.popitem()
-            running = self.in_stage(session)
-            if running is not None:
-                logger.warning(
-                    "a session is still in %s at stop: not closed",
-                    running,
-                    extra={"pmk_session": session},
-                )
-                continue
-            count += 1
-            self.abort(session)
-            self.close(session)
+            for ctx, session in list(self.sessions.items()):
+                if self.in_stage(session) is None and ctx not in self.active:
+                    del self.sessions[ctx]
+                    count += 1
+                    self.abort(session)
+                    self.close(session)
+            if not self.sessions:
+                break
+            if time.monotonic() >= deadline:
+                for ctx, session in self.sessions.items():
+                    running = self.in_stage(session) or self.active.get(ctx)
+                    logger.warning(
+                        "a session is still in %s at stop: not closed",
+                        running,
+                        extra={"pmk_session": session},
+                    )
+                self.sessions.clear()
+                break
+            time.sleep(0.005)  # also lets a stage that just returned finish its callback
         return count
 
     def descriptor(self, name: bytes) -> c.SmfiDesc:

@@ -34,7 +34,7 @@ def python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signals_end_the_run_cleanly(signum: int) -> None:
     with MilterProcess("examples.rcpt_count:RcptCount", cwd=ROOT) as milter:
         milter.signal(signum)

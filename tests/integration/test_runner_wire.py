@@ -319,7 +319,9 @@ def test_shutdown_from_a_callback_or_a_thread(target: str) -> None:
 
 def test_sigterm_mid_message_closes_every_session(tmp_path: Path) -> None:
     log = tmp_path / "lifecycle.log"
-    with start("Lifecycle", env={"LIFECYCLE_LOG": str(log)}) as milter:
+    # No drain: SIGTERM ends the sessions at once, each with abort and close.
+    with start("Lifecycle", "--drain-timeout", "0",
+               env={"LIFECYCLE_LOG": str(log)}) as milter:
         conns = [open_conn(milter) for _ in range(3)]
         for conn in conns:
             conn.connect("c.example", None)
@@ -485,7 +487,8 @@ def test_a_slow_stage_does_not_wedge_other_connections() -> None:
 
 def test_a_stop_waits_for_a_running_stage_before_closing_its_session(tmp_path: Path) -> None:
     log = tmp_path / "lifecycle.log"
-    with start("Slow", env={"LIFECYCLE_LOG": str(log)}) as milter:
+    with start("Slow", "--drain-timeout", "0",
+               env={"LIFECYCLE_LOG": str(log)}) as milter:
         conn = open_conn(milter, timeout=20)
         thread = threading.Thread(target=conn.helo, args=("sleep-1.5",))
         thread.start()

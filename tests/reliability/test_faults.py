@@ -131,7 +131,7 @@ def test_a_stage_slower_than_the_client_timeout_wedges_nothing() -> None:
 def test_sigterm_mid_message_with_workers_closes_every_session(tmp_path: Path) -> None:
     lifecycle = tmp_path / "lifecycle.log"
     with MilterProcess("tests.integration.filters:Lifecycle", cwd=ROOT,
-                       args=["--workers", "2"],
+                       args=["--workers", "2", "--drain-timeout", "0"],  # no drain: end them
                        env={**os.environ, "LIFECYCLE_LOG": str(lifecycle)}) as milter:
         client = MilterClient(milter.socket, timeout=10)
         conns = [client.open() for _ in range(6)]

@@ -1,0 +1,52 @@
+"""Starting fresh worker processes: how a reload gets workers that import the filter anew.
+
+A forked worker shares its parent's imported modules; a reload must not (the filter's new code
+and module state). So the supervisor starts a new interpreter (`spawn`) that runs
+`pymilterkit._worker`: it finds the session class by name (`class_target`: `module:Class`, or the
+file a class came from), builds the same `Milter` and serves as worker `slot` on the inherited
+listening descriptor. The description travels in the environment variable `PYMILTERKIT_WORKER`
+(JSON), removed from the worker's environment before any filter code runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from typing import Any
+
+__all__ = ["ENV", "class_target", "spawn"]
+
+ENV = "PYMILTERKIT_WORKER"
+
+_BOOT = (
+    "import sys; sys.path[:0] = [{root!r}]; "
+    "from pymilterkit._worker import main; main()"
+)
+
+
+def class_target(cls: type) -> str:
+    """`module:Qualname` if a fresh interpreter imports `cls` by its module name, else
+    `/path/to/file.py:Qualname` (a script's `__main__`, a file loaded by path)."""
+    module = sys.modules.get(cls.__module__)
+    path = getattr(module, "__file__", None)
+    if cls.__module__ != "__main__":
+        try:
+            found = importlib.util.find_spec(cls.__module__)
+        except (ImportError, ValueError):
+            found = None
+        if found is not None and (path is None or found.origin == path):
+            return f"{cls.__module__}:{cls.__qualname__}"
+    if path is None:
+        raise ValueError(f"{cls.__qualname__} comes from no importable module or file")
+    return f"{os.path.abspath(path)}:{cls.__qualname__}"
+
+
+def spawn(description: dict[str, Any]) -> int:
+    """Start a fresh worker process for `description`; returns its pid."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env[ENV] = json.dumps(description)
+    argv = [sys.executable, "-c", _BOOT.format(root=root)]
+    return os.posix_spawn(sys.executable, argv, env)

@@ -1,0 +1,224 @@
+"""A serving process's lifecycle: closing its listener to new connections, waking libmilter's
+listener, draining, and the limits that retire a worker.
+
+Theory of operation
+-------------------
+libmilter's listener thread (the one running `smfi_main`) polls its listening descriptor for up
+to 5 s at a time, holding the lock `smfi_stop` needs. Two things follow:
+
+- **Gate.** libmilter listens on a private duplicate of the real socket (`fd:N`). To stop taking
+  new connections without stopping the sessions in flight, that duplicate is replaced (dup2) by a
+  non-blocking listening socket nobody can reach: libmilter goes on polling it, and sessions go on
+  as before. A poll that started before the swap may still wake for a connection on the real
+  socket; its accept() then gets EAGAIN from the gate, which libmilter treats as "try again". In
+  a pre-forked worker the connection stays in the shared socket's queue for another worker; in
+  a single process the real socket is closed, so new connections are refused at once.
+- **Wake.** A signal sent to the listener thread (`WAKE_SIGNAL`, with a no-op handler) ends its
+  poll with EINTR, after which libmilter checks its stop flag. So a stop takes milliseconds, needs
+  no connection to the milter's own socket (which the milter's user may not be allowed to open),
+  and never lands on another worker.
+
+`StopRequests` turns the signals into decisions: SIGTERM/SIGINT drain, a second one (more than
+`SIGNAL_DEBOUNCE` later: the copy a supervisor forwards, or a service manager's signal to every
+process of the unit, is the same request) stops at once, SIGHUP reloads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+from . import _metrics, _systemd
+
+__all__ = [
+    "WAKE_SIGNAL",
+    "Gate",
+    "ListenerThread",
+    "StopRequests",
+    "notify_draining",
+    "rss_mib",
+    "wake_handler",
+]
+
+logger = logging.getLogger("pymilterkit")
+
+WAKE_SIGNAL = signal.SIGURG
+"""Sent to libmilter's listener thread to end its poll (ignored by default; never sent by the
+kernel to a process that did not ask for it with F_SETOWN)."""
+
+SIGNAL_DEBOUNCE = 1.0
+"""A stop signal this soon after the first is the same request (not a "second SIGTERM")."""
+
+Request = Literal["drain", "now", "reload"]
+
+
+class StopRequests:
+    """What a signal asks for: `drain`, `now` (a second stop signal) or `reload` (SIGHUP)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._first: float | None = None
+
+    def classify(self, signum: int) -> Request | None:
+        """The request `signum` makes now; None for a repeat within `SIGNAL_DEBOUNCE`."""
+        if signum == signal.SIGHUP:
+            return "reload"
+        now = self._clock()
+        if self._first is None:
+            self._first = now
+            return "drain"
+        if now - self._first < SIGNAL_DEBOUNCE:
+            return None
+        return "now"
+
+    @property
+    def draining(self) -> bool:
+        """Whether a stop signal came."""
+        return self._first is not None
+
+
+def _unreachable_listener() -> socket.socket:
+    """A non-blocking listening unix socket with no name anyone can connect to."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            directory = tempfile.mkdtemp(prefix="pymilterkit-gate-")
+        except OSError:
+            sock.bind("")  # Linux autobind: an abstract name no one is told
+        else:
+            path = os.path.join(directory, "gate")
+            try:
+                sock.bind(path)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                os.rmdir(directory)
+        sock.listen(1)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Gate:
+    """The descriptor libmilter listens on: a duplicate of the real socket, closable to new
+    connections (`close`) while libmilter and its sessions go on."""
+
+    def __init__(self, real_fd: int) -> None:
+        self._dead = _unreachable_listener()
+        self.fd = os.dup(real_fd)
+        self.open = True
+
+    def close(self) -> None:
+        """Take no new connections from the real socket (libmilter now polls a dead one)."""
+        if self.open:
+            self.open = False
+            os.dup2(self._dead.fileno(), self.fd, inheritable=False)
+            self._dead.close()
+
+    def discard(self) -> None:
+        """Close both descriptors: libmilter never ran on them."""
+        self._dead.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def forget(self) -> None:
+        """libmilter has closed `fd` at its stop; drop the spare socket."""
+        self._dead.close()
+
+
+class ListenerThread:
+    """The thread that runs `smfi_main`, and a safe way to end its listener's poll."""
+
+    def __init__(
+        self, target: Callable[[], None], attention: threading.Event | None = None
+    ) -> None:
+        self._target = target
+        self._attention = attention
+        self._lock = threading.Lock()
+        self._running = False
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="libmilter-main", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        with self._lock:
+            self._running = True
+        try:
+            self._target()
+        finally:
+            with self._lock:  # no wake() signals a thread that has ended
+                self._running = False
+            self.done.set()
+            if self._attention is not None:
+                self._attention.set()
+
+    def wake(self) -> bool:
+        """Interrupt the listener's poll (EINTR): libmilter then looks at its stop flag."""
+        with self._lock:
+            ident = self.thread.ident
+            if not self._running or ident is None:
+                return False
+            signal.pthread_kill(ident, WAKE_SIGNAL)
+            return True
+
+
+@contextlib.contextmanager
+def wake_handler() -> Iterator[bool]:
+    """Install the no-op handler that lets `WAKE_SIGNAL` interrupt a poll (main thread only);
+    yields whether it is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = signal.signal(WAKE_SIGNAL, _ignore)
+    try:
+        yield True
+    finally:
+        signal.signal(WAKE_SIGNAL, previous)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    pass
+
+
+def notify_draining(stopping: bool) -> None:
+    """Tell whoever reports the milter's state that this process drains: `/healthz` answers
+    503 for it; `stopping` (the milter as a whole stops, not a reload or a recycled worker):
+    systemd gets `STOPPING=1`. The one place both are told."""
+    try:
+        _metrics.set_draining()
+        if stopping:
+            _systemd.notifier().stopping()
+    except Exception:  # reporting must not stop a drain
+        logger.exception("could not report the drain")
+
+
+def notify_reloading() -> None:
+    """systemd `RELOADING=1` as a reload begins."""
+    _systemd.notifier().reloading()
+
+
+def notify_ready() -> None:
+    """systemd `READY=1` once a reload ended (done or failed: the milter serves)."""
+    _systemd.notifier().ready()
+
+
+def rss_mib() -> float:
+    """This process's resident set size in MiB (Linux /proc)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)

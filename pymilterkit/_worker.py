@@ -1,0 +1,54 @@
+"""The body of a fresh worker process (started by `_fresh.spawn` at reload).
+
+It imports the session class afresh by the name the supervisor gave (see `_fresh`), builds the
+same `Milter` and serves as one pre-forked worker on the inherited listening descriptor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import sys
+from typing import Any
+
+from ._fresh import ENV
+
+__all__ = ["main", "serve"]
+
+
+def main() -> None:
+    """The fresh worker: import the session class, then serve (never returns)."""
+    description = json.loads(os.environ.pop(ENV))
+    sys.path[:] = description["path"]
+    cwd = description.get("cwd")
+    if cwd:
+        os.chdir(cwd)
+    if "argv" not in description:  # the command line sets logging up itself
+        logging.basicConfig(
+            level=description.get("log_level", logging.INFO),
+            format="%(asctime)s %(name)s %(levelname)s %(message)s",
+            stream=sys.stderr,
+        )
+    serve(description)
+
+
+def serve(description: dict[str, Any]) -> None:
+    """Build the Milter anew from `description` and serve as its worker; never returns."""
+    from ._cli import load_session_class, milter_for_reload
+    from ._prefork import worker_main
+    from ._runner import Milter, claim_run
+
+    def run() -> None:
+        if "argv" in description:
+            milter = milter_for_reload(description["argv"])
+        else:
+            options = pickle.loads(bytes.fromhex(description["options"]))
+            session_class = load_session_class(description["target"])
+            milter = Milter(session_class, description["socket"], **options)
+        claim_run(milter)
+        milter._plan_cpus()
+        milter._serve_worker(description["fd"], description["slot"], description["control"])
+
+    worker_main(run, description["parent"])

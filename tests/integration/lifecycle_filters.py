@@ -1,0 +1,65 @@
+"""Filters for the lifecycle tests: drain, reload, recycling.
+
+`Generation` adds `X-Generation` (read from $PMK_GENERATION_FILE when the module is imported, so
+a reload that imports the module afresh answers with the file's new content) and `X-Worker` (the
+serving process). A sender `sleep-S@...` makes on_eom take S seconds: a message in flight.
+With $LIFECYCLE_LOG set, on_close and on_eom are noted there ("pid eom", "pid close").
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from typing_extensions import override
+
+from pymilterkit import Actions, EsmtpParams, MilterSession, Status
+
+
+def _generation() -> str:
+    path = os.environ.get("PMK_GENERATION_FILE")
+    if not path:
+        return "0"
+    with open(path) as f:
+        text = f.read().strip()
+    if text == "broken":
+        raise RuntimeError("this generation does not import")
+    return text
+
+
+GENERATION = _generation()
+
+
+def _note(line: str) -> None:
+    path = os.environ.get("LIFECYCLE_LOG")
+    if path:
+        with open(path, "a") as log:
+            log.write(f"{os.getpid()} {line}\n")
+
+
+class Generation(MilterSession):
+    """Accepts every message, naming the code generation and the process that answered."""
+
+    actions = Actions.ADD_HEADER
+    delay = 0.0
+
+    @override
+    def on_mail(self, sender: str, params: EsmtpParams) -> Status:
+        self.delay = 0.0
+        local = sender.strip("<>").split("@", 1)[0]
+        if local.startswith("sleep-"):
+            self.delay = min(float(local[6:]), 30.0)
+        return Status.CONTINUE
+
+    @override
+    def on_eom(self) -> Status:
+        if self.delay:
+            time.sleep(self.delay)
+        self.add_header("X-Generation", GENERATION)
+        self.add_header("X-Worker", str(os.getpid()))
+        _note("eom")
+        return Status.ACCEPT
+
+    @override
+    def on_close(self) -> None:
+        _note("close")
