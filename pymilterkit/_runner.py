@@ -245,6 +245,7 @@ class Milter:
         self._inherited = False
         self._activated: Listener | None = None  # the socket systemd passed (spec "systemd")
         self._slot: int | None = None  # the pre-forked worker this process is
+        self._early: list[signal.Signals] = []  # signals that came before serving began
         self._gate: Gate | None = None
         self._thread: ListenerThread | None = None
         self._can_wake = False
@@ -304,7 +305,10 @@ class Milter:
                 return
             self._confine_to_cpus()
             try:
-                self._prepare()
+                # A signal while the socket is being opened is kept for `_serve`: the run
+                # still ends in order, and leaves no socket file behind.
+                with on_stop_signals(self._early.append):
+                    self._prepare()
             except BaseException:
                 self._discard()  # a run refused before serving leaves no socket file
                 raise
@@ -526,6 +530,8 @@ class Milter:
             dispatcher.past_limit = attention
         with on_stop_signals(self._on_signal), wake_handler() as can_wake:
             self._can_wake = can_wake
+            for signum in self._early:
+                self._on_signal(signum)
             if self.on_serving is not None:
                 self.on_serving()
             thread.start()
