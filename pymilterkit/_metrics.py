@@ -7,7 +7,7 @@ process owning the listening socket (the single process, or the worker superviso
 before it starts workers: no path in any file system, nothing to clean up, nothing another user
 can read or plant, even when the milter starts as root. A forked worker inherits the map; a
 worker started as a fresh interpreter (a reload) gets the file's descriptor and maps it
-(`fresh_worker` / `attach_from_environment`). The map has one row per serving process. The owner
+(`fresh_worker`, `attach`). The map has one row per serving process. The owner
 gives a row to each worker just before starting it (`before_fork`); the worker writes only its own
 row, under a lock of its own (libmilter runs callbacks on many threads). A worker started after
 one died gets a free row, usually the dead one's, and adds to it: counters never go backwards,
@@ -48,7 +48,7 @@ __all__ = [
     "STAGE_NAMES",
     "MeteredRules",
     "MetricsAddress",
-    "attach_from_environment",
+    "attach",
     "before_fork",
     "count_timeout",
     "fresh_worker",
@@ -366,29 +366,23 @@ def before_fork() -> None:
         _row = _owner.free_row()
 
 
-_ENVIRONMENT = "PYMILTERKIT_METRICS"
-
-
-def fresh_worker() -> tuple[dict[str, str], tuple[int, ...]]:
-    """Supervisor, before starting a worker as a fresh interpreter (not forked): the variables
-    to add to its environment and the descriptors to pass it (`subprocess`'s `pass_fds`); then
-    `worker_started(pid)`. Nothing without metrics. The worker calls `attach_from_environment`.
-    """
+def fresh_worker() -> str | None:
+    """Supervisor, after `before_fork`, before starting a worker as a fresh interpreter (a
+    reload): what to hand it (`attach`) so it maps the counts; None without metrics. The
+    memory file's descriptor is made inheritable for it."""
     shared = _shared
     if shared is None or _owner is None:
-        return {}, ()
-    before_fork()
-    return {_ENVIRONMENT: f"{shared.fd}:{_row}:{shared.rows}"}, (shared.fd,)
+        return None
+    os.set_inheritable(shared.fd, True)
+    return f"{shared.fd}:{_row}:{shared.rows}"
 
 
-def attach_from_environment() -> None:
-    """In a worker started as a fresh interpreter: map the supervisor's counts, if it passed
-    them (`fresh_worker`), and take the variable out of the environment."""
+def attach(handed: str | None) -> None:
+    """In a worker started as a fresh interpreter: map the counts `fresh_worker` handed it."""
     global _shared, _row
-    value = os.environ.pop(_ENVIRONMENT, None)
-    if value is None:
+    if handed is None:
         return
-    fd, row, rows = (int(part) for part in value.split(":"))
+    fd, row, rows = (int(part) for part in handed.split(":"))
     _shared, _row = SharedCounts(rows, fd=fd), row
 
 

@@ -360,6 +360,7 @@ class Milter:
             "cwd": os.getcwd(),
             "log_level": logging.getLogger("pymilterkit").getEffectiveLevel(),
         }
+        description["metrics"] = _metrics.fresh_worker()  # None without metrics
         if self.cli_argv is not None:  # parse the command line (and its config file) again
             description["argv"] = self.cli_argv
         else:

@@ -13,6 +13,7 @@ import pickle
 import sys
 from typing import Any
 
+from . import _metrics
 from ._fresh import ENV
 
 __all__ = ["main", "serve"]
@@ -41,6 +42,7 @@ def serve(description: dict[str, Any]) -> None:
     from ._runner import Milter, claim_run
 
     def run() -> None:
+        _metrics.attach(description.get("metrics"))  # the supervisor's counts, if metered
         if "argv" in description:
             milter = milter_for_reload(description["argv"])
         else:

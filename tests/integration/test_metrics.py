@@ -218,3 +218,32 @@ def test_async_verdicts_in_dry_run_are_counted_not_sent() -> None:
                      status="continue") == 2
         assert value(samples, "pymilterkit_dry_run_actions_total", action="add_header") == 2
         assert value(samples, "pymilterkit_actions_total", action="add_header") == 0
+
+
+def test_counts_go_on_across_a_reload() -> None:
+    """SIGHUP starts fresh interpreters: they map the supervisor's counts and add to them."""
+    args = ["--workers", "2", "--metrics", "127.0.0.1:0"]
+    with MilterProcess(TARGET, args=args, cwd=ROOT) as milter:
+        address = endpoint(milter)
+        old = set(worker_pids(milter.pid, 2))
+        client = MilterClient(milter.socket)
+        for _ in range(3):
+            client.run(MESSAGE, recipients=["a@example.org"])
+        settled(address, 3)
+        milter.signal(signal.SIGHUP)
+
+        def reloaded() -> bool:
+            from .workers import children
+
+            now = children(milter.pid)
+            return len(now) == 2 and not now & old
+
+        wait_until(reloaded, "a new generation of workers", timeout=30)
+        for _ in range(3):
+            result = client.run(MESSAGE, recipients=["a@example.org"])
+            assert [h.value for h in result.headers_added if h.name == "X-Rcpt-Count"] == ["1"]
+        samples = settled(address, 6)
+        assert value(samples, "pymilterkit_stage_calls_total", stage="rcpt") == 6
+        assert value(samples, "pymilterkit_actions_total", action="add_header") == 18
+        assert value(samples, "pymilterkit_workers_alive") == 2
+        assert get(address, "/healthz") == (200, "serving\n")

@@ -168,18 +168,18 @@ def test_a_fresh_worker_maps_the_supervisors_counts(
 ) -> None:
     owner = _metrics._owner
     assert owner is not None
-    env, fds = _metrics.fresh_worker()
-    [fd] = fds
-    fd_text, row, rows = env["PYMILTERKIT_METRICS"].split(":")
-    assert int(fd_text) == fd and int(rows) == owner.shared.rows
+    _metrics.before_fork()
+    handed = _metrics.fresh_worker()
+    assert handed is not None
+    fd_text, row, rows = handed.split(":")
+    assert int(fd_text) == owner.shared.fd and os.get_inheritable(owner.shared.fd)
+    assert int(rows) == owner.shared.rows
     _metrics.worker_started(3001)
     assert owner.rows == {3001: int(row)}
     # What the fresh interpreter does with its inherited copy of the descriptor.
-    monkeypatch.setenv("PYMILTERKIT_METRICS", f"{os.dup(fd)}:{row}:{rows}")
     monkeypatch.setattr(_metrics, "_shared", None)
     monkeypatch.setattr(_metrics, "_recorder", None)
-    _metrics.attach_from_environment()
-    assert "PYMILTERKIT_METRICS" not in os.environ
+    _metrics.attach(f"{os.dup(owner.shared.fd)}:{row}:{rows}")
     worker_side = _metrics._shared
     assert worker_side is not None and worker_side is not owner.shared
     _metrics.count_timeout("on_eom")
