@@ -104,6 +104,23 @@ def test_rolling_restart_through_haproxy_drain_loses_nothing(topology: Topology)
     assert len(report.served) == len(report.outcomes) > 600
 
 
+def test_rolling_restart_by_sigterm_drain_loses_nothing(postfix_factory: PostfixFactory) -> None:
+    """Only SIGTERM: the runner drains (/healthz 503, no new connections, sessions in flight
+    finish), HAProxy's check takes it out, the new process comes back through the same check."""
+    _ = postfix_factory
+    with Topology(health="http", milter_args=["--drain-timeout", "20"]) as topo:
+        try:
+            report = rolling_restart(topo, "sigterm")
+            print(report.summary())
+            assert [step.instance for step in report.steps] == ["m1", "m2", "m3"]
+            assert all(step.exit_status == 0 for step in report.steps), report.steps
+            assert all(instance.starts == 2 for instance in topo.fleet)
+            assert report.failures == []
+            assert len(report.served) == len(report.outcomes) > 600
+        finally:
+            print(topo.logs())
+
+
 def _mail_reply(smtp: smtplib.SMTP, key: str) -> tuple[int, bytes]:
     try:
         assert smtp.sendmail(SENDER, list(RECIPIENTS), message_for(key)) == {}
