@@ -70,9 +70,10 @@ def test_a_sync_stage_waits_for_the_noreply_async_stage_before_it() -> None:
 
 
 def test_lookups_of_many_connections_run_at_once() -> None:
-    """20 connections whose lookups take 1 s each: all run on the loop together (a libmilter
-    worker that waited for each would let only a few run at a time)."""
-    with start("InFlight", delay=1.0) as milter:
+    """20 connections whose lookups take 2 s each: they wait on the loop together (libmilter's
+    pool, if its threads waited for each, would let about 2 run at a time; the threshold
+    leaves room for a loaded machine starting the 20 clients slowly)."""
+    with start("InFlight", delay=2.0) as milter:
         results: list[str | None] = []
 
         def send() -> None:
@@ -85,7 +86,7 @@ def test_lookups_of_many_connections_run_at_once() -> None:
         for thread in threads:
             thread.join(60)
         assert len(results) == 20
-        assert max(int(most or 0) for most in results) >= 18
+        assert max(int(most or 0) for most in results) >= 12
 
 
 def test_a_stage_past_its_deadline_is_cancelled_and_answered() -> None:
