@@ -137,6 +137,7 @@ class Supervisor:
         self.generation = 0
         self.fresh = False  # after a reload every new worker is a fresh interpreter
         self.reload_started: float | None = None
+        self.reload_queued = False  # a SIGHUP during a reload: reload again once it ends
         self.requests = StopRequests()
         self.stopping = False
         self.stop_deadline = 0.0
@@ -218,7 +219,8 @@ class Supervisor:
             logger.warning("SIGHUP: this milter cannot start fresh workers; not reloaded")
             return
         if self.reload_started is not None:
-            logger.warning("SIGHUP: a reload is already under way")
+            logger.info("SIGHUP: a reload is under way; another follows it")
+            self.reload_queued = True
             return
         self.reload_started = time.monotonic()
         notify_reloading()
@@ -239,7 +241,8 @@ class Supervisor:
         if self.reload_started is None:
             return
         new = self._new_generation()
-        if len(new) == self.count and all(self.workers[p].ready for p in new):
+        # One ready new worker per slot (a new worker may already retire, past a limit).
+        if sum(1 for p in new if self.workers[p].ready) >= self.count:
             old = [p for p, w in self.workers.items()
                    if w.generation != self.generation and not w.retiring]
             for pid in old:
@@ -254,6 +257,7 @@ class Supervisor:
             )
             self.reload_started = None
             notify_ready()
+            self._next_reload()
         elif time.monotonic() - self.reload_started > READY_TIMEOUT:
             self._reload_failed(f"new workers did not serve within {READY_TIMEOUT:g} s")
 
@@ -266,6 +270,12 @@ class Supervisor:
         self.generation += 1  # workers of the cancelled generation are never committed
         self.reload_started = None
         notify_ready()
+        self._next_reload()
+
+    def _next_reload(self) -> None:
+        if self.reload_queued:
+            self.reload_queued = False
+            self.reload()
 
     # -- reports and exits -----------------------------------------------------------------
 

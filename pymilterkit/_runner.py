@@ -246,6 +246,7 @@ class Milter:
         self._activated: Listener | None = None  # the socket systemd passed (spec "systemd")
         self._slot: int | None = None  # the pre-forked worker this process is
         self._early: list[signal.Signals] = []  # signals that came before serving began
+        self._attention = threading.Event()  # wakes the main thread's serving loop
         self._gate: Gate | None = None
         self._thread: ListenerThread | None = None
         self._can_wake = False
@@ -524,7 +525,7 @@ class Milter:
         dispatcher = self.dispatcher
         assert lib is not None and dispatcher is not None
         result: list[int] = []
-        attention = threading.Event()  # smfi_main returned, or a worker reached its limit
+        attention = self._attention  # smfi_main returned, a limit was reached, a drain began
         thread = self._thread = ListenerThread(lambda: result.append(lib.smfi_main()), attention)
         if self.max_sessions_per_worker is not None:
             dispatcher.session_limit = self.max_sessions_per_worker
@@ -638,6 +639,7 @@ class Milter:
         dispatcher = self.dispatcher
         assert dispatcher is not None
         self._drain_deadline = time.monotonic() + self.drain_timeout
+        self._attention.set()  # the serving loop checks the drain at once
         if self._gate is not None:
             self._gate.close()
             self._wake()  # a poll still on the real socket moves to the gate at once
