@@ -4,6 +4,7 @@ rolling restart. Needs root (the throwaway Postfix) and Debian's ``haproxy``.
     python3 benchmarks/haproxy_fleet.py                  # ~2-3 minutes on 2 cores
     python3 benchmarks/haproxy_fleet.py --messages 3000 --reps 5
     python3 benchmarks/haproxy_fleet.py --quick          # smoke run, figures not worth quoting
+    python3 benchmarks/haproxy_fleet.py --phases failover rolling   # the rest kept from --out
 
 The topology is the one of ``tests/e2e/test_haproxy.py`` (``tests/e2e/haproxy.py``): Postfix ->
 HAProxy (TCP mode, leastconn, health checks) -> three instances of the recipient counter
@@ -73,6 +74,7 @@ FILTERS = (
 )
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PHASES = ("filters", "throughput", "failover", "rolling")
 
 
 def _cpu_of(pid: int, children: bool = False) -> float:
@@ -298,6 +300,39 @@ def filter_costs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [*summary, {"runs": runs}]
 
 
+def run_failover(args: argparse.Namespace) -> dict[str, Any]:
+    print("== failover (SIGKILL m2 under load, restart)", flush=True)
+    half = args.failover_messages // 2
+    with Topology(health="http") as topo:
+        report = failover(topo, "m2", before=half, after=half,
+                          concurrency=args.concurrency, per_session=args.per_session)
+        fail = report.summary()
+        fail["check"] = {"inter_ms": topo.haproxy.check_inter_ms, "fall": topo.haproxy.fall,
+                         "rise": topo.haproxy.rise, "health": topo.haproxy.health}
+        retried = [Load(topo.smtp_port, 0).send_one(o.key) for o in report.failures]
+        fail["retried_and_accepted"] = sum(o.accepted for o in retried)
+        everything = check_deliveries(
+            [o for o in report.outcomes if o.accepted] + retried, topo.sink)
+        fail["delivered_after_retry"] = len(everything)
+    return fail
+
+
+def run_rolling(args: argparse.Namespace, via: str) -> dict[str, Any]:
+    sigterm = via == "sigterm"
+    with Topology(health="http" if runner_has("--metrics") else "tcp",
+                  milter_args=["--drain-timeout", "30"] if sigterm else ()) as topo:
+        result = rolling_restart(topo, "sigterm" if sigterm else "runtime-api",
+                                 concurrency=args.concurrency, per_session=args.per_session)
+        summary = result.summary()
+        summary["health"] = topo.haproxy.health
+        # What HAProxy saw take each instance out: its 503 while draining, or the process gone.
+        summary["haproxy_down_reasons"] = dict(Counter(
+            line.split("reason: ", 1)[1].split(",")[0]
+            for line in topo.haproxy.log_text().splitlines()
+            if " is DOWN, reason: " in line and line.startswith("[WARNING]")))
+        return summary
+
+
 def runner_has(option: str) -> bool:
     result = subprocess.run([sys.executable, "-m", "pymilterkit", "run", "--help"],
                             capture_output=True, text=True, cwd=ROOT, check=False)
@@ -313,7 +348,8 @@ def main() -> None:
     ap.add_argument("--failover-messages", type=int, default=3000)
     ap.add_argument("--drain", choices=("runtime-api", "sigterm", "both", "auto"),
                     default="auto")
-    ap.add_argument("--skip-filters", action="store_true", help="no per-filter CPU phase")
+    ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES,
+                    help="run only these; the others' figures are kept from --out")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "haproxy.json")
     args = ap.parse_args()
@@ -326,42 +362,36 @@ def main() -> None:
     drains = {"auto": ["runtime-api", "sigterm"] if has_drain else ["runtime-api"],
               "both": ["runtime-api", "sigterm"]}.get(args.drain, [args.drain])
 
-    filters: list[dict[str, Any]] = []
-    if not args.skip_filters:
+    kept: dict[str, Any] = {}
+    if set(args.phases) != set(PHASES) and args.out.exists():
+        kept = json.loads(args.out.read_text())
+    filters: list[dict[str, Any]] = kept.get("filters", [])
+    if "filters" in args.phases:
         print("== the example filters: milter CPU per message through Postfix", flush=True)
         filters = filter_costs(args)
 
-    print("== throughput", flush=True)
-    rows = throughput(args)
-    summary = summarize(rows)
+    rows: list[dict[str, Any]] = kept.get("throughput_runs", [])
+    summary: list[dict[str, Any]] = kept.get("throughput", [])
+    if "throughput" in args.phases:
+        print("== throughput", flush=True)
+        rows = throughput(args)
+        summary = summarize(rows)
 
-    print("== failover (SIGKILL m2 under load, restart)", flush=True)
-    half = args.failover_messages // 2
-    with Topology() as topo:
-        report = failover(topo, "m2", before=half, after=half,
-                          concurrency=args.concurrency, per_session=args.per_session)
-        fail = report.summary()
-        fail["check"] = {"inter_ms": topo.haproxy.check_inter_ms, "fall": topo.haproxy.fall,
-                         "rise": topo.haproxy.rise}
-        retried = [Load(topo.smtp_port, 0).send_one(o.key) for o in report.failures]
-        fail["retried_and_accepted"] = sum(o.accepted for o in retried)
-        everything = check_deliveries(
-            [o for o in report.outcomes if o.accepted] + retried, topo.sink)
-        fail["delivered_after_retry"] = len(everything)
-    print(json.dumps(fail), flush=True)
+    fail: dict[str, Any] = kept.get("failover", {})
+    if "failover" in args.phases:
+        fail = run_failover(args)
+        print(json.dumps(fail), flush=True)
 
-    rolling = []
-    for via in drains:
-        print(f"== rolling restart, drain by {via}", flush=True)
-        http = via == "sigterm"
-        with Topology(health="http" if http else "tcp",
-                      milter_args=["--drain-timeout", "30"] if http else ()) as topo:
-            result = rolling_restart(topo, via, concurrency=args.concurrency,
-                                     per_session=args.per_session)
-            rolling.append(result.summary())
-        print(json.dumps(rolling[-1]), flush=True)
+    rolling: list[dict[str, Any]] = kept.get("rolling", [])
+    if "rolling" in args.phases:
+        rolling = []
+        for via in drains:
+            print(f"== rolling restart, drain by {via}", flush=True)
+            rolling.append(run_rolling(args, via))
+            print(json.dumps(rolling[-1]), flush=True)
 
-    print_summary(summary)
+    if summary:
+        print_summary(summary)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT, check=False).stdout.strip()
     haproxy_version = subprocess.run(["haproxy", "-v"], capture_output=True, text=True,
@@ -376,6 +406,8 @@ def main() -> None:
                      "failover_messages": args.failover_messages},
         "filters": filters, "throughput": summary, "throughput_runs": rows,
         "failover": fail, "rolling": rolling,
+        "phase_dates": {**kept.get("phase_dates", {}), **{
+            phase: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) for phase in args.phases}},
         "seconds": round(time.monotonic() - started, 1),
     }
     if not args.quick:
