@@ -21,7 +21,11 @@ Run a service and the filter:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -152,6 +156,39 @@ async def serve_policy(
         if ready is not None:
             ready.set()
         await server.serve_forever()
+
+
+@contextlib.contextmanager
+def policy_service(delay: float = 0.0) -> Iterator[int]:
+    """`serve_policy` on 127.0.0.1 in a thread, for tests: yields its port; stopped on exit."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    loop = asyncio.new_event_loop()
+    ready = asyncio.Event()
+    task = loop.create_task(serve_policy("127.0.0.1", port, delay, ready))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(ready.wait(), loop).result(5)
+        yield port
+    finally:
+        asyncio.run_coroutine_threadsafe(_cancel_others(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+        assert task.done()
+
+
+async def _cancel_others() -> None:
+    """Cancel the service and its connections' handlers, and let their sockets close."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,14 @@ milter sends progress while it runs.
 
 from __future__ import annotations
 
-import asyncio
 import smtplib
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from examples.lookup import serve_policy
+from examples.lookup import policy_service
 
 from .test_postfix_milter import Start, message, start
 
@@ -26,31 +23,8 @@ __all__ = ["start"]  # the fixture, shared with test_postfix_milter
 
 @pytest.fixture
 def policy_port() -> Iterator[int]:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    loop = asyncio.new_event_loop()
-    ready = asyncio.Event()
-    task = loop.create_task(serve_policy("127.0.0.1", port, 0.2, ready))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(ready.wait(), loop).result(5)
-    yield port
-
-    async def stop_all() -> None:
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for _ in range(3):
-            await asyncio.sleep(0)
-
-    asyncio.run_coroutine_threadsafe(stop_all(), loop).result(5)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
-    loop.close()
-    assert task.done()
+    with policy_service(0.2) as port:
+        yield port
 
 
 def test_async_policy_lookups_through_postfix(

@@ -6,60 +6,29 @@ shared client is made in `on_worker_start`, which the harness runs before the fi
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 from collections.abc import Iterator
 from typing import ClassVar
 
 import pytest
 
-from examples.lookup import LookupConfig, PolicyLookup, serve_policy
+from examples.lookup import LookupConfig, PolicyLookup, policy_service
 from pymilterkit import Status
 from pymilterkit.testing import Harness, HeaderAdded
 
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
 
 
-def _service(delay: float) -> Iterator[int]:
-    loop = asyncio.new_event_loop()
-    ready = asyncio.Event()
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    task = loop.create_task(serve_policy("127.0.0.1", port, delay, ready))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(ready.wait(), loop).result(5)
-    try:
-        yield port
-    finally:
-        asyncio.run_coroutine_threadsafe(_stop_all(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
-        assert task.done()
-
-
-async def _stop_all() -> None:
-    """Cancel the service and its connections' handlers, and let their sockets close."""
-    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for _ in range(3):
-        await asyncio.sleep(0)
-
-
 @pytest.fixture
 def service() -> Iterator[int]:
-    yield from _service(0.0)
+    with policy_service(0.0) as port:
+        yield port
 
 
 @pytest.fixture
 def slow_service() -> Iterator[int]:
-    yield from _service(2.0)
+    with policy_service(2.0) as port:
+        yield port
 
 
 def lookup_on(port: int, timeout: float = 5.0) -> type[PolicyLookup]:
