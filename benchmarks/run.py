@@ -78,6 +78,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MILTERS = ("c", "pymilter", "pymilter-1cpu", "pymilterkit", "pymilterkit-anycpu",
            "pymilterkit-w2", "pymilterkit-empty-w2")
+# Opt-in (`--milters`): pymilterkit with `async def on_rcpt` (pymilterkit_rcptcount.py --async),
+# against `pymilterkit`: what the event-loop hand-off costs per RCPT.
+OPTIONAL = ("pymilterkit-async",)
 # Fairness rows, in pin=none only: pymilter confined to one CPU with taskset (what pymilterkit
 # does by default, cpu_affinity="auto"), and pymilterkit with --cpu-affinity none.
 VARIANTS = ("pymilter-1cpu", "pymilterkit-anycpu")
@@ -107,6 +110,7 @@ def milter_command(name: str, mode: str, spec: str, venv_py: Path,
         workers = ["--workers", name.rsplit("-w", 1)[1]] if "-w" in name else []
         mode_arg = ["--socket-mode", "666"] if world_socket and spec.startswith("unix:") else []
         anycpu = ["--cpu-affinity", "none"] if name.endswith("-anycpu") else []
+        anycpu += ["--async"] if name.endswith("-async") else []
         script = "pymilterkit_empty.py" if "-empty" in name else "pymilterkit_rcptcount.py"
         return [sys.executable, str(HERE / script),
                 *(["--noreply"] if noreply else []), *workers, *mode_arg, *anycpu, *metrics, spec]
@@ -407,7 +411,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for f in FIGURES:
                 v = other[f] if other else 0
                 s[f"{f}_x_{ref}"] = round(s[f] / v, 3) if v else None
-    order = {m: i for i, m in enumerate(MILTERS)}
+    order = {m: i for i, m in enumerate(MILTERS + OPTIONAL)}
     out.sort(key=lambda s: (list(PINS).index(s["pin"]), MODES.index(s["mode"]), s["conns"],
                             s["body"], order.get(s["milter"], 99)))
     return out
@@ -440,6 +444,26 @@ def print_table(summary: list[dict[str, Any]], seconds: float, reps: int) -> Non
               f"{s['p99_ms']:>7.3f} {_x(s['p99_ms_x_pymilter'])} {_x(s['p99_ms_x_c'])} | "
               f"{s['milter_cpu_us_per_msg']:>10.1f} {_x(s['milter_cpu_us_per_msg_x_pymilter'])} "
               f"{_x(s['milter_cpu_us_per_msg_x_c'])} | {s['failures']}")
+
+
+def print_async(summary: list[dict[str, Any]]) -> None:
+    """pymilterkit-async against pymilterkit (sync on_rcpt) in the same pin/mode/conns/body."""
+    index = {(s["pin"], s["mode"], s["conns"], s["body"], s["milter"]): s for s in summary}
+    pairs = [(s, index.get((s["pin"], s["mode"], s["conns"], s["body"], "pymilterkit")))
+             for s in summary if s["milter"] == "pymilterkit-async"]
+    if not pairs:
+        return
+    print("\nasync def on_rcpt against sync (pymilterkit-async / pymilterkit, same run):")
+    print(f"{'pin':<5} {'mode':<8} {'conns':>5} {'body':>6} {'msg/s':>6} {'cpu/msg':>8} "
+          f"{'p50':>6} {'p99':>6}")
+    for a, b in pairs:
+        if b is None:
+            continue
+        ratio = {f: round(a[f] / b[f], 3) if b[f] else None for f in FIGURES}
+        a["x_sync"] = ratio
+        print(f"{a['pin']:<5} {a['mode']:<8} {a['conns']:>5} {a['body'] // 1024:>5}K "
+              f"{_x(ratio['msg_per_s'])} {_x(ratio['milter_cpu_us_per_msg']):>8} "
+              f"{_x(ratio['p50_ms'])} {_x(ratio['p99_ms'])}")
 
 
 def print_splits(rows: list[dict[str, Any]]) -> None:
@@ -756,8 +780,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=5, help="repetitions (medians are reported)")
     ap.add_argument("--conns", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--bodies", type=int, nargs="+", default=[1024, 65536])
-    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    ap.add_argument("--milters", nargs="+", choices=MILTERS, default=list(MILTERS))
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                    help="default: both (--quick: answered)")
+    ap.add_argument("--milters", nargs="+", choices=MILTERS + OPTIONAL, default=list(MILTERS),
+                    help="default: all but " + ", ".join(OPTIONAL))
     ap.add_argument("--pins", nargs="+", choices=list(PINS), default=["none", "split"])
     ap.add_argument("--no-memory", dest="memory", action="store_false")
     ap.add_argument("--memory-connections", type=int, nargs="+", default=[1000, 100000])
@@ -777,8 +803,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.quick:
         args.seconds, args.warmup, args.reps = min(args.seconds, 0.4), 0.2, 1
-        args.bodies, args.modes, args.pins = [1024], ["answered"], ["none"]
+        args.bodies, args.pins = [1024], ["none"]
+        args.modes = args.modes or ["answered"]
         args.memory_connections, args.idle = [100, 1000], 50
+    args.modes = args.modes or list(MODES)
     if args.json is None:
         args.json = BUILD / "quick.json" if args.quick else RESULTS / "latest.json"
     return args
@@ -823,6 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pf_rows = run_postfix(args, venv_py)
 
     print_table(summary, args.seconds, args.reps)
+    print_async(summary)
     print_splits(rows)
     print_headroom(room)
     if mem:

@@ -58,3 +58,41 @@ def test_quick_benchmark_run_has_no_failures(tmp_path: Path) -> None:
     [memory] = data["memory"]
     assert memory["short_connection_failures"] == 0
     assert memory["rss_after_1000_kib"] > 0
+
+
+def test_slow_lookups_runs_both_filters_and_checks_every_answer(tmp_path: Path) -> None:
+    # benchmarks/slow_lookups.py with tiny numbers: 4 connections, 2 messages each, 0.1 s
+    # lookups. Speed is not asserted; every answer (accept/reject per recipient, X-Accepted)
+    # is checked by the script, and every lookup must have reached the server.
+    results = tmp_path / "slow.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "slow_lookups.py"), "--connections",
+               "4", "--messages", "2", "--sync-messages", "2", "--delay", "0.1", "--cap", "20",
+               "--good-interval", "0.05", "--json", str(results)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {row["filter"]: row for row in json.loads(results.read_text())}
+    assert set(rows) == {"async", "sync"}
+    for row in rows.values():
+        assert row["answered"] == row["messages"] == 8 and row["wrong"] == 0, row
+        assert row["lookups"] == row["lookups_expected"] == 8, row
+        assert row["good_n"] >= 1 and row["good_unanswered"] == 0, row
+        assert row["milter_rss_peak_kib"] > 0 and row["exit"] == 0, row
+
+
+def test_run_compares_async_rcpt_with_sync(tmp_path: Path) -> None:
+    # run.py's opt-in pymilterkit-async row (async def on_rcpt) beside pymilterkit, both reply
+    # modes: loadgen verifies X-Rcpt-Count, so a @noreply async RCPT still running at end of
+    # message would fail here.
+    results = tmp_path / "async.json"
+    command = [sys.executable, str(RUN), "--quick", "--json", str(results), "--no-memory",
+               "--milters", "pymilterkit", "pymilterkit-async", "--conns", "8",
+               "--modes", "answered", "noreply", "--pymilter-python", sys.executable]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "async def on_rcpt against sync" in done.stdout
+    data = json.loads(results.read_text())
+    rows = [r for r in data["summary"] if r["milter"] == "pymilterkit-async"]
+    assert {r["mode"] for r in rows} == {"answered", "noreply"}
+    for row in rows:
+        assert row["failures"] == 0 and row["messages"] > 0, row
+        assert row["x_sync"]["msg_per_s"] > 0, row
