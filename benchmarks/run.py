@@ -142,11 +142,21 @@ def tree(pid: int) -> list[int]:
     return pids
 
 
-def connections_per_worker(pid: int) -> list[int]:
+def idle_sockets(pid: int) -> dict[int, set[str]]:
+    """The sockets each pre-forked worker of `pid` holds with no MTA connected (its listening
+    socket, the drain gate's spare, its line to the parent), to leave out of the count."""
+    return {child: _sockets(child) for child in children(pid)}
+
+
+def connections_per_worker(pid: int, idle: dict[int, set[str]]) -> list[int]:
     """The MTA connections each pre-forked worker of `pid` holds, largest first: its sockets
-    other than those its parent has too (the listening socket). Empty for one process."""
+    other than those it held idle (`idle_sockets`) and those its parent has too. Empty for one
+    process."""
     shared = _sockets(pid)
-    return sorted((len(_sockets(child) - shared) for child in children(pid)), reverse=True)
+    return sorted(
+        (len(_sockets(child) - shared - idle.get(child, set())) for child in children(pid)),
+        reverse=True,
+    )
 
 
 def _sockets(pid: int) -> set[str]:
@@ -323,8 +333,9 @@ def measure(name: str, mode: str, pin: str, conns: int, body: int, seconds: floa
         warm = loadgen(m.spec, conns, seconds=warmup, body=body, cpus=lcpus)
         # Pre-forked workers: how the connections were split between them, mid-run.
         split: list[list[int]] = []
+        idle = idle_sockets(m.pid)
         sampler = threading.Timer(seconds / 2, lambda: split.append(
-            connections_per_worker(m.pid)))
+            connections_per_worker(m.pid, idle)))
         c0 = tree_cpu(m.pid)
         sampler.start()
         res = loadgen(m.spec, conns, seconds=seconds, body=body, cpus=lcpus)
