@@ -5,9 +5,10 @@ connection lost mid-message shows as a 4xx) sends through
 `tests.integration.lifecycle_filters:Generation` (`--workers 2 --max-sessions-per-worker 200`)
 while SMTP client threads send continuously. Meanwhile: 10 SIGHUP reloads, each with a message
 in flight (its on_eom sleeps 1.5 s); then the load ends and a SIGTERM comes with one message
-in flight (mail that reaches a stopping milter is tempfailed by Postfix: not counted here). Counted: SMTP
-transactions refused or failed, messages delivered against accepted, each in-flight message
-delivered with the code generation that was serving when it was sent, workers recycled.
+in flight (mail that reaches a stopping milter is tempfailed by Postfix: not counted here).
+Counted: SMTP transactions refused or failed, messages delivered against accepted, each
+in-flight message delivered with the code generation that was serving when it was sent,
+workers recycled.
 
     sudo python3 benchmarks/lifecycle_postfix.py [--clients 4] [--reloads 10] [--gap 1.5]
 
