@@ -68,32 +68,25 @@ def main() -> int:
     stop_load = threading.Event()
     lock = threading.Lock()
 
+    def counted(port: int, sender: str, rcpt: str) -> None:
+        """Send one message; note it as accepted or failed."""
+        try:
+            send(port, sender, rcpt)
+        except Exception as exc:  # noqa: BLE001 - counted
+            with lock:
+                failures.append(f"{rcpt}: {exc!r}")
+        else:
+            with lock:
+                accepted.append(rcpt)
+
     def client(number: int, port: int) -> None:
         k = 0
         while not stop_load.is_set():
-            rcpt = f"c{number}-{k}@example.com"
+            counted(port, "ok@example.net", f"c{number}-{k}@example.com")
             k += 1
-            try:
-                send(port, "ok@example.net", rcpt)
-            except Exception as exc:  # noqa: BLE001 - counted
-                with lock:
-                    failures.append(f"{rcpt}: {exc!r}")
-            else:
-                with lock:
-                    accepted.append(rcpt)
 
     def in_flight(rcpt: str, port: int) -> threading.Thread:
-        def run() -> None:
-            try:
-                send(port, "sleep-1.5@example.net", rcpt)
-            except Exception as exc:  # noqa: BLE001 - counted
-                with lock:
-                    failures.append(f"{rcpt}: {exc!r}")
-            else:
-                with lock:
-                    accepted.append(rcpt)
-
-        thread = threading.Thread(target=run)
+        thread = threading.Thread(target=counted, args=(port, "sleep-1.5@example.net", rcpt))
         thread.start()
         return thread
 

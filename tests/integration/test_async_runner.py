@@ -31,6 +31,17 @@ def start(target: str, *args: str, delay: float | None = None) -> MilterProcess:
                          env=env)
 
 
+def slow_rcpt(milter: MilterProcess) -> SocketEndpoint:
+    """A connection whose RCPT (`slow@y`, the `Ordered` filter's slow lookup) is running."""
+    conn = MilterClient(milter.socket, timeout=10).open()
+    conn.negotiate()
+    conn.mail("<a@x>")
+    endpoint = conn.endpoint
+    assert isinstance(endpoint, SocketEndpoint)
+    endpoint.send(b"R", b"<slow@y>\0", Step.RCPT)
+    return endpoint
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_async_rcpt_and_eom_answer_over_the_wire(workers: str) -> None:
     with start("AsyncRcpt", "--workers", workers) as milter:
@@ -155,12 +166,7 @@ def test_no_progress_when_switched_off() -> None:
 
 def test_a_connection_closed_during_an_async_stage_is_closed_after_it() -> None:
     with start("Ordered", delay=30) as milter:
-        conn = MilterClient(milter.socket, timeout=10).open()
-        conn.negotiate()
-        conn.mail("<a@x>")
-        endpoint = conn.endpoint
-        assert isinstance(endpoint, SocketEndpoint)
-        endpoint.send(b"R", b"<slow@y>\0", Step.RCPT)  # the 30 s lookup starts; then hang up
+        endpoint = slow_rcpt(milter)  # the 30 s lookup starts; then hang up
         threading.Event().wait(0.3)
         endpoint.sock.shutdown(socket.SHUT_RDWR)
         endpoint.close()
@@ -178,12 +184,7 @@ def test_a_connection_closed_during_an_async_stage_is_closed_after_it() -> None:
 def test_a_hang_up_right_after_the_command_does_not_hold_the_session() -> None:
     with start("Ordered", delay=30) as milter:
         for _ in range(5):
-            conn = MilterClient(milter.socket, timeout=10).open()
-            conn.negotiate()
-            conn.mail("<a@x>")
-            endpoint = conn.endpoint
-            assert isinstance(endpoint, SocketEndpoint)
-            endpoint.send(b"R", b"<slow@y>\0", Step.RCPT)
+            endpoint = slow_rcpt(milter)
             endpoint.sock.shutdown(socket.SHUT_RDWR)
             endpoint.close()
         result = MilterClient(milter.socket, timeout=10).run(MESSAGE, recipients=["a@x"])
@@ -200,13 +201,7 @@ def test_a_stop_during_an_async_stage_cancels_it_cleanly() -> None:
     with start("Ordered", "--drain-timeout", "0", delay=30) as milter:  # stop, no drain
         conns = []
         for _ in range(3):
-            conn = MilterClient(milter.socket, timeout=10).open()
-            conn.negotiate()
-            conn.mail("<a@x>")
-            endpoint = conn.endpoint
-            assert isinstance(endpoint, SocketEndpoint)
-            endpoint.send(b"R", b"<slow@y>\0", Step.RCPT)
-            conns.append(endpoint)
+            conns.append(slow_rcpt(milter))
         threading.Event().wait(0.3)
         assert milter.stop() == 0
         log = milter.log()
