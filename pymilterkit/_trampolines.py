@@ -27,6 +27,7 @@ from . import _libmilter as c
 from ._dispatch import NO_PARAMS, SessionRules
 from ._errors import LibmilterError
 from ._flags import Status
+from ._inflight import keys_in_callbacks
 from ._loop import EventLoopThread
 from ._protocol import BY_METHOD
 from ._session import MilterSession, SessionBackend
@@ -36,6 +37,7 @@ from ._types import EsmtpParams, decode
 __all__ = ["CtxBackend", "LibmilterCallbacks"]
 
 logger = logging.getLogger("pymilterkit")
+_CLOSE_WAIT = 5.0  # s: libmilter's close waits this long for a stop closing its session
 
 class CtxBackend:
     """Session actions as smfi_* calls on one libmilter context."""
@@ -144,6 +146,7 @@ class LibmilterCallbacks(SessionRules):
         self.active: dict[int, str] = {}
         self.stopping = False
         """Set when a stop begins: no session is created after it."""
+        self._closing: dict[int, threading.Event] = {}  # contexts close_all is closing
         self.session_limit: int | None = None
         self.past_limit: threading.Event | None = None
         """Set once `session_limit` sessions were created (a worker then retires)."""
@@ -343,9 +346,9 @@ class LibmilterCallbacks(SessionRules):
             return status
 
     def _abort(self, ctx: int) -> int:
-        session = self.sessions.get(ctx)
-        if session is not None:
-            with self._running(ctx, "on_abort"):
+        with self._running(ctx, "on_abort"):  # before the look-up: a stop sees it (close_all)
+            session = self.sessions.get(ctx)
+            if session is not None:
                 self.abort(session)
         return Status.CONTINUE
 
@@ -355,6 +358,10 @@ class LibmilterCallbacks(SessionRules):
             self._cancel_pending(session)
             with self._running(ctx, "on_close"):
                 self.close(session)
+        else:  # a stop took it (close_all): libmilter frees the context once this returns
+            closing = self._closing.get(ctx)
+            if closing is not None:
+                closing.wait(_CLOSE_WAIT)
         return Status.CONTINUE
 
     def close_all(self, grace: float = 0.0) -> int:
@@ -363,29 +370,59 @@ class LibmilterCallbacks(SessionRules):
         A session whose stage (or negotiate/abort/close) is still running is closed once it
         returned, waiting up to `grace` seconds: its calls never overlap and on_close is the
         last. One still running then is logged, and the process ends around it.
+
+        Each session is first taken out of `sessions`, so a callback that starts later finds
+        none (and, stopping, makes none: TEMPFAIL); only then is it checked for a callback
+        already inside it: its stage mark, `active`, or a thread inside a stage callback with
+        its context (`_inflight`: a callback between its look-up and its stage mark).
         """
+        self.stopping = True
         count = 0
         deadline = time.monotonic() + grace
-        while self.sessions:
-            for ctx, session in list(self.sessions.items()):
-                if self.in_stage(session) is None and ctx not in self.active:
-                    del self.sessions[ctx]
+        held: dict[int, MilterSession] = {}  # out of `sessions`, not closed yet
+        closing = self._closing
+        try:
+            while True:
+                for ctx in list(self.sessions):
+                    if ctx in held:
+                        continue
+                    closing[ctx] = threading.Event()  # before the pop: see `_close`
+                    session = self.sessions.pop(ctx, None)
+                    if session is None:  # libmilter's close took it
+                        closing.pop(ctx).set()
+                    else:
+                        held[ctx] = session
+                inside = keys_in_callbacks()
+                for ctx, session in list(held.items()):
+                    if ctx in inside or ctx in self.active or self.in_stage(session) is not None:
+                        continue
+                    del held[ctx]
                     count += 1
-                    self.abort(session)
-                    self.close(session)
-            if not self.sessions:
-                break
-            if time.monotonic() >= deadline:
-                for ctx, session in self.sessions.items():
-                    running = self.in_stage(session) or self.active.get(ctx)
-                    logger.warning(
-                        "a session is still in %s at stop: not closed",
-                        running,
-                        extra={"pmk_session": session},
-                    )
-                self.sessions.clear()
-                break
-            time.sleep(0.005)  # also lets a stage that just returned finish its callback
+                    try:
+                        self.abort(session)
+                        self.close(session)
+                    finally:
+                        closing.pop(ctx).set()
+                if not held and not self.sessions and not self.active:
+                    break
+                if time.monotonic() >= deadline:
+                    for ctx, session in held.items():
+                        running = self.in_stage(session) or self.active.get(ctx) or "a callback"
+                        logger.warning(
+                            "a session is still in %s at stop: not closed",
+                            running,
+                            extra={"pmk_session": session},
+                        )
+                    for ctx, stage in list(self.active.items()):
+                        if ctx not in held:
+                            logger.warning("%s still running at stop", stage)
+                    self.sessions.clear()
+                    break
+                time.sleep(0.005)  # also lets a stage that just returned finish its callback
+        finally:
+            for event in closing.values():
+                event.set()
+            closing.clear()
         return count
 
     def descriptor(self, name: bytes) -> c.SmfiDesc:
