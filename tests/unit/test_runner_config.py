@@ -45,3 +45,36 @@ def test_good_settings_are_kept() -> None:
     m = Milter(Fine, "inet6:3000@[::1]", name="n", timeout=5, backlog=3, workers=2)
     assert (m.name, m.timeout, m.backlog, m.workers) == ("n", 5, 3, 2)
     assert m.spec.libmilter() == "inet6:3000@[::1]"
+
+
+class RecordingLib:
+    """libmilter's setters, recorded; every call succeeds (MI_SUCCESS)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any) -> int:
+            self.calls.append((name, args))
+            return 0
+
+        return call
+
+
+@pytest.mark.parametrize(("timeout", "expected"), [(None, 600), (5, 5)])
+def test_libmilter_gets_a_600_s_io_timeout_unless_told(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, timeout: int | None, expected: int
+) -> None:
+    """Not libmilter's 7,210 s: a peer holding half a packet would hold a worker for 2 hours
+    (issue 19.4)."""
+    from pymilterkit import _libmilter
+
+    lib = RecordingLib()
+    monkeypatch.setattr(_libmilter, "load", lambda: lib)
+    milter = Milter(Fine, f"unix:{tmp_path}/m.sock", timeout=timeout)
+    milter._prepare()
+    try:
+        assert ("smfi_settimeout", (expected,)) in lib.calls
+    finally:
+        milter._discard()
+        milter._stop_worker()
