@@ -236,14 +236,19 @@ class Recorder:
             self.cells[base + _ANSWER_CELL[answer] + bisect.bisect_left(BUCKETS, elapsed)] += 1.0
             self.cells[base + _SUM] += elapsed
 
-    def timed(self, stage: str, callback: Callable[..., int]) -> Callable[..., int]:
-        """`callback` (a stage's), counting its answers and timing it."""
-        cells, lock = self.cells, self.lock
+    def meter(self, stage: str) -> tuple[Any, ...]:
+        """What counting `stage`'s answers takes (`_metered.METER_NAMES`): the cells, the
+        first-bucket cell of each status value, the sum's cell, the buckets, bisect, clock."""
         base = self.stage_base(stage)
-        total = base + _SUM
         first = tuple(base + cell for cell in _ANSWER_CELL)  # by status value
-        bounds, fast = BUCKETS, BUCKETS[0]
-        clock, where = time.perf_counter, bisect.bisect_left
+        return (self.cells, first, base + _SUM, BUCKETS[0], BUCKETS, bisect.bisect_left,
+                time.perf_counter)
+
+    def timed(self, stage: str, callback: Callable[..., int]) -> Callable[..., int]:
+        """`callback` (a stage's), counting its answers and timing it: what the metered
+        callbacks compiled by `_metered` do, as a wrapper (when they cannot be compiled)."""
+        cells, first, total, fast, bounds, where, clock = self.meter(stage)
+        lock = self.lock
         no_arg = _NO_ARG
 
         # libmilter's callbacks take 1 to 3 arguments: passing them by name, not as *args,
@@ -525,6 +530,19 @@ class _LockedCountingBackend(CountingBackend):
 _COUNTING_BACKEND = CountingBackend if _GIL else _LockedCountingBackend
 
 
+_derived: list[Callable[..., Callable[..., int]] | None] = []
+
+
+def _metered_stage_callback() -> Callable[..., Callable[..., int]] | None:
+    """`SessionRules.stage_callback` with counting compiled in (`_metered`), made on first use;
+    None on free-threaded builds (the wrapper takes a lock) or if it cannot be made."""
+    if not _derived:
+        from ._metered import derive
+
+        _derived.append(derive() if _GIL else None)
+    return _derived[0]
+
+
 class MeteredRules(SessionRules):
     """Session rules that count: stage answers and latency, errors, sessions, actions.
 
@@ -537,10 +555,21 @@ class MeteredRules(SessionRules):
         return rec
 
     def stage_callback(self, stage: str, *args: Any, **kwargs: Any) -> Callable[..., int]:
-        callback = super().stage_callback(stage, *args, **kwargs)
         if stage in self.asynchronous:  # counted when answered (`async_answer`)
-            return callback
-        return self._recorder().timed(stage, callback)
+            return super().stage_callback(stage, *args, **kwargs)
+        metered = _metered_stage_callback() if self._plain_next() else None
+        if metered is not None:  # the plain callback with the counting compiled in
+            return metered(self, stage, *args, _pmk_meter=self._recorder().meter(stage), **kwargs)
+        return self._recorder().timed(stage, super().stage_callback(stage, *args, **kwargs))
+
+    def _plain_next(self) -> bool:
+        """Whether the stage callback after this class's is `SessionRules`' own (no dry-run
+        in between, whose callback must run inside the counting: it is wrapped then)."""
+        mro = type(self).__mro__
+        for cls in mro[mro.index(MeteredRules) + 1 :]:
+            if "stage_callback" in vars(cls):
+                return cls is SessionRules
+        return False
 
     def async_answer(
         self, stage: str, answer: int, session: MilterSession, key: Any, elapsed: float

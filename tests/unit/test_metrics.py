@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from typing_extensions import override
 
-from pymilterkit import ConfigurationError, Milter, MilterError, _metrics
+from pymilterkit import (
+    ConfigurationError,
+    EsmtpParams,
+    Milter,
+    MilterError,
+    MilterSession,
+    Status,
+    _metrics,
+)
+from pymilterkit._dispatch import NO_PARAMS, SessionRules
 from pymilterkit._instrument import callbacks_class
+from pymilterkit._metered import derive
 from pymilterkit._metrics_http import start
 from pymilterkit._trampolines import LibmilterCallbacks
 
@@ -185,3 +198,55 @@ def test_a_fresh_worker_maps_the_supervisors_counts(
     _metrics.count_timeout("on_eom")
     worker_side.close()
     assert _metrics.snapshot(owner.shared)["stages"]["on_eom"]["timeouts"] == 1
+
+
+class _Stages(MilterSession):
+    """Answers from the recipient: `reject*` REJECT, `boom*` raises, `odd*` returns no Status."""
+
+    @override
+    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        if recipient.startswith("reject"):
+            return Status.REJECT
+        if recipient.startswith("boom"):
+            raise RuntimeError("boom")
+        if recipient.startswith("odd"):
+            return "odd"  # type: ignore[return-value]
+        return Status.CONTINUE
+
+
+def test_metered_callbacks_answer_as_the_plain_ones_and_count_every_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    derived = derive()
+    assert derived is not None  # the counting is compiled into the callback, not wrapped
+    shared = _metrics.SharedCounts(rows=1)
+    try:
+        rules = SessionRules(_Stages, Status.TEMPFAIL)
+        session = _Stages()
+        rules.attach(session, None)  # type: ignore[arg-type]
+        sessions: list[MilterSession | None] = [session]
+
+        def convert(recipient: str) -> tuple[str, EsmtpParams]:
+            return recipient, NO_PARAMS
+
+        def build(make: Callable[..., Callable[..., int]], **extra: Any) -> Callable[..., int]:
+            return make(rules, "on_rcpt", lambda key: sessions[0], lambda key: None, convert,
+                        **extra)
+
+        plain = build(SessionRules.stage_callback)
+        metered = build(derived, _pmk_meter=_metrics.Recorder(shared, 0).meter("on_rcpt"))
+        recipients = ["a", "reject", "b", "boom", "odd", "c"]
+        with caplog.at_level(logging.CRITICAL, logger="pymilterkit"):
+            answers = [plain(None, r) for r in recipients]
+            assert [metered(None, r) for r in recipients] == answers
+            sessions[0] = None  # no session, none made (a stop): TEMPFAIL, counted too
+            assert metered(None, "d") == plain(None, "d") == Status.TEMPFAIL
+        assert answers == [Status.CONTINUE, Status.REJECT, Status.CONTINUE, Status.TEMPFAIL,
+                           Status.TEMPFAIL, Status.CONTINUE]
+        rcpt = _metrics.snapshot(shared)["stages"]["on_rcpt"]
+        assert {k: v for k, v in rcpt["results"].items() if v} == {
+            "continue": 3, "reject": 1, "tempfail": 3,
+        }
+        assert sum(rcpt["buckets"]) == 7 and rcpt["sum"] > 0
+    finally:
+        shared.close()
