@@ -29,7 +29,7 @@ from typing import Any
 
 from . import _dispatch
 
-__all__ = ["METER_NAMES", "derive"]
+__all__ = ["METER_NAMES", "derive", "wrap"]
 
 logger = logging.getLogger("pymilterkit")
 
@@ -57,6 +57,28 @@ except Exception:  # nothing may reach C; a count is not worth it
     pass
 return _pmk_answer
 """
+
+
+# The wrapper, for when the callback cannot be compiled again (see `wrap`): its returns are
+# counted by the same transformation. libmilter's callbacks take 1 to 3 arguments: passing them
+# by name, not as *args, spares a tuple and a generic call per stage.
+_WRAPPER = f"""
+def wrap(callback, _pmk_meter, _pmk_no_arg):
+    {_UNPACK}
+
+    def metered(key, a=_pmk_no_arg, b=_pmk_no_arg, *more):
+        {_START}
+        if a is _pmk_no_arg:
+            return callback(key)
+        if b is _pmk_no_arg:
+            return callback(key, a)
+        if not more:
+            return callback(key, a, b)
+        return callback(key, a, b, *more)
+
+    return metered
+"""
+_NO_ARG = object()
 
 
 class _Shape(Exception):
@@ -118,6 +140,29 @@ def _transform(tree: ast.Module) -> ast.Module:
     outer.body.insert(1 if has_doc else 0, unpack)
     ast.fix_missing_locations(tree)
     return tree
+
+
+def _counted_wrapper() -> Callable[..., Callable[..., int]]:
+    tree = ast.parse(_WRAPPER)
+    outer = tree.body[0]
+    assert isinstance(outer, ast.FunctionDef)
+    inner = outer.body[1]
+    assert isinstance(inner, ast.FunctionDef)
+    _CountReturns().generic_visit(inner)
+    ast.fix_missing_locations(tree)
+    namespace: dict[str, Any] = {}
+    exec(compile(tree, "<pymilterkit._metered>", "exec"), namespace)
+    made: Callable[..., Callable[..., int]] = namespace["wrap"]
+    return made
+
+
+_wrap = _counted_wrapper()
+
+
+def wrap(callback: Callable[..., int], meter: tuple[Any, ...]) -> Callable[..., int]:
+    """`callback` (a stage's, with its arguments) counting its answers and timing them as the
+    compiled-in counting does; `meter`: see `METER_NAMES`. For GIL builds."""
+    return _wrap(callback, meter, _NO_ARG)
 
 
 def derive() -> Callable[..., Callable[..., int]] | None:

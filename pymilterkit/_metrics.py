@@ -182,7 +182,6 @@ class SharedCounts:
         os.close(self.fd)
 
 
-_NO_ARG: Any = object()
 _GIL: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
 """False on a free-threaded interpreter (3.13t): additions then take a lock."""
 # Status value -> its row of buckets in a stage's answers; SMFIS_* values are 0..8 with gaps.
@@ -247,34 +246,13 @@ class Recorder:
     def timed(self, stage: str, callback: Callable[..., int]) -> Callable[..., int]:
         """`callback` (a stage's), counting its answers and timing it: what the metered
         callbacks compiled by `_metered` do, as a wrapper (when they cannot be compiled)."""
-        cells, first, total, fast, bounds, where, clock = self.meter(stage)
-        lock = self.lock
-        no_arg = _NO_ARG
+        meter = self.meter(stage)
+        if _GIL:
+            from ._metered import wrap
 
-        # libmilter's callbacks take 1 to 3 arguments: passing them by name, not as *args,
-        # spares a tuple and a generic call per stage.
-        def metered(key: Any, a: Any = no_arg, b: Any = no_arg, *more: Any) -> int:
-            start = clock()
-            if a is no_arg:
-                answer = callback(key)
-            elif b is no_arg:
-                answer = callback(key, a)
-            elif not more:
-                answer = callback(key, a, b)
-            else:
-                answer = callback(key, a, b, *more)
-            try:
-                elapsed = clock() - start
-                # One addition counts the answer in its status and its latency bucket (most
-                # stages end within the first: no search), one adds to the latency sum.
-                if elapsed <= fast:
-                    cells[first[answer]] += 1.0
-                else:
-                    cells[first[answer] + where(bounds, elapsed)] += 1.0
-                cells[total] += elapsed
-            except Exception:  # noqa: BLE001 - nothing may reach C; a count is not worth it
-                pass
-            return answer
+            return wrap(callback, meter)
+        cells, first, total, _, bounds, where, clock = meter
+        lock = self.lock
 
         def locked(key: Any, *cargs: Any) -> int:
             start = clock()
@@ -289,7 +267,7 @@ class Recorder:
                 pass
             return answer
 
-        return metered if _GIL else locked
+        return locked
 
 
 # -- this process's state -------------------------------------------------------------------

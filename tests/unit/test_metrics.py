@@ -233,20 +233,26 @@ def test_metered_callbacks_answer_as_the_plain_ones_and_count_every_answer(
             return make(rules, "on_rcpt", lambda key: sessions[0], lambda key: None, convert,
                         **extra)
 
+        recorder = _metrics.Recorder(shared, 0)
         plain = build(SessionRules.stage_callback)
-        metered = build(derived, _pmk_meter=_metrics.Recorder(shared, 0).meter("on_rcpt"))
+        # Compiled in (the runner's), and the wrapper (dry-run with metrics) on the next row's
+        # stage (on_eom's cells) so the two are counted apart.
+        metered = build(derived, _pmk_meter=recorder.meter("on_rcpt"))
+        wrapped = recorder.timed("on_eom", plain)
         recipients = ["a", "reject", "b", "boom", "odd", "c"]
         with caplog.at_level(logging.CRITICAL, logger="pymilterkit"):
             answers = [plain(None, r) for r in recipients]
             assert [metered(None, r) for r in recipients] == answers
+            assert [wrapped(None, r) for r in recipients] == answers
             sessions[0] = None  # no session, none made (a stop): TEMPFAIL, counted too
-            assert metered(None, "d") == plain(None, "d") == Status.TEMPFAIL
+            assert metered(None, "d") == wrapped(None, "d") == plain(None, "d")
         assert answers == [Status.CONTINUE, Status.REJECT, Status.CONTINUE, Status.TEMPFAIL,
                            Status.TEMPFAIL, Status.CONTINUE]
-        rcpt = _metrics.snapshot(shared)["stages"]["on_rcpt"]
-        assert {k: v for k, v in rcpt["results"].items() if v} == {
-            "continue": 3, "reject": 1, "tempfail": 3,
-        }
-        assert sum(rcpt["buckets"]) == 7 and rcpt["sum"] > 0
+        for stage in ("on_rcpt", "on_eom"):
+            figures = _metrics.snapshot(shared)["stages"][stage]
+            assert {k: v for k, v in figures["results"].items() if v} == {
+                "continue": 3, "reject": 1, "tempfail": 3,
+            }, stage
+            assert sum(figures["buckets"]) == 7 and figures["sum"] > 0, stage
     finally:
         shared.close()
