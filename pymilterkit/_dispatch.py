@@ -320,14 +320,10 @@ class SessionRules:
         """
         method = getattr(self.session_class, stage)
         fail, answer = self.fail, self.answer_async
+        no_params = NO_PARAMS
         if pins is None or pin is None:
             pins, pin = _ALWAYS_PINNED, _nothing
         enter: Callable[[], object] = pin
-
-        def arguments(key: Any, cargs: tuple[Any, ...]) -> tuple[Any, ...]:
-            if convert is None:
-                return ()
-            return convert(*cargs)
 
         def callback(key: Any, *cargs: Any) -> int:
             if not pins.__dict__:
@@ -340,10 +336,23 @@ class SessionRules:
                     return fail(exc, stage)
                 if session is None:
                     return Status.TEMPFAIL
-            self.wait_pending(session)
+            pending = session._pmk_pending
+            if pending is not None:  # a peer that did not wait for the previous answer
+                pending.wait()
             session._pmk_stage = stage
             try:
-                coro = method(session, *arguments(key, cargs))
+                if envelope:
+                    argv = cargs[0]
+                    first = argv[0] if argv else None
+                    if first is not None and argv[1] is None:  # an address, no parameters
+                        address = first.decode("utf-8", "surrogateescape")
+                        coro = method(session, address, no_params)
+                    else:
+                        coro = method(session, *convert(argv))  # type: ignore[misc]
+                elif convert is None:
+                    coro = method(session)
+                else:
+                    coro = method(session, *convert(*cargs))
             except BaseException as exc:  # noqa: BLE001
                 session._pmk_stage = None
                 return fail(exc, stage, session)
@@ -387,18 +396,31 @@ class SessionRules:
         answer = self.settle(session, stage, self.run_coroutine(self.bounded(coro, stage)))
         return self.async_answer(stage, answer, session, key, time.perf_counter() - start)
 
-    async def bounded(self, coro: Coroutine[Any, Any, Any], stage: str) -> tuple[bool, Any]:
+    async def bounded(
+        self, coro: Coroutine[Any, Any, Any], stage: str, later: Any = None
+    ) -> tuple[bool, Any]:
         """`coro`'s outcome, (True, result) or (False, exception), cancelled past
-        `stage_timeout` (then the exception is an `_Expired`)."""
+        `stage_timeout` (then the exception is an `_Expired`).
+
+        With `later`, the deadline is not armed here: its scope goes to `later.scope`, and
+        whoever starts the coroutine arms it if the coroutine suspends (one that finishes in
+        its first step needs no timer).
+        """
         limit = self.stage_timeout
         start = time.monotonic()
         try:
             if limit is None:
                 return (True, await coro)
-            async with asyncio.timeout(limit) as scope:
+            async with asyncio.timeout(None if later is not None else limit) as scope:
+                if later is not None:
+                    later.scope = scope
                 result = await coro
             if scope.expired():  # it caught the cancellation and returned anyway
                 return (False, _Expired(time.monotonic() - start))
+            if later is not None and scope.when() is None:  # done in its first step: no timer
+                elapsed = time.monotonic() - start
+                if elapsed > limit:  # it blocked, as a sync stage does: logged like one
+                    self.timed_out(stage, elapsed, False, getattr(later, "session", None))
             return (True, result)
         except TimeoutError as exc:
             if limit is not None and scope.expired():

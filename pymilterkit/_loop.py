@@ -1,17 +1,21 @@
 """The event loop that runs `async def` stage methods: one per serving process, on its thread.
 
-libmilter calls stage methods on its own worker threads, which cannot await. A coroutine is
-handed to this loop (`call`, `run`) and its answer goes back to libmilter either by the worker
-waiting for it (`run`) or, for stages whose reply can be sent later, by the loop itself once the
-coroutine is done (`_trampolines`): the worker is then free for other connections at once.
+libmilter calls stage methods on its own worker threads, which cannot await. A coroutine's
+first step runs at once on the calling thread (`start`: the loop's thread is kept out for that
+step by a lock it holds except while it waits in `select`), so a coroutine that finishes without
+suspending never crosses threads; one that suspends goes on as a task of the loop, whose answer
+goes back to libmilter either by the worker waiting for it (`run`) or, for stages whose reply
+can be sent later, by the loop itself once the coroutine is done (`_trampolines`): the worker is
+then free for other connections at once.
 Shared clients created in `on_worker_start` (httpx, a resolver, a pool) live on this loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
+import selectors
+import sys
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
@@ -20,13 +24,62 @@ from typing import Any, TypeVar
 __all__ = ["EventLoopThread"]
 
 _T = TypeVar("_T")
+_set_running_loop = asyncio.events._set_running_loop
+# A cancelled timer stays in the loop's heap until the loop runs: wake it past this many.
+_CANCELLED_TIMERS = 64
+
+
+class _LockedSelector(selectors.DefaultSelector):
+    """The loop's selector: the loop's thread holds `lock` except while it waits in select."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        super().__init__()
+        self.pmk_lock = lock
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        lock = self.pmk_lock
+        lock.release()
+        try:
+            return super().select(timeout)
+        finally:
+            lock.acquire()
+
+
+class _FirstStep:
+    """Takes the place of the loop's `call_soon` while a task is built: keeps its first step
+    (3.11), which has no eager tasks."""
+
+    __slots__ = ("context", "step")
+
+    def __call__(self, step: Callable[[], object], *, context: Any = None) -> None:
+        self.step, self.context = step, context
+
+
+def _eager_task(coro: Coroutine[Any, Any, _T], loop: Any) -> Any:
+    """A task of `loop` for `coro` whose first step has run, here and now (loop kept out)."""
+    if sys.version_info >= (3, 12):
+        return asyncio.Task(coro, loop=loop, eager_start=True)
+    # The task asks the loop to call its first step soon (a lookup of `call_soon` on the
+    # loop): handed to an instance attribute for that one call, the step runs here instead.
+    first = _FirstStep()
+    loop.call_soon = first
+    try:
+        task = asyncio.Task(coro, loop=loop)
+    finally:
+        del loop.call_soon
+    first.context.run(first.step)
+    return task
 
 
 class EventLoopThread:
     """An asyncio loop running on a daemon thread of its own, until `stop()`."""
 
     def __init__(self, name: str = "pymilterkit-loop") -> None:
-        self.loop = asyncio.new_event_loop()
+        self.lock = threading.Lock()
+        """Held by the loop's thread except while it waits for events (`start`)."""
+        self.loop = asyncio.SelectorEventLoop(_LockedSelector(self.lock))
+        loop: Any = self.loop
+        self._asyncgen_hooks = (loop._asyncgen_firstiter_hook, loop._asyncgen_finalizer_hook)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
@@ -35,7 +88,8 @@ class EventLoopThread:
     def _main(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(self._ready.set)
-        self.loop.run_forever()
+        with self.lock:
+            self.loop.run_forever()
 
     @property
     def thread(self) -> threading.Thread:
@@ -46,14 +100,61 @@ class EventLoopThread:
         """Run `function(*args)` on the loop's thread, soon; safe from any thread."""
         self.loop.call_soon_threadsafe(function, *args)
 
+    def start(
+        self,
+        coro: Coroutine[Any, Any, _T],
+        suspended: Callable[[asyncio.Task[_T]], object] | None = None,
+    ) -> asyncio.Task[_T]:
+        """`coro` as a task of the loop whose first step runs now, on the calling thread.
+
+        The task is done on return if the coroutine finished without suspending: nothing
+        crossed threads. Otherwise it goes on on the loop, and `suspended(task)` has run first,
+        still with the loop kept out (to add done callbacks, timers). Not from the loop's thread.
+        """
+        loop: Any = self.loop
+        with self.lock:  # the loop's thread waits in select, or for this lock
+            if not loop.is_running():
+                coro.close()
+                raise RuntimeError("the event loop is not running")
+            ready, scheduled = loop._ready, loop._scheduled
+            head = scheduled[0] if scheduled else None
+            owner = loop._thread_id
+            if loop._debug:  # its checks that the loop's methods run on the loop's thread
+                loop._thread_id = threading.get_ident()
+            _set_running_loop(loop)
+            hooks = sys.get_asyncgen_hooks()  # async generators begun here belong to the loop
+            sys.set_asyncgen_hooks(*self._asyncgen_hooks)
+            try:
+                task: asyncio.Task[_T] = _eager_task(coro, loop)
+                done = task.done()
+                if not done and suspended is not None:
+                    suspended(task)
+            finally:
+                sys.set_asyncgen_hooks(*hooks)
+                _set_running_loop(None)
+                loop._thread_id = owner
+            if (
+                not done
+                or ready
+                or (scheduled and scheduled[0] is not head)
+                or loop._timer_cancelled_count > _CANCELLED_TIMERS
+            ):
+                loop._write_to_self()  # it has work: end its select
+        return task
+
     def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
-        """Run `coro` on the loop and wait for its result here (not on the loop's thread)."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise
+        """Run `coro` (its first step here, see `start`) and wait here for its result; not
+        on the loop's thread. Past `timeout` seconds it is cancelled (TimeoutError)."""
+        finished = threading.Event()
+
+        def suspended(task: asyncio.Task[_T]) -> None:
+            task.add_done_callback(lambda _: finished.set())
+
+        task = self.start(coro, suspended)
+        if not task.done() and not finished.wait(timeout):
+            self.loop.call_soon_threadsafe(task.cancel)
+            raise TimeoutError(f"the coroutine ran past {timeout} s")
+        return task.result()
 
     def stop(self, grace: float = 5.0) -> None:
         """Cancel what still runs (up to `grace` seconds), then stop and close the loop."""

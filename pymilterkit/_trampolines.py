@@ -186,16 +186,18 @@ class LibmilterCallbacks(SessionRules):
 
     # -- async def stages --------------------------------------------------------------------
     #
-    # An async stage's callback hands its coroutine to the event loop and, where it can
-    # (`_can_defer`), returns NOREPLY at once: libmilter sends nothing and parks the session, so
-    # its worker thread serves other connections while the coroutine waits; the loop sends the
-    # answer when the coroutine is done (`c.send_reply`). Until then the session's
-    # `_pmk_pending` is set: a callback for the same connection (a peer that did not wait for
-    # the answer, a close) waits for it first, so one connection's calls never overlap, and
-    # the context stays valid (libmilter frees it only after xxfi_close returns).
+    # An async stage's coroutine takes its first step at once, on libmilter's thread
+    # (`EventLoopThread.start`): one that finishes without suspending is answered like a sync
+    # stage, with no thread crossed. One that suspends goes on as a task of the event loop and,
+    # where it can (`_can_defer`), the callback returns NOREPLY at once: libmilter sends nothing
+    # and parks the session, so its worker thread serves other connections while the coroutine
+    # waits; the loop sends the answer when the coroutine is done (`c.send_reply`). Until then
+    # the session's `_pmk_pending` is set: a callback for the same connection (a peer that did
+    # not wait for the answer, a close) waits for it first, so one connection's calls never
+    # overlap, and the context stays valid (libmilter frees it only after xxfi_close returns).
 
     def run_coroutine(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        """Run `coro` on the event loop; this (libmilter) thread waits for its result."""
+        """Run `coro` (its first step here) on the event loop; this thread waits for it."""
         assert self.loop is not None
         return self.loop.run(coro)
 
@@ -212,34 +214,24 @@ class LibmilterCallbacks(SessionRules):
     def answer_async(
         self, key: Any, session: MilterSession, stage: str, coro: Coroutine[Any, Any, Any]
     ) -> int:
-        if not self._can_defer(key, stage):
-            return super().answer_async(key, session, stage, coro)
         assert self.loop is not None
-        pending = _Pending()
-        session._pmk_pending = pending
-        self.loop.call(self._start, key, session, stage, coro, pending)
-        return Status.NOREPLY  # answered by the loop (`_answer`)
-
-    def _start(
-        self,
-        ctx: int,
-        session: MilterSession,
-        stage: str,
-        coro: Coroutine[Any, Any, Any],
-        pending: _Pending,
-    ) -> None:
-        task = pending.task = asyncio.ensure_future(
-            self._answer(ctx, session, stage, coro, pending)
-        )
-
-        def ended(_: object) -> None:  # also when cancelled before it began (a hang-up)
-            if not pending.is_set():
-                coro.close()
-                session._pmk_stage = None
-                session._pmk_pending = None
-                pending.set()
-
-        task.add_done_callback(ended)
+        pending = _Pending(self, key, session, stage)
+        answering = self._answer(key, session, stage, coro, pending)
+        try:
+            task = self.loop.start(answering, pending.suspend)
+        except BaseException as exc:  # noqa: BLE001 - the loop has stopped: nothing may reach C
+            coro.close()
+            session._pmk_stage = None
+            return self.fail(exc, stage, session)
+        if not pending.inline:
+            return Status.NOREPLY  # the loop answers when it is done (`_answer`)
+        if not task.done():
+            pending.wait()  # this answer cannot be sent later: the worker waits for it
+        answer = pending.answer
+        if answer is None:  # `_answer` itself failed (the filter's errors are settled in it)
+            failure = None if task.cancelled() else task.exception()
+            return self.fail(failure or RuntimeError("the stage was not answered"), stage)
+        return answer
 
     async def _answer(
         self,
@@ -249,15 +241,17 @@ class LibmilterCallbacks(SessionRules):
         coro: Coroutine[Any, Any, Any],
         pending: _Pending,
     ) -> None:
-        start = time.perf_counter()
-        ticker = None
-        if stage == "on_eom" and self.progress_interval:
-            ticker = _Progress(self.lib, ctx, self.progress_interval)
-        try:
-            outcome = await self.bounded(coro, stage)
-        finally:
-            if ticker is not None:
-                ticker.cancel()
+        """Run the stage; its answer goes to `pending.answer` while the callback waits for it
+        (`pending.inline`), else to the MTA."""
+        if self.stage_timeout is None:
+            try:
+                outcome: tuple[bool, Any] = (True, await coro)
+            except BaseException as exc:  # noqa: BLE001 - the error policy decides
+                outcome = (False, exc)
+        else:
+            outcome = await self.bounded(coro, stage, pending)
+        if pending.ticker is not None:
+            pending.ticker.cancel()
         try:
             if pending.closing:  # the MTA hung up: nothing to answer
                 session._pmk_stage = None
@@ -269,9 +263,11 @@ class LibmilterCallbacks(SessionRules):
             else:
                 answer = self.settle(session, stage, outcome)
                 answer = self.async_answer(
-                    stage, answer, session, ctx, time.perf_counter() - start
+                    stage, answer, session, ctx, time.perf_counter() - pending.start
                 )
-                if stage not in self.noreply and not c.send_reply(ctx, answer):
+                if pending.inline:
+                    pending.answer = answer
+                elif stage not in self.noreply and not c.send_reply(ctx, answer):
                     logger.warning("could not send the answer of %s to the MTA", stage)
                     c.hang_up(ctx)
         finally:
@@ -550,13 +546,55 @@ class _Detached:
 _DETACHED: Any = _Detached()
 
 
-class _Pending(threading.Event):
-    """Set when a session's async stage has been answered; holds its task."""
+class _Pending:
+    """An async stage under way: its answer, and once it suspended its task and an event set
+    when it has been answered (others wait for it: `SessionRules.wait_pending`)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.task: asyncio.Future[None] | None = None
+    __slots__ = (
+        "answer", "callbacks", "closing", "ctx", "event", "inline", "scope", "session",
+        "stage", "start", "task", "ticker",
+    )
+
+    def __init__(
+        self, callbacks: LibmilterCallbacks, ctx: int, session: MilterSession, stage: str
+    ) -> None:
+        self.callbacks, self.ctx, self.session, self.stage = callbacks, ctx, session, stage
+        self.start = time.perf_counter()
+        self.answer: int | None = None
+        self.inline = True  # the callback waits for the answer (it has not returned)
         self.closing = False
+        self.event: threading.Event | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.scope: asyncio.Timeout | None = None  # `bounded`'s, whose deadline is set here
+        self.ticker: _Progress | None = None
+
+    def suspend(self, task: asyncio.Task[None]) -> None:
+        """The stage's coroutine suspended (on libmilter's thread, the loop kept out): it goes
+        on on the loop, with its deadline and progress ticker armed now."""
+        callbacks = self.callbacks
+        self.task = task
+        self.event = threading.Event()
+        self.session._pmk_pending = self
+        if self.scope is not None and callbacks.stage_timeout is not None:
+            loop = asyncio.get_running_loop()
+            elapsed = time.perf_counter() - self.start
+            self.scope.reschedule(loop.time() + callbacks.stage_timeout - elapsed)
+        if self.stage == "on_eom" and callbacks.progress_interval:
+            self.ticker = _Progress(callbacks.lib, self.ctx, callbacks.progress_interval)
+        if callbacks._can_defer(self.ctx, self.stage):
+            self.inline = False  # the callback returns NOREPLY; the loop answers
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the stage has been answered; whether it was."""
+        event = self.event
+        return True if event is None else event.wait(timeout)
+
+    def set(self) -> None:
+        if self.event is not None:
+            self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event is None or self.event.is_set()
 
     def cancel(self) -> None:
         """Cancel the stage's task (on the loop's thread)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 
 from typing_extensions import override
@@ -240,4 +241,43 @@ class NoReplyRcpt(MilterSession):
     @override
     def on_eom(self) -> Status:
         self.add_header("X-Rcpts", str(self.count))
+        return Status.CONTINUE
+
+
+class FirstStep(MilterSession):
+    """Where each step of its coroutines runs: the first on libmilter's thread, the rest on
+    the loop's; `asyncio.current_task()` and `asyncio.timeout` work in both."""
+
+    actions = Actions.ADD_HEADER
+
+    def __init__(self) -> None:
+        self.rcpt_thread = ""
+        self.fired = False
+
+    @override
+    async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        self.rcpt_thread = threading.current_thread().name  # never suspends
+        if recipient.strip("<>").startswith("late"):
+            # Scheduled by a coroutine that finishes at once: the loop must still run it.
+            asyncio.get_running_loop().call_later(0.05, setattr, self, "fired", True)
+        return Status.CONTINUE
+
+    @override
+    async def on_eom(self) -> Status:
+        before = threading.current_thread().name
+        task = asyncio.current_task()
+        async with asyncio.timeout(5):
+            await asyncio.sleep(0.2)
+        after = threading.current_thread().name
+        try:  # a filter's own deadline cancels this very coroutine
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(5)
+            own_deadline = "missed"
+        except TimeoutError:
+            own_deadline = "kept"
+        self.add_header("X-Rcpt-Thread", self.rcpt_thread)
+        self.add_header("X-Eom-Threads", f"{before} {after}")
+        self.add_header("X-Same-Task", str(task is asyncio.current_task() is not None))
+        self.add_header("X-Own-Deadline", own_deadline)
+        self.add_header("X-Fired", str(self.fired))
         return Status.CONTINUE

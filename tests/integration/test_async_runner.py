@@ -209,3 +209,21 @@ def test_a_stop_during_an_async_stage_cancels_it_cleanly() -> None:
             endpoint.close()
     assert "stop: 3 async stage(s) still running were cancelled" in log
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_coroutine_starts_on_libmilters_thread_and_goes_on_on_the_loop(debug: bool) -> None:
+    # A coroutine that does not suspend is answered on libmilter's thread (no hand-off);
+    # one that does goes on on the loop as the same task. Also in asyncio's debug mode,
+    # whose checks want the loop's methods called on its thread.
+    env = dict(os.environ, PYTHONASYNCIODEBUG="1") if debug else None
+    target = "tests.integration.async_filters:FirstStep"
+    with MilterProcess(target, cwd=ROOT, env=env) as milter:
+        result = MilterClient(milter.socket, timeout=10).run(MESSAGE, recipients=["late@x"])
+        headers = {m.name: m.value for m in result.modifications if isinstance(m, HeaderAdded)}
+        assert headers["X-Rcpt-Thread"] not in ("pymilterkit-loop", "MainThread")
+        before, after = headers["X-Eom-Threads"].split()
+        assert before != "pymilterkit-loop" and after == "pymilterkit-loop"
+        assert headers["X-Same-Task"] == "True"
+        assert headers["X-Own-Deadline"] == "kept"
+        assert headers["X-Fired"] == "True"  # the timer set by the quick RCPT ran

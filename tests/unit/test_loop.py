@@ -1,0 +1,132 @@
+"""The event loop of `async def` stages: a coroutine's first step runs on the caller's thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from pymilterkit._loop import EventLoopThread
+
+
+@pytest.fixture
+def loop() -> Iterator[EventLoopThread]:
+    thread = EventLoopThread()
+    yield thread
+    thread.stop()
+
+
+def test_a_coroutine_that_does_not_suspend_is_done_on_the_callers_thread(
+    loop: EventLoopThread,
+) -> None:
+    seen: list[object] = []
+
+    async def quick() -> str:
+        seen.append((threading.current_thread(), asyncio.current_task() is not None))
+        return "done"
+
+    task = loop.start(quick(), seen.append)
+    assert task.done() and task.result() == "done"
+    assert seen == [(threading.current_thread(), True)]  # the hook is for suspension only
+
+
+def test_a_coroutine_that_suspends_goes_on_on_the_loop(loop: EventLoopThread) -> None:
+    threads: list[threading.Thread] = []
+    hooked: list[object] = []
+
+    async def slow() -> int:
+        threads.append(threading.current_thread())
+        await asyncio.sleep(0.01)
+        threads.append(threading.current_thread())
+        return 7
+
+    finished = threading.Event()
+
+    def suspended(task: asyncio.Task[int]) -> None:
+        hooked.append(task)
+        task.add_done_callback(lambda _: finished.set())
+
+    task = loop.start(slow(), suspended)
+    assert hooked == [task] and not task.done()
+    assert finished.wait(5) and task.result() == 7
+    assert threads == [threading.current_thread(), loop.thread]
+    assert loop.run(slow()) == 7  # run(): the same, waiting here
+
+
+def test_what_a_quick_coroutine_schedules_still_runs(loop: EventLoopThread) -> None:
+    fired = threading.Event()
+    spawned = threading.Event()
+    tasks: list[asyncio.Future[None]] = []
+
+    async def background() -> None:
+        spawned.set()
+
+    async def quick() -> None:
+        asyncio.get_running_loop().call_later(0.02, fired.set)
+        tasks.append(asyncio.ensure_future(background()))
+
+    assert loop.start(quick()).done()
+    assert fired.wait(5) and spawned.wait(5)  # the loop was woken for them
+
+
+def test_deadlines_of_quick_coroutines_do_not_pile_up(loop: EventLoopThread) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(60):  # a timer per call, cancelled at once
+            pass
+
+    for _ in range(2000):
+        assert loop.start(bounded()).done()
+    loop.run(asyncio.sleep(0.01))  # a turn of the loop drops the cancelled timers
+    scheduled = loop.loop._scheduled  # type: ignore[attr-defined]
+    assert len(scheduled) < 200
+
+
+def test_async_generators_begun_off_the_loop_are_closed_at_stop() -> None:
+    loop = EventLoopThread()
+    closed = threading.Event()
+
+    async def numbers() -> AsyncIterator[int]:
+        try:
+            yield 1
+            yield 2
+        finally:
+            closed.set()
+
+    generators: list[AsyncIterator[int]] = []
+
+    async def first() -> int:
+        generator = numbers()
+        generators.append(generator)  # left open, at its first item
+        return await generator.__anext__()
+
+    assert loop.start(first()).result() == 1
+    loop.stop()
+    assert closed.is_set()
+
+
+def test_a_stopped_loop_refuses_and_closes_the_coroutine() -> None:
+    loop = EventLoopThread()
+    loop.stop()
+
+    async def never() -> None:
+        raise AssertionError("ran")
+
+    with pytest.raises(RuntimeError, match="not running"):
+        loop.start(never())  # closed: no "never awaited" warning (warnings are errors)
+
+
+def test_run_cancels_past_its_timeout(loop: EventLoopThread) -> None:
+    cancelled = threading.Event()
+
+    async def hangs() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    with pytest.raises(TimeoutError):
+        loop.run(hangs(), timeout=0.05)
+    assert cancelled.wait(5)
