@@ -103,9 +103,9 @@ def test_lookups_of_many_connections_run_at_once() -> None:
 def test_a_stage_past_its_deadline_is_cancelled_and_answered() -> None:
     with start("Deadline", "--stage-timeout", "0.3", "--timeout-status", "reject") as milter:
         client = MilterClient(milter.socket, timeout=10)
-        result = client.run(MESSAGE, recipients=["fast@x", "slow@y", "fast2@z"])
+        result = client.run(MESSAGE, recipients=["fast@x", "slow@y", "fast2@z", "block@z"])
         assert [r.status for r in result.recipients] == [
-            Status.CONTINUE, Status.REJECT, Status.CONTINUE
+            Status.CONTINUE, Status.REJECT, Status.CONTINUE, Status.CONTINUE
         ]
         assert result.status is Status.CONTINUE  # the connection went on to the message
         assert client.run(MESSAGE, recipients=["fast@x"]).status is Status.CONTINUE
@@ -113,6 +113,9 @@ def test_a_stage_past_its_deadline_is_cancelled_and_answered() -> None:
         log = milter.log()
     assert re.search(r"Deadline\.on_rcpt ran 0\.[3-9]\d* s, past stage_timeout \(0\.3 s\): "
                      r"cancelled, answering REJECT", log), log
+    # The one that blocked in its first step could not be cancelled: logged like a sync stage.
+    assert re.search(r"Deadline\.on_rcpt ran 0\.[4-9]\d* s, past stage_timeout \(0\.3 s\)\n",
+                     log), log
 
 
 def test_async_errors_follow_the_error_policy() -> None:
