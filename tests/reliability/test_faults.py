@@ -140,6 +140,9 @@ def test_sigterm_mid_message_with_workers_closes_every_session(tmp_path: Path) -
             conn.connect(f"c{n}.example", None)
             conn.mail("<a@example.org>")
         wait_for(lambda: lifecycle.read_text().count(" mail") == 6, 10, "six sessions")
+        # Both workers serving (one may still be starting while the other took all six; a
+        # worker stopped before it serves logs no "stopped:" line).
+        wait_for(lambda: milter.log().count(" listening on ") == 2, 10, "two workers")
         log = clean_exit(milter)
         for conn in conns:
             conn.close()
