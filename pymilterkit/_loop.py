@@ -112,6 +112,9 @@ class EventLoopThread:
         still with the loop kept out (to add done callbacks, timers). Not from the loop's thread.
         """
         loop: Any = self.loop
+        if threading.get_ident() == self._thread.ident:  # it holds the lock: say so, not hang
+            coro.close()
+            raise RuntimeError("EventLoopThread.start called on the loop's own thread")
         with self.lock:  # the loop's thread waits in select, or for this lock
             if not loop.is_running():
                 coro.close()

@@ -130,3 +130,21 @@ def test_run_cancels_past_its_timeout(loop: EventLoopThread) -> None:
     with pytest.raises(TimeoutError):
         loop.run(hangs(), timeout=0.05)
     assert cancelled.wait(5)
+
+
+def test_start_on_the_loops_own_thread_is_refused_not_a_hang(loop: EventLoopThread) -> None:
+    async def inner() -> None:
+        raise AssertionError("ran")
+
+    async def outer() -> str:
+        try:
+            loop.start(inner())
+        except RuntimeError as exc:
+            return str(exc)
+        return "started"
+
+    async def on_the_loop() -> str:
+        await asyncio.sleep(0)  # from here on the loop's thread
+        return await outer()
+
+    assert "own thread" in loop.run(on_the_loop(), timeout=5)
