@@ -9,7 +9,10 @@ reads its `key` local (the connection's SMFICTX). Nothing is added to the callba
 
 The code objects are the inner `callback` functions of `SessionRules.stage_callback` and
 `SessionRules._async_callback` (every callback built there shares its function's code object,
-whatever wrapper metrics or dry-run add around it).
+whatever wrapper metrics or dry-run add around it). A frame is recognised by its globals
+(`_dispatch`'s), its code's first line and its name, so the metered callback, which `_metered`
+compiles again from the same source with its line numbers and runs with those globals, is
+recognised too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+from . import _dispatch
 from ._dispatch import SessionRules
 
 __all__ = ["CALLBACK_CODES", "keys_in_callbacks"]
@@ -38,7 +42,11 @@ CALLBACK_CODES = frozenset(
 """The code of every stage callback: a frame of one holds its connection in `key`."""
 
 
-def keys_in_callbacks(codes: frozenset[types.CodeType] = CALLBACK_CODES) -> set[Any]:
+_PLACES = frozenset((code.co_firstlineno, code.co_name) for code in CALLBACK_CODES)
+_GLOBALS = vars(_dispatch)
+
+
+def keys_in_callbacks() -> set[Any]:
     """The `key` of every stage callback some thread is inside now (any depth of its stack).
 
     A callback that starts after this returned is not in it: the caller takes sessions out of
@@ -48,7 +56,8 @@ def keys_in_callbacks(codes: frozenset[types.CodeType] = CALLBACK_CODES) -> set[
     for frame in sys._current_frames().values():
         current: types.FrameType | None = frame
         while current is not None:
-            if current.f_code in codes:
+            code = current.f_code
+            if current.f_globals is _GLOBALS and (code.co_firstlineno, code.co_name) in _PLACES:
                 key = current.f_locals.get("key")
                 if key is not None:
                     keys.add(key)

@@ -3,7 +3,8 @@
 Each round starts `stop_filters:Journal` (every call journaled, with its begin and end), keeps it
 busy with 4 clients sending messages and 2 connections parked inside a message (libmilter's pool
 abandons those at stop, and the runner closes them), then stops it with SIGTERM and
-`--drain-timeout 0`, as one process and with `--workers 2`. Per session, the journal must show:
+`--drain-timeout 0`, as one process, with `--workers 2` and with metrics (whose stage callback
+is compiled separately). Per session, the journal must show:
 the first call is on_negotiate (no session is made by a callback after the stop took the
 sessions), calls never overlap (each begins after the previous one ended), on_close comes once
 and last, and every session that began was closed. The window between a callback's session
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 TARGET = "tests.integration.stop_filters:Journal"
 MESSAGE = b"Subject: stop\r\n\r\nbody\r\n"
-ROUNDS = 10
+ROUNDS = 6
 
 
 def _send_until(milter: MilterProcess, stop: threading.Event) -> None:
@@ -72,15 +73,20 @@ def _violations(journal: str) -> tuple[int, list[str]]:
     return len(calls), wrong
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_stops_under_load_keep_each_sessions_calls_in_order(tmp_path: Path, workers: int) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--workers", "2"], ["--metrics", "127.0.0.1:0"]],
+    ids=["one-process", "workers-2", "metrics"],
+)
+def test_stops_under_load_keep_each_sessions_calls_in_order(
+    tmp_path: Path, options: list[str]
+) -> None:
     sessions = 0
     stop_seconds = []
     for round_ in range(ROUNDS):
         journal = tmp_path / f"journal-{round_}"
         env = {**os.environ, "PMK_JOURNAL": str(journal)}
-        args = ["--drain-timeout", "0", "--workers", str(workers)]
-        milter = MilterProcess(TARGET, args=args, cwd=ROOT, env=env)
+        milter = MilterProcess(TARGET, args=["--drain-timeout", "0", *options], cwd=ROOT, env=env)
         with milter:
             stop = threading.Event()
             senders = [threading.Thread(target=_send_until, args=(milter, stop))

@@ -9,6 +9,7 @@ libmilter: the callbacks are the runner's own (`stage_callback`), keyed by a mad
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from typing_extensions import override
 from pymilterkit import EsmtpParams, MilterSession, Status, _trampolines
 from pymilterkit._inflight import CALLBACK_CODES, keys_in_callbacks
 from pymilterkit._loop import EventLoopThread
+from pymilterkit._metered import METER_NAMES, derive
 from pymilterkit._trampolines import LibmilterCallbacks, _envelope
 
 CTX = 0x5EED
@@ -111,15 +113,27 @@ def _start(function: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     return thread, result
 
 
-@pytest.mark.parametrize("session_class", [Record, AsyncRecord], ids=["sync", "async"])
+@pytest.mark.parametrize(
+    ("session_class", "metered"),
+    [(Record, False), (AsyncRecord, False), (Record, True)],
+    ids=["sync", "async", "sync-metered"],
+)
 def test_a_stop_waits_for_a_callback_between_its_lookup_and_its_stage(
-    session_class: type[MilterSession],
+    session_class: type[MilterSession], metered: bool
 ) -> None:
     dispatcher, loop = _dispatcher(session_class)
     try:
         get, found, release = _held_lookup(dispatcher)
-        callback = dispatcher.stage_callback("on_rcpt", get, dispatcher._create, _envelope,
-                                             envelope=True)
+        build: Callable[..., Callable[..., int]] = dispatcher.stage_callback
+        kwargs: dict[str, Any] = {}
+        if metered:  # metrics' callback: compiled again from stage_callback's source
+            derived = derive()
+            assert derived is not None
+            build = functools.partial(derived, dispatcher)
+            # The counting fails quietly without metrics; it only needs a clock.
+            kwargs["_pmk_meter"] = (None,) * (len(METER_NAMES) - 1) + (time.perf_counter,)
+        callback = build("on_rcpt", get, dispatcher._create, _envelope, envelope=True, **kwargs)
+        assert metered is (callback.__code__ not in CALLBACK_CODES)
         stage, answer = _start(lambda: callback(CTX, (b"<a@b>", None)))
         assert found.wait(10)
         assert keys_in_callbacks() == {CTX}  # seen inside the callback, at any depth
