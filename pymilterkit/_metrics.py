@@ -19,8 +19,11 @@ owner: it reads every row, sums, and writes the Prometheus text format. Without 
 of this exists: the runner builds the plain callbacks, and the hooks below (called by the
 supervisor at fork and reap, and by the drain and stage-deadline code) return at once.
 
-The per-stage figures come from wrapping each stage's callback when it is built
-(`MeteredRules.stage_callback`), never from a test on the hot path.
+The per-stage figures are counted by the stage callbacks the runner builds when metrics are
+on (`MeteredRules.stage_callback`): the plain callback compiled again with the counting in it
+(`_metered`), or wrapped where that cannot be done; never by a test on the plain hot path. An
+answer is one addition to the cell of its status and latency bucket, plus one to the latency
+sum (results by status and the histogram are that table's row and column sums).
 """
 
 from __future__ import annotations
@@ -370,6 +373,17 @@ def attach(handed: str | None) -> None:
     if handed is None:
         return
     fd, row, rows = (int(part) for part in handed.split(":"))
+    if os.fstat(fd).st_size != (rows + 1) * _ROW * 8:
+        # The supervisor runs another pymilterkit version (upgraded, then reloaded), whose map
+        # has another layout: count into a map of this worker's own rather than crash or
+        # write garbage into the shared one.
+        logger.warning(
+            "metrics: the supervisor's pymilterkit has another layout of the counts; this "
+            "worker's counts are not shown (restart the milter to show them again)"
+        )
+        os.close(fd)
+        _shared, _row = SharedCounts(rows), row
+        return
     _shared, _row = SharedCounts(rows, fd=fd), row
 
 

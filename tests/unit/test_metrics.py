@@ -256,3 +256,26 @@ def test_metered_callbacks_answer_as_the_plain_ones_and_count_every_answer(
             assert sum(figures["buckets"]) == 7 and figures["sum"] > 0, stage
     finally:
         shared.close()
+
+
+def test_a_fresh_worker_of_another_layout_counts_apart(
+    supervisor: tuple[str, int], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    owner = _metrics._owner
+    assert owner is not None
+    # A map of another size: what a supervisor of another pymilterkit version hands over.
+    other = os.memfd_create("other-layout", os.MFD_CLOEXEC)
+    os.ftruncate(other, 4096)
+    monkeypatch.setattr(_metrics, "_shared", None)
+    monkeypatch.setattr(_metrics, "_recorder", None)
+    with caplog.at_level(logging.WARNING, logger="pymilterkit"):
+        _metrics.attach(f"{other}:0:{owner.shared.rows}")
+    assert "another layout" in caplog.text
+    worker_side = _metrics._shared
+    assert worker_side is not None and worker_side is not owner.shared
+    _metrics.count_timeout("on_eom")  # counted, in the worker's own map
+    assert _metrics.snapshot(worker_side)["stages"]["on_eom"]["timeouts"] == 1
+    assert _metrics.snapshot(owner.shared)["stages"]["on_eom"]["timeouts"] == 0
+    worker_side.close()
+    with pytest.raises(OSError):
+        os.fstat(other)  # attach closed the handed descriptor
