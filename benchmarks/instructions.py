@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", nargs="+", default=["noreply", "answered"],
                     choices=["noreply", "answered"])
     ap.add_argument("--milters", nargs="+", default=list(MILTERS),
-                    choices=[*MILTERS, "pymilterkit-metrics"])  # -metrics: benchmarks/metrics.py
+                    # -metrics: benchmarks/metrics.py; -async: async def on_rcpt (issue 18.8)
+                    choices=[*MILTERS, "pymilterkit-metrics", "pymilterkit-async"])
     args = ap.parse_args(argv)
     for tool in ("valgrind", "callgrind_control", "callgrind_annotate"):
         if shutil.which(tool) is None:
