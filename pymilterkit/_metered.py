@@ -33,10 +33,11 @@ __all__ = ["METER_NAMES", "derive", "wrap"]
 
 logger = logging.getLogger("pymilterkit")
 
-METER_NAMES = ("cells", "first", "total", "fast", "bounds", "where", "clock")
+METER_NAMES = ("cells", "first", "total", "fast", "bounds", "stride", "where", "clock")
 """What `_pmk_meter` (the derived function's extra keyword argument) holds, in this order: the
 shared cells, the stage's first-bucket cell by status value, its latency sum's cell, the upper
-bound of the first bucket, all bounds, `bisect.bisect_left` and `time.perf_counter`."""
+bound of the first bucket, all bounds, the distance between two buckets' cells,
+`bisect.bisect_left` and `time.perf_counter`."""
 
 _UNPACK = f"({', '.join(f'_pmk_{n}' for n in METER_NAMES)},) = _pmk_meter"
 _START = "_pmk_start = _pmk_clock()"
@@ -51,7 +52,8 @@ try:
     if _pmk_elapsed <= _pmk_fast:
         _pmk_cells[_pmk_first[_pmk_answer]] += 1.0
     else:
-        _pmk_cells[_pmk_first[_pmk_answer] + _pmk_where(_pmk_bounds, _pmk_elapsed)] += 1.0
+        _pmk_bucket = _pmk_where(_pmk_bounds, _pmk_elapsed)
+        _pmk_cells[_pmk_first[_pmk_answer] + _pmk_bucket * _pmk_stride] += 1.0
     _pmk_cells[_pmk_total] += _pmk_elapsed
 except Exception:  # nothing may reach C; a count is not worth it
     pass

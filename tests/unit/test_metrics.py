@@ -279,3 +279,31 @@ def test_a_fresh_worker_of_another_layout_counts_apart(
     worker_side.close()
     with pytest.raises(OSError):
         os.fstat(other)  # attach closed the handed descriptor
+
+
+def test_a_slow_answer_lands_in_its_bucket_and_status() -> None:
+    derived = derive()
+    assert derived is not None
+    shared = _metrics.SharedCounts(rows=1)
+    try:
+        rules = SessionRules(_Stages, Status.TEMPFAIL)
+        session = _Stages()
+        rules.attach(session, None)  # type: ignore[arg-type]
+        recorder = _metrics.Recorder(shared, 0)
+        times = iter([10.0, 10.003, 20.0, 20.7])  # 3 ms (bucket le=0.005), then 0.7 s (le=1)
+        meter = (*recorder.meter("on_rcpt")[:-1], lambda: next(times))
+        callback = derived(rules, "on_rcpt", lambda key: session, lambda key: None,
+                           lambda r: (r, NO_PARAMS), _pmk_meter=meter)
+        assert callback(None, "reject") == Status.REJECT
+        assert callback(None, "a") == Status.CONTINUE
+        recorder.record("on_eom", Status.REJECT, 0.003)  # an async stage's answer
+        stages = _metrics.snapshot(shared)["stages"]
+        rcpt, eom = stages["on_rcpt"], stages["on_eom"]
+        bounds = list(_metrics.BUCKETS)
+        assert rcpt["buckets"][bounds.index(0.005)] == 1
+        assert rcpt["buckets"][bounds.index(1.0)] == 1 and sum(rcpt["buckets"]) == 2
+        assert {k: v for k, v in rcpt["results"].items() if v} == {"reject": 1, "continue": 1}
+        assert rcpt["sum"] == pytest.approx(0.703)
+        assert eom["buckets"][bounds.index(0.005)] == 1 and eom["results"]["reject"] == 1
+    finally:
+        shared.close()
