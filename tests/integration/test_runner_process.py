@@ -331,7 +331,13 @@ def test_two_milters_on_one_host_do_not_share_a_cpu() -> None:
             load[cpu_second] -= 1  # the second milter itself
             candidates |= {n for n in ALLOWED if load[n] == min(load.values())}
     assert cpu_second in candidates, (cpu_first, cpu_second, candidates)
-    assert cpu_first not in candidates or len(candidates) == len(ALLOWED)
+    # With no other confined processes skewing the count (CI: nothing else runs), the first
+    # milter's CPU is the one the second avoids. Others confined to the other CPUs (parallel
+    # test runs on this host) can make sharing the right choice: the assertion above holds then.
+    foreign = dict(load)
+    foreign[cpu_first] -= 1  # the first milter itself
+    if len(set(foreign.values())) == 1:
+        assert cpu_second != cpu_first, (cpu_first, load)
 
 
 @MULTI_CPU
