@@ -593,9 +593,6 @@ class _Pending:
         if self.event is not None:
             self.event.set()
 
-    def is_set(self) -> bool:
-        return self.event is None or self.event.is_set()
-
     def cancel(self) -> None:
         """Cancel the stage's task (on the loop's thread)."""
         if self.task is not None:
