@@ -79,8 +79,14 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 MILTERS = ("c", "pymilter", "pymilter-1cpu", "pymilterkit", "pymilterkit-anycpu",
            "pymilterkit-w2", "pymilterkit-empty-w2")
 # Opt-in (`--milters`): pymilterkit with `async def on_rcpt` (pymilterkit_rcptcount.py --async),
-# against `pymilterkit`: what the event-loop hand-off costs per RCPT.
-OPTIONAL = ("pymilterkit-async",)
+# against `pymilterkit`: what the event-loop hand-off costs per RCPT. `-async` never suspends,
+# `-suspend` awaits once (asyncio.sleep(0)), `-lookup` awaits a UDP echo (benchmarks/echo.py):
+# what a real await costs. The last two exist in answered mode only.
+OPTIONAL = ("pymilterkit-async", "pymilterkit-async-w2", "pymilterkit-suspend",
+            "pymilterkit-suspend-w2", "pymilterkit-lookup", "pymilterkit-lookup-w2")
+ASYNC_KINDS = {"async": ["--async", "never"], "suspend": ["--async", "suspend"],
+               "lookup": ["--async", "lookup"]}
+ANSWERED_ONLY = ("suspend", "lookup")
 # Fairness rows, in pin=none only: pymilter confined to one CPU with taskset (what pymilterkit
 # does by default, cpu_affinity="auto"), and pymilterkit with --cpu-affinity none.
 VARIANTS = ("pymilter-1cpu", "pymilterkit-anycpu")
@@ -110,11 +116,49 @@ def milter_command(name: str, mode: str, spec: str, venv_py: Path,
         workers = ["--workers", name.rsplit("-w", 1)[1]] if "-w" in name else []
         mode_arg = ["--socket-mode", "666"] if world_socket and spec.startswith("unix:") else []
         anycpu = ["--cpu-affinity", "none"] if name.endswith("-anycpu") else []
-        anycpu += ["--async"] if name.endswith("-async") else []
+        kind = async_kind(name)
+        anycpu += ASYNC_KINDS.get(kind, [])
+        anycpu += ["--lookup", str(echo_port())] if kind == "lookup" else []
         script = "pymilterkit_empty.py" if "-empty" in name else "pymilterkit_rcptcount.py"
         return [sys.executable, str(HERE / script),
                 *(["--noreply"] if noreply else []), *workers, *mode_arg, *anycpu, *metrics, spec]
     raise ValueError(name)
+
+
+def async_kind(name: str) -> str:
+    """"async", "suspend", "lookup" for the async rows (any -wN, -metrics stripped), else ""."""
+    base = name.removesuffix("-metrics")
+    base = base.rsplit("-w", 1)[0] if "-w" in base else base
+    kind = base.rsplit("-", 1)[-1]
+    return kind if kind in ASYNC_KINDS else ""
+
+
+_echo: list[subprocess.Popen[str]] = []
+_echo_port: list[int] = []
+
+
+def echo_port() -> int:
+    """The port of this run's UDP echo server (benchmarks/echo.py), started on first use."""
+    if not _echo_port:
+        proc = subprocess.Popen([sys.executable, str(HERE / "echo.py")],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        _echo.append(proc)
+        assert proc.stdout is not None
+        _echo_port.append(int(proc.stdout.readline()))
+    return _echo_port[0]
+
+
+def stop_echo() -> None:
+    """Stop the echo server this run started (by PID), if any."""
+    for proc in _echo:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    _echo.clear()
+    _echo_port.clear()
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -365,7 +409,8 @@ def run_throughput(args: argparse.Namespace, venv_py: Path) -> list[dict[str, An
     t0 = time.monotonic()
     for rep in range(args.reps):
         for pin, conns, body, mode in combos:
-            names = milters_for(args, pin)
+            names = [n for n in milters_for(args, pin)
+                     if mode == "answered" or async_kind(n) not in ANSWERED_ONLY]
             k = rep % len(names)
             for name in names[k:] + names[:k]:  # rotate: drift hits every milter alike
                 res = measure(name, mode, pin, conns, body, args.seconds, args.warmup, venv_py)
@@ -458,23 +503,38 @@ def print_table(summary: list[dict[str, Any]], seconds: float, reps: int) -> Non
 
 
 def print_async(summary: list[dict[str, Any]]) -> None:
-    """pymilterkit-async against pymilterkit (sync on_rcpt) in the same pin/mode/conns/body."""
+    """Each async row against its sync twin (`pymilterkit`, and `pymilterkit-w2` for a -w2
+    row) in the same pin/mode/conns/body; and the CPU one suspension costs: (CPU/msg of
+    -suspend minus that of -async, the never-suspending twin) / the RCPTs of a message."""
     index = {(s["pin"], s["mode"], s["conns"], s["body"], s["milter"]): s for s in summary}
-    pairs = [(s, index.get((s["pin"], s["mode"], s["conns"], s["body"], "pymilterkit")))
-             for s in summary if s["milter"] == "pymilterkit-async"]
-    if not pairs:
+    rows = [s for s in summary if async_kind(s["milter"])]
+    if not rows:
         return
-    print("\nasync def on_rcpt against sync (pymilterkit-async / pymilterkit, same run):")
-    print(f"{'pin':<5} {'mode':<8} {'conns':>5} {'body':>6} {'msg/s':>6} {'cpu/msg':>8} "
-          f"{'p50':>6} {'p99':>6}")
-    for a, b in pairs:
-        if b is None:
-            continue
-        ratio = {f: round(a[f] / b[f], 3) if b[f] else None for f in FIGURES}
-        a["x_sync"] = ratio
+    print("\nasync def on_rcpt against the sync twin (same run; x1 = the sync pymilterkit, "
+          "1 process; xtwin = the sync row with the same workers):")
+    print(f"{'pin':<5} {'mode':<8} {'conns':>5} {'body':>6} {'milter':<24} {'msg/s':>8} "
+          f"{'x1':>6} {'xtwin':>6} {'cpu/msg':>8} {'xtwin':>6} {'us/susp':>8}")
+    for a in rows:
+        key = (a["pin"], a["mode"], a["conns"], a["body"])
+        one = index.get((*key, "pymilterkit"))
+        workers = a["milter"].rsplit("-w", 1)[1] if "-w" in a["milter"] else ""
+        twin = index.get((*key, "pymilterkit" + (f"-w{workers}" if workers else "")))
+        never = index.get((*key, a["milter"].replace("-suspend", "-async")))
+        if twin is not None:
+            a["x_sync"] = {f: round(a[f] / twin[f], 3) if twin[f] else None for f in FIGURES}
+        if one is not None and one["msg_per_s"]:
+            a["x_sync_1"] = round(a["msg_per_s"] / one["msg_per_s"], 3)
+        per_suspension = None
+        if async_kind(a["milter"]) == "suspend" and never is not None:
+            per_suspension = round((a["milter_cpu_us_per_msg"]
+                                    - never["milter_cpu_us_per_msg"]) / RCPTS, 1)
+            a["cpu_us_per_suspension"] = per_suspension
+        x = a.get("x_sync") or {}
         print(f"{a['pin']:<5} {a['mode']:<8} {a['conns']:>5} {a['body'] // 1024:>5}K "
-              f"{_x(ratio['msg_per_s'])} {_x(ratio['milter_cpu_us_per_msg']):>8} "
-              f"{_x(ratio['p50_ms'])} {_x(ratio['p99_ms'])}")
+              f"{a['milter']:<24} {a['msg_per_s']:>8.0f} {_x(a.get('x_sync_1'))} "
+              f"{_x(x.get('msg_per_s'))} {a['milter_cpu_us_per_msg']:>8.1f} "
+              f"{_x(x.get('milter_cpu_us_per_msg'))} "
+              f"{'' if per_suspension is None else f'{per_suspension:8.1f}'}")
 
 
 def print_splits(rows: list[dict[str, Any]]) -> None:
@@ -849,7 +909,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     calls = callbacks.measure(20_000 if args.quick else 300_000)
     print("\nPer-callback cost, called from C without a socket (benchmarks/callbacks.py):")
     print(callbacks.report(calls) + "\n", flush=True)
-    rows = run_throughput(args, venv_py)
+    try:
+        rows = run_throughput(args, venv_py)
+    finally:
+        stop_echo()
     summary = summarise(rows)
     room = headroom(summary)
     mem: list[dict[str, Any]] = []
