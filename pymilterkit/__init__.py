@@ -25,8 +25,7 @@ from ._flags import Actions, ProtocolOpts, Stage, Status
 from ._runner import Milter, libmilter_version, run, set_debug_level, shutdown
 from ._session import ClassSpec, MilterSession, StageResult, noreply
 from ._types import EsmtpParams, InetAddress, UnixAddress
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "ActionError",

@@ -158,8 +158,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
-    from . import __version__
     from ._runner import libmilter_version
+    from ._version import __version__
 
     print(f"pymilterkit {__version__}")
     try:

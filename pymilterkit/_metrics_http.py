@@ -14,7 +14,6 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import __version__
 from ._errors import ConfigurationError
 from ._metrics import (
     BUCKETS,
@@ -27,6 +26,7 @@ from ._metrics import (
     stage_label,
 )
 from ._session import MilterSession
+from ._version import __version__
 
 try:
     from prometheus_client.core import (

@@ -1,12 +1,26 @@
-"""The package's modules import each other without cycles (every import statement counts,
-also those inside functions or under TYPE_CHECKING): each module can be read on its own."""
+"""The package's internal import graph stays readable: no cycle, no module inside the package
+importing the package's `__init__`, and no import chain longer than `MAX_CHAIN` modules.
+
+Every import statement counts: module level, inside functions, and under TYPE_CHECKING. A lazy
+import still makes one module depend on the other (it only moves the cost, or hides a cycle), and a
+reader of a module follows its type imports as well. `from . import _x` is an import of the module
+`_x`; `from . import name` (a name that is not a module) and `import pymilterkit` are imports of the
+package's `__init__`. The implicit import of a module's parent package, which Python runs before
+any module of it, is no edge: no module chooses it.
+"""
 
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[2] / "pymilterkit"
+
+#: The longest import chain allowed, counted in modules (issue 26 took it from 12 to this).
+MAX_CHAIN = 9
 
 
 def _module_name(path: Path) -> str:
@@ -27,21 +41,30 @@ def _imports(path: Path, name: str, modules: set[str]) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
-            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            # `from base import x` imports the module base.x if there is one, else a name of base.
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                for alias in node.names
+            ]
         else:
             continue
         found.update(t for t in targets if t in modules and t != name)
     return found
 
 
+def _paths() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
 def graph() -> dict[str, set[str]]:
-    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    """Each module (a package by its `__init__`) to the modules of the package it imports."""
+    paths = _paths()
     modules = set(paths)
-    edges = {name: _imports(path, name, modules) for name, path in paths.items()}
-    # A package's __init__ re-exports its modules: importing a module of a package is not an
-    # import of the package's __init__, so edges into a package itself are left out.
-    packages = {n for n, p in paths.items() if p.name == "__init__.py"}
-    return {n: {t for t in ts if t not in packages} for n, ts in edges.items()}
+    return {name: _imports(path, name, modules) for name, path in paths.items()}
+
+
+def packages() -> set[str]:
+    return {name for name, path in _paths().items() if path.name == "__init__.py"}
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -66,15 +89,61 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def imports_of_own_package(edges: dict[str, set[str]], inits: set[str]) -> list[tuple[str, str]]:
+    """(module, package) for each module that imports the `__init__` of a package it is inside."""
+    return sorted(
+        (name, target)
+        for name, targets in edges.items()
+        for target in targets
+        if target in inits and name.startswith(target + ".")
+    )
+
+
+def longest_chain(edges: dict[str, set[str]]) -> list[str]:
+    """The longest path of imports (modules, importer first); the graph must have no cycle."""
+
+    def longest(chains: list[tuple[str, ...]]) -> tuple[str, ...]:
+        return max(chains, key=lambda chain: len(chain), default=())
+
+    @functools.cache
+    def from_(node: str) -> tuple[str, ...]:
+        return (node, *longest([from_(nxt) for nxt in sorted(edges.get(node, ()))]))
+
+    return list(longest([from_(node) for node in sorted(edges)]))
+
+
 def test_the_graph_is_read() -> None:
     edges = graph()
     assert "pymilterkit._listen" in edges["pymilterkit._runner"]
     assert "pymilterkit._prefork" in edges["pymilterkit._runner"]  # a lazy import counts
+    assert "pymilterkit._libmilter" in edges["pymilterkit._runner"]  # `from . import _libmilter`
+    assert "pymilterkit._runner" in edges["pymilterkit"]  # the __init__ is a node like any other
+    assert "pymilterkit" not in edges["pymilterkit._runner"]  # `from . import _x` is not __init__
 
 
-def test_cycles_are_found() -> None:
+def test_the_checks_see_what_they_look_for() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    edges = {"p": {"p._a"}, "p._a": {"p._b"}, "p._b": {"p"}, "q": {"p"}}
+    assert imports_of_own_package(edges, {"p", "q"}) == [("p._b", "p")]
+    assert longest_chain({"a": {"b", "c"}, "b": {"c"}, "c": set(), "d": {"c"}}) == ["a", "b", "c"]
 
 
 def test_no_import_cycles_in_the_package() -> None:
     assert cycles(graph()) == []
+
+
+def test_nothing_inside_the_package_imports_its_init() -> None:
+    assert imports_of_own_package(graph(), packages()) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 26: the longest chain is 12 modules before the core's rebuild lands; "
+    "remove this mark once it passes",
+)
+def test_the_longest_import_chain_is_short() -> None:
+    edges = graph()
+    if cycles(edges):
+        pytest.skip("the graph has a cycle (another test fails for it)")
+    chain = longest_chain(edges)
+    assert len(chain) <= MAX_CHAIN, f"{len(chain)} modules: " + " -> ".join(chain)
