@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, NoReturn
 
 from . import _libmilter as c
+from . import _libmilter_private as private
 from ._dispatch import NO_PARAMS, SessionRules
 from ._errors import LibmilterError
 from ._flags import Status
@@ -61,7 +62,7 @@ class CtxBackend:
         )
 
     def getsymval(self, name: bytes) -> bytes | None:
-        return c.ctx_macro(self.lib, self.ctx, name)  # not smfi_getsymval: it can crash
+        return private.ctx_macro(self.lib, self.ctx, name)  # not smfi_getsymval: it can crash
 
     def setreply(self, code: bytes, xcode: bytes | None, lines: Any) -> None:
         if len(lines) <= 1:
@@ -191,7 +192,7 @@ class LibmilterCallbacks(SessionRules):
     # stage, with no thread crossed. One that suspends goes on as a task of the event loop and,
     # where it can (`_can_defer`), the callback returns NOREPLY at once: libmilter sends nothing
     # and parks the session, so its worker thread serves other connections while the coroutine
-    # waits; the loop sends the answer when the coroutine is done (`c.send_reply`). Until then
+    # waits; the loop sends the answer when the coroutine is done (`send_reply`). Until then
     # the session's `_pmk_pending` is set: a callback for the same connection (a peer that did
     # not wait for the answer, a close) waits for it first, so one connection's calls never
     # overlap, and the context stays valid (libmilter frees it only after xxfi_close returns).
@@ -204,12 +205,12 @@ class LibmilterCallbacks(SessionRules):
     def _can_defer(self, ctx: int, stage: str) -> bool:
         answer_later = self._answer_later
         if answer_later is None:
-            answer_later = self._answer_later = c.can_answer_later(ctx)
+            answer_later = self._answer_later = private.can_answer_later(ctx)
         if not answer_later:
             return False  # another libmilter build: the worker waits for the coroutine
         # A body chunk carried by the end-of-message packet: libmilter calls eom right after
         # on_body returns CONTINUE, so that answer cannot wait.
-        return stage != "on_body" or c.ctx_state(ctx) != c.ST_ENDM
+        return stage != "on_body" or private.ctx_state(ctx) != private.ST_ENDM
 
     def answer_async(
         self, key: Any, session: MilterSession, stage: str, coro: Coroutine[Any, Any, Any]
@@ -267,9 +268,9 @@ class LibmilterCallbacks(SessionRules):
                 )
                 if pending.inline:
                     pending.answer = answer
-                elif stage not in self.noreply and not c.send_reply(ctx, answer):
+                elif stage not in self.noreply and not private.send_reply(ctx, answer):
                     logger.warning("could not send the answer of %s to the MTA", stage)
-                    c.hang_up(ctx)
+                    private.hang_up(ctx)
         finally:
             session._pmk_pending = None
             pending.set()
@@ -616,7 +617,7 @@ class _Progress:
 
 def _unknown(ctx: int, cmd: int | None) -> tuple[str]:
     """xxfi_unknown's command: only its packet's bytes (libmilter does not check the NUL)."""
-    return (decode(c.unknown_command(ctx, cmd)),)
+    return (decode(private.unknown_command(ctx, cmd)),)
 
 
 def _continue(ctx: int) -> int:

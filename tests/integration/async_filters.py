@@ -285,3 +285,21 @@ class FirstStep(MilterSession):
         self.add_header("X-Own-Deadline", own_deadline)
         self.add_header("X-Fired", str(self.fired))
         return Status.CONTINUE
+
+
+class OtherLayout(AsyncRcpt):
+    """`AsyncRcpt` on a libmilter whose context layout pymilterkit does not know (faked: the
+    layout check looks for smfi_setpriv's pointer at another offset); eom reports macro j."""
+
+    @classmethod
+    @override
+    async def on_worker_start(cls) -> None:
+        from pymilterkit import _libmilter_private
+
+        _libmilter_private._CTX_PRIVDATA = 8  # ctx_sd's offset: the check fails
+        await super().on_worker_start()
+
+    @override
+    async def on_eom(self) -> Status:
+        self.add_header("X-J", str(self.macro("j")))
+        return await super().on_eom()
