@@ -7,12 +7,16 @@ imported only when a run has `metrics`. It runs in the process that owns the lis
 
 from __future__ import annotations
 
-import http.server
+import contextlib
+import http.client
+import io
 import logging
+import resource
+import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from ._errors import ConfigurationError
 from ._metrics import (
@@ -45,8 +49,6 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 __all__ = ["MetricsServer", "serve", "start"]
 
 logger = logging.getLogger("pymilterkit")
-
-_REQUEST_TIMEOUT = 5.0  # seconds a scraper may take to send its request
 
 
 class MilterCollector(Collector):
@@ -158,81 +160,244 @@ def _bound(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(value)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: _HTTPServer
-    timeout = _REQUEST_TIMEOUT
-    server_version = "pymilterkit"
+MAX_CONNECTIONS = 1024
+"""Connections open at once, at most; past the cap a new one is closed at once. Never more than
+a quarter of the open-files limit (`connection_cap`), so mail keeps the rest."""
+MAX_REQUEST = 8 * 1024
+"""Bytes of request line and headers; a bigger request is answered 431 and closed."""
+REQUEST_DEADLINE = 3.0
+"""Seconds from accept to the last byte of the answer; then the connection is closed."""
+BACKLOG = 1024
+"""The listen queue: a burst of scrapers waits there, in the kernel, not in this process."""
 
-    def do_GET(self) -> None:
-        path = self.path.partition("?")[0]
-        if path == "/metrics":
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            try:
-                body = encoder(self.server.registry)
-            except Exception:
-                logger.exception("metrics: could not collect")
-                self._answer(500, b"collect failed\n")
-                return
-            self._answer(200, body, content_type)
-        elif path == "/healthz":
-            healthy, why = self.server.owner.healthy()
-            self._answer(200 if healthy else 503, why.encode() + b"\n")
-        else:
-            self._answer(404, b"not found: try /metrics or /healthz\n")
-
-    def do_HEAD(self) -> None:
-        self.do_GET()
-
-    def _answer(self, code: int, body: bytes, content_type: str = "text/plain") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("metrics: %s %s", self.address_string(), format % args)
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable"}
 
 
-class _HTTPServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _Connection:
+    """One scraper's connection: its request bytes so far, its answer, its deadline."""
+
+    __slots__ = ("deadline", "reply", "request", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.request = bytearray()
+        self.reply: memoryview | None = None
+
+
+class MetricsServer:
+    """The endpoint: one thread serving `/metrics` and `/healthz`, with every resource bounded.
+
+    Why not a thread per connection (`http.server.ThreadingHTTPServer`): a client that sends
+    slowly or sends megabytes of headers then holds a thread, a descriptor and memory each, and
+    enough of them take what mail needs. Here one thread multiplexes every connection
+    (`selectors`): at most `connection_cap()` are open at once, each for at most
+    `MAX_REQUEST` bytes of request and `REQUEST_DEADLINE` seconds in all. A scraper whose
+    request is already there when it is accepted is answered at once and takes no slot. The
+    request is parsed by the standard library (`http.client.parse_headers`). `close()` stops
+    it; `forget()` in a forked child.
+    """
 
     def __init__(self, address: MetricsAddress, owner: Owner, registry: CollectorRegistry):
         self.owner = owner
         self.registry = registry
-        self.address_family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        super().__init__((address.host, address.port), _Handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        logger.debug("metrics: request from %s failed", client_address, exc_info=True)
-
-
-class MetricsServer:
-    """The endpoint's server and thread; `close()` stops it, `forget()` in a forked child."""
-
-    def __init__(self, server: _HTTPServer) -> None:
-        self.server = server
-        self.thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="pymilterkit-metrics",
-            daemon=True,
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        self.sock = socket.create_server(
+            (address.host, address.port), family=family, backlog=BACKLOG
         )
+        self.sock.setblocking(False)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._selector = selectors.DefaultSelector()
+        self._waiting: dict[socket.socket, _Connection] = {}
+        self.cap = connection_cap()
+        self._paused_until = 0.0
+        self._warned_full = False
+        self.thread = threading.Thread(target=self._run, name="pymilterkit-metrics", daemon=True)
         self.thread.start()
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self.server.server_address[:2]
+        host, port = self.sock.getsockname()[:2]
         return str(host), int(port)
 
     def close(self) -> None:
-        self.server.shutdown()
+        """Stop serving and close every connection and the listening socket."""
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
         self.thread.join(5)
-        self.server.server_close()
+        for sock in (self.sock, self._wake_r, self._wake_w):
+            sock.close()
 
     def forget(self) -> None:
-        """In a forked child: close this process's copy of the socket; the parent serves."""
-        self.server.socket.close()
+        """In a forked child: close this process's copies; the parent goes on serving."""
+        for sock in (self.sock, self._wake_r, self._wake_w, *self._waiting):
+            sock.close()
+        self._selector.close()
+
+    # -- the serving thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        selector = self._selector
+        selector.register(self.sock, selectors.EVENT_READ, "listen")
+        selector.register(self._wake_r, selectors.EVENT_READ, "stop")
+        try:
+            while True:
+                now = time.monotonic()
+                if self._paused_until and now >= self._paused_until:
+                    self._paused_until = 0.0
+                    selector.register(self.sock, selectors.EVENT_READ, "listen")
+                deadlines = [c.deadline for c in self._waiting.values()]
+                if self._paused_until:
+                    deadlines.append(self._paused_until)
+                timeout = max(0.0, min(deadlines) - now) if deadlines else None
+                for key, _ in selector.select(timeout):
+                    if key.data == "stop":
+                        return
+                    if key.data == "listen":
+                        self._accept()
+                    else:
+                        self._step(key.data)
+                now = time.monotonic()
+                for conn in [c for c in self._waiting.values() if c.deadline <= now]:
+                    logger.debug("metrics: %s too slow; closed", _peer(conn.sock))
+                    self._drop(conn)
+        except Exception:  # pragma: no cover - a bug here must not kill the milter
+            logger.exception("metrics: the endpoint stopped")
+        finally:
+            for conn in list(self._waiting.values()):
+                self._drop(conn)
+            selector.close()
+
+    def _accept(self) -> None:
+        for _ in range(64):  # then let the waiting connections have a turn
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE/ENFILE: pause instead of spinning on the queue
+                if not self._warned_full:
+                    logger.warning("metrics: cannot accept (%s); pausing the endpoint", exc)
+                    self._warned_full = True
+                self._selector.unregister(self.sock)
+                self._paused_until = time.monotonic() + 0.5
+                return
+            self._warned_full = False
+            sock.setblocking(False)
+            conn = _Connection(sock, time.monotonic() + REQUEST_DEADLINE)
+            if not self._read(conn):
+                sock.close()
+                continue
+            answered = conn.reply is not None
+            if answered and not self._write(conn):
+                sock.close()  # answered in full at once: no slot taken
+                continue
+            if len(self._waiting) >= self.cap:
+                logger.debug("metrics: %d connections open; refused", self.cap)
+                sock.close()
+                continue
+            self._waiting[sock] = conn
+            event = selectors.EVENT_WRITE if answered else selectors.EVENT_READ
+            self._selector.register(sock, event, conn)
+
+    def _step(self, conn: _Connection) -> None:
+        if conn.reply is None:
+            if not self._read(conn):
+                self._drop(conn)
+            elif conn.reply is not None:
+                if self._write(conn):
+                    self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
+                else:
+                    self._drop(conn)
+        elif not self._write(conn):
+            self._drop(conn)
+
+    def _drop(self, conn: _Connection) -> None:
+        if self._waiting.pop(conn.sock, None) is not None:
+            self._selector.unregister(conn.sock)
+        conn.sock.close()
+
+    def _read(self, conn: _Connection) -> bool:
+        """Read what is there; False if the connection is finished (closed or failed)."""
+        while conn.reply is None:
+            try:
+                data = conn.sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            conn.request += data
+            end = conn.request.find(b"\r\n\r\n")
+            if end >= 0:
+                conn.reply = memoryview(self._answer(bytes(conn.request[: end + 4])))
+            elif len(conn.request) > MAX_REQUEST:
+                conn.reply = memoryview(_response(431, b"request too large\n", head=False))
+        return True
+
+    def _write(self, conn: _Connection) -> bool:
+        """Send what the socket takes; True while some of the answer is left to send."""
+        assert conn.reply is not None
+        try:
+            sent = conn.sock.send(conn.reply)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        conn.reply = conn.reply[sent:]
+        return len(conn.reply) > 0
+
+    def _answer(self, request: bytes) -> bytes:
+        line, _, rest = request.partition(b"\r\n")
+        parts = line.split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return _response(400, b"bad request\n", head=False)
+        method, target = parts[0], parts[1].decode("latin-1").partition("?")[0]
+        if method not in (b"GET", b"HEAD"):
+            return _response(405, b"only GET and HEAD\n", head=False)
+        head = method == b"HEAD"
+        try:
+            headers = http.client.parse_headers(io.BytesIO(rest))
+        except (http.client.HTTPException, ValueError):
+            return _response(400, b"bad headers\n", head=False)
+        if target == "/metrics":
+            encoder, content_type = choose_encoder(headers.get("Accept", ""))
+            try:
+                body = encoder(self.registry)
+            except Exception:
+                logger.exception("metrics: could not collect")
+                return _response(500, b"collect failed\n", head=head)
+            return _response(200, body, content_type, head=head)
+        if target == "/healthz":
+            healthy, why = self.owner.healthy()
+            return _response(200 if healthy else 503, why.encode() + b"\n", head=head)
+        return _response(404, b"not found: try /metrics or /healthz\n", head=head)
+
+
+def connection_cap() -> int:
+    """`MAX_CONNECTIONS`, or a quarter of this process's open-files limit if that is less."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(16, min(MAX_CONNECTIONS, soft // 4))
+
+
+def _response(code: int, body: bytes, content_type: str = "text/plain", *, head: bool) -> bytes:
+    status = f"HTTP/1.1 {code} {_REASONS[code]}\r\n"
+    fields = (
+        f"Server: pymilterkit\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return (status + fields).encode("latin-1") + (b"" if head else body)
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[:2])
+    except OSError:
+        return "a client"
 
 
 def serve(
@@ -242,13 +407,15 @@ def serve(
     registry = CollectorRegistry(auto_describe=False)
     registry.register(MilterCollector(owner, session_class, dry_run))
     try:
-        httpd = _HTTPServer(address, owner, registry)
+        server = MetricsServer(address, owner, registry)
     except OSError as exc:
         raise ConfigurationError(f"metrics: cannot listen on {address}: {exc}") from exc
-    server = MetricsServer(httpd)
     host, port = server.address
     shown = f"[{host}]" if ":" in host else host
-    logger.info("metrics on http://%s:%d/metrics (health: /healthz)", shown, port)
+    logger.info(
+        "metrics on http://%s:%d/metrics (health: /healthz; at most %d connections at once)",
+        shown, port, server.cap,
+    )
     return server
 
 
