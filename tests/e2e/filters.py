@@ -1,4 +1,4 @@
-"""Test-only filters for the end-to-end tests against a real Postfix (`test_postfix_milter.py`).
+"""Test-only filters for the end-to-end tests behind a real Postfix or Sendmail (`test_milter.py`).
 
 Each is started with `pymilterkit run tests.e2e.filters:NAME` in its own process. What they do
 is chosen by the message, so one filter process serves several messages of a test.
@@ -17,6 +17,7 @@ from pymilterkit import (
     EsmtpParams,
     InetAddress,
     MilterSession,
+    Stage,
     Status,
     UnixAddress,
     noreply,
@@ -120,3 +121,69 @@ class QuietEverywhere(RcptCount):
     @override
     def on_body(self, chunk: bytes) -> Status:
         return Status.CONTINUE
+
+
+class HeaderEdits(MilterSession):
+    """At eom: insert `X-First` at index 0 and `X-Third` at index 2, change the 2nd `X-Dup`,
+    delete the 1st `X-Del`, and add `X-Last`: Sendmail's index rules, observable in the order."""
+
+    actions = Actions.ADD_HEADER | Actions.CHANGE_HEADER
+
+    @override
+    def on_eom(self) -> Status:
+        self.insert_header(0, "X-First", "inserted at 0")
+        self.insert_header(2, "X-Third", "inserted at 2")
+        self.change_header("X-Dup", "second, changed", index=2)
+        self.change_header("X-Del", None)
+        self.add_header("X-Last", "added")
+        return Status.CONTINUE
+
+
+class RecipientWithArgs(MilterSession):
+    """At eom adds `<added-par@example.org>` with `NOTIFY=NEVER` (smfi_addrcpt_par)."""
+
+    actions = Actions.ADD_RCPT_PAR
+
+    @override
+    def on_eom(self) -> Status:
+        self.add_recipient("<added-par@example.org>", "NOTIFY=NEVER")
+        return Status.CONTINUE
+
+
+class MacroEcho(MilterSession):
+    """Adds `X-Macro-<stage>-<name>: <value>` for each macro Sendmail sent (or "-" if unset)."""
+
+    actions = Actions.ADD_HEADER
+    asked = {
+        Stage.CONNECT: ("j", "_", "{daemon_name}", "{client_addr}"),
+        Stage.ENVFROM: ("i", "{mail_mailer}", "{mail_addr}"),
+        Stage.ENVRCPT: ("{rcpt_mailer}", "{rcpt_addr}"),
+        Stage.EOM: ("{msg_id}", "i"),
+    }
+
+    @override
+    def on_connect(self, hostname: str, address: InetAddress | UnixAddress | None) -> Status:
+        self.seen: list[tuple[str, str, str]] = []
+        self._record(Stage.CONNECT)
+        return Status.CONTINUE
+
+    @override
+    def on_mail(self, sender: str, params: EsmtpParams) -> Status:
+        self._record(Stage.ENVFROM)
+        return Status.CONTINUE
+
+    @override
+    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        self._record(Stage.ENVRCPT)
+        return Status.CONTINUE
+
+    @override
+    def on_eom(self) -> Status:
+        self._record(Stage.EOM)
+        for stage, name, value in self.seen:
+            self.add_header(f"X-Macro-{stage}-{name.strip('{}')}", value)
+        return Status.CONTINUE
+
+    def _record(self, stage: Stage) -> None:
+        for name in self.asked[stage]:
+            self.seen.append((stage.name.lower(), name, self.macro(name) or "-"))

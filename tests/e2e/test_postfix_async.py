@@ -16,9 +16,7 @@ import pytest
 
 from examples.lookup import policy_service
 
-from .test_postfix_milter import Start, message, start
-
-__all__ = ["start"]  # the fixture, shared with test_postfix_milter
+from .mta import Start, message
 
 
 @pytest.fixture

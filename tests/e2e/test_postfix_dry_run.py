@@ -4,54 +4,18 @@ what the filter would have done, under Postfix's queue id."""
 from __future__ import annotations
 
 import re
-import smtplib
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
-import pytest
+from .mta import Start, message
 
-from pymilterkit.testing import MilterProcess
-
-from .postfix import PostfixFactory, PostfixInstance
-from .test_postfix_milter import message
-
-ROOT = Path(__file__).resolve().parents[2]
-
-Start = Callable[[str], tuple[MilterProcess, PostfixInstance]]
+DRY_RUN = ["--dry-run"]
 
 
-@pytest.fixture
-def start_dry(postfix_factory: PostfixFactory, milter_socket_dir: Path) -> Iterator[Start]:
-    """`start_dry("module:Class")`: the filter with --dry-run on a unix socket, and a Postfix."""
-    processes: list[MilterProcess] = []
-
-    def make(target: str) -> tuple[MilterProcess, PostfixInstance]:
-        path = milter_socket_dir / f"d{len(processes)}.sock"
-        process = MilterProcess(
-            target, f"unix:{path}", args=["--socket-mode", "666", "--dry-run"], cwd=ROOT
-        )
-        processes.append(process)
-        process.start()
-        return process, postfix_factory(f"unix:{path}")
-
-    yield make
-    for process in processes:
-        process.stop()
-        print(f"--- milter log ({process.target}) ---\n{process.log()}")  # shown on failure
-        process.__exit__(None, None, None)
-
-
-def send(postfix: PostfixInstance, msg: bytes, recipients: list[str], sender: str) -> None:
-    with smtplib.SMTP("127.0.0.1", postfix.smtp_port, timeout=30) as smtp:
-        smtp.ehlo("client.example.net")
-        assert smtp.sendmail(sender, recipients, msg) == {}
-
-
-def test_routing_in_dry_run_changes_nothing_and_logs_every_change(start_dry: Start) -> None:
-    milter, postfix = start_dry("examples.mixins:AuditedRouting")
+def test_routing_in_dry_run_changes_nothing_and_logs_every_change(start: Start) -> None:
+    setup = start("examples.mixins:AuditedRouting", args=DRY_RUN)
+    milter, postfix = setup.milter, setup.postfix
     recipients = ["sales@example.com", "noreply@example.org", "bob@example.com"]
     sent = message("order")
-    send(postfix, sent, recipients, sender="carol@legacy.example.net")
+    assert setup.send(sent, recipients, sender="carol@legacy.example.net") == {}
     [delivered] = postfix.wait_for_delivery(1)
     # Unmodified: envelope and message as sent (Postfix adds only its own trace headers).
     assert sorted(delivered.recipients) == sorted(recipients)
@@ -74,10 +38,11 @@ def test_routing_in_dry_run_changes_nothing_and_logs_every_change(start_dry: Sta
     assert "dry-run: not sent: " in log
 
 
-def test_a_rejecting_filter_in_dry_run_lets_the_mail_through(start_dry: Start) -> None:
-    milter, postfix = start_dry("tests.integration.ops_filters:Verdicts")
+def test_a_rejecting_filter_in_dry_run_lets_the_mail_through(start: Start) -> None:
+    setup = start("tests.integration.ops_filters:Verdicts", args=DRY_RUN)
+    milter, postfix = setup.milter, setup.postfix
     recipients = ["reject@example.com", "bob@example.com"]
-    send(postfix, message("hello"), recipients, sender="spam@example.net")
+    assert setup.send(message("hello"), recipients, sender="spam@example.net") == {}
     [delivered] = postfix.wait_for_delivery(1)
     assert sorted(delivered.recipients) == sorted(recipients)
     assert delivered.message["Subject"] == "hello"
