@@ -14,15 +14,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._affinity import parse as parse_affinity
-from ._config import filter_config, read_config, run_subparser
+from ._config import add_run_arguments, filter_config, read_config
 from ._config import parse_args as parse_args_with_config
 from ._errors import ConfigurationError, MilterError
-from ._flags import Status
-from ._logging import LOG_FORMATS
 from ._logging import configure as configure_logging
-from ._runner import ErrorStatus
+from ._options import LOG_LEVELS, RunOptions, run_flags
 from ._session import MilterSession
+from ._version import __version__
 
 if TYPE_CHECKING:
     from ._runner import Milter
@@ -76,7 +74,7 @@ def load_config(
     `target`), or None when the file has no `[filter]` table (the class keeps its default).
     The one call a reload needs; raises `ConfigurationError` naming the file, key and type.
     """
-    options, section = read_config(path, run_subparser(_parser()))
+    options, section = read_config(path)
     if session_class is None:
         target = options.get("target")
         if target is None:
@@ -87,36 +85,6 @@ def load_config(
     return options, filter_config(session_class, section, path)
 
 
-_ERROR_STATUS: dict[str, ErrorStatus] = {
-    "tempfail": Status.TEMPFAIL,
-    "reject": Status.REJECT,
-    "continue": Status.CONTINUE,
-    "accept": Status.ACCEPT,
-    "discard": Status.DISCARD,
-}
-
-
-def _octal_mode(text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise ConfigurationError(
-            f"--socket-mode wants an octal mode like 660, got {text!r}"
-        ) from None
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"not a number of seconds >= 0: {text!r}")
-    return value
-
-
 def build_milter(args: argparse.Namespace) -> Milter:
     """The `Milter` a parsed `run` command line describes (also a reload's fresh worker)."""
     from ._runner import Milter
@@ -124,30 +92,8 @@ def build_milter(args: argparse.Namespace) -> Milter:
     session_class = load_session_class(args.target)
     path = getattr(args, "config_path", None)
     config = filter_config(session_class, args.config_section, path) if path else None
-    milter = Milter(
-        session_class,
-        args.socket,
-        name=args.name,
-        timeout=args.timeout,
-        backlog=args.backlog,
-        workers=args.workers,
-        error_status=_ERROR_STATUS[args.error_status],
-        debug_level=args.debug_level,
-        socket_mode=_octal_mode(args.socket_mode),
-        socket_group=args.socket_group,
-        user=args.user,
-        group=args.group,
-        cpu_affinity=parse_affinity(args.cpu_affinity),
-        config=config,
-        metrics=args.metrics,
-        dry_run=args.dry_run,
-        stage_timeout=args.stage_timeout,
-        timeout_status=_ERROR_STATUS[args.timeout_status],
-        progress_interval=args.progress_interval or None,
-        drain_timeout=args.drain_timeout,
-        max_sessions_per_worker=args.max_sessions_per_worker,
-        max_worker_rss=args.max_worker_rss,
-    )
+    options = RunOptions.from_args(args, config)
+    milter = Milter(session_class, options.socket, **options.keywords())
     milter.cli_argv = getattr(args, "pmk_argv", None)
     return milter
 
@@ -159,7 +105,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_version(args: argparse.Namespace) -> int:
     from ._runner import libmilter_version
-    from ._version import __version__
 
     print(f"pymilterkit {__version__}")
     try:
@@ -234,120 +179,24 @@ def _add_send_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     parser.set_defaults(handler=_cmd_send)
 
 
-_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pymilterkit", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--log-level",
         default="INFO",
-        choices=_LEVELS,
+        choices=LOG_LEVELS,
         help="log level of the pymilterkit loggers (default INFO; others: --root-log-level)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a filter class on a socket")
-    run.add_argument("target", metavar="MODULE:CLASS", help="the MilterSession subclass")
     run.add_argument(
         "--config",
         metavar="FILE.toml",
         help="read options (keys named like the flags) and the [filter] table from a TOML "
         "file; flags override it",
     )
-    run.add_argument(
-        "--socket", required=True,
-        help="unix:/path, inet:PORT@HOST, inet6:..., or systemd (socket activation)",
-    )
-    run.add_argument("--name", help="filter name reported to libmilter")
-    run.add_argument("--timeout", type=int, help="libmilter I/O timeout in seconds")
-    run.add_argument("--backlog", type=int, help="listen backlog")
-    run.add_argument("--workers", type=int, default=1, help="pre-forked worker processes")
-    run.add_argument(
-        "--cpu-affinity",
-        default="auto",
-        metavar="auto|none|CPUS",
-        help="auto (default): each process on one CPU; none: any CPU; or CPUs like 0,2-3",
-    )
-    run.add_argument(
-        "--error-status",
-        default="tempfail",
-        choices=list(_ERROR_STATUS),
-        help="answer when a stage method raises (default tempfail)",
-    )
-    run.add_argument(
-        "--stage-timeout",
-        type=_seconds,
-        metavar="S",
-        help="cancel an async stage after S seconds and answer --timeout-status (a sync "
-        "stage past it is logged); keep it below the MTA's timeouts",
-    )
-    run.add_argument(
-        "--timeout-status",
-        default="tempfail",
-        choices=list(_ERROR_STATUS),
-        help="answer for a stage past --stage-timeout (default tempfail)",
-    )
-    run.add_argument(
-        "--progress-interval",
-        type=_seconds,
-        default=10.0,
-        metavar="S",
-        help="while on_eom runs, tell the MTA every S seconds it is still working "
-        "(default 10; 0: never)",
-    )
-    run.add_argument("--debug-level", type=int, default=0, help="libmilter trace level")
-    run.add_argument(
-        "--drain-timeout", type=float, default=30.0, metavar="S",
-        help="on SIGTERM, let sessions in flight finish for up to S seconds (default 30)",
-    )
-    run.add_argument(
-        "--max-sessions-per-worker", type=int, metavar="N",
-        help="retire a worker (drain, replace) after N sessions",
-    )
-    run.add_argument(
-        "--max-worker-rss", type=float, metavar="MIB",
-        help="retire a worker (drain, replace) whose memory passes MIB MiB",
-    )
-    run.add_argument(
-        "--socket-mode", help="octal mode of a unix socket (default 660: owner and group only)"
-    )
-    run.add_argument("--socket-group", help="group of a unix socket (e.g. postfix)")
-    run.add_argument("--user", help="drop privileges to this user after opening the socket")
-    run.add_argument("--group", help="drop privileges to this group")
-    run.add_argument(
-        "--metrics", metavar="HOST:PORT",
-        help="serve /metrics (Prometheus) and /healthz on this address, e.g. 127.0.0.1:9100 "
-        "(needs pymilterkit[metrics])",
-    )
-    run.add_argument(
-        "--dry-run", action="store_true",
-        help="run the filter but send CONTINUE and no modification; log what it would do",
-    )
-    run.add_argument(
-        "--log-level",
-        dest="run_log_level",
-        choices=_LEVELS,
-        help="same as the global --log-level",
-    )
-    run.add_argument(
-        "--log-format",
-        default="text",
-        choices=LOG_FORMATS,
-        help="text (default), or json: one object per line with the session fields",
-    )
-    run.add_argument(
-        "--syslog",
-        action="store_true",
-        help="log to syslog (/dev/log, facility mail) as pymilterkit[PID] instead of stderr",
-    )
-    run.add_argument(
-        "--root-log-level",
-        default="WARNING",
-        choices=_LEVELS,
-        help="level of every logger outside pymilterkit: libraries, the filter's own modules "
-        "(default WARNING)",
-    )
+    add_run_arguments(run, run_flags())
     run.set_defaults(handler=_cmd_run)
 
     version = sub.add_parser("version", help="show pymilterkit and libmilter versions")

@@ -2,12 +2,12 @@
 
 Theory of operation
 -------------------
-The `run` command's argparse definition is the one list of options: every option of `run`
-(a flag, or the positional `MODULE:CLASS` as key `target`) is a key of the file's top level,
-spelled like the flag without its dashes (`cpu-affinity`; `cpu_affinity` is accepted too), with
-the TOML type the flag's `type` implies (`int` -> integer, `float` -> number, a flag without a
-value -> `true`/`false`, `choices` checked). An option added to `run` is a key at once. The
-values become the parser's defaults, so a flag on the command line overrides the file.
+The settings of `run` are the `Flag`s of `_options` (the `RunOptions` fields and the command's
+own); each (a flag, or the positional `MODULE:CLASS` as key `target`) is a key of the file's top
+level, spelled like the flag without its dashes (`cpu-affinity`; `cpu_affinity` is accepted
+too), with the TOML type the flag's `type` implies (`int` -> integer, `float` -> number, a flag
+without a value -> `true`/`false`, `choices` checked). The `run` parser has no defaults: a flag
+on the command line wins, then the file, then the flag's default (`parse_args`).
 
 The `[filter]` table goes to the filter class: the class declares a dataclass instance,
 `config: ClassVar[MyConfig] = MyConfig()`, the table is checked against the dataclass's fields
@@ -16,8 +16,7 @@ frozenset, dict/Mapping with str keys, nested dataclasses) and a new instance is
 class before anything is served (`install`), in the parent before any worker is forked.
 
 Every mistake is a `ConfigurationError` naming the file, the key and the expected type; the
-command exits 2 before anything is started. `pymilterkit._cli.load_config` (which knows the
-parser) is the one entry point for a reload.
+command exits 2 before anything is started.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._errors import ConfigurationError
+from ._options import Flag, run_flags
 
 __all__ = [
     "CONFIG_ATTRIBUTE",
@@ -49,103 +49,42 @@ __all__ = [
 CONFIG_ATTRIBUTE = "config"
 """The class attribute a filter declares its configuration dataclass instance in."""
 FILTER_SECTION = "filter"
-_NOT_OPTIONS = frozenset({"help", "config", "handler", "command"})
 
 
-# -- run options, derived from argparse -------------------------------------------------------
+# -- run options, from the `Flag`s of `_options` -----------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Option:
-    key: str
-    action: argparse.Action
-
-    @property
-    def flag(self) -> str:
-        strings = self.action.option_strings
-        return max(strings, key=len) if strings else self.action.dest
-
-    def expected(self) -> str:
-        """What the key takes, in words."""
-        kind = _kind(self.action)
-        if kind == "bool":
-            return "true or false"
-        many = _many(self.action)
-        one = {"int": "an integer", "float": "a number", "str": "a string"}.get(
-            kind, f"a value for {self.flag}"
-        )
-        if self.action.choices is not None:
-            one = "one of " + ", ".join(repr(c) for c in self.action.choices)
-        return f"a list of {one.removeprefix('a ').removeprefix('an ')}s" if many else one
-
-    def convert(self, value: object, where: str) -> object:
-        action = self.action
-        kind = _kind(action)
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise _wrong(where, self.expected(), value)
-            if isinstance(action, argparse.BooleanOptionalAction):
-                return value
-            const = action.const
-            return const if value else (not const if isinstance(const, bool) else action.default)
-        if isinstance(action, argparse._CountAction):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise _wrong(where, "an integer >= 0", value)
-            return value
-        if _many(action):
-            if not isinstance(value, list):
-                raise _wrong(where, self.expected(), value)
-            return [self._one(item, f"{where}[{i}]") for i, item in enumerate(value)]
-        return self._one(value, where)
-
-    def _one(self, value: object, where: str) -> object:
-        action = self.action
-        kind = _kind(action)
-        converted: object
-        if kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise _wrong(where, "an integer", value)
-            converted = value
-        elif kind == "float":
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise _wrong(where, "a number", value)
-            converted = float(value)
-        elif kind == "str":
-            if not isinstance(value, str):
-                raise _wrong(where, "a string", value)
-            converted = value
-        else:  # a converter of its own (e.g. a duration or a status name): give it the text
-            if isinstance(value, bool) or not isinstance(value, str | int | float):
-                raise _wrong(where, f"a value for {self.flag} (a string or a number)", value)
-            convert = typing.cast(Callable[[str], object], action.type)
-            try:
-                converted = convert(str(value))
-            except Exception as exc:  # noqa: BLE001 - argparse would report it as usage
-                raise ConfigurationError(f"{where}: invalid value {value!r}: {exc}") from None
-        if action.choices is not None and converted not in action.choices:
-            raise _wrong(where, "one of " + ", ".join(repr(c) for c in action.choices), value)
-        return converted
+def _expected(flag: Flag) -> str:
+    """What the key of `flag` takes, in words."""
+    if flag.switch:
+        return "true or false"
+    if flag.choices is not None:
+        return "one of " + ", ".join(repr(c) for c in flag.choices)
+    words: dict[object, str] = {int: "an integer", float: "a number", None: "a string"}
+    return words.get(flag.type, f"a value for {flag.flag} (a string or a number)")
 
 
-def _kind(action: argparse.Action) -> str:
-    if isinstance(action, argparse.BooleanOptionalAction | argparse._StoreConstAction):
-        return "bool"  # store_true, store_false, store_const: true sets it
-    if action.type is None or action.type is str:
-        return "str"
-    if action.type is int:
-        return "int"
-    if action.type is float:
-        return "float"
-    return "custom"
-
-
-def _many(action: argparse.Action) -> bool:
-    nargs = action.nargs
-    return (
-        isinstance(action, argparse._AppendAction)  # also `extend`
-        or nargs in ("+", "*")
-        or (isinstance(nargs, int) and nargs > 1)
-    )
+def _convert(flag: Flag, value: object, where: str) -> object:
+    """The value of `flag` that the TOML `value` gives, as the command line would give it."""
+    if flag.switch:
+        ok = isinstance(value, bool)
+    elif flag.type is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif flag.type is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value  # type: ignore[arg-type]
+    elif flag.type is None:
+        ok = isinstance(value, str)
+    else:  # a converter of its own (e.g. a duration): give it the text
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise _wrong(where, _expected(flag), value)
+        try:
+            return flag.type(str(value))
+        except Exception as exc:  # noqa: BLE001 - argparse would report it as usage
+            raise ConfigurationError(f"{where}: invalid value {value!r}: {exc}") from None
+    if not ok or (flag.choices is not None and value not in flag.choices):
+        raise _wrong(where, _expected(flag), value)
+    return value
 
 
 def _wrong(where: str, expected: str, value: object) -> ConfigurationError:
@@ -160,30 +99,30 @@ def _toml_type(value: object) -> str:
     return next((name for t, name in _TOML_TYPES if isinstance(value, t)), type(value).__name__)
 
 
-def run_subparser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `run` subcommand's parser inside the `pymilterkit` parser."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            run = action.choices.get("run")
-            if isinstance(run, argparse.ArgumentParser):
-                return run
-    raise LookupError("the parser has no `run` subcommand")
-
-
-def run_options(run: argparse.ArgumentParser) -> dict[str, _Option]:
-    """Config key -> option, for every option of `run` (both spellings of a key)."""
-    options: dict[str, _Option] = {}
-    for action in run._actions:
-        if action.dest in _NOT_OPTIONS or action.dest == argparse.SUPPRESS:
-            continue
-        if isinstance(action, argparse._HelpAction | argparse._VersionAction):
-            continue
-        longs = [s for s in action.option_strings if s.startswith("--")]
-        key = longs[0][2:] if longs else action.dest
-        option = _Option(key, action)
-        options[key] = option
-        options.setdefault(key.replace("-", "_"), option)
+def run_options(flags: Sequence[Flag] | None = None) -> dict[str, Flag]:
+    """Config key -> flag, for every setting of `run` (both spellings of a key)."""
+    options: dict[str, Flag] = {}
+    for flag in run_flags() if flags is None else flags:
+        options[flag.key] = flag
+        options.setdefault(flag.key.replace("-", "_"), flag)
     return options
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
+    """Add `flags` to the `run` parser, with no defaults: `parse_args` fills in what neither
+    the command line nor a config file gave."""
+    for flag in flags:
+        names = [flag.flag] if flag.flag else [flag.dest]
+        kwargs: dict[str, Any] = {"help": flag.help, "default": argparse.SUPPRESS}
+        if flag.flag:
+            kwargs["dest"] = flag.dest
+        else:
+            kwargs["nargs"] = "?"
+        if flag.switch:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=flag.type, choices=flag.choices, metavar=flag.metavar)
+        parser.add_argument(*names, **kwargs)
 
 
 # -- reading a file ---------------------------------------------------------------------------
@@ -200,13 +139,13 @@ def _read_toml(path: str) -> dict[str, Any]:
 
 
 def read_config(
-    path: str, run: argparse.ArgumentParser
+    path: str, flags: Sequence[Flag] | None = None
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Read and check `path` against the `run` parser: (run options by argparse dest, the raw
+    """Read and check `path` against the settings of `run`: (values by argparse dest, the raw
     `[filter]` table or None). The table is checked against a class by `filter_config`.
     """
     document = _read_toml(path)
-    options = run_options(run)
+    options = run_options(flags)
     values: dict[str, Any] = {}
     spelled: dict[str, str] = {}
     section: dict[str, Any] | None = None
@@ -216,45 +155,48 @@ def read_config(
                 raise _wrong(f"{path}: [{FILTER_SECTION}]", "a table", value)
             section = value
             continue
-        option = options.get(key)
-        if option is None:
+        flag = options.get(key)
+        if flag is None:
             known = sorted({o.key for o in options.values()})
             raise ConfigurationError(
                 f"{path}: unknown key {key!r} (run options: {', '.join(known)}; "
                 f"the filter's settings go in a [{FILTER_SECTION}] table)"
             )
-        dest = option.action.dest
-        if dest in spelled:
-            raise ConfigurationError(f"{path}: {key!r} and {spelled[dest]!r} are the same key")
-        spelled[dest] = key
-        values[dest] = option.convert(value, f"{path}: key {key!r}")
+        if flag.dest in spelled:
+            raise ConfigurationError(f"{path}: {key!r} and {spelled[flag.dest]!r} are the same key")
+        spelled[flag.dest] = key
+        values[flag.dest] = _convert(flag, value, f"{path}: key {key!r}")
     return values, section
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-    """Parse `argv`; with `run --config FILE`, the file's values are the defaults of `run`.
+def parse_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str], flags: Sequence[Flag] | None = None
+) -> argparse.Namespace:
+    """Parse `argv`; for `run`, each setting comes from the command line, else from the
+    `--config` file, else its default; one missing from all is a usage error.
 
-    Options the file gives are no longer required on the command line; the parsed namespace
-    carries `config_path` and `config_section` (the raw `[filter]` table) for the run command.
+    The parsed namespace carries `config_path` and `config_section` (the raw `[filter]` table)
+    for the run command.
     """
-    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    finder.add_argument("--config")
-    found, _ = finder.parse_known_args(argv)
-    path: str | None = found.config
-    section: dict[str, Any] | None = None
-    if path is not None and "run" in argv:
-        run = run_subparser(parser)
-        values, section = read_config(path, run)
-        for action in run._actions:
-            if action.dest in values:
-                action.required = False
-                if not action.option_strings:  # the positional MODULE:CLASS
-                    action.nargs = "?"
-        run.set_defaults(**values)
     args = parser.parse_args(argv)
-    if path is not None and getattr(args, "command", None) == "run":
-        args.config_path = path
-        args.config_section = section
+    if getattr(args, "command", None) != "run":
+        return args
+    path: str | None = getattr(args, "config", None)
+    values, section = read_config(path, flags) if path is not None else ({}, None)
+    missing = []
+    for flag in run_flags() if flags is None else flags:
+        if hasattr(args, flag.dest):
+            continue
+        if flag.dest in values:
+            setattr(args, flag.dest, values[flag.dest])
+        elif flag.required:
+            missing.append(flag.flag or flag.metavar or flag.dest)
+        else:
+            setattr(args, flag.dest, flag.default)
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    args.config_path = path
+    args.config_section = section
     return args
 
 

@@ -29,14 +29,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal, TypedDict
-
-from typing_extensions import Unpack
+from typing import Any, ParamSpec
 
 from . import _libmilter as c
 from . import _metrics, _systemd
 from ._affinity import CpuAffinity, confine, plan
-from ._affinity import check as check_affinity
 from ._config import install as install_config
 from ._errors import ConfigurationError, LibmilterError, SocketSpecError, WorkerStartError
 from ._flags import Status
@@ -54,6 +51,7 @@ from ._lifecycle import (
 from ._limits import raise_nofile_limit
 from ._listen import Listener, open_listener, poke
 from ._loop import EventLoopThread, call_hook
+from ._options import DEFAULT_DRAIN_TIMEOUT, ErrorStatus, RunOptions
 from ._security import check_can_drop_privileges, drop_privileges
 from ._session import MilterSession
 from ._signals import on_stop_signals
@@ -64,9 +62,7 @@ from ._trampolines import LibmilterCallbacks, SyncEomProgress
 __all__ = ["Milter", "libmilter_version", "run", "set_debug_level", "shutdown"]
 
 logger = logging.getLogger("pymilterkit")
-
-DEFAULT_DRAIN_TIMEOUT = 30.0
-"""Seconds a drain (SIGTERM) waits for the sessions in flight before ending them."""
+_P = ParamSpec("_P")
 
 STOP_GRACE = 10.0
 """Seconds a stop waits for stage methods still running before it closes their sessions."""
@@ -80,11 +76,6 @@ _state_lock = threading.Lock()
 _has_run = False
 _current: Milter | None = None
 _default_debug_level = 0
-
-ErrorStatus = Literal[
-    Status.TEMPFAIL, Status.REJECT, Status.CONTINUE, Status.ACCEPT, Status.DISCARD
-]
-_ERROR_STATUSES = (Status.TEMPFAIL, Status.REJECT, Status.CONTINUE, Status.ACCEPT, Status.DISCARD)
 
 
 class Milter:
@@ -154,87 +145,24 @@ class Milter:
             ) from None
         except ValueError:  # no signature available (C-implemented __init__): assume fine
             pass
+        self.options = RunOptions(
+            socket, name=name, timeout=timeout, backlog=backlog, debug_level=debug_level,
+            error_status=error_status, workers=workers, socket_mode=socket_mode,
+            socket_group=socket_group, user=user, group=group, cpu_affinity=cpu_affinity,
+            config=config, metrics=metrics, dry_run=dry_run, stage_timeout=stage_timeout,
+            timeout_status=timeout_status, progress_interval=progress_interval,
+            drain_timeout=drain_timeout, max_sessions_per_worker=max_sessions_per_worker,
+            max_worker_rss=max_worker_rss,
+        )
         install_config(session_class, config)  # visible to the class before any fork
         self.session_class = session_class
         self.spec: SocketSpec = parse_socket_spec(socket)
         self.name = name or session_class.__name__
-        if "\0" in self.name:
-            raise ConfigurationError("name must not contain NUL")
-        if timeout is not None and (not isinstance(timeout, int) or timeout <= 0):
-            raise ConfigurationError(f"timeout must be a positive number of seconds: {timeout!r}")
-        if backlog is not None and (not isinstance(backlog, int) or backlog <= 0):
-            raise ConfigurationError(f"backlog must be a positive int: {backlog!r}")
-        if not isinstance(debug_level, int) or debug_level < 0:
-            raise ConfigurationError(f"debug_level must be an int >= 0: {debug_level!r}")
-        if error_status not in _ERROR_STATUSES:
-            raise ConfigurationError(
-                f"error_status must be one of {[s.name for s in _ERROR_STATUSES]}"
-            )
-        for label, seconds in (
-            ("stage_timeout", stage_timeout), ("progress_interval", progress_interval)
-        ):
-            if seconds is not None and (
-                isinstance(seconds, bool)
-                or not isinstance(seconds, (int, float))
-                or not seconds > 0
-            ):
-                raise ConfigurationError(f"{label} must be a positive number of seconds or None")
-        if timeout_status not in _ERROR_STATUSES:
-            raise ConfigurationError(
-                f"timeout_status must be one of {[s.name for s in _ERROR_STATUSES]}"
-            )
-        if not isinstance(workers, int) or workers < 1:
-            raise ConfigurationError(f"workers must be an int >= 1: {workers!r}")
-        if socket_mode is not None and not 0 <= socket_mode <= 0o777:
-            raise ConfigurationError("socket_mode must be a permission mode like 0o660")
-        if (socket_mode is not None or socket_group is not None) and self.spec.kind != "unix":
-            raise ConfigurationError("socket_mode and socket_group apply to unix sockets only")
-        if not isinstance(dry_run, bool):
-            raise ConfigurationError(f"dry_run must be True or False: {dry_run!r}")
-        if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, (int, float)) or not (
-            0 <= drain_timeout < float("inf")
-        ):
-            raise ConfigurationError(f"drain_timeout must be seconds >= 0: {drain_timeout!r}")
-        for option, limit in (
-            ("max_sessions_per_worker", max_sessions_per_worker),
-            ("max_worker_rss", max_worker_rss),
-        ):
-            if limit is not None and (
-                isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0
-            ):
-                raise ConfigurationError(f"{option} must be a positive number: {limit!r}")
-        self._options: dict[str, object] = {
-            "name": name, "timeout": timeout, "backlog": backlog, "debug_level": debug_level,
-            "error_status": error_status, "workers": workers, "socket_mode": socket_mode,
-            "socket_group": socket_group, "user": user, "group": group,
-            "cpu_affinity": cpu_affinity, "config": config, "metrics": metrics,
-            "dry_run": dry_run, "stage_timeout": stage_timeout, "timeout_status": timeout_status,
-            "progress_interval": progress_interval, "drain_timeout": drain_timeout,
-            "max_sessions_per_worker": max_sessions_per_worker, "max_worker_rss": max_worker_rss,
-        }
-        """The options again, for a fresh worker at reload (`_fresh`)."""
         self.cli_argv: list[str] | None = None
         """The `pymilterkit` command line this run came from: a reload parses it again (and
         reads its config file again)."""
-        self.drain_timeout = float(drain_timeout)
-        self.max_sessions_per_worker = max_sessions_per_worker
-        self.max_worker_rss = max_worker_rss
         self.metrics = None if metrics is None else _metrics.parse_address(metrics)
-        self.dry_run = dry_run
-        self.timeout = timeout
-        self.backlog = backlog
-        self.debug_level = debug_level
-        self.error_status = error_status
-        self.workers = workers
-        self.cpu_affinity = check_affinity(cpu_affinity)
         self._cpu_plan: list[set[int]] | None = None
-        self.socket_mode = socket_mode
-        self.socket_group = socket_group
-        self.user = user
-        self.group = group
-        self.stage_timeout = None if stage_timeout is None else float(stage_timeout)
-        self.timeout_status = timeout_status
-        self.progress_interval = None if progress_interval is None else float(progress_interval)
         self._loop: EventLoopThread | None = None
         self._progress: SyncEomProgress | None = None
         self._fatal: BaseException | None = None
@@ -284,15 +212,15 @@ class Milter:
             from ._metrics_http import start as start_metrics
 
             stop_metrics = start_metrics(
-                self.metrics, self.session_class, self.workers, dry_run=self.dry_run
+                self.metrics, self.session_class, self.options.workers, dry_run=self.options.dry_run
             )
         try:
-            if self.workers > 1:
+            if self.options.workers > 1:
                 from ._prefork import run_prefork
 
-                service.for_workers(self.workers)
+                service.for_workers(self.options.workers)
                 run_prefork(
-                    self.workers,
+                    self.options.workers,
                     open_socket=self._open_socket,
                     serve=self._serve_worker,
                     name=self.name,
@@ -301,7 +229,7 @@ class Milter:
                         str(self.spec), workers=slots, stopping=stopping
                     ),
                     spawn_fresh=self._spawn_fresh,
-                    drain_timeout=self.drain_timeout,
+                    drain_timeout=self.options.drain_timeout,
                 )
                 return
             self._confine_to_cpus()
@@ -321,7 +249,8 @@ class Milter:
 
     def _plan_cpus(self) -> None:
         """Choose the CPUs of this process, or of each worker (`cpu_affinity`), before forking."""
-        self._cpu_plan = plan(self.cpu_affinity, self.workers if self.workers > 1 else None)
+        workers = self.options.workers
+        self._cpu_plan = plan(self.options.cpu_affinity, workers if workers > 1 else None)
 
     def _confine_to_cpus(self, slot: int = 0) -> None:
         """Confine this process (worker `slot`) as planned, before libmilter starts threads."""
@@ -329,7 +258,7 @@ class Milter:
             cpus = self._cpu_plan[slot]
             confine(cpus)
             logger.info("running on CPU %s (cpu_affinity=%r)", ",".join(map(str, sorted(cpus))),
-                        self.cpu_affinity)
+                        self.options.cpu_affinity)
 
     def _serve_worker(self, fd: int, slot: int, control: int) -> None:
         """Serve as pre-forked worker `slot` on the parent's listening socket, until stopped;
@@ -366,9 +295,8 @@ class Milter:
             description["argv"] = self.cli_argv
         else:
             description["target"] = _fresh.class_target(self.session_class)
-            description["socket"] = str(self.spec)
             try:
-                description["options"] = pickle.dumps(self._options).hex()
+                description["options"] = pickle.dumps(self.options).hex()
             except Exception as exc:
                 raise OSError(f"the run's options cannot be passed on: {exc}") from exc
         return _fresh.spawn(description)
@@ -380,13 +308,14 @@ class Milter:
         Ours, handed to libmilter as fd:N (Debian's libmilter): TCP gets TCP_NODELAY, a unix
         socket its mode and group before it appears at its path.
         """
-        check_can_drop_privileges(self.user, self.group)
+        o = self.options
+        check_can_drop_privileges(o.user, o.group)
         listener = self._activated or open_listener(
-            self.spec, self.backlog, self.socket_mode, self.socket_group, owner=self.user
+            self.spec, o.backlog, o.socket_mode, o.socket_group, owner=o.user
         )
         self._activated = None
         try:
-            drop_privileges(self.user, self.group)
+            drop_privileges(o.user, o.group)
         except BaseException:
             listener.close()
             raise
@@ -396,16 +325,16 @@ class Milter:
         """Register with libmilter and open the listening socket."""
         lib = self._lib = c.load()
         tcp = self.spec.kind in ("inet", "inet6")
-        callbacks = callbacks_class(metrics=self.metrics is not None, dry_run=self.dry_run)
+        callbacks = callbacks_class(metrics=self.metrics is not None, dry_run=self.options.dry_run)
         self.dispatcher = callbacks(
             self.session_class,
             lib,
-            self.error_status,
+            self.options.error_status,
             self._on_fatal,
             tcp=tcp,
-            stage_timeout=self.stage_timeout,
-            timeout_status=self.timeout_status,
-            progress_interval=self.progress_interval,
+            stage_timeout=self.options.stage_timeout,
+            timeout_status=self.options.timeout_status,
+            progress_interval=self.options.progress_interval,
         )
         desc = self.dispatcher.descriptor(self.name.encode("utf-8", "surrogateescape"))
         if lib.smfi_register(desc) != c.MI_SUCCESS:
@@ -419,10 +348,11 @@ class Milter:
         conn = f"fd:{self._gate.fd}"
         if lib.smfi_setconn(conn.encode()) != c.MI_SUCCESS:
             raise SocketSpecError(f"libmilter refused socket spec {conn}")
-        lib.smfi_settimeout(DEFAULT_TIMEOUT if self.timeout is None else self.timeout)
-        if self.backlog is not None and lib.smfi_setbacklog(self.backlog) != c.MI_SUCCESS:
-            raise ConfigurationError(f"libmilter refused backlog {self.backlog}")
-        lib.smfi_setdbg(self.debug_level or _default_debug_level)
+        timeout, backlog = self.options.timeout, self.options.backlog
+        lib.smfi_settimeout(DEFAULT_TIMEOUT if timeout is None else timeout)
+        if backlog is not None and lib.smfi_setbacklog(backlog) != c.MI_SUCCESS:
+            raise ConfigurationError(f"libmilter refused backlog {backlog}")
+        lib.smfi_setdbg(self.options.debug_level or _default_debug_level)
         opened = lib.smfi_opensocket(0) == c.MI_SUCCESS
         if not opened and self._listener is not None:
             self._discard()
@@ -444,11 +374,11 @@ class Milter:
         self.dispatcher.loop = self._loop
         spec = self.session_class.negotiation()
         if (
-            self.progress_interval is not None
+            self.options.progress_interval is not None
             and "on_eom" in spec.stages
             and "on_eom" not in spec.asynchronous
         ):
-            self._progress = SyncEomProgress(self.dispatcher, self.progress_interval)
+            self._progress = SyncEomProgress(self.dispatcher, self.options.progress_interval)
 
     def _needs_loop(self) -> bool:
         cls = self.session_class
@@ -527,8 +457,8 @@ class Milter:
         result: list[int] = []
         attention = self._attention  # smfi_main returned, a limit was reached, a drain began
         thread = self._thread = ListenerThread(lambda: result.append(lib.smfi_main()), attention)
-        if self.max_sessions_per_worker is not None:
-            dispatcher.session_limit = self.max_sessions_per_worker
+        if self.options.max_sessions_per_worker is not None:
+            dispatcher.session_limit = self.options.max_sessions_per_worker
             dispatcher.past_limit = attention
         with on_stop_signals(self._on_signal), wake_handler() as can_wake:
             self._can_wake = can_wake
@@ -587,7 +517,7 @@ class Milter:
                 assert self.dispatcher is not None
                 logger.warning(
                     "drain timeout (%g s): ending %d session(s) still open",
-                    self.drain_timeout,
+                    self.options.drain_timeout,
                     len(self.dispatcher.sessions),
                 )
                 self.stop()
@@ -615,13 +545,13 @@ class Milter:
 
     def _past_limit(self) -> str | None:
         assert self.dispatcher is not None
-        limit = self.max_sessions_per_worker
+        limit = self.options.max_sessions_per_worker
         if limit is not None and self.dispatcher.created >= limit:
             return f"{self.dispatcher.created} sessions (max_sessions_per_worker={limit})"
-        if self.max_worker_rss is not None:
+        if self.options.max_worker_rss is not None:
             rss = rss_mib()
-            if rss > self.max_worker_rss:
-                return f"RSS {rss:.0f} MiB (max_worker_rss={self.max_worker_rss:g})"
+            if rss > self.options.max_worker_rss:
+                return f"RSS {rss:.0f} MiB (max_worker_rss={self.options.max_worker_rss:g})"
         return None
 
     def retire(self, reason: str) -> None:
@@ -638,7 +568,7 @@ class Milter:
             return
         dispatcher = self.dispatcher
         assert dispatcher is not None
-        self._drain_deadline = time.monotonic() + self.drain_timeout
+        self._drain_deadline = time.monotonic() + self.options.drain_timeout
         self._attention.set()  # the serving loop checks the drain at once
         if self._gate is not None:
             self._gate.close()
@@ -654,7 +584,7 @@ class Milter:
             "%s: draining %d session(s), for up to %g s",
             reason,
             len(dispatcher.sessions),
-            self.drain_timeout,
+            self.options.drain_timeout,
         )
 
     def _wake(self) -> None:
@@ -770,7 +700,7 @@ class Milter:
         self._listener = None
         supervisor = Supervisor(
             1, self._serve_worker, self._spawn_fresh, self.name, str(self.spec),
-            self.drain_timeout,
+            self.options.drain_timeout,
         )
         supervisor.adopt(listener, control, pid, stop=not self.handing_over
                          or self._requests.draining)
@@ -815,31 +745,6 @@ class Milter:
                 poke(self.spec)  # run() off the main thread: no wake signal handler
 
 
-class MilterOptions(TypedDict, total=False):
-    """The keyword options of `Milter`, for `run(...)`."""
-
-    name: str | None
-    timeout: int | None
-    backlog: int | None
-    debug_level: int
-    error_status: ErrorStatus
-    workers: int
-    socket_mode: int | None
-    socket_group: str | int | None
-    user: str | int | None
-    group: str | int | None
-    cpu_affinity: CpuAffinity
-    config: object | None
-    metrics: str | None
-    dry_run: bool
-    stage_timeout: float | None
-    timeout_status: ErrorStatus
-    progress_interval: float | None
-    drain_timeout: float
-    max_sessions_per_worker: int | None
-    max_worker_rss: float | None
-
-
 def claim_run(milter: Milter) -> None:
     """Make `milter` this process's one run (libmilter allows one), or raise."""
     global _has_run, _current
@@ -853,11 +758,15 @@ def claim_run(milter: Milter) -> None:
         _current = milter
 
 
-def run(
-    session_class: type[MilterSession], socket: str, **options: Unpack[MilterOptions]
-) -> None:
+def _shorthand(_: Callable[_P, Milter]) -> Callable[[Callable[..., None]], Callable[_P, None]]:
+    """Give the decorated function the signature of `Milter` (its keywords stay said once)."""
+    return lambda function: function
+
+
+@_shorthand(Milter)
+def run(*args: Any, **options: Any) -> None:
     """Shorthand for `Milter(session_class, socket, **options).run()`."""
-    Milter(session_class, socket, **options).run()
+    Milter(*args, **options).run()
 
 
 def shutdown() -> None:

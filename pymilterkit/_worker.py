@@ -48,7 +48,7 @@ def serve(description: dict[str, Any]) -> None:
         else:
             options = pickle.loads(bytes.fromhex(description["options"]))
             session_class = load_session_class(description["target"])
-            milter = Milter(session_class, description["socket"], **options)
+            milter = Milter(session_class, options.socket, **options.keywords())
         claim_run(milter)
         milter._plan_cpus()
         milter._serve_worker(description["fd"], description["slot"], description["control"])

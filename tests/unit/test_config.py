@@ -15,13 +15,14 @@ from examples.routing import Routing, RoutingConfig
 from pymilterkit import ConfigurationError, Milter, MilterSession, Status
 from pymilterkit._cli import _parser, load_config, main
 from pymilterkit._config import (
+    add_run_arguments,
     filter_config,
     install,
     parse_args,
     read_config,
     run_options,
-    run_subparser,
 )
+from pymilterkit._options import Flag, run_flags
 from pymilterkit.testing import Harness, RecipientAdded
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +44,13 @@ def restore_routing() -> Iterator[None]:
 # -- run options ------------------------------------------------------------------------------
 
 
+def run_subparser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    run = sub.choices["run"]
+    assert isinstance(run, argparse.ArgumentParser)
+    return run
+
+
 def test_every_run_flag_is_a_config_key() -> None:
     run = run_subparser(_parser())
     flags = {
@@ -51,7 +59,7 @@ def test_every_run_flag_is_a_config_key() -> None:
         for s in action.option_strings
         if s.startswith("--") and s not in ("--help", "--config")
     }
-    keys = {o.key for o in run_options(run).values()}
+    keys = {o.key for o in run_options().values()}
     assert flags <= keys
     assert "target" in keys  # the positional MODULE:CLASS
     assert "config" not in keys and "help" not in keys
@@ -97,7 +105,7 @@ def test_mistakes_name_the_file_the_key_and_the_type(
 ) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigurationError) as exc:
-        read_config(path, run_subparser(_parser()))
+        read_config(path)
     message = str(exc.value)
     assert message.startswith(path)
     for word in words:
@@ -107,44 +115,43 @@ def test_mistakes_name_the_file_the_key_and_the_type(
 def test_both_spellings_of_one_key_are_refused(tmp_path: Path) -> None:
     path = write(tmp_path, "cpu-affinity = 'none'\ncpu_affinity = 'auto'\n")
     with pytest.raises(ConfigurationError, match="same key"):
-        read_config(path, run_subparser(_parser()))
+        read_config(path)
 
 
 def test_an_unreadable_file_is_a_configuration_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="cannot read config file"):
-        read_config(str(tmp_path / "missing.toml"), run_subparser(_parser()))
+        read_config(str(tmp_path / "missing.toml"))
 
 
 def test_options_added_to_run_later_become_keys(tmp_path: Path) -> None:
-    """What other options will look like: a float, a flag, a converter of its own, a list."""
-    parser = _parser()
-    run = run_subparser(parser)
+    """What other options will look like: a float, a flag, a converter of its own."""
 
     def status(text: str) -> Status:
         return Status[text.upper()]
 
-    run.add_argument("--future-timeout", type=float)
-    # (--dry-run, a flag, and --metrics, a string, are real options of run)
-    run.add_argument("--no-color", dest="color", action="store_false")
-    run.add_argument("--future-status", type=status, default=Status.TEMPFAIL)
-    run.add_argument("--pretty", action=argparse.BooleanOptionalAction, default=False)
-    run.add_argument("--tag", action="append", default=[])
+    flags = (
+        *run_flags(),
+        Flag("--future-timeout", "", dest="future_timeout", type=float),
+        # (--dry-run, a flag, and --metrics, a string, are real options of run)
+        Flag("--color", "", dest="color", switch=True, default=False),
+        Flag("--future-status", "", dest="future_status", type=status, default=Status.TEMPFAIL),
+    )
+    parser = _parser()
+    add_run_arguments(run_subparser(parser), flags[len(run_flags()):])
     path = write(tmp_path, 'socket = "unix:/x"\ntarget = "m:C"\nfuture-timeout = 5\n'
-                 "dry-run = true\nno-color = true\nfuture-status = 'reject'\npretty = true\n"
-                 "metrics = '127.0.0.1:9100'\n"
-                 "tag = ['a', 'b']\n")
-    args = parse_args(parser, ["run", "--config", path])
+                 "dry-run = true\ncolor = true\nfuture-status = 'reject'\n"
+                 "metrics = '127.0.0.1:9100'\n")
+    args = parse_args(parser, ["run", "--config", path], flags)
     assert args.future_timeout == 5.0 and isinstance(args.future_timeout, float)
-    assert args.dry_run is True and args.color is False and args.pretty is True
+    assert args.dry_run is True and args.color is True
     assert args.metrics == "127.0.0.1:9100"
     assert args.future_status is Status.REJECT
-    assert args.tag == ["a", "b"]
     bad = write(tmp_path, "future-status = 'sometimes'\n", "bad.toml")
     with pytest.raises(ConfigurationError, match="key 'future-status': invalid value"):
-        read_config(bad, run)
+        read_config(bad, flags)
     bad = write(tmp_path, "dry-run = 'yes'\n", "bad2.toml")
     with pytest.raises(ConfigurationError, match="key 'dry-run': expected true or false"):
-        read_config(bad, run)
+        read_config(bad, flags)
 
 
 def test_main_refuses_a_bad_file_with_exit_2_before_starting(
@@ -278,3 +285,10 @@ def test_load_config_without_target_or_table(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigurationError, match="unknown key 'x'"):
         load_config(path, Typed)
+
+
+def test_every_setting_of_run_has_its_own_dest() -> None:
+    args = parse_args(_parser(), ["run", "m:C", "--socket", "unix:/x", "--log-format", "json"])
+    assert (args.log_format, args.syslog, args.root_log_level) == ("json", False, "WARNING")
+    dests = [flag.dest for flag in run_flags()]
+    assert all(dests) and len(set(dests)) == len(dests)

@@ -43,7 +43,8 @@ def test_bad_settings(
 
 def test_good_settings_are_kept() -> None:
     m = Milter(Fine, "inet6:3000@[::1]", name="n", timeout=5, backlog=3, workers=2)
-    assert (m.name, m.timeout, m.backlog, m.workers) == ("n", 5, 3, 2)
+    o = m.options
+    assert (m.name, o.timeout, o.backlog, o.workers) == ("n", 5, 3, 2)
     assert m.spec.libmilter() == "inet6:3000@[::1]"
 
 

@@ -1,0 +1,270 @@
+"""The run options, each said once: `RunOptions`, a frozen dataclass whose fields carry their
+check, their `run` flag and config key (`Flag`).
+
+`Milter(...)` validates its keywords by building a `RunOptions`; the `run` command's flags are
+generated from the fields' `Flag`s (plus the command's own: the target, `--config`, logging);
+a config file's keys are those flags without their dashes; a reload's fresh worker gets the same
+`RunOptions` (pickled) or the command line to parse again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+from ._affinity import CpuAffinity
+from ._affinity import check as check_affinity
+from ._affinity import parse as parse_affinity
+from ._errors import ConfigurationError
+from ._flags import Status
+from ._logging import LOG_FORMATS
+from ._socketspec import parse_socket_spec
+
+__all__ = [
+    "COMMAND_FLAGS",
+    "DEFAULT_DRAIN_TIMEOUT",
+    "ErrorStatus",
+    "Flag",
+    "RunOptions",
+    "run_flags",
+]
+
+ErrorStatus = Literal[
+    Status.TEMPFAIL, Status.REJECT, Status.CONTINUE, Status.ACCEPT, Status.DISCARD
+]
+_ERROR_STATUSES = (Status.TEMPFAIL, Status.REJECT, Status.CONTINUE, Status.ACCEPT, Status.DISCARD)
+_STATUS_NAMES = tuple(s.name.lower() for s in _ERROR_STATUSES)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+DEFAULT_DRAIN_TIMEOUT = 30.0
+"""Seconds a drain (SIGTERM) waits for the sessions in flight before ending them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A `run` setting on the command line and in a config file (key: the flag without `--`,
+    or `dest` for a positional).
+
+    `type` turns the text into a value (None: the text; `switch`: a flag without a value);
+    `to_option` turns that value into the `Milter` keyword's.
+    """
+
+    flag: str | None
+    help: str
+    dest: str = ""
+    type: Callable[[str], Any] | None = None
+    default: Any = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    required: bool = False
+    switch: bool = False
+    to_option: Callable[[Any], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.dest and self.flag:
+            object.__setattr__(self, "dest", self.flag[2:].replace("-", "_"))
+
+    @property
+    def key(self) -> str:
+        """The config file key."""
+        return self.flag[2:] if self.flag else self.dest
+
+
+def _seconds(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a number of seconds >= 0: {text!r}")
+    return value
+
+
+def _octal_mode(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise ConfigurationError(
+            f"--socket-mode wants an octal mode like 660, got {text!r}"
+        ) from None
+
+
+def _status(name: str) -> Status:
+    return _ERROR_STATUSES[_STATUS_NAMES.index(name)]
+
+
+# -- the checks, by the message they give ------------------------------------------------------
+
+Check = Callable[[str, Any], Any]
+
+
+def _number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def _check(ok: Callable[[Any], bool], message: str, convert: Callable[[Any], Any] = lambda v: v,
+           optional: bool = True) -> Check:
+    def check(name: str, value: Any) -> Any:
+        if optional and value is None:
+            return None
+        if not ok(value):
+            raise ConfigurationError(message.format(name=name, value=value))
+        return convert(value)
+
+    return check
+
+
+def _name(label: str, value: str | None) -> str | None:
+    if value is not None and "\0" in value:
+        raise ConfigurationError("name must not contain NUL")
+    return value
+
+
+_POSITIVE_INT = _check(lambda v: isinstance(v, int) and v > 0, "{name} must be a positive int: "
+                       "{value!r}")
+_STATUS = _check(lambda v: v in _ERROR_STATUSES,
+                 "{name} must be one of " + str([s.name for s in _ERROR_STATUSES]), optional=False)
+_SECONDS = _check(lambda v: _number(v) and v > 0,
+                  "{name} must be a positive number of seconds or None", float)
+_LIMIT = _check(lambda v: _number(v) and v > 0, "{name} must be a positive number: {value!r}")
+
+
+def _option(default: Any, check: Check | None = None, flag: Flag | None = None) -> Any:
+    return dataclasses.field(default=default, metadata={"check": check, "flag": flag})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """How a milter runs: the keywords of `Milter` (and `socket`), checked when built."""
+
+    socket: str = _option(None, flag=Flag(
+        "--socket", "unix:/path, inet:PORT@HOST, inet6:..., or systemd (socket activation)",
+        required=True))
+    name: str | None = _option(None, _name, Flag("--name", "filter name reported to libmilter"))
+    timeout: int | None = _option(None, _check(
+        lambda v: isinstance(v, int) and v > 0,
+        "{name} must be a positive number of seconds: {value!r}",
+    ), Flag("--timeout", "libmilter I/O timeout in seconds", type=int))
+    backlog: int | None = _option(None, _POSITIVE_INT, Flag("--backlog", "listen backlog",
+                                                            type=int))
+    debug_level: int = _option(0, _check(
+        lambda v: isinstance(v, int) and v >= 0, "{name} must be an int >= 0: {value!r}",
+        optional=False,
+    ), Flag("--debug-level", "libmilter trace level", type=int, default=0))
+    error_status: ErrorStatus = _option(Status.TEMPFAIL, _STATUS, Flag(
+        "--error-status", "answer when a stage method raises (default tempfail)",
+        default="tempfail", choices=_STATUS_NAMES, to_option=_status))
+    workers: int = _option(1, _check(
+        lambda v: isinstance(v, int) and v >= 1, "{name} must be an int >= 1: {value!r}",
+        optional=False,
+    ), Flag("--workers", "pre-forked worker processes", type=int, default=1))
+    socket_mode: int | None = _option(None, _check(
+        lambda v: 0 <= v <= 0o777, "socket_mode must be a permission mode like 0o660"
+    ), Flag("--socket-mode", "octal mode of a unix socket (default 660: owner and group only)",
+            to_option=_octal_mode))
+    socket_group: str | int | None = _option(None, flag=Flag(
+        "--socket-group", "group of a unix socket (e.g. postfix)"))
+    user: str | int | None = _option(None, flag=Flag(
+        "--user", "drop privileges to this user after opening the socket"))
+    group: str | int | None = _option(None, flag=Flag("--group", "drop privileges to this group"))
+    cpu_affinity: CpuAffinity = _option("auto", lambda _, v: check_affinity(v), Flag(
+        "--cpu-affinity",
+        "auto (default): each process on one CPU; none: any CPU; or CPUs like 0,2-3",
+        default="auto", metavar="auto|none|CPUS", to_option=parse_affinity))
+    config: object | None = _option(None)
+    metrics: str | None = _option(None, lambda _, v: _metrics_address(v), Flag(
+        "--metrics", "serve /metrics (Prometheus) and /healthz on this address, e.g. "
+        "127.0.0.1:9100 (needs pymilterkit[metrics])", metavar="HOST:PORT"))
+    dry_run: bool = _option(False, _check(
+        lambda v: isinstance(v, bool), "{name} must be True or False: {value!r}",
+        optional=False,
+    ), Flag("--dry-run", "run the filter but send CONTINUE and no modification; log what it "
+            "would do", switch=True, default=False))
+    stage_timeout: float | None = _option(None, _SECONDS, Flag(
+        "--stage-timeout", "cancel an async stage after S seconds and answer --timeout-status "
+        "(a sync stage past it is logged); keep it below the MTA's timeouts",
+        type=_seconds, metavar="S"))
+    timeout_status: ErrorStatus = _option(Status.TEMPFAIL, _STATUS, Flag(
+        "--timeout-status", "answer for a stage past --stage-timeout (default tempfail)",
+        default="tempfail", choices=_STATUS_NAMES, to_option=_status))
+    progress_interval: float | None = _option(10.0, _SECONDS, Flag(
+        "--progress-interval", "while on_eom runs, tell the MTA every S seconds it is still "
+        "working (default 10; 0: never)", type=_seconds, default=10.0, metavar="S",
+        to_option=lambda v: v or None))
+    drain_timeout: float = _option(DEFAULT_DRAIN_TIMEOUT, _check(
+        lambda v: _number(v) and 0 <= v < float("inf"),
+        "{name} must be seconds >= 0: {value!r}", float, optional=False,
+    ), Flag("--drain-timeout", "on SIGTERM, let sessions in flight finish for up to S seconds "
+            "(default 30)", type=float, default=DEFAULT_DRAIN_TIMEOUT, metavar="S"))
+    max_sessions_per_worker: int | None = _option(None, _LIMIT, Flag(
+        "--max-sessions-per-worker", "retire a worker (drain, replace) after N sessions",
+        type=int, metavar="N"))
+    max_worker_rss: float | None = _option(None, _LIMIT, Flag(
+        "--max-worker-rss", "retire a worker (drain, replace) whose memory passes MIB MiB",
+        type=float, metavar="MIB"))
+
+    def __post_init__(self) -> None:
+        spec = parse_socket_spec(self.socket)
+        for field in dataclasses.fields(self):
+            check = field.metadata["check"]
+            if check is not None:
+                object.__setattr__(self, field.name, check(field.name, getattr(self, field.name)))
+        if (self.socket_mode is not None or self.socket_group is not None) and (
+            spec.kind != "unix"
+        ):
+            raise ConfigurationError("socket_mode and socket_group apply to unix sockets only")
+
+    def keywords(self) -> dict[str, Any]:
+        """The `Milter` keywords these options came from (all but `socket`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "socket"}
+
+    @classmethod
+    def from_args(cls, args: object, config: object | None) -> RunOptions:
+        """The options a parsed `run` command line gives (`config`: the filter's)."""
+        values: dict[str, Any] = {"config": config}
+        for field in dataclasses.fields(cls):
+            flag: Flag | None = field.metadata["flag"]
+            if flag is not None:
+                value = getattr(args, field.name)
+                values[field.name] = value if flag.to_option is None else flag.to_option(value)
+        return cls(**values)
+
+
+def _metrics_address(value: str | None) -> str | None:
+    if value is not None:
+        from ._metrics import parse_address
+
+        parse_address(value)
+    return value
+
+
+COMMAND_FLAGS: tuple[Flag, ...] = (
+    Flag(None, "the MilterSession subclass", dest="target", metavar="MODULE:CLASS",
+         required=True),
+    Flag("--log-level", "same as the global --log-level", dest="run_log_level",
+         choices=LOG_LEVELS),
+    Flag("--log-format", "text (default), or json: one object per line with the session fields",
+         default="text", choices=LOG_FORMATS),
+    Flag("--syslog", "log to syslog (/dev/log, facility mail) as pymilterkit[PID] instead of "
+         "stderr", switch=True, default=False),
+    Flag("--root-log-level", "level of every logger outside pymilterkit: libraries, the "
+         "filter's own modules (default WARNING)", default="WARNING", choices=LOG_LEVELS),
+)
+"""The `run` settings that are not `Milter` options: the target and logging."""
+
+
+def run_flags() -> tuple[Flag, ...]:
+    """Every setting of `run` (each a config key), with its argparse `dest`."""
+    fields = tuple(
+        dataclasses.replace(f.metadata["flag"], dest=f.name)
+        for f in dataclasses.fields(RunOptions)
+        if f.metadata["flag"] is not None
+    )
+    return (COMMAND_FLAGS[0], *fields, *COMMAND_FLAGS[1:])
+
