@@ -1,22 +1,29 @@
 """Starting fresh worker processes: how a reload gets workers that import the filter anew.
 
 A forked worker shares its parent's imported modules; a reload must not (the filter's new code
-and module state). So the supervisor starts a new interpreter (`spawn`) that runs
-`pymilterkit._worker`: it finds the session class by name (`class_target`: `module:Class`, or the
-file a class came from), builds the same `Milter` and serves as worker `slot` on the inherited
-listening descriptor. The description travels in the environment variable `PYMILTERKIT_WORKER`
-(JSON), removed from the worker's environment before any filter code runs.
+and module state). So the supervisor starts a new interpreter (`Recipe.spawn`) that runs
+`pymilterkit._worker`: it parses the command line again, or finds the session class by name
+(`class_target`: `module:Class`, or the file a class came from) and takes the same
+`RunOptions`, and serves as worker `slot` on the inherited listening descriptor. The
+description travels in the environment variable `PYMILTERKIT_WORKER` (JSON), removed from the
+worker's environment before any filter code runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import logging
 import os
+import pickle
 import sys
 from typing import Any
 
-__all__ = ["ENV", "class_target", "spawn"]
+from . import _metrics
+from ._options import RunOptions
+
+__all__ = ["ENV", "Recipe", "class_target"]
 
 ENV = "PYMILTERKIT_WORKER"
 
@@ -43,10 +50,37 @@ def class_target(cls: type) -> str:
     return f"{os.path.abspath(path)}:{cls.__qualname__}"
 
 
-def spawn(description: dict[str, Any]) -> int:
-    """Start a fresh worker process for `description`; returns its pid."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ)
-    env[ENV] = json.dumps(description)
-    argv = [sys.executable, "-c", _BOOT.format(root=root)]
-    return os.posix_spawn(sys.executable, argv, env)
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How to start a fresh worker of this run: the command line to parse again (`argv`), or
+    the session class and the options."""
+
+    session_class: type
+    options: RunOptions
+    argv: list[str] | None
+
+    def spawn(self, fd: int, slot: int, control: int) -> int:
+        """Start a fresh worker process serving as `slot` on `fd`; returns its pid."""
+        description: dict[str, Any] = {
+            "fd": fd,
+            "slot": slot,
+            "control": control,
+            "parent": os.getpid(),
+            "path": sys.path,
+            "cwd": os.getcwd(),
+            "log_level": logging.getLogger("pymilterkit").getEffectiveLevel(),
+            "metrics": _metrics.fresh_worker(),  # None without metrics
+        }
+        if self.argv is not None:  # parse the command line (and its config file) again
+            description["argv"] = self.argv
+        else:
+            description["target"] = class_target(self.session_class)
+            try:
+                description["options"] = pickle.dumps(self.options).hex()
+            except Exception as exc:
+                raise OSError(f"the run's options cannot be passed on: {exc}") from exc
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env[ENV] = json.dumps(description)
+        argv = [sys.executable, "-c", _BOOT.format(root=root)]
+        return os.posix_spawn(sys.executable, argv, env)

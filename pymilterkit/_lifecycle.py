@@ -1,5 +1,5 @@
-"""A serving process's lifecycle: closing its listener to new connections, waking libmilter's
-listener, draining, and the limits that retire a worker.
+"""A serving process's lifecycle tools: closing libmilter's listener to new connections
+(`Gate`), waking it (`ListenerThread`), telling systemd and /healthz, and the memory limit.
 
 Theory of operation
 -------------------
@@ -13,14 +13,10 @@ to 5 s at a time, holding the lock `smfi_stop` needs. Two things follow:
   socket; its accept() then gets EAGAIN from the gate, which libmilter treats as "try again". In
   a pre-forked worker the connection stays in the shared socket's queue for another worker; in
   a single process the real socket is closed, so new connections are refused at once.
-- **Wake.** A signal sent to the listener thread (`WAKE_SIGNAL`, with a no-op handler) ends its
-  poll with EINTR, after which libmilter checks its stop flag. So a stop takes milliseconds, needs
-  no connection to the milter's own socket (which the milter's user may not be allowed to open),
-  and never lands on another worker.
-
-`StopRequests` turns the signals into decisions: SIGTERM/SIGINT drain, a second one (more than
-`SIGNAL_DEBOUNCE` later: the copy a supervisor forwards, or a service manager's signal to every
-process of the unit, is the same request) stops at once, SIGHUP reloads.
+- **Wake.** A signal sent to the listener thread (`_signals.WAKE_SIGNAL`, with a no-op
+  handler) ends its poll with EINTR, after which libmilter checks its stop flag. So a stop takes
+  milliseconds, needs no connection to the milter's own socket (which the milter's user may not
+  be allowed to open), and never lands on another worker.
 """
 
 from __future__ import annotations
@@ -32,58 +28,21 @@ import signal
 import socket
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
-from typing import Literal
+from collections.abc import Callable
 
 from . import _metrics, _systemd
+from ._signals import WAKE_SIGNAL
 
 __all__ = [
-    "WAKE_SIGNAL",
     "Gate",
     "ListenerThread",
-    "StopRequests",
     "notify_draining",
+    "notify_ready",
+    "notify_reloading",
     "rss_mib",
-    "wake_handler",
 ]
 
 logger = logging.getLogger("pymilterkit")
-
-WAKE_SIGNAL = signal.SIGURG
-"""Sent to libmilter's listener thread to end its poll (ignored by default; never sent by the
-kernel to a process that did not ask for it with F_SETOWN)."""
-
-SIGNAL_DEBOUNCE = 1.0
-"""A stop signal this soon after the first is the same request (not a "second SIGTERM")."""
-
-Request = Literal["drain", "now", "reload"]
-
-
-class StopRequests:
-    """What a signal asks for: `drain`, `now` (a second stop signal) or `reload` (SIGHUP)."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._first: float | None = None
-
-    def classify(self, signum: int) -> Request | None:
-        """The request `signum` makes now; None for a repeat within `SIGNAL_DEBOUNCE`."""
-        if signum == signal.SIGHUP:
-            return "reload"
-        now = self._clock()
-        if self._first is None:
-            self._first = now
-            return "drain"
-        if now - self._first < SIGNAL_DEBOUNCE:
-            return None
-        return "now"
-
-    @property
-    def draining(self) -> bool:
-        """Whether a stop signal came."""
-        return self._first is not None
-
 
 def _unreachable_listener() -> socket.socket:
     """A non-blocking listening unix socket with no name anyone can connect to."""
@@ -172,24 +131,6 @@ class ListenerThread:
                 return False
             signal.pthread_kill(ident, WAKE_SIGNAL)
             return True
-
-
-@contextlib.contextmanager
-def wake_handler() -> Iterator[bool]:
-    """Install the no-op handler that lets `WAKE_SIGNAL` interrupt a poll (main thread only);
-    yields whether it is installed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield False
-        return
-    previous = signal.signal(WAKE_SIGNAL, _ignore)
-    try:
-        yield True
-    finally:
-        signal.signal(WAKE_SIGNAL, previous)
-
-
-def _ignore(signum: int, frame: object) -> None:
-    pass
 
 
 def notify_draining(stopping: bool) -> None:

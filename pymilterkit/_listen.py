@@ -14,7 +14,7 @@ from ._errors import SocketSpecError
 from ._security import UnixSocketFile, bind_unix_socket
 from ._socketspec import SocketSpec, check_unix_path
 
-__all__ = ["Listener", "open_listener", "poke"]
+__all__ = ["Listener", "open_listener"]
 
 
 class Listener:
@@ -28,20 +28,11 @@ class Listener:
         """The descriptor, for libmilter's `fd:N` or a pre-forked worker."""
         return self.sock.fileno()
 
-    def close(self, remove: bool = True, closed_by_libmilter: bool = False) -> None:
-        """Close the socket and (`remove`) unlink the unix socket file if it is still ours.
-
-        `closed_by_libmilter`: smfi_main has closed the descriptor already at its stop.
-        """
-        if closed_by_libmilter:
-            self.sock.detach()
-        else:
-            self.sock.close()
+    def close(self) -> None:
+        """Close the socket and unlink the unix socket file if it is still ours."""
+        self.sock.close()
         if self.file is not None:
-            if remove:
-                self.file.remove()
-            else:
-                self.file.close()
+            self.file.remove()
 
 
 def _resolve(spec: SocketSpec) -> tuple[int, tuple[object, ...] | str]:
@@ -104,21 +95,3 @@ def open_listener(
         raise SocketSpecError(f"could not listen on {spec}: {exc}") from None
     return Listener(sock)
 
-
-def poke(spec: SocketSpec) -> None:
-    """Connect to a milter socket and hang up at once.
-
-    libmilter's listener holds the lock smfi_stop needs while it polls (up to 5 s); a
-    connection ends the poll at once, so a stop takes milliseconds instead of seconds.
-    """
-    if spec.kind == "fd":
-        return
-    family = socket.AF_UNIX if spec.kind == "unix" else spec.family
-    probe = socket.socket(family, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(spec.connect_address())
-    except OSError:
-        pass
-    finally:
-        probe.close()

@@ -1,27 +1,27 @@
-"""Pre-forked workers: one listening socket, N processes each running libmilter on it.
+"""The run's owner: opens the listening socket once, serves on it itself or through N
+pre-forked workers, and carries out the lifecycle signals: drain, stop, reload.
 
-The GIL lets one process use about one core; N workers use N. The parent (the supervisor) opens
-the socket (so it is opened once, with the right options and permissions) and keeps it for the
-whole run, forks the workers, replaces a worker that dies, and handles the lifecycle signals:
+The GIL lets one process use about one core; N workers use N. The supervisor opens the socket
+(so it is opened once, with the right options and permissions) and keeps it for the whole run.
+With `workers=1` it serves on it itself (a `Server` in this process); with N it forks N workers,
+each a `Server`, and replaces a worker that dies. Both are one design:
 
-- SIGTERM/SIGINT: every worker drains (takes no new connection, finishes its sessions, up to the
-  drain timeout) and exits; a second signal (more than a second later) stops them at once.
-- SIGHUP: reload. A new generation of workers is started as fresh interpreters (`spawn_fresh`:
-  the filter module is imported anew, nothing of the old code's module state is carried over);
-  each reports when it serves. Once all do, the old generation drains and exits. A new worker
-  that exits before serving (its import or `on_worker_start` failed) cancels the reload: the old
-  workers keep serving and the reason is in the log.
+- SIGTERM/SIGINT: every serving process drains (takes no new connection, finishes its sessions,
+  up to the drain timeout) and exits; a second signal (more than a second later) stops them at
+  once. Serving alone, the socket is closed at once: new connections are refused.
+- SIGHUP: reload. A new generation of workers is started as fresh interpreters (`_fresh`: the
+  filter module is imported anew, nothing of the old code's module state is carried over); each
+  reports when it serves. Once all do, the old generation drains and exits (serving alone: this
+  process drains, then supervises the new workers). A new worker that exits before serving (its
+  import or `on_worker_start` failed) cancels the reload: the old ones keep serving and the
+  reason is in the log.
 - A worker past its limits (sessions served, memory) tells the supervisor it retires: its
-  successor is started at once while it drains.
+  successor is started at once while it drains. Serving alone, a retirement is a reload.
 
 Workers report over a pipe (`READY`, `RETIRING` + pid). Connections that arrive while no worker
 listens wait in the socket's queue, which the supervisor holds open: none is refused.
 State is per process, as in any pre-fork server: class attributes or module globals are not
 shared between workers.
-
-The supervisor knows nothing of libmilter or of `Milter`: it gets a function that opens the
-listener (and drops privileges), a function that serves on an inherited descriptor in a forked
-worker, and one that starts a fresh worker process.
 """
 
 from __future__ import annotations
@@ -32,27 +32,22 @@ import os
 import signal
 import struct
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import _metrics
+from . import _metrics, _systemd
+from ._affinity import plan
 from ._errors import LibmilterError, WorkerStartError
+from ._fresh import Recipe
 from ._libmilter import prctl
-from ._lifecycle import StopRequests, notify_draining, notify_ready, notify_reloading
-from ._listen import Listener
-from ._signals import STOP_SIGNALS, on_stop_signals
+from ._lifecycle import notify_draining, notify_ready, notify_reloading
+from ._listen import Listener, open_listener
+from ._options import RunOptions
+from ._security import check_can_drop_privileges, drop_privileges
+from ._serve import Filter, Server
+from ._signals import fork, handled
 
-__all__ = [
-    "READY",
-    "READY_TIMEOUT",
-    "RETIRING",
-    "Supervisor",
-    "control_pipe",
-    "notify_supervisor",
-    "read_reports",
-    "run_prefork",
-    "worker_main",
-]
+__all__ = ["READY", "RETIRING", "Supervisor", "plan_cpus", "serve_worker"]
 
 logger = logging.getLogger("pymilterkit")
 
@@ -67,11 +62,6 @@ READY = b"S"
 RETIRING = b"R"
 _MESSAGE = struct.Struct("<ci")
 
-Serve = Callable[[int, int, int], None]
-"""`serve(fd, slot, control_fd)` serves in a forked worker until its stop."""
-SpawnFresh = Callable[[int, int, int], int]
-"""`spawn_fresh(fd, slot, control_fd)` starts a fresh worker process and returns its pid."""
-
 
 def _die_with_parent(signum: int) -> None:
     """Have the kernel send `signum` to this process when its parent exits (Linux prctl):
@@ -80,20 +70,29 @@ def _die_with_parent(signum: int) -> None:
     prctl(pr_set_pdeathsig, signum, 0, 0, 0)
 
 
-def notify_supervisor(control_fd: int, kind: bytes) -> None:
-    """Tell the supervisor (over its pipe) that this worker serves or retires."""
+def _report(control_fd: int, kind: bytes) -> None:
     with contextlib.suppress(OSError):
         os.write(control_fd, _MESSAGE.pack(kind, os.getpid()))
 
 
-def worker_main(serve: Callable[[], None], parent: int) -> None:
-    """The body of a worker process (forked or fresh): serve, then exit; never returns."""
+def plan_cpus(options: RunOptions) -> list[set[int]] | None:
+    """The CPUs of each worker (or of the one process serving alone), by `cpu_affinity`."""
+    return plan(options.cpu_affinity, options.workers if options.workers > 1 else None)
+
+
+def serve_worker(make: Callable[[], Server], fd: int, control: int, parent: int) -> None:
+    """The body of a worker process (forked or fresh): serve the server `make()` builds on the
+    inherited `fd`, report to the supervisor on `control`, then exit; never returns."""
     code = 0
     try:
         _die_with_parent(signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(0)
-        serve()
+        server = make()
+        server.on_serving = lambda: _report(control, READY)
+        server.on_retiring = lambda reason: _report(control, RETIRING)
+        server.prepare(fd, inherited=True, own_socket=lambda: None)
+        server.serve(signals=True)
     except WorkerStartError:
         code = _START_FAILED  # logged with its traceback; the parent does not retry
     except BaseException:
@@ -113,40 +112,117 @@ class _Worker:
 
 
 class Supervisor:
-    """The parent of the pre-forked workers (see the module docstring)."""
+    """The run's owner (see the module docstring); the `Target` of the stop signals."""
 
     def __init__(
         self,
-        workers: int,
-        serve: Serve,
-        spawn_fresh: SpawnFresh | None,
-        name: str,
-        where: str,
-        drain_timeout: float,
-        tick: Callable[[Collection[int], bool], None] | None = None,
+        filter: Filter,
+        recipe: Recipe | None,
+        activated: Listener | None = None,
     ) -> None:
-        self.count = workers
-        self.tick = tick
-        self.serve = serve
-        self.spawn_fresh = spawn_fresh
-        self.name = name
-        self.where = where
-        self.drain_timeout = drain_timeout
+        self.filter = filter
+        self.options = filter.options
+        self.count = filter.options.workers
+        self.recipe = recipe
+        self.activated = activated
+        self.where = str(filter.spec)
         self.parent = os.getpid()
+        self.cpus = plan_cpus(self.options)
+        self.listener: Listener | None = None
+        self.local: Server | None = None
         self.workers: dict[int, _Worker] = {}
         self.generation = 0
         self.fresh = False  # after a reload every new worker is a fresh interpreter
         self.reload_started: float | None = None
         self.reload_queued = False  # a SIGHUP during a reload: reload again once it ends
-        self.requests = StopRequests()
         self.stopping = False
+        self.stop_reason = ""
         self.stop_deadline = 0.0
         self.failed = False
         self.deaths: list[float] = []
         self.fd = -1
         self.control_r = -1
         self.control_w = -1
-        self.restarts = 0
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Open the socket, serve (alone or through the workers) until stopped; raise if
+        workers failed."""
+        # Handlers first: a stop that comes as soon as the socket exists is still an orderly one.
+        with contextlib.ExitStack() as cleanup:
+            cleanup.enter_context(handled(self))
+            listener = self.listener = self._open_socket()
+            cleanup.callback(self._close_listener)
+            self.fd = listener.fileno()
+            self.control_r, self.control_w = _control_pipe()
+            cleanup.callback(os.close, self.control_r)
+            cleanup.callback(os.close, self.control_w)
+            if self.count == 1:
+                self._serve_alone()
+            else:
+                _systemd.notifier().for_workers(self.count)
+                for slot in range(self.count):
+                    if self.stopping:
+                        break
+                    self.spawn(slot, self.generation)
+                logger.info("%s: %d workers on %s", self.filter.name, self.count, self.where)
+            while self.workers:
+                time.sleep(0.02)
+                _systemd.notifier().tick(
+                    self.where, workers=[w.slot for w in self.workers.values()],
+                    stopping=self.stopping,
+                )
+                self.poll()
+        if self.failed:
+            raise LibmilterError("one or more workers failed; see the log")
+
+    def _open_socket(self) -> Listener:
+        """Open the listening socket, then drop privileges.
+
+        Ours, handed to libmilter as fd:N (Debian's libmilter): TCP gets TCP_NODELAY, a unix
+        socket its mode and group before it appears at its path.
+        """
+        o = self.options
+        check_can_drop_privileges(o.user, o.group)
+        listener = self.activated or open_listener(
+            self.filter.spec, o.backlog, o.socket_mode, o.socket_group, owner=o.user
+        )
+        self.activated = None
+        try:
+            drop_privileges(o.user, o.group)
+        except BaseException:
+            listener.close()
+            raise
+        return listener
+
+    def _close_listener(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    def _serve_alone(self) -> None:
+        """Serve in this process; after a reload, the new workers go on."""
+        local = self.local = self.filter.server(None, self._cpus(0))
+        local.on_tick = self.poll
+        local.on_retiring = self.reload
+        local.closes_listener = self._refuse_new
+        if self.stopping:  # a stop signal came while the socket was being opened
+            local.drain(self.stop_reason)
+        try:
+            local.prepare(self.fd, inherited=False, own_socket=self._close_listener)
+            local.serve(signals=False)
+        finally:
+            self.local = None
+        if not local.handing_over:  # shutdown() or a failure: a reload under way ends too
+            self._stop_all()
+
+    def _refuse_new(self) -> None:
+        if not self.workers and self.listener is not None:
+            self.listener.sock.close()
+
+    def _cpus(self, slot: int) -> set[int] | None:
+        return None if self.cpus is None else self.cpus[slot]
 
     # -- starting workers ------------------------------------------------------------------
 
@@ -154,14 +230,15 @@ class Supervisor:
         """Start a worker for `slot`: forked from this process, or fresh after a reload."""
         _metrics.before_fork()
         if self.fresh:
-            assert self.spawn_fresh is not None
+            assert self.recipe is not None
+            os.set_inheritable(self.fd, True)
             try:
-                pid = self.spawn_fresh(self.fd, slot, self.control_w)
+                pid = self.recipe.spawn(self.fd, slot, self.control_w)
             except (OSError, ValueError) as exc:
                 logger.error("could not start a worker: %s", exc)
                 return None
         else:
-            pid = self._fork(slot)
+            pid = fork(lambda: self._forked(slot))
         self.workers[pid] = _Worker(slot, generation)
         _metrics.worker_started(pid)
         if self.stopping:  # the stop signal came while it was being started
@@ -169,39 +246,40 @@ class Supervisor:
                 os.kill(pid, signal.SIGTERM)
         return pid
 
-    def _fork(self, slot: int) -> int:
-        # A stop signal waits until the new worker is known here (the parent's handler then
-        # stops it too) and, in the worker, until it has its own handlers.
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            pid = os.fork()
-            if pid == 0:
-                for signum in (*STOP_SIGNALS, signal.SIGCHLD):
-                    signal.signal(signum, signal.SIG_DFL)
-                # Blocked around fork, so no stop signal ran the parent's handler here.
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-                os.close(self.control_r)
-                worker_main(lambda: self.serve(self.fd, slot, self.control_w), self.parent)
-            return pid
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    def _forked(self, slot: int) -> None:
+        os.close(self.control_r)
+        serve_worker(lambda: self.filter.server(slot, self._cpus(slot)), self.fd,
+                     self.control_w, self.parent)
 
-    # -- signals ---------------------------------------------------------------------------
+    # -- the stop signals ------------------------------------------------------------------
 
-    def on_signal(self, signum: signal.Signals) -> None:
-        request = self.requests.classify(signum)
-        if request is None:
-            return
-        if request == "reload":
-            self.reload()
+    def drain(self, reason: str) -> None:
+        """Every serving process drains, then exits."""
+        if self.local is not None and self.local.later(lambda: self.drain(reason)):
             return
         if not self.stopping:
             self.stopping = True
-            self.stop_deadline = time.monotonic() + self.drain_timeout + _STOP_MARGIN
-            logger.info("signal %s: draining %d worker(s)", signum.name, len(self.workers))
+            self.stop_reason = reason
+            self.stop_deadline = time.monotonic() + self.options.drain_timeout + _STOP_MARGIN
+            if self.local is None or self.workers:
+                logger.info("%s: draining %d worker(s)", reason, len(self.workers))
             notify_draining(stopping=True)
-        else:
-            logger.info("signal %s again: stopping the workers at once", signum.name)
+        self.signal_all(signal.SIGTERM)
+        if self.local is not None:
+            self.local.drain(reason)
+
+    def stop_now(self, reason: str) -> None:
+        """A second stop signal: every serving process stops without waiting."""
+        if self.local is not None:
+            self.local.stop_now(reason)
+        if self.local is None or self.workers:
+            logger.info("%s again: stopping the workers at once", reason)
+        self._stop_all()
+
+    def _stop_all(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.stop_deadline = time.monotonic() + self.options.drain_timeout + _STOP_MARGIN
         self.signal_all(signal.SIGTERM)
 
     def signal_all(self, signum: int, pids: list[int] | None = None) -> None:
@@ -211,21 +289,26 @@ class Supervisor:
 
     # -- reload ----------------------------------------------------------------------------
 
-    def reload(self) -> None:
+    def reload(self, reason: str) -> None:
         """Start a new generation of fresh workers; the old one drains once they all serve."""
+        if self.local is not None and self.local.later(lambda: self.reload(reason)):
+            return
         if self.stopping:
             return
-        if self.spawn_fresh is None:
-            logger.warning("SIGHUP: this milter cannot start fresh workers; not reloaded")
+        if self.recipe is None:
+            logger.warning("%s: this milter cannot start fresh workers; not reloaded", reason)
+            return
+        if self.local is not None and not self.local.gated:
+            logger.warning("%s: libmilter opened the socket itself; cannot reload", reason)
             return
         if self.reload_started is not None:
-            logger.info("SIGHUP: a reload is under way; another follows it")
+            logger.info("%s: a reload is under way; another follows it", reason)
             self.reload_queued = True
             return
         self.reload_started = time.monotonic()
         notify_reloading()
         self.generation += 1
-        logger.info("SIGHUP: reloading: starting %d fresh worker(s)", self.count)
+        logger.info("%s: reloading: starting %d fresh worker(s)", reason, self.count)
         saved, self.fresh = self.fresh, True
         for slot in range(self.count):
             if self.spawn(slot, self.generation) is None:
@@ -248,15 +331,18 @@ class Supervisor:
             for pid in old:
                 self.workers[pid].retiring = True
             self.signal_all(signal.SIGTERM, old)
+            local = self.local
             self.fresh = True
             logger.info(
                 "reloaded in %.2f s: generation %d serves; %d old worker(s) drain",
                 time.monotonic() - self.reload_started,
                 self.generation,
-                len(old),
+                len(old) + (local is not None),
             )
             self.reload_started = None
             notify_ready()
+            if local is not None:
+                local.hand_over()
             self._next_reload()
         elif time.monotonic() - self.reload_started > READY_TIMEOUT:
             self._reload_failed(f"new workers did not serve within {READY_TIMEOUT:g} s")
@@ -269,31 +355,48 @@ class Supervisor:
         self.signal_all(signal.SIGTERM, new)
         self.generation += 1  # workers of the cancelled generation are never committed
         self.reload_started = None
+        if self.local is not None:
+            self.local.retiring = False  # serving alone past a limit: try again later
         notify_ready()
         self._next_reload()
 
     def _next_reload(self) -> None:
         if self.reload_queued:
             self.reload_queued = False
-            self.reload()
+            self.reload("SIGHUP")
 
     # -- reports and exits -----------------------------------------------------------------
 
-    def read_reports(self) -> None:
-        for kind, pid in read_reports(self.control_r):
-            self._report(kind, pid)
+    def poll(self) -> None:
+        """Reap the workers that exited, read their reports, move a reload on, and kill
+        workers still running past the drain timeout."""
+        for pid in list(self.workers):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done:
+                self.read_reports()  # a worker's last report before its exit
+                self.reaped(pid, status)
+        self.read_reports()
+        self._check_reload()
+        if self.stopping and self.workers and time.monotonic() > self.stop_deadline:
+            logger.error("%d worker(s) still running past the drain timeout: killed",
+                         len(self.workers))
+            self.stop_deadline = float("inf")
+            self.signal_all(signal.SIGKILL)
 
-    def _report(self, kind: bytes, pid: int) -> None:
-        worker = self.workers.get(pid)
-        if worker is None:
-            return
-        if kind == READY:
-            worker.ready = True
-        elif kind == RETIRING and not worker.retiring and not self.stopping:
-            worker.retiring = True
-            self.restarts += 1
-            _metrics.worker_restarted()  # recycling counts as a restart
-            self.spawn(worker.slot, worker.generation)
+    def read_reports(self) -> None:
+        for kind, pid in _read_reports(self.control_r):
+            worker = self.workers.get(pid)
+            if worker is None:
+                continue
+            if kind == READY:
+                worker.ready = True
+            elif kind == RETIRING and not worker.retiring and not self.stopping:
+                worker.retiring = True
+                _metrics.worker_restarted()  # recycling counts as a restart
+                self.spawn(worker.slot, worker.generation)
 
     def reaped(self, pid: int, status: int) -> None:
         worker = self.workers.pop(pid, None)
@@ -313,7 +416,7 @@ class Supervisor:
         if code == _START_FAILED:
             logger.error("worker %d: on_worker_start failed; stopping", pid)
             self.failed = True
-            self.on_signal(signal.SIGTERM)
+            self.drain("signal SIGTERM")
             return
         logger.warning("worker %d died (exit %d); starting a new one", pid, code)
         now = time.monotonic()
@@ -321,76 +424,13 @@ class Supervisor:
         if len(self.deaths) > 5 * self.count:
             logger.error("workers keep dying; giving up")
             self.failed = True
-            self.on_signal(signal.SIGTERM)
+            self.drain("signal SIGTERM")
             return
-        self.restarts += 1
         _metrics.worker_restarted()
         self.spawn(worker.slot, worker.generation)
 
-    # -- the run ---------------------------------------------------------------------------
 
-    def run(self, open_socket: Callable[[], Listener]) -> None:
-        # Handlers first: a stop that comes as soon as the socket exists is still an orderly one.
-        with contextlib.ExitStack() as cleanup:
-            cleanup.enter_context(on_stop_signals(self.on_signal))
-            sock = open_socket()
-            cleanup.callback(sock.close)
-            self.fd = sock.fileno()
-            os.set_inheritable(self.fd, True)
-            self.control_r, self.control_w = control_pipe()
-            cleanup.callback(os.close, self.control_r)
-            cleanup.callback(os.close, self.control_w)
-            for slot in range(self.count):
-                if self.stopping:
-                    break
-                self.spawn(slot, self.generation)
-            logger.info("%s: %d workers on %s", self.name, self.count, self.where)
-            self.loop()
-        if self.failed:
-            raise LibmilterError("one or more workers failed; see the log")
-
-    def adopt(self, listener: Listener, control: tuple[int, int], pid: int, stop: bool) -> None:
-        """Supervise `pid`, the fresh worker a single process handed its socket to at reload,
-        from now on (every later worker is fresh too); `stop`: a stop signal came already."""
-        self.fd = listener.fileno()
-        os.set_inheritable(self.fd, True)
-        self.control_r, self.control_w = control
-        self.fresh = True
-        self.workers[pid] = _Worker(0, self.generation, ready=True)
-        with contextlib.ExitStack() as cleanup:
-            cleanup.enter_context(on_stop_signals(self.on_signal))
-            cleanup.callback(listener.close)
-            cleanup.callback(os.close, self.control_r)
-            cleanup.callback(os.close, self.control_w)
-            if stop:
-                self.on_signal(signal.SIGTERM)
-            self.loop()
-        if self.failed:
-            raise LibmilterError("one or more workers failed; see the log")
-
-    def loop(self) -> None:
-        while self.workers:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid:
-                self.read_reports()  # a worker's last report before its exit
-                self.reaped(pid, status)
-                continue
-            time.sleep(0.02)
-            if self.tick is not None:
-                self.tick([w.slot for w in self.workers.values()], self.stopping)
-            self.read_reports()
-            self._check_reload()
-            if self.stopping and time.monotonic() > self.stop_deadline:
-                logger.error("%d worker(s) still running past the drain timeout: killed",
-                             len(self.workers))
-                self.stop_deadline = float("inf")
-                self.signal_all(signal.SIGKILL)
-
-
-def control_pipe() -> tuple[int, int]:
+def _control_pipe() -> tuple[int, int]:
     """The pipe workers report on: a non-blocking read end, an inheritable write end."""
     read, write = os.pipe()
     os.set_blocking(read, False)
@@ -398,15 +438,13 @@ def control_pipe() -> tuple[int, int]:
     return read, write
 
 
-def read_reports(fd: int) -> list[tuple[bytes, int]]:
+def _read_reports(fd: int) -> list[tuple[bytes, int]]:
     """The (kind, pid) reports waiting on `fd`."""
     reports: list[tuple[bytes, int]] = []
     while True:
         try:
             data = os.read(fd, _MESSAGE.size * 64)
-        except (BlockingIOError, InterruptedError):
-            return reports
-        except OSError:
+        except OSError:  # also BlockingIOError: nothing (more) to read
             return reports
         if not data:
             return reports
@@ -414,25 +452,3 @@ def read_reports(fd: int) -> list[tuple[bytes, int]]:
             kind, pid = _MESSAGE.unpack_from(data, offset)
             reports.append((kind, pid))
 
-
-def run_prefork(
-    workers: int,
-    open_socket: Callable[[], Listener],
-    serve: Serve,
-    name: str,
-    where: str,
-    *,
-    spawn_fresh: SpawnFresh | None = None,
-    drain_timeout: float = 30.0,
-    tick: Callable[[Collection[int], bool], None] | None = None,
-) -> None:
-    """Serve with `workers` processes until a stop signal; raise if workers failed.
-
-    `open_socket()` opens the listener (in this process, once, after the signals are handled
-    here); `serve(fd, slot, control_fd)` serves on it in forked worker `slot` and returns at
-    its stop, reporting on `control_fd` (`notify_supervisor`);
-    `spawn_fresh(fd, slot, control_fd)` starts a fresh worker process (for SIGHUP; None: no
-    reload); `name` and `where` (the socket) are for the log; `tick(slots, stopping)` is called
-    about every 20 ms with the live workers' slots (for systemd's READY/STATUS/WATCHDOG).
-    """
-    Supervisor(workers, serve, spawn_fresh, name, where, drain_timeout, tick).run(open_socket)

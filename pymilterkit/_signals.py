@@ -1,17 +1,80 @@
-"""The stop signals (SIGTERM, SIGINT, SIGHUP) and installing one handler for all of them."""
+"""Every signal the runner handles, in one place: the stop signals (SIGTERM, SIGINT, SIGHUP)
+turned into requests (`handled`), the signal that wakes libmilter's listener (`wake_handler`),
+and the masking around a fork (`forking`).
+
+`StopRequests` turns the stop signals into decisions: SIGTERM/SIGINT drain, a second one (more
+than `SIGNAL_DEBOUNCE` later: the copy a supervisor forwards, or a service manager's signal to
+every process of the unit, is the same request) stops at once, SIGHUP reloads. Whoever owns the
+run (the supervisor, or a serving worker) is the `Target` that carries them out.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Literal, Protocol
 
-__all__ = ["STOP_SIGNALS", "on_stop_signals"]
+__all__ = [
+    "SIGNAL_DEBOUNCE",
+    "STOP_SIGNALS",
+    "WAKE_SIGNAL",
+    "StopRequests",
+    "Target",
+    "fork",
+    "handled",
+    "on_stop_signals",
+    "wake_handler",
+]
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 """Signals that stop a run (the single process, or the worker supervisor and its workers)."""
+
+WAKE_SIGNAL = signal.SIGURG
+"""Sent to libmilter's listener thread to end its poll (ignored by default; never sent by the
+kernel to a process that did not ask for it with F_SETOWN)."""
+
+SIGNAL_DEBOUNCE = 1.0
+"""A stop signal this soon after the first is the same request (not a "second SIGTERM")."""
+
+Request = Literal["drain", "now", "reload"]
+
+
+class StopRequests:
+    """What a signal asks for: `drain`, `now` (a second stop signal) or `reload` (SIGHUP)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._first: float | None = None
+
+    def classify(self, signum: int) -> Request | None:
+        """The request `signum` makes now; None for a repeat within `SIGNAL_DEBOUNCE`."""
+        if signum == signal.SIGHUP:
+            return "reload"
+        now = self._clock()
+        if self._first is None:
+            self._first = now
+            return "drain"
+        if now - self._first < SIGNAL_DEBOUNCE:
+            return None
+        return "now"
+
+    @property
+    def draining(self) -> bool:
+        """Whether a stop signal came."""
+        return self._first is not None
+
+
+class Target(Protocol):
+    """What carries out the requests; `reason` is e.g. "signal SIGTERM", for the log."""
+
+    def drain(self, reason: str) -> None: ...
+    def stop_now(self, reason: str) -> None: ...
+    def reload(self, reason: str) -> None: ...
 
 
 @contextlib.contextmanager
@@ -30,3 +93,58 @@ def on_stop_signals(handler: Callable[[signal.Signals], None]) -> Iterator[None]
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+@contextlib.contextmanager
+def handled(target: Target) -> Iterator[None]:
+    """While the block runs, the stop signals become `target`'s drain, stop_now and reload."""
+    requests = StopRequests()
+
+    def receive(signum: signal.Signals) -> None:
+        request = requests.classify(signum)
+        reason = f"signal {signum.name}"
+        if request == "drain":
+            target.drain(reason)
+        elif request == "now":
+            target.stop_now(reason)
+        elif request == "reload":
+            target.reload(reason)
+
+    with on_stop_signals(receive):
+        yield
+
+
+def fork(child: Callable[[], None]) -> int:
+    """Fork; the child runs `child()` (which must not return) with the stop signals at their
+    defaults. A stop signal waits until the new pid is known here (the parent's handler then
+    stops it too) and, in the child, until it has its own handlers."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            for signum in (*STOP_SIGNALS, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+            # Blocked around fork, so no stop signal ran the parent's handler here.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            child()
+        return pid
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def wake_handler() -> Iterator[bool]:
+    """Install the no-op handler that lets `WAKE_SIGNAL` interrupt a poll (main thread only);
+    yields whether it is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = signal.signal(WAKE_SIGNAL, _ignore)
+    try:
+        yield True
+    finally:
+        signal.signal(WAKE_SIGNAL, previous)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    pass

@@ -1,4 +1,5 @@
-"""Parsing and checking libmilter socket specs before libmilter sees them."""
+"""Socket specs: parsing and checking them before libmilter sees them, and the one probe
+that connects to a milter socket (`connects`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import stat
 
 from ._errors import SocketSpecError
 
-__all__ = ["SocketSpec", "parse_socket_spec"]
+__all__ = ["SocketSpec", "check_unix_path", "connects", "parse_socket_spec"]
 
 _UNIX_PATH_MAX = 107  # sizeof(sun_path) - 1 on Linux
 
@@ -138,12 +139,22 @@ def check_unix_path(spec: SocketSpec) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise SocketSpecError(f"{path!r} exists and is not a socket; remove it or pick another")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if connects(spec):
+        raise SocketSpecError(f"another process is already serving on {path!r}")
+    # else stale: nobody listens
+
+
+def connects(spec: SocketSpec) -> bool:
+    """Whether a connection to the milter socket `spec` is accepted now (within 1 s); it is
+    closed at once. Also wakes libmilter's listener from its poll (`_serve`)."""
+    if spec.kind not in ("unix", "inet", "inet6"):
+        return False
+    probe = socket.socket(spec.family, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:
-        probe.connect(path)
+        probe.connect(spec.connect_address())
     except OSError:
-        return  # stale: nobody listens
+        return False
     finally:
         probe.close()
-    raise SocketSpecError(f"another process is already serving on {path!r}")
+    return True

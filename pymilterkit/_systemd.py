@@ -15,8 +15,7 @@ board that the supervisor sums. Without `NOTIFY_SOCKET` every call does nothing.
 
 The runner calls `Notifier.tick` from its loops (the single process's, or the worker
 supervisor's): pings come from the loop that proves the milter is alive, not from a thread of
-their own. A reload calls `reloading()` (module level): `with reloading(): ...` sends
-`RELOADING=1` before and `READY=1` after.
+their own.
 """
 
 from __future__ import annotations
@@ -29,13 +28,13 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Collection, Iterator, MutableMapping
+from collections.abc import Collection, MutableMapping
 
 from ._errors import SocketSpecError
 from ._listen import Listener
 from ._socketspec import SocketSpec
 
-__all__ = ["Notifier", "notifier", "reloading", "take_listener"]
+__all__ = ["Notifier", "notifier", "take_listener"]
 
 logger = logging.getLogger("pymilterkit")
 
@@ -358,14 +357,3 @@ def notifier() -> Notifier:
         _notifier = Notifier.from_environ()
     return _notifier
 
-
-@contextlib.contextmanager
-def reloading() -> Iterator[None]:
-    """`with reloading(): ...` around a reload: RELOADING=1 before, READY=1 after (also if it
-    failed: the old processes still serve). Does nothing when systemd did not ask."""
-    current = notifier()
-    current.reloading()
-    try:
-        yield
-    finally:
-        current.ready()

@@ -1,7 +1,7 @@
-"""The body of a fresh worker process (started by `_fresh.spawn` at reload).
+"""The body of a fresh worker process (started by `_fresh.Recipe.spawn` at reload).
 
 It imports the session class afresh by the name the supervisor gave (see `_fresh`), builds the
-same `Milter` and serves as one pre-forked worker on the inherited listening descriptor.
+same `Milter` and serves as one worker on the inherited listening descriptor.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import logging
 import os
 import pickle
 import sys
-from typing import Any
 
 from . import _metrics
 from ._fresh import ENV
+from ._prefork import plan_cpus, serve_worker
+from ._serve import Server
 
-__all__ = ["main", "serve"]
+__all__ = ["main"]
 
 
 def main() -> None:
@@ -32,16 +33,12 @@ def main() -> None:
             format="%(asctime)s %(name)s %(levelname)s %(message)s",
             stream=sys.stderr,
         )
-    serve(description)
+    slot = description["slot"]
 
+    def server() -> Server:
+        from ._cli import load_session_class, milter_for_reload
+        from ._runner import Milter, claim_run
 
-def serve(description: dict[str, Any]) -> None:
-    """Build the Milter anew from `description` and serve as its worker; never returns."""
-    from ._cli import load_session_class, milter_for_reload
-    from ._prefork import worker_main
-    from ._runner import Milter, claim_run
-
-    def run() -> None:
         _metrics.attach(description.get("metrics"))  # the supervisor's counts, if metered
         if "argv" in description:
             milter = milter_for_reload(description["argv"])
@@ -50,7 +47,8 @@ def serve(description: dict[str, Any]) -> None:
             session_class = load_session_class(description["target"])
             milter = Milter(session_class, options.socket, **options.keywords())
         claim_run(milter)
-        milter._plan_cpus()
-        milter._serve_worker(description["fd"], description["slot"], description["control"])
+        cpus = plan_cpus(milter.options)
+        return milter.filter().server(slot, None if cpus is None else cpus[slot])
 
-    worker_main(run, description["parent"])
+    serve_worker(server, description["fd"], description["control"], description["parent"])
+

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .._errors import MilterError
-from .._socketspec import parse_socket_spec
+from .._socketspec import connects, parse_socket_spec
 
 __all__ = ["MilterProcess"]
 
@@ -99,17 +98,7 @@ class MilterProcess:
         raise MilterError(f"milter did not listen on {self.socket} in time:\n{self.log()}")
 
     def _accepts(self) -> bool:
-        probe = socket.socket(
-            socket.AF_UNIX if self.spec.kind == "unix" else self.spec.family, socket.SOCK_STREAM
-        )
-        probe.settimeout(1.0)
-        try:
-            probe.connect(self.spec.connect_address())
-        except OSError:
-            return False
-        finally:
-            probe.close()
-        return True
+        return connects(self.spec)
 
     def log(self) -> str:
         """Everything the child wrote to stdout and stderr so far."""

@@ -1,10 +1,10 @@
-"""What each lifecycle signal asks for (`_lifecycle.StopRequests`)."""
+"""What each lifecycle signal asks for (`_signals.StopRequests`)."""
 
 from __future__ import annotations
 
 import signal
 
-from pymilterkit._lifecycle import SIGNAL_DEBOUNCE, StopRequests
+from pymilterkit._signals import SIGNAL_DEBOUNCE, StopRequests
 
 
 class Clock:

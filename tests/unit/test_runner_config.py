@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from pymilterkit import ConfigurationError, Milter, MilterSession, SocketSpecError, Status
+from pymilterkit._listen import open_listener
 
 
 class Fine(MilterSession):
@@ -73,9 +74,12 @@ def test_libmilter_gets_a_600_s_io_timeout_unless_told(
     lib = RecordingLib()
     monkeypatch.setattr(_libmilter, "load", lambda: lib)
     milter = Milter(Fine, f"unix:{tmp_path}/m.sock", timeout=timeout)
-    milter._prepare()
+    listener = open_listener(milter.spec)
+    server = milter.filter().server(None, None)
+    server.prepare(listener.fileno(), inherited=False, own_socket=listener.close)
     try:
         assert ("smfi_settimeout", (expected,)) in lib.calls
     finally:
-        milter._discard()
-        milter._stop_worker()
+        server._discard()
+        server._stop_worker()
+        listener.close()
