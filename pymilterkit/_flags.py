@@ -29,6 +29,10 @@ class Status(enum.IntEnum):
     SKIP = 8
     """Stop sending body chunks and go to end-of-message (needs `ProtocolOpts.SKIP`)."""
 
+    def __str__(self) -> str:
+        """The name (`TEMPFAIL`), so a printed or logged verdict reads as one."""
+        return self.name
+
 
 class Actions(enum.IntFlag):
     """What a filter may change in a message (libmilter: SMFIF_*)."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
 import signal
 import subprocess
@@ -18,11 +21,48 @@ from .._socketspec import connects, parse_socket_spec
 __all__ = ["MilterProcess"]
 
 
+def _toml_value(value: object, where: str) -> str:
+    """One TOML value for the `[filter]` table (strings, numbers, booleans, lists, tables)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(
+            f"{json.dumps(str(k))} = {_toml_value(v, f'{where}.{k}')}" for k, v in value.items()
+        ) + "}"
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return "[" + ", ".join(_toml_value(v, where) for v in items) + "]"
+    raise TypeError(f"config {where}: {type(value).__name__} has no TOML form")
+
+
+def filter_table(config: object) -> str:
+    """A `[filter]` table of a config file from a dataclass instance or a mapping."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dataclass instance or a mapping, not {config!r}")
+    lines = ["[filter]"]
+    lines += [f"{json.dumps(str(k))} = {_toml_value(v, str(k))}" for k, v in config.items()]
+    return "\n".join(lines) + "\n"
+
+
 class MilterProcess:
     """`pymilterkit run TARGET --socket SPEC` in a child process, as a context manager.
 
-    Without `socket`, a unix socket in a fresh temporary directory is used. On entry it waits
-    until the socket accepts connections; on exit it sends SIGTERM and waits.
+    Without `socket`, a unix socket in a fresh temporary directory is used. `config` (a
+    dataclass instance or a mapping) becomes the `[filter]` table of a config file given with
+    `--config`: the filter's own settings, as in production. On entry it waits until the socket
+    accepts connections; on exit it sends SIGTERM and waits.
     """
 
     def __init__(
@@ -34,6 +74,7 @@ class MilterProcess:
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
         startup_timeout: float = 15.0,
+        config: object | None = None,
     ) -> None:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if socket_spec is None:
@@ -50,6 +91,10 @@ class MilterProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self._log_dir = tempfile.TemporaryDirectory(prefix="pymilterkit-log-")
         self.log_path = Path(self._log_dir.name) / "milter.log"
+        if config is not None:
+            config_path = Path(self._log_dir.name) / "filter.toml"
+            config_path.write_text(filter_table(config), encoding="utf-8")
+            self.args += ["--config", str(config_path)]
         self.returncode: int | None = None
 
     @property
@@ -88,14 +133,16 @@ class MilterProcess:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise MilterError(
-                    f"milter exited with {self.process.returncode} during start:\n{self.log()}"
-                )
+                failure = f"milter exited with {self.process.returncode} during start"
+                break
             if self._accepts():
                 return self
             time.sleep(0.05)
-        self.stop()
-        raise MilterError(f"milter did not listen on {self.socket} in time:\n{self.log()}")
+        else:
+            failure = f"milter did not listen on {self.socket} in time"
+        message = f"{failure}:\n{self.log()}"
+        self.__exit__(None, None, None)  # stopped, and its temporary directories removed
+        raise MilterError(message)
 
     def _accepts(self) -> bool:
         return connects(self.spec)

@@ -6,7 +6,9 @@
 * `milter_process` -- a factory: `milter_process("mypkg.filters:MyFilter")` (or the class
   itself, if it is importable by module and name) starts the filter with the real runner on a
   unix socket in a temporary directory and returns a `MilterClient` connected to it; the
-  process is stopped (by PID) when the test ends.
+  process is stopped (by PID) when the test ends. `config=` (a dataclass instance or a
+  mapping) gives the filter its `[filter]` settings through a config file, as in production;
+  `args=[...]`, `env=` and `cwd=` go to `MilterProcess`.
 
     def test_adds_header(milter_harness):
         result = milter_harness(RcptCount).run(MESSAGE, recipients=["a@x", "b@y"])
@@ -31,13 +33,21 @@ __all__ = ["HarnessFactory", "ProcessFactory", "milter_harness", "milter_process
 
 
 class HarnessFactory(Protocol):
-    def __call__(self, session_class: type[MilterSession], **options: Any) -> Harness: ...
+    """What `milter_harness` gives: `milter_harness(MyFilter, **Harness options)`."""
+
+    def __call__(self, session_class: type[MilterSession], **options: Any) -> Harness:
+        """A `Harness` for `session_class`, closed when the test ends."""
+        ...
 
 
 class ProcessFactory(Protocol):
+    """What `milter_process` gives: `milter_process("mod:Class", config=..., args=[...])`."""
+
     def __call__(
         self, target: str | type[MilterSession], *, timeout: float = 10.0, **options: Any
-    ) -> MilterClient: ...
+    ) -> MilterClient:
+        """A `MilterClient` for the filter run in its own process, stopped when the test ends."""
+        ...
 
 
 def _target(target: str | type[MilterSession]) -> str:
