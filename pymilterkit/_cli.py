@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 the milter failed or a message was refused/failed (`sen
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
 import os
@@ -39,6 +40,8 @@ def load_session_class(target: str) -> type[MilterSession]:
         raise ConfigurationError(f"expected MODULE:CLASS, got {target!r}")
     if module_name.endswith(".py"):
         path = os.path.abspath(module_name)
+        if not os.path.isfile(path):
+            raise ConfigurationError(f"no such filter file: {module_name} (in {os.getcwd()})")
         spec = importlib.util.spec_from_file_location(
             os.path.splitext(os.path.basename(path))[0], path
         )
@@ -59,10 +62,27 @@ def load_session_class(target: str) -> type[MilterSession]:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ConfigurationError(f"{module_name} has no {attr!r}") from None
+            raise ConfigurationError(
+                f"{module_name} has no {attr!r}{_did_you_mean(part, obj)}"
+            ) from None
     if not (isinstance(obj, type) and issubclass(obj, MilterSession)):
         raise ConfigurationError(f"{target} is not a MilterSession subclass")
     return obj
+
+
+def _did_you_mean(name: str, namespace: object) -> str:
+    """"; did you mean 'X'?" for the MilterSession classes (or else names) close to `name`."""
+    names = [n for n in dir(namespace) if not n.startswith("_")]
+    classes = [n for n in names if isinstance(getattr(namespace, n, None), type)
+               and issubclass(getattr(namespace, n), MilterSession)
+               and getattr(namespace, n) is not MilterSession]
+    close = difflib.get_close_matches(name, classes, n=1, cutoff=0.75) or (
+        difflib.get_close_matches(name, names, n=1, cutoff=0.75))
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    if classes:
+        return f"; its MilterSession classes: {', '.join(sorted(classes))}"
+    return ""
 
 
 def load_config(

@@ -1,0 +1,43 @@
+"""A mistyped filter target ends in one line and exit 2 (a config error, not restarted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(target: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pymilterkit", "run", target,
+         "--socket", f"unix:{tmp_path}/m.sock"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+
+
+def test_a_filter_file_that_does_not_exist(tmp_path: Path) -> None:
+    result = _run(f"{tmp_path}/rcptverfy.py:RcptVerify", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"pymilterkit: error: no such filter file: {tmp_path}/rcptverfy.py (in {ROOT})"
+    ]
+    assert not (tmp_path / "m.sock").exists()
+
+
+def test_a_class_typo_suggests_the_class(tmp_path: Path) -> None:
+    result = _run("examples.rcpt_count:RcptCont", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "pymilterkit: error: examples.rcpt_count has no 'RcptCont'; did you mean 'RcptCount'?"
+    ]
+
+
+def test_a_far_off_name_lists_the_filters(tmp_path: Path) -> None:
+    result = _run("examples.mixins:Nothing", tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("pymilterkit: error: examples.mixins has no 'Nothing'; its "
+                           "MilterSession classes: ")
+    assert "AuditedTagger" in line and "'MilterSession'" not in line
