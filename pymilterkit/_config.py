@@ -28,6 +28,7 @@ import enum
 import inspect
 import os
 import pathlib
+import stat
 import tomllib
 import types
 import typing
@@ -128,14 +129,43 @@ def add_run_arguments(parser: argparse.ArgumentParser, flags: Sequence[Flag]) ->
 # -- reading a file ---------------------------------------------------------------------------
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A config file is a page of settings: anything bigger is a mistake (or `/dev/zero`)."""
+
+
+def _bounded(text: object, limit: int = 300) -> str:
+    shown = str(text)
+    return shown if len(shown) <= limit else shown[:limit] + f"... ({len(shown)} characters)"
+
+
 def _read_toml(path: str) -> dict[str, Any]:
+    """The TOML document in `path`: a regular file of at most `MAX_CONFIG_BYTES` of UTF-8."""
     try:
-        with open(path, "rb") as file:
-            return tomllib.load(file)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat below refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigurationError(f"cannot read config file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigurationError(f"config file {path} is not a regular file")
+        try:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read config file {path}: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigurationError(
+            f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB"
+        )
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(
+            f"{path}: not UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r})"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigurationError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigurationError(f"{path}: not valid TOML: {_bounded(exc)}") from None
+    except RecursionError:
+        raise ConfigurationError(f"{path}: nested too deeply") from None
 
 
 def read_config(
