@@ -10,13 +10,14 @@ import time
 from typing_extensions import override
 
 from pymilterkit import Actions, EsmtpParams, MilterSession, Status, noreply
+from tests.helpers import delay_from_env, local_part
 
 
 class AsyncRcpt(MilterSession):
     """Each recipient waits `PMK_DELAY` seconds; `bad...` is rejected; eom adds X-Rcpts."""
 
     actions = Actions.ADD_HEADER
-    delay = float(os.environ.get("PMK_DELAY", "0"))
+    delay = delay_from_env(0)
     started_in: int | None = None
 
     def __init__(self) -> None:
@@ -30,7 +31,7 @@ class AsyncRcpt(MilterSession):
     @override
     async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
         await asyncio.sleep(self.delay)
-        if recipient.strip("<>").startswith("bad"):
+        if local_part(recipient).startswith("bad"):
             self.set_reply("550", "5.1.1", "no such user")
             return Status.REJECT
         self.recipients.append(recipient)
@@ -103,10 +104,10 @@ class AsyncEverything(MilterSession):
 
 
 class SlowEom(MilterSession):
-    """on_eom takes `PMK_DELAY` seconds (async, or sync with PMK_SYNC=1), then adds X-Slow."""
+    """on_eom awaits `PMK_DELAY` seconds, then adds X-Slow."""
 
     actions = Actions.ADD_HEADER
-    delay = float(os.environ.get("PMK_DELAY", "3"))
+    delay = delay_from_env(3)
 
     @override
     async def on_eom(self) -> Status:
@@ -116,8 +117,10 @@ class SlowEom(MilterSession):
 
 
 class SlowEomSync(MilterSession):
+    """`SlowEom` with a sync on_eom that blocks for the delay."""
+
     actions = Actions.ADD_HEADER
-    delay = float(os.environ.get("PMK_DELAY", "3"))
+    delay = delay_from_env(3)
 
     @override
     def on_eom(self) -> Status:
@@ -134,9 +137,9 @@ class Deadline(MilterSession):
 
     @override
     async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
-        if recipient.strip("<>").startswith("fast"):
+        if local_part(recipient).startswith("fast"):
             return Status.CONTINUE
-        if recipient.strip("<>").startswith("block"):  # blocks, never suspends: not cancellable
+        if local_part(recipient).startswith("block"):  # blocks, never suspends: not cancellable
             time.sleep(0.4)
             return Status.CONTINUE
         try:
@@ -156,7 +159,7 @@ class Strays(MilterSession):
 
     @override
     async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
-        name = recipient.strip("<>")
+        name = local_part(recipient)
         if name.startswith("cancel"):
             raise asyncio.CancelledError
         if name.startswith("raise"):
@@ -183,7 +186,7 @@ class InFlight(MilterSession):
     """Each recipient's lookup takes `PMK_DELAY` s; eom reports the most lookups seen at once."""
 
     actions = Actions.ADD_HEADER
-    delay = float(os.environ.get("PMK_DELAY", "0.5"))
+    delay = delay_from_env(0.5)
     running = 0
     most = 0
 
@@ -213,8 +216,8 @@ class Ordered(MilterSession):
     @override
     async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
         try:
-            if recipient.strip("<>").startswith("slow"):
-                await asyncio.sleep(float(os.environ.get("PMK_DELAY", "2")))
+            if local_part(recipient).startswith("slow"):
+                await asyncio.sleep(delay_from_env(2))
         finally:
             self.rcpt_done = True
         return Status.CONTINUE
@@ -230,7 +233,7 @@ class NoReplyRcpt(MilterSession):
     """`@noreply async def on_rcpt` waits `PMK_DELAY` s and counts; the sync eom reports it."""
 
     actions = Actions.ADD_HEADER
-    delay = float(os.environ.get("PMK_DELAY", "0"))
+    delay = delay_from_env(0)
 
     def __init__(self) -> None:
         self.count = 0
@@ -261,7 +264,7 @@ class FirstStep(MilterSession):
     @override
     async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
         self.rcpt_thread = threading.current_thread().name  # never suspends
-        if recipient.strip("<>").startswith("late"):
+        if local_part(recipient).startswith("late"):
             # Scheduled by a coroutine that finishes at once: the loop must still run it.
             asyncio.get_running_loop().call_later(0.05, setattr, self, "fired", True)
         return Status.CONTINUE

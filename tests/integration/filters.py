@@ -7,9 +7,11 @@ to do from the client host name, so one process serves many connections.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import threading
+import time
 from typing import ClassVar
 
 from typing_extensions import override
@@ -26,17 +28,7 @@ from pymilterkit import (
     noreply,
     shutdown,
 )
-
-EVERY_ACTION = (
-    Actions.ADD_HEADER
-    | Actions.CHANGE_HEADER
-    | Actions.CHANGE_FROM
-    | Actions.ADD_RCPT
-    | Actions.ADD_RCPT_PAR
-    | Actions.DELETE_RCPT
-    | Actions.CHANGE_BODY
-    | Actions.QUARANTINE
-)
+from tests.helpers import EVERY_ACTION, append_line, local_part, requested_sleep
 
 
 class Recording(MilterSession):
@@ -148,7 +140,7 @@ class Replies(MilterSession):
 
     @override
     def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
-        local = recipient.strip("<>").split("@")[0]
+        local = local_part(recipient)
         if local == "single":
             self.set_reply("550", "5.7.1", "100% not wanted here")
             return Status.REJECT
@@ -163,14 +155,20 @@ class Replies(MilterSession):
         return Status.CONTINUE
 
 
+class Custom(BaseException):
+    """A BaseException that is neither an Exception nor KeyboardInterrupt/SystemExit."""
+
+
 class Faulty(MilterSession):
-    """Raises or returns garbage depending on the recipient; counts connections."""
+    """Raises or returns garbage depending on the recipient's local part: `raise`, `garbage`,
+    `int`, `noreply`, `exit`, `interrupt`, and the BaseExceptions that are not fatal:
+    `cancelled`, `genexit`, `custom`."""
 
     actions = Actions.ADD_HEADER
 
     @override
     def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
-        local = recipient.strip("<>").split("@")[0]
+        local = local_part(recipient)
         if local == "raise":
             raise RuntimeError("boom in on_rcpt\nwith a second line")
         if local == "garbage":
@@ -183,6 +181,12 @@ class Faulty(MilterSession):
             raise SystemExit(3)
         if local == "interrupt":
             raise KeyboardInterrupt
+        if local == "cancelled":
+            raise asyncio.CancelledError("stray cancellation")
+        if local == "genexit":
+            raise GeneratorExit("stray generator exit")
+        if local == "custom":
+            raise Custom("custom base exception")
         return Status.CONTINUE
 
     @override
@@ -236,38 +240,30 @@ class StopFromThread(MilterSession):
 
 
 class Slow(MilterSession):
-    """Blocks in on_helo for the number of seconds the HELO name says (bounded to 30).
+    """Blocks in on_helo for the seconds a HELO name `sleep-S` says (bounded to 30).
 
     With $LIFECYCLE_LOG set, writes "helo done" and "close" there as they happen.
     """
 
     @override
     def on_helo(self, hostname: str) -> Status:
-        import time
-
-        if hostname.startswith("sleep-"):
-            time.sleep(min(float(hostname.split("-", 1)[1]), 30.0))
-            Lifecycle.note("helo done")
+        seconds = requested_sleep(hostname)
+        if seconds is not None:
+            time.sleep(seconds)
+            append_line("LIFECYCLE_LOG", "helo done")
         return Status.CONTINUE
 
     @override
     def on_close(self) -> None:
-        Lifecycle.note("close")
+        append_line("LIFECYCLE_LOG", "close")
 
 
 class Lifecycle(MilterSession):
     """Writes every lifecycle event to the file named by $LIFECYCLE_LOG (one line each)."""
 
-    @classmethod
-    def _write(cls, line: str) -> None:
-        with open(os.environ["LIFECYCLE_LOG"], "a") as log:
-            log.write(line + "\n")
-
-    @classmethod
-    def note(cls, line: str) -> None:
-        """Write `line` if $LIFECYCLE_LOG is set (for filters that only log on request)."""
-        if "LIFECYCLE_LOG" in os.environ:
-            cls._write(line)
+    @staticmethod
+    def _write(line: str) -> None:
+        append_line("LIFECYCLE_LOG", line)
 
     _numbers = itertools.count(1)
 

@@ -1,45 +1,17 @@
-"""Filters for tests/integration/test_hostile_macros.py (each runs in its own process)."""
+"""A filter for tests/integration/test_hostile_macros.py (it runs in its own process); the
+stray BaseExceptions of that test are `filters.Faulty`'s."""
 
 from __future__ import annotations
-
-import asyncio
 
 from typing_extensions import override
 
 from pymilterkit import (
     Actions,
-    EsmtpParams,
     InetAddress,
     MilterSession,
     Status,
     UnixAddress,
 )
-
-
-class Custom(BaseException):
-    """A BaseException that is neither an Exception nor KeyboardInterrupt/SystemExit."""
-
-
-class BaseRaiser(MilterSession):
-    """on_rcpt raises a non-fatal BaseException chosen by the recipient's local part."""
-
-    actions = Actions.ADD_HEADER
-
-    @override
-    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
-        local = recipient.strip("<>").split("@")[0]
-        if local == "cancelled":
-            raise asyncio.CancelledError("stray cancellation")
-        if local == "genexit":
-            raise GeneratorExit("stray generator exit")
-        if local == "custom":
-            raise Custom("custom base exception")
-        return Status.CONTINUE
-
-    @override
-    def on_eom(self) -> Status:
-        self.add_header("X-Served", "yes")
-        return Status.CONTINUE
 
 
 class MacroProbe(MilterSession):

@@ -14,6 +14,7 @@ import time
 from typing_extensions import override
 
 from pymilterkit import Actions, EsmtpParams, MilterSession, Status
+from tests.helpers import append_line, local_part, requested_sleep
 
 
 def _generation() -> str:
@@ -31,10 +32,7 @@ GENERATION = _generation()
 
 
 def _note(line: str) -> None:
-    path = os.environ.get("LIFECYCLE_LOG")
-    if path:
-        with open(path, "a") as log:
-            log.write(f"{os.getpid()} {line}\n")
+    append_line("LIFECYCLE_LOG", f"{os.getpid()} {line}")
 
 
 class Generation(MilterSession):
@@ -45,10 +43,7 @@ class Generation(MilterSession):
 
     @override
     def on_mail(self, sender: str, params: EsmtpParams) -> Status:
-        self.delay = 0.0
-        local = sender.strip("<>").split("@", 1)[0]
-        if local.startswith("sleep-"):
-            self.delay = min(float(local[6:]), 30.0)
+        self.delay = requested_sleep(local_part(sender)) or 0.0
         return Status.CONTINUE
 
     @override

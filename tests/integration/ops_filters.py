@@ -16,6 +16,7 @@ import sys
 from typing_extensions import override
 
 from pymilterkit import Actions, EsmtpParams, MilterSession, Stage, Status, _metrics
+from tests.helpers import local_part
 
 
 class Verdicts(MilterSession):
@@ -32,7 +33,7 @@ class Verdicts(MilterSession):
 
     @override
     def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
-        name = recipient.strip("<>")
+        name = local_part(recipient)
         if name.startswith("reject"):
             self.set_reply("550", "5.7.1", "no such user here")
             return Status.REJECT
@@ -45,7 +46,7 @@ class Verdicts(MilterSession):
 
     @override
     def on_eom(self) -> Status:
-        sender = self.sender.strip("<>")
+        sender = local_part(self.sender)
         if sender.startswith("invalid"):
             self.add_header("Bad Name", "x")  # raises InvalidArgumentError
         if sender.startswith("undeclared"):

@@ -26,17 +26,10 @@ from pymilterkit import (
     Status,
     UnixAddress,
 )
+from tests.helpers import append_line
 
 _T = TypeVar("_T")
 _numbers = itertools.count(1)
-_journal = -1
-
-
-def _write(line: str) -> None:
-    global _journal
-    if _journal < 0:
-        _journal = os.open(os.environ["PMK_JOURNAL"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    os.write(_journal, line.encode())
 
 
 def _slow_continue() -> Status:
@@ -53,11 +46,11 @@ class Journal(MilterSession):
         token = self.__dict__.get("_token")
         if token is None:
             token = self.__dict__["_token"] = f"{os.getpid()}:{next(_numbers)}"
-        _write(f"{token} B {stage}\n")
+        append_line("PMK_JOURNAL", f"{token} B {stage}")
         try:
             return run()
         finally:
-            _write(f"{token} E {stage}\n")
+            append_line("PMK_JOURNAL", f"{token} E {stage}")
 
     @override
     def on_negotiate(

@@ -23,8 +23,7 @@ import pytest
 from pymilterkit import InetAddress, Status, UnixAddress
 from pymilterkit.testing import HeaderAdded, MilterClient, MilterProcess, Step
 from pymilterkit.testing import _wire as w
-
-from .workers import worker_pids
+from tests.helpers import worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -47,7 +46,8 @@ def headers(mods: tuple[object, ...]) -> dict[str, str]:
 
 
 def test_stray_base_exceptions_are_answered_and_workers_survive() -> None:
-    with start("BaseRaiser", "--workers", "2") as milter:
+    faulty = MilterProcess("tests.integration.filters:Faulty", args=["--workers", "2"], cwd=ROOT)
+    with faulty as milter:
         workers = worker_pids(milter.pid, 2)
         for _ in range(4):  # connections spread over both workers
             conn = MilterClient(milter.socket, timeout=10).open()
@@ -73,7 +73,7 @@ def test_stray_base_exceptions_are_answered_and_workers_survive() -> None:
         assert milter.process is not None and milter.process.poll() is None
         log = milter.log()
     for kind in ("CancelledError", "GeneratorExit", "Custom"):
-        assert f"BaseRaiser.on_rcpt raised {kind}; answering TEMPFAIL" in log
+        assert f"Faulty.on_rcpt raised {kind}; answering TEMPFAIL" in log
     assert "Traceback" in log
     assert "stopping the milter" not in log
     assert "giving up" not in log

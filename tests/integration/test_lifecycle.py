@@ -19,8 +19,7 @@ import pytest
 
 from pymilterkit import Status
 from pymilterkit.testing import MessageResult, MilterClient, MilterProcess, ProtocolError
-
-from .workers import children
+from tests.helpers import children
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration

@@ -15,8 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pymilterkit import Status
 from pymilterkit.testing import MilterClient, MilterProcess
-
-from .workers import worker_pids
+from tests.helpers import worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = "tests.integration.ops_filters:Verdicts"
@@ -233,7 +232,7 @@ def test_counts_go_on_across_a_reload() -> None:
         milter.signal(signal.SIGHUP)
 
         def reloaded() -> bool:
-            from .workers import children
+            from tests.helpers import children
 
             now = children(milter.pid)
             return len(now) == 2 and not now & old

@@ -16,8 +16,7 @@ import pytest
 from pymilterkit._affinity import confined_elsewhere
 from pymilterkit._affinity import parse as parse_cpu_list
 from pymilterkit.testing import MilterClient, MilterProcess
-
-from .workers import worker_pids
+from tests.helpers import worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration

@@ -13,8 +13,7 @@ import pytest
 
 from pymilterkit import Status
 from pymilterkit.testing import HeaderAdded, MilterClient, MilterProcess
-
-from .workers import worker_pids
+from tests.helpers import worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from pymilterkit.testing import MilterClient
-
-from .workers import worker_pids
+from tests.helpers import worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration

@@ -35,7 +35,7 @@ from pymilterkit import (
     Status,
     UnixAddress,
 )
-from tests.integration.filters import EVERY_ACTION
+from tests.helpers import EVERY_ACTION, append_line, local_part, requested_sleep
 
 REJECT_REPLY = ("550", "5.7.1", "100% refused by the soak filter", "second line")
 NEW_SENDER = ("<new-sender@example.org>", "RET=HDRS")
@@ -79,10 +79,6 @@ def quiet_injected_faults() -> None:
 
 def _fault(stage: str, detail: str) -> InjectedFault:
     return InjectedFault(f"injected fault in {stage} for {detail}\r\nInjected: line\x1b[31m")
-
-
-def local_part(address: str) -> str:
-    return address.strip("<>").split("@", 1)[0]
 
 
 class SoakEveryAction(MilterSession):
@@ -207,13 +203,10 @@ class Blocking(MilterSession):
 
     @override
     def on_mail(self, sender: str, params: EsmtpParams) -> Status:
-        local = local_part(sender)
-        if local.startswith("sleep-"):
-            marker = os.environ.get("BLOCKING_PID_FILE")
-            if marker:  # tell the test which process is blocked
-                with open(marker, "a") as out:
-                    out.write(f"{os.getpid()}\n")
-            time.sleep(min(float(local[len("sleep-") :]), 30.0))
+        seconds = requested_sleep(local_part(sender))
+        if seconds is not None:
+            append_line("BLOCKING_PID_FILE", str(os.getpid()))  # which process is blocked
+            time.sleep(seconds)
         return Status.CONTINUE
 
     @override

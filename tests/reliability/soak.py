@@ -63,6 +63,7 @@ from pymilterkit.testing import (  # noqa: E402
     Step,
 )
 from pymilterkit.testing import _wire as w  # noqa: E402
+from tests.helpers import local_part  # noqa: E402
 from tests.reliability.filters import (  # noqa: E402
     ADDED,
     NEW_SENDER,
@@ -301,7 +302,7 @@ class Hangup(Exception):
 
 def fault_stage(message: Message) -> str | None:
     for rcpt in message.recipients:
-        local = rcpt.strip("<>").split("@")[0]
+        local = local_part(rcpt)
         if local.startswith("fault-") and local[6:] in MESSAGE_STAGES:
             return local[6:]
     return None
@@ -330,7 +331,7 @@ def run_message(conn: MilterConnection, message: Message, every_action: bool,
         accepted: list[str] = []
         for rcpt in message.recipients:
             answer = conn.rcpt(rcpt)
-            local = rcpt.strip("<>").split("@")[0]
+            local = local_part(rcpt)
             if every_action and local == "fault-rcpt":
                 expect(answer, Status.TEMPFAIL, f"rcpt {rcpt} (fault)")
                 report_kind["fault-rcpt"] += 1

@@ -16,7 +16,7 @@ from pymilterkit import MilterTimeout, Status
 from pymilterkit.testing import MilterClient, MilterProcess
 from tests.e2e.conftest import milter_socket_dir, postfix_factory
 from tests.e2e.postfix import PostfixFactory
-from tests.integration.workers import children, worker_pids
+from tests.helpers import children, worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration

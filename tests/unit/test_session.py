@@ -22,7 +22,7 @@ from pymilterkit import (
 )
 from pymilterkit._dispatch import SessionRules
 from pymilterkit._flags import NO_STAGE_MASK
-from tests.integration.filters import EVERY_ACTION
+from tests.helpers import EVERY_ACTION
 
 P = ProtocolOpts
 
