@@ -8,12 +8,36 @@ goes back to libmilter either by the worker waiting for it (`run`) or, for stage
 can be sent later, by the loop itself once the coroutine is done (`_trampolines`): the worker is
 then free for other connections at once.
 Shared clients created in `on_worker_start` (httpx, a resolver, a pool) live on this loop.
+
+asyncio internals relied on (this module is the only user; tests/unit/test_foreign_internals.py
+fails if one changes). asyncio has no public way to run a task's first step on another thread
+than the loop's, so `start` does what the loop's own `_run_once` would, with the loop kept out:
+
+- `asyncio.events._set_running_loop` and the loop's `_asyncgen_firstiter_hook` /
+  `_asyncgen_finalizer_hook`: set on the calling thread for that step, as `run_forever` sets
+  them on the loop's (`get_running_loop()` and async generators work in the first step);
+- `loop._ready`, `loop._scheduled`, `loop._timer_cancelled_count`, `loop._write_to_self()`:
+  whether the step left the loop work, and waking it only then (a wake-up costs a write);
+- `loop._thread_id` and `loop._debug`: in debug mode the loop checks that it is called from
+  its thread; `_thread_id` is lent to the calling thread for the step;
+- the first step itself: `asyncio.Task(..., eager_start=True)` (public, 3.12+). On 3.11 the
+  task's first `loop.call_soon` is caught by an instance attribute of that name (the task looks
+  the method up on the loop) and run here; if it is not caught, the step runs on the loop.
+
+All present from 3.11 through 3.14 (checked against CPython 3.14's base_events.py and tasks:
+3.14 keeps the running loop and current task per thread state, which `_set_running_loop` and the
+eager start set on the calling thread). Where a name is missing, the loop logs one WARNING and
+`start` uses the public API only: every step runs on the loop's thread (a thread crossing per
+async stage, no other change). `_LockedSelector` uses only the public selector interface.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
+import logging
 import selectors
 import sys
 import threading
@@ -24,7 +48,18 @@ from typing import Any, TypeVar
 __all__ = ["EventLoopThread"]
 
 _T = TypeVar("_T")
-_set_running_loop = asyncio.events._set_running_loop
+logger = logging.getLogger("pymilterkit")
+_set_running_loop: Any = getattr(asyncio.events, "_set_running_loop", None)
+_LOOP_INTERNALS = (
+    "_asyncgen_finalizer_hook",
+    "_asyncgen_firstiter_hook",
+    "_debug",
+    "_ready",
+    "_scheduled",
+    "_thread_id",
+    "_timer_cancelled_count",
+    "_write_to_self",
+)
 # A cancelled timer stays in the loop's heap until the loop runs: wake it past this many.
 _CANCELLED_TIMERS = 64
 
@@ -67,8 +102,30 @@ def _eager_task(coro: Coroutine[Any, Any, _T], loop: Any) -> Any:
         task = asyncio.Task(coro, loop=loop)
     finally:
         del loop.call_soon
-    first.context.run(first.step)
+    try:
+        step, context = first.step, first.context
+    except AttributeError:  # not caught: the loop's own call_soon has it, the loop runs it
+        return task
+    context.run(step)
     return task
+
+
+def _internals_problem(loop: Any) -> str | None:
+    """What of asyncio's internals `start` relies on `loop` lacks, or None."""
+    missing = [f"loop.{name}" for name in _LOOP_INTERNALS if not hasattr(loop, name)]
+    if _set_running_loop is None:
+        missing.append("asyncio.events._set_running_loop")
+    if missing:
+        return "missing " + ", ".join(missing)
+    if not isinstance(loop._ready, collections.deque) or not isinstance(loop._scheduled, list):
+        return "loop._ready is not a deque or loop._scheduled not a list"
+    return None
+
+
+class _Warned:
+    """Whether the fallback of `EventLoopThread.start` was logged in this process."""
+
+    done = False
 
 
 class EventLoopThread:
@@ -78,15 +135,26 @@ class EventLoopThread:
         self.lock = threading.Lock()
         """Held by the loop's thread except while it waits for events (`start`)."""
         self.loop = asyncio.SelectorEventLoop(_LockedSelector(self.lock))
-        loop: Any = self.loop
-        self._asyncgen_hooks = (loop._asyncgen_firstiter_hook, loop._asyncgen_finalizer_hook)
+        problem = _internals_problem(self.loop)
+        if problem is None:
+            loop: Any = self.loop
+            self._asyncgen_hooks = (loop._asyncgen_firstiter_hook, loop._asyncgen_finalizer_hook)
+        else:
+            self.start = self._start_on_loop  # type: ignore[method-assign]
+            if not _Warned.done:
+                _Warned.done = True
+                logger.warning(
+                    "asyncio internals differ on Python %s (%s): async stages take every "
+                    "step on the event loop's thread (a thread crossing per stage)",
+                    sys.version.split()[0],
+                    problem,
+                )
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
         self._ready.wait()
 
     def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
         self.loop.call_soon(self._ready.set)
         with self.lock:
             self.loop.run_forever()
@@ -144,6 +212,39 @@ class EventLoopThread:
             ):
                 loop._write_to_self()  # it has work: end its select
         return task
+
+    def _start_on_loop(
+        self,
+        coro: Coroutine[Any, Any, _T],
+        suspended: Callable[[asyncio.Task[_T]], object] | None = None,
+    ) -> asyncio.Task[_T]:
+        """`start` by the public API only (asyncio's internals differ): `coro` becomes a task
+        on the loop's thread, where `suspended(task)` runs before its first step."""
+        if threading.get_ident() == self._thread.ident:
+            coro.close()
+            raise RuntimeError("EventLoopThread.start called on the loop's own thread")
+        created: concurrent.futures.Future[asyncio.Task[_T]] = concurrent.futures.Future()
+
+        def begin() -> None:
+            try:
+                task = self.loop.create_task(coro)
+                if suspended is not None:
+                    suspended(task)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                created.set_exception(exc)
+            else:
+                created.set_result(task)
+
+        if not self.loop.is_running():
+            coro.close()
+            raise RuntimeError("the event loop is not running")
+        self.loop.call_soon_threadsafe(begin)
+        while True:
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                return created.result(timeout=1.0)
+            if not self.loop.is_running():  # stopped before it got to `begin`
+                coro.close()
+                raise RuntimeError("the event loop is not running")
 
     def run(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> _T:
         """Run `coro` (its first step here, see `start`) and wait here for its result; not

@@ -1,8 +1,25 @@
 """Interpreter thread states of libmilter's worker threads: kept across callbacks, freed after.
 
 ctypes gives a thread Python did not start a fresh thread state for every callback; pinning
-keeps one per libmilter worker, and the runner frees those of workers that have ended. The
-C API functions used here are declared in `_libmilter`, with every other ctypes declaration.
+keeps one per libmilter worker, and the runner frees those of workers that have ended. This is
+the only module that manages thread states; the C API functions it calls are declared in
+`_libmilter`, with every other ctypes declaration of what a library promises.
+
+CPython behaviour relied on, 3.11 through 3.14 (tests/unit/test_foreign_internals.py runs it on
+a thread the C library starts, and fails if it changes):
+
+- a ctypes callback on a foreign thread creates a thread state with PyGILState_Ensure and
+  deletes it on return unless the count of Ensure calls is still above zero; one extra
+  PyGILState_Ensure keeps it (and the thread's `threading.local` data) for later callbacks,
+  while ctypes' own PyGILState_Release still releases the GIL between them;
+- the state of an ended thread stays in the interpreter's list (PyInterpreterState_ThreadHead,
+  PyThreadState_Next) until PyThreadState_Clear and PyThreadState_Delete, called with the GIL
+  from another thread, free it (3.14 moves the ended thread's asyncio tasks to the
+  interpreter's list there).
+
+If a CPython stopped deleting the state itself, pinning would only cost one extra Ensure; if it
+began to free a pinned state at thread exit, `release_exited_thread_states` would free it twice:
+the test checks the state is still counted after its thread ended.
 """
 
 from __future__ import annotations

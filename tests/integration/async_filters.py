@@ -306,3 +306,14 @@ class OtherLayout(AsyncRcpt):
     async def on_eom(self) -> Status:
         self.add_header("X-J", str(self.macro("j")))
         return await super().on_eom()
+
+
+class PublicLoopRcpt(AsyncRcpt):
+    """`AsyncRcpt` on a Python whose asyncio internals pymilterkit does not know (faked at
+    import, before the runner builds its loop): every step runs on the loop's thread."""
+
+
+if os.environ.get("PMK_FAKE_ASYNCIO") == "1":
+    from pymilterkit import _loop
+
+    setattr(_loop, "_internals_problem", lambda loop: "missing loop._ready (faked)")  # noqa: B010

@@ -8,11 +8,18 @@ logged once), asyncio's loop internals (`_loop`) and CPython's thread-state API
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import logging
+import platform
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from pymilterkit import _libmilter_private
+from pymilterkit import _libmilter_private, _loop, _threadstate
 
 # -- libmilter's private layout -----------------------------------------------------------------
 
@@ -30,4 +37,171 @@ def test_an_unknown_layout_is_logged_once_with_what_falls_back_and_why(
     assert "libmilter_version() 1.0.2" in message
     assert "layout check: smfi_version() is 1.0.2, not 1.0.1" in message
     assert "late answers" in message and "bounded macro reads" in message
+
+
+# -- asyncio's loop internals (`_loop`) ---------------------------------------------------------
+
+
+@pytest.fixture
+def bare_loop() -> Iterator[Any]:
+    loop = asyncio.SelectorEventLoop()
+    yield loop
+    loop.close()
+
+
+def test_the_loop_internals_start_relies_on_are_present(bare_loop: Any) -> None:
+    assert _loop._internals_problem(bare_loop) is None
+
+
+def test_the_loop_internals_mean_what_start_assumes(bare_loop: Any) -> None:
+    loop = bare_loop
+    assert loop._thread_id is None and loop._debug is loop.get_debug()  # not running yet
+    handle = loop.call_soon(lambda: None)
+    assert list(loop._ready) == [handle]  # what the loop runs next turn
+    timer = loop.call_later(60, lambda: None)
+    assert loop._scheduled == [timer]  # a heap of timers
+    timer.cancel()
+    assert loop._timer_cancelled_count == 1  # cancelled, left in the heap until a turn
+    seen: dict[str, object] = {}
+
+    def inside() -> None:
+        seen["thread_id"] = loop._thread_id
+        seen["hooks"] = sys.get_asyncgen_hooks()
+        loop.stop()
+
+    loop.call_soon(inside)
+    loop.run_forever()
+    assert seen["thread_id"] == threading.get_ident()
+    assert seen["hooks"] == (loop._asyncgen_firstiter_hook, loop._asyncgen_finalizer_hook)
+    _loop._set_running_loop(loop)  # what makes get_running_loop() work off the loop's thread
+    try:
+        assert asyncio.get_running_loop() is loop
+    finally:
+        _loop._set_running_loop(None)
+
+
+def test_a_tasks_first_step_can_run_on_the_calling_thread() -> None:
+    # What `EventLoopThread.start` does, step by step: the loop kept out by its lock, this
+    # thread made its running thread, the task created eagerly (3.12+: eager_start; 3.11: its
+    # first call_soon caught).
+    thread = _loop.EventLoopThread()
+    loop: Any = thread.loop
+    steps: list[int] = []
+
+    async def step() -> str:
+        steps.append(threading.get_ident())
+        assert asyncio.get_running_loop() is loop
+        return "done"
+
+    try:
+        with thread.lock:
+            assert loop.is_running()
+            queued = len(loop._ready)
+            _loop._set_running_loop(loop)
+            try:
+                task = _loop._eager_task(step(), loop)
+            finally:
+                _loop._set_running_loop(None)
+            assert task.done() and task.result() == "done"
+            assert len(loop._ready) == queued  # nothing left for the loop: it need not be woken
+        assert steps == [threading.get_ident()]
+    finally:
+        thread.stop()
+
+
+def test_the_loops_lock_is_free_while_it_waits_for_events() -> None:
+    loop = _loop.EventLoopThread()
+    try:
+        assert loop.lock.acquire(timeout=5)  # the loop waits in its selector's select
+        loop.lock.release()
+    finally:
+        loop.stop()
+
+
+def test_without_the_internals_every_step_runs_on_the_loop_and_it_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_loop, "_internals_problem", lambda loop: "missing loop._ready")
+    monkeypatch.setattr(_loop._Warned, "done", False)
+    threads: list[int] = []
+
+    async def stage() -> int:
+        threads.append(threading.get_ident())
+        await asyncio.sleep(0)
+        threads.append(threading.get_ident())
+        return 7
+
+    with caplog.at_level(logging.WARNING, logger="pymilterkit"):
+        loops = [_loop.EventLoopThread(), _loop.EventLoopThread()]
+    try:
+        loop = loops[0]
+        hooked: list[int] = []
+        task = loop.start(stage(), lambda task: hooked.append(threading.get_ident()))
+        assert loop.run(asyncio.wait_for(task, 5)) == 7
+        assert hooked == [loop.thread.ident] and threads == [loop.thread.ident] * 2
+        assert loop.run(stage(), timeout=5) == 7
+    finally:
+        for each in loops:
+            each.stop()
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]  # once per process
+    message = caplog.records[0].getMessage()
+    assert f"Python {platform.python_version()}" in message
+    assert "missing loop._ready" in message and "event loop's thread" in message
+    with pytest.raises(RuntimeError, match="not running"):
+        loops[0].start(stage())
+
+
+# -- CPython's thread states (`_threadstate`) ---------------------------------------------------
+#
+# libmilter's workers are threads Python did not start. A foreign thread is made here with the
+# C library alone: pthread_create runs dl_iterate_phdr, whose only argument (the thread's) is a
+# callback it calls once per loaded object: Python is entered and left several times from one
+# foreign thread, as libmilter does.
+
+_PHDR_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+
+
+def _in_a_foreign_thread(callback: Callable[[], None], calls: int) -> None:
+    libc = ctypes.CDLL(None)
+    create, join = libc.pthread_create, libc.pthread_join
+    create.argtypes = [ctypes.POINTER(ctypes.c_ulong), ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_void_p]
+    join.argtypes = [ctypes.c_ulong, ctypes.c_void_p]
+    made: list[None] = []
+
+    def each(info: int, size: int, data: int) -> int:
+        callback()
+        made.append(None)
+        return 1 if len(made) >= calls else 0  # nonzero: dl_iterate_phdr stops
+
+    function = _PHDR_CALLBACK(each)
+    thread = ctypes.c_ulong()
+    start = ctypes.cast(libc.dl_iterate_phdr, ctypes.c_void_p)
+    assert create(ctypes.byref(thread), None, start, ctypes.cast(function, ctypes.c_void_p)) == 0
+    assert join(thread, None) == 0  # the thread has ended (and released the GIL between calls)
+    assert len(made) == calls
+
+
+@pytest.mark.parametrize("pinned", [False, True], ids=["unpinned", "pinned"])
+def test_a_foreign_threads_state_lives_across_callbacks_only_when_pinned(pinned: bool) -> None:
+    local = threading.local()
+    seen: list[tuple[int, int | None]] = []
+
+    def callback() -> None:
+        if pinned:
+            _threadstate.pin_thread_state()
+        seen.append((threading.get_native_id(), getattr(local, "calls", None)))
+        local.calls = len(seen)
+
+    before = _threadstate.thread_state_count()
+    _in_a_foreign_thread(callback, 3)
+    assert len({native for native, _ in seen}) == 1  # one OS thread
+    if pinned:  # one thread state for all three, left behind by the ended thread
+        assert [calls for _, calls in seen] == [None, 1, 2]
+        assert _threadstate.thread_state_count() == before + 1
+        assert _threadstate.release_exited_thread_states() == 1
+    else:  # ctypes made and freed one per callback: what pinning saves
+        assert [calls for _, calls in seen] == [None, None, None]
+    assert _threadstate.thread_state_count() == before
+    assert _threadstate.release_exited_thread_states() == 0
 
