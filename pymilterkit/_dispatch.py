@@ -27,9 +27,6 @@ from ._types import EsmtpParams
 __all__ = ["CONNECTION_STAGES", "NO_PARAMS", "SessionRules"]
 
 logger = logging.getLogger("pymilterkit")
-# Log lines carry untrusted input (exception texts, recipients): escape control characters.
-# Records about a session get its fields (id, queue id, stage, client) when emitted.
-_install_log_fields(logger)
 
 CONNECTION_STAGES = frozenset(info.method for info in STAGES if info.connection)
 NO_PARAMS = EsmtpParams()  # read-only: one instance serves every address without parameters
@@ -55,6 +52,10 @@ class SessionRules:
         stage_timeout: float | None = None,
         timeout_status: Status = Status.TEMPFAIL,
     ) -> None:
+        # Log lines carry untrusted input (exception texts, recipients): escape control
+        # characters. Records about a session get its fields (id, queue id, stage, client) when
+        # emitted. Here, not at import: importing pymilterkit changes no logger.
+        _install_log_fields(logger)
         self.session_class = session_class
         self.spec = session_class.negotiation()
         self.error_status = error_status

@@ -329,6 +329,7 @@ def install(owner: Owner) -> Callable[[], None]:
     """Make `owner` (with its shared map) this process's metrics; returns the uninstall."""
     global _shared, _owner, _row
     _shared, _owner, _row = owner.shared, owner, 0
+    _ForkHook.register()
 
     def uninstall() -> None:
         global _shared, _owner, _recorder
@@ -388,8 +389,10 @@ def attach(handed: str | None) -> None:
         )
         os.close(fd)
         _shared, _row = SharedCounts(rows), row
+        _ForkHook.register()
         return
     _shared, _row = SharedCounts(rows, fd=fd), row
+    _ForkHook.register()
 
 
 def worker_started(pid: int) -> None:
@@ -450,7 +453,16 @@ def _in_child() -> None:
     _recorder = None  # the parent's lock is not this process's
 
 
-os.register_at_fork(after_in_child=_in_child)
+class _ForkHook:
+    """`_in_child` runs after every fork once this process has metrics (not at import)."""
+
+    registered = False
+
+    @classmethod
+    def register(cls) -> None:
+        if not cls.registered:
+            cls.registered = True
+            os.register_at_fork(after_in_child=_in_child)
 
 
 # -- the callbacks ------------------------------------------------------------------------------

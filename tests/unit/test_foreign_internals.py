@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import logging
+import os
 import platform
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -205,3 +208,53 @@ def test_a_foreign_threads_state_lives_across_callbacks_only_when_pinned(pinned:
     assert _threadstate.thread_state_count() == before
     assert _threadstate.release_exited_thread_states() == 0
 
+
+# -- importing the package ----------------------------------------------------------------------
+
+_IMPORT_PROBE = """
+import atexit, json, logging, os, signal, sys, threading
+calls = []
+
+def recorder(name, real):
+    def call(*args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("pymilterkit"):  # the standard library's own do not count
+            calls.append(f"{caller}: {name}")
+        return real(*args, **kwargs)
+    return call
+
+os.register_at_fork = recorder("os.register_at_fork", os.register_at_fork)
+atexit.register = recorder("atexit.register", atexit.register)
+signal.signal = recorder("signal.signal", signal.signal)
+sys.excepthook_before = sys.excepthook
+import pymilterkit, pymilterkit.testing
+loggers = [logging.getLogger()] + [
+    lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+]
+print(json.dumps({
+    "calls": calls,
+    "libmilter mapped": "libmilter" in open("/proc/self/maps").read(),
+    "logger filters": [lg.name for lg in loggers if lg.filters],
+    "logger handlers": [lg.name for lg in loggers if lg.handlers],
+    "logger levels": [lg.name for lg in loggers if lg.name != "root" and lg.level],
+    "threads": threading.active_count(),
+    "excepthook": sys.excepthook is sys.excepthook_before,
+}))
+"""
+
+
+def test_importing_the_package_only_defines_names() -> None:
+    env = {**os.environ, "PYMILTERKIT_LIBMILTER": "/nonexistent/libmilter.so.1.0.1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE], env=env, capture_output=True, text=True,
+        timeout=60, check=True,
+    )
+    assert json.loads(done.stdout) == {
+        "calls": [],
+        "libmilter mapped": False,
+        "logger filters": [],
+        "logger handlers": [],
+        "logger levels": [],
+        "threads": 1,
+        "excepthook": True,
+    }
