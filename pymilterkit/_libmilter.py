@@ -39,7 +39,10 @@ __all__ = [
     "load",
     "prctl",
     "python_api",
+    "setmlreply",
     "sockaddr_to_address",
+    "version",
+    "write_negotiation",
 ]
 
 MI_SUCCESS, MI_FAILURE = _protocol.MI_SUCCESS, _protocol.MI_FAILURE
@@ -185,8 +188,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "smfi_progress": ([CTX], c_int),
         # int smfi_quarantine(SMFICTX *, char *reason)
         "smfi_quarantine": ([CTX, c_char_p], c_int),
-        # int smfi_setpriv(SMFICTX *, void *) / void *smfi_getpriv(SMFICTX *): unused, the
-        # runner keys sessions by context address; declared for completeness.
+        # int smfi_setpriv(SMFICTX *, void *) / void *smfi_getpriv(SMFICTX *): the runner keys
+        # sessions by context address; setpriv serves `_libmilter_private`'s layout check.
         "smfi_setpriv": ([CTX, c_void_p], c_int),
         "smfi_getpriv": ([CTX], c_void_p),
         # int smfi_setsymlist(SMFICTX *, int where, char *macros)
@@ -198,8 +201,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         func.restype = restype
 
 
-_lock = threading.Lock()
-_loaded: tuple[Libmilter, ctypes.CDLL] | None = None
+class _Loaded:
+    """The library once loaded: typed, and the raw handle."""
+
+    lock = threading.Lock()
+    typed: Libmilter | None = None
+    raw: ctypes.CDLL | None = None
 
 
 def _candidates() -> list[str]:
@@ -215,9 +222,8 @@ def _candidates() -> list[str]:
 
 def load() -> Libmilter:
     """Load libmilter once (env PYMILTERKIT_LIBMILTER overrides the path)."""
-    global _loaded
-    with _lock:
-        if _loaded is None:
+    with _Loaded.lock:
+        if _Loaded.typed is None:
             errors: list[str] = []
             for name in _candidates():
                 try:
@@ -230,7 +236,7 @@ def load() -> Libmilter:
                 except AttributeError as exc:
                     errors.append(f"  {name}: not a usable libmilter ({exc})")
                     continue
-                _loaded = (cast(Libmilter, lib), lib)
+                _Loaded.typed, _Loaded.raw = cast(Libmilter, lib), lib
                 break
             else:
                 raise LibraryNotFoundError(
@@ -238,15 +244,15 @@ def load() -> Libmilter:
                     + "\n".join(errors)
                     + f"\nTo fix: {PACKAGE_HINT}, or set PYMILTERKIT_LIBMILTER to its path."
                 )
-        return _loaded[0]
+        return _Loaded.typed
 
 
 def handle() -> ctypes.CDLL:
     """The loaded library itself, for what the `Libmilter` protocol does not describe
     (`_libmilter_private`: smfi_setpriv, mi_wr_cmd)."""
     load()
-    assert _loaded is not None
-    return _loaded[1]
+    assert _Loaded.raw is not None
+    return _Loaded.raw
 
 
 def version() -> tuple[int, int, int]:
@@ -258,9 +264,10 @@ def version() -> tuple[int, int, int]:
 
 def setmlreply(ctx: int, code: bytes, xcode: bytes | None, lines: list[bytes]) -> int:
     """smfi_setmlreply with a NULL-terminated variadic list of lines."""
-    assert _loaded is not None
+    raw = _Loaded.raw
+    assert raw is not None
     args = [ctypes.c_char_p(line) for line in lines]
-    result: int = _loaded[1].smfi_setmlreply(ctx, code, xcode, *args, ctypes.c_char_p(None))
+    result: int = raw.smfi_setmlreply(ctx, code, xcode, *args, ctypes.c_char_p(None))
     return result
 
 

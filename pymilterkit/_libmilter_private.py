@@ -349,16 +349,16 @@ class _Timeval(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
 
 
-_REPLY_COMMANDS = {  # SMFIS_* -> SMFIR_*, as engine.c's sendreply
-    Status.CONTINUE: b"c",
-    Status.REJECT: b"r",
-    Status.DISCARD: b"d",
-    Status.ACCEPT: b"a",
-    Status.TEMPFAIL: b"t",
-    Status.SKIP: b"s",
+_REPLY_COMMANDS = {  # SMFIS_* -> SMFIR_*, as engine.c's sendreply (int keys: the answers are)
+    int(Status.CONTINUE): b"c",
+    int(Status.REJECT): b"r",
+    int(Status.DISCARD): b"d",
+    int(Status.ACCEPT): b"a",
+    int(Status.TEMPFAIL): b"t",
+    int(Status.SKIP): b"s",
 }
 _REPLYCODE = ord("y")
-_REPLY_CLASS = {Status.REJECT: b"5", Status.TEMPFAIL: b"4"}  # a stored reply's first digit
+_REPLY_CLASS = {int(Status.REJECT): b"5", int(Status.TEMPFAIL): b"4"}  # a stored reply's digit
 _WRITE_TIMEOUT = 10
 
 
@@ -402,14 +402,14 @@ def ctx_state(ctx: int) -> int:
 
 def send_reply(ctx: int, status: int) -> bool:
     """Send the answer `status` (SMFIS_*) for the stage `ctx` is in; False if it failed."""
-    command = _REPLY_COMMANDS.get(status)  # type: ignore[call-overload]
+    command = _REPLY_COMMANDS.get(status)
     if command is None:
         return True  # NOREPLY and the like: nothing is sent
     sd = ctypes.c_int.from_address(ctx + _CTX_SD).value
     timeout = _Timeval(_WRITE_TIMEOUT, 0)
     write = _Writer.get()
     reply = ctypes.c_void_p.from_address(ctx + _CTX_REPLY)
-    first = _REPLY_CLASS.get(status)  # type: ignore[call-overload]
+    first = _REPLY_CLASS.get(status)
     if reply.value and first is not None:
         text = ctypes.string_at(reply.value)
         if text[:1] == first:  # else it stays for a later answer, as in sendreply

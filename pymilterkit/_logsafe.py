@@ -3,9 +3,10 @@
 Recipients, senders, header values and exception messages come from the SMTP client. Written to
 a log verbatim, a CR/LF would start a fake log line, an ESC sequence would drive the reader's
 terminal, and a byte that was not UTF-8 (kept as a lone surrogate by `surrogateescape`) would
-make the log handler itself fail. `EscapeControls`, attached to the `pymilterkit` logger, renders
-each record's message and its exception text with such characters escaped (`\\r`, `\\n`, `\\t`,
-`\\x1b`, ...), while the traceback keeps its own line structure.
+make the log handler itself fail. `EscapeControls` (the base of `_logging.SessionFields`, the
+filter on the `pymilterkit` loggers and on the command's log handler) renders each record's
+message and its exception text with such characters escaped (`\\r`, `\\n`, `\\t`, `\\x1b`,
+...), while the traceback keeps its own line structure.
 
 It runs only for records that are actually emitted (a logger filter runs after the level check),
 so logging that is switched off costs nothing.
@@ -87,13 +88,3 @@ class EscapeControls(logging.Filter):
                 record.exc_text = format_exception(exc_info)
         return True
 
-
-_installed = False
-
-
-def install(logger: logging.Logger) -> None:
-    """Attach one `EscapeControls` to `logger` (idempotent)."""
-    global _installed
-    if not _installed:
-        _installed = True
-        logger.addFilter(EscapeControls())
