@@ -13,15 +13,12 @@ behaviour check here, not a benchmark.
 
 from __future__ import annotations
 
-import smtplib
 import statistics
 import time
 
 import pytest
 
-from pymilterkit.testing import MilterProcess
-
-from .postfix import PostfixFactory, free_port
+from .mta import Start
 
 pytestmark = pytest.mark.e2e
 
@@ -44,21 +41,18 @@ ADDED = {"headers-no-eoh": "X-Shape: 5 7"}
 
 
 @pytest.mark.parametrize("variant", sorted(TARGETS))
-def test_per_message_time_over_tcp_is_well_under_40ms(
-    postfix_factory: PostfixFactory, variant: str
-) -> None:
-    port = free_port()
-    with MilterProcess(TARGETS[variant], f"inet:{port}@127.0.0.1"):
-        postfix = postfix_factory(f"inet:127.0.0.1:{port}", {"defer_transports": "sink"})
-        times: list[float] = []
-        with smtplib.SMTP("127.0.0.1", postfix.smtp_port, timeout=30) as smtp:
-            smtp.ehlo("client.example.net")
-            smtp.sendmail("alice@example.net", RECIPIENTS, MESSAGE)  # warm-up
-            for _ in range(20):
-                start = time.perf_counter()
-                refused = smtp.sendmail("alice@example.net", RECIPIENTS, MESSAGE)
-                times.append(time.perf_counter() - start)
-                assert refused == {}
+def test_per_message_time_over_tcp_is_well_under_40ms(start: Start, variant: str) -> None:
+    setup = start(TARGETS[variant], inet=True, extra_config={"defer_transports": "sink"})
+    postfix = setup.postfix
+    times: list[float] = []
+    with setup.smtp() as smtp:
+        smtp.ehlo("client.example.net")
+        smtp.sendmail("alice@example.net", RECIPIENTS, MESSAGE)  # warm-up
+        for _ in range(20):
+            began = time.perf_counter()
+            refused = smtp.sendmail("alice@example.net", RECIPIENTS, MESSAGE)
+            times.append(time.perf_counter() - began)
+            assert refused == {}
     median_ms = statistics.median(times) * 1000
     assert median_ms < 25, f"median {median_ms:.1f} ms per message over TCP: {times}"
 
