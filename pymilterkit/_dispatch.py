@@ -1,11 +1,24 @@
 """The rule set of sessions, run by both libmilter's callbacks and the test harness.
 
-Creating a session, running a stage (`SessionRules.stage_callback`: the one function both
-call for every command), the error policy (an exception is logged and answered with the error
-status; a result that is not a `Status` likewise; only KeyboardInterrupt and SystemExit are
-fatal, any other BaseException is an error like an Exception), negotiation, and abort/close
-semantics live here once, so the harness in `pymilterkit.testing` cannot drift from what runs
-in production. This module is also the one writer of a session's private `_pmk_*` state.
+Creating a session, running a stage (`SessionRules.stage_callback`: the one path both take for
+every command), the error policy (an exception is logged and answered with the error status; a
+result that is not a `Status` likewise; only KeyboardInterrupt and SystemExit are fatal, any
+other BaseException is an error like an Exception), negotiation, and abort/close semantics live
+here once, so the harness in `pymilterkit.testing` cannot drift from what runs in production.
+
+Theory of operation
+-------------------
+A stage's `Status` goes from the user's method to the wire through calls chosen when the
+callbacks are built, never at run time: the plain callback (`_sync_callback` or
+`_async_callback`) runs the method and checks its result; with dry-run, `DryRun.verdicts`
+wraps it (a verdict is logged and CONTINUE sent); with metrics, `Meter.timed` wraps that (the
+answer the MTA gets is counted). Each feature is an object handed to `SessionRules` (`meter`,
+`dry_run`), which also asks it about sessions, errors and timeouts; when a feature is off, its
+object is None and the callback is the plain one.
+
+Every callback marks its connection in `active` before it looks the session up and unmarks it
+when it returns, so a stop (`_trampolines.LibmilterCallbacks.close_all`) that has taken a
+session out of reach knows whether a callback may still be about to run in it.
 """
 
 from __future__ import annotations
@@ -16,13 +29,17 @@ import logging
 import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._flags import Actions, ProtocolOpts, Status
 from ._logging import install as _install_log_fields
 from ._protocol import ENDS_MESSAGE, STAGES
 from ._session import MilterSession, SessionBackend
 from ._types import EsmtpParams
+
+if TYPE_CHECKING:
+    from ._dryrun import DryRun
+    from ._metrics import Meter
 
 __all__ = ["CONNECTION_STAGES", "NO_PARAMS", "SessionRules"]
 
@@ -51,6 +68,8 @@ class SessionRules:
         tcp: bool = False,
         stage_timeout: float | None = None,
         timeout_status: Status = Status.TEMPFAIL,
+        meter: Meter | None = None,
+        dry_run: DryRun | None = None,
     ) -> None:
         # Log lines carry untrusted input (exception texts, recipients): escape control
         # characters. Records about a session get its fields (id, queue id, stage, client) when
@@ -74,6 +93,12 @@ class SessionRules:
         # DATA is answered, and they save the MTA a round trip each (docs/performance.md).
         self.answer_data = tcp and "on_data" not in self.spec.stages
         self.created = 0
+        self.meter = meter
+        """Counts answers, errors, timeouts, sessions and actions (None: metrics off)."""
+        self.dry_run = dry_run
+        """Logs verdicts and modifications instead of sending them (None: off)."""
+        self.active: dict[Any, str] = {}
+        """Connections with a callback running, and its stage (see the module's docstring)."""
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -98,7 +123,9 @@ class SessionRules:
     def timed_out(
         self, stage: str, elapsed: float, cancelled: bool, session: MilterSession | None = None
     ) -> None:
-        """A stage ran past `stage_timeout`: log it (async ones were cancelled)."""
+        """A stage ran past `stage_timeout`: count and log it (async ones were cancelled)."""
+        if self.meter is not None:
+            self.meter.timeout(stage)
         logger.warning(
             "%s.%s ran %.3f s, past stage_timeout (%g s)%s",
             self.session_class.__qualname__,
@@ -109,11 +136,14 @@ class SessionRules:
             extra={"pmk_session": session, "pmk_stage": stage},
         )
 
-    def async_answer(
-        self, stage: str, answer: int, session: MilterSession, key: Any, elapsed: float
-    ) -> int:
-        """The answer of an async stage once its coroutine is done (`elapsed` s after it
-        began); metrics count it and dry-run replaces a verdict here."""
+    def answered(self, stage: str, answer: int, session: MilterSession, elapsed: float) -> int:
+        """What goes to the MTA for an async stage's `answer` (`elapsed` s after it began):
+        dry-run replaces a verdict, then metrics count what is sent (as the sync callbacks'
+        wrappers do)."""
+        if self.dry_run is not None:
+            answer = self.dry_run.verdict(stage, answer, session)
+        if self.meter is not None:
+            self.meter.record(stage, answer, elapsed)
         return answer
 
     def run_coroutine(self, coro: Coroutine[Any, Any, Any]) -> Any:
@@ -126,11 +156,18 @@ class SessionRules:
     # -- the policy ------------------------------------------------------------------------
 
     def create(self, backend: SessionBackend) -> MilterSession:
-        """A new session for a connection, attached to `backend`."""
+        """A new session for a connection, attached to `backend` (behind the counting and
+        dry-run backends when those are on)."""
+        if self.meter is not None:
+            backend = self.meter.backend(backend)
         session = self.session_class()
+        if self.dry_run is not None:
+            backend = self.dry_run.backend(backend, session)
         self.attach(session, backend)
         session._pmk_id = next(_session_numbers)  # in this process: its logs' session id
         self.created += 1
+        if self.meter is not None:
+            self.meter.opened()
         return session
 
     def attach(self, session: MilterSession, backend: SessionBackend) -> None:
@@ -153,6 +190,8 @@ class SessionRules:
         (asyncio.CancelledError from a cancelled task, GeneratorExit, a custom subclass) is
         an error of this stage like an Exception: logged and answered with the error status.
         """
+        if self.meter is not None:
+            self.meter.error(stage)
         if isinstance(exc, _FATAL):
             self.fatal(exc, stage)
         else:
@@ -165,6 +204,8 @@ class SessionRules:
         self, result: object, stage: str, session: MilterSession | None = None
     ) -> int:
         """The answer when `stage` returned something that is not a sendable Status."""
+        if self.meter is not None and result is not Status.NOREPLY:  # NOREPLY: only corrected
+            self.meter.error(stage)
         extra = {"pmk_session": session, "pmk_stage": stage}
         if isinstance(result, Awaitable):
             if isinstance(result, Coroutine):
@@ -208,27 +249,49 @@ class SessionRules:
         pins: Any = None,
         pin: Callable[[], object] | None = None,
     ) -> Callable[..., int]:
-        """The function that runs reply-giving `stage` for a connection: `callback(key, *args)`.
+        """The function that runs reply-giving `stage` for a connection: `callback(key, a, b)`.
 
         libmilter's callbacks (`_trampolines`, key: the SMFICTX) and the harness (key: unused)
         run this same code: the session is looked up by `get(key)`, made by `create(key)` if
         there is none (a new connection after QUIT_NC; None while the runner stops: answered
-        TEMPFAIL), the stage is marked on the session (the actions' stage checks and a stop's
-        wait read it), the method runs, and the error policy, the abort guard and the result
-        check follow. `convert(*args)` turns the caller's arguments into the method's (None:
-        it takes none); `envelope`: `convert` is the argv decoder of MAIL/RCPT, whose common
-        case (an address without parameters) is inlined.
-        `pin()` runs when `pins.__dict__` is empty (libmilter's threads: see `_libmilter`).
+        TEMPFAIL), the stage is marked on the session (the actions' stage checks read it), the
+        method runs, and the error policy, the abort guard and the result check follow.
+        `convert(a, b)` turns the caller's arguments (at most two after the key, as libmilter
+        passes them; a missing one is None) into the method's (None: it takes none);
+        `envelope`: `convert` is the argv decoder of MAIL/RCPT (`convert(a)`), whose common
+        case (an address without parameters) is inlined. `pin()` runs when `pins.__dict__` is empty
+        (libmilter's threads: see `_threadstate`).
+
+        The plain callback's answer goes through dry-run's and then the meter's wrapper when
+        those are on; an async stage's through `answered`.
+        """
+        plain = self._async_callback if stage in self.asynchronous else self._sync_callback
+        if pins is None or pin is None:
+            pins, pin = _ALWAYS_PINNED, _nothing
+        callback = plain(stage, get, create, convert, envelope, pins, pin)
+        if self.dry_run is not None:
+            callback = self.dry_run.verdicts(stage, callback, get)
+        if self.meter is not None and stage not in self.asynchronous:  # async: `answered`
+            callback = self.meter.timed(stage, callback)
+        return callback
+
+    def _sync_callback(
+        self,
+        stage: str,
+        get: Callable[[Any], MilterSession | None],
+        create: Callable[[Any], MilterSession | None],
+        convert: Callable[..., tuple[Any, ...]] | None,
+        envelope: bool,
+        pins: Any,
+        enter: Callable[[], object],
+    ) -> Callable[..., int]:
+        """The plain callback of a sync stage (see `stage_callback`).
 
         Every choice that depends only on the stage is made here, once: the callback runs for
         every command, so each Python call, attribute and dict operation on it costs
         throughput (`benchmarks/instructions.py`).
         """
-        if stage in self.asynchronous:
-            return self._async_callback(
-                stage, get, create, convert, envelope=envelope, pins=pins, pin=pin
-            )
-        fail, bad = self.fail, self.bad_result
+        fail, bad, active = self.fail, self.bad_result, self.active
         method = getattr(self.session_class, stage)
         if self.stage_timeout is not None:
             method = self._timed(method, stage)
@@ -239,48 +302,48 @@ class SessionRules:
         track = "on_abort" in self.spec.stages and stage not in CONNECTION_STAGES
         is_rcpt, is_eom = stage == "on_rcpt", stage == "on_eom"
         no_params, status_type, status_noreply = NO_PARAMS, Status, Status.NOREPLY
-        if pins is None or pin is None:
-            pins, pin = _ALWAYS_PINNED, _nothing
-        enter: Callable[[], object] = pin
 
-        def callback(key: Any, *cargs: Any) -> int:
+        def callback(key: Any, a: Any = None, b: Any = None) -> int:
             if not pins.__dict__:
                 enter()
-            session = get(key)
-            if session is None:  # after QUIT_NC: a new connection on the same context
-                try:
-                    session = create(key)
-                except BaseException as exc:  # noqa: BLE001 - nothing may reach C
-                    return fail(exc, stage)
-                if session is None:  # stopping: no new sessions
-                    return status_type.TEMPFAIL
-            session._pmk_stage = stage
+            active[key] = stage  # before the look-up: see the module's docstring
             try:
-                if envelope:
-                    argv = cargs[0]
-                    first = argv[0] if argv else None
-                    if first is not None and argv[1] is None:  # an address, no parameters
-                        address = first.decode("utf-8", "surrogateescape")
-                        result = method(session, address, no_params)
+                session = get(key)
+                if session is None:  # after QUIT_NC: a new connection on the same context
+                    try:
+                        session = create(key)
+                    except BaseException as exc:  # noqa: BLE001 - nothing may reach C
+                        return fail(exc, stage)
+                    if session is None:  # stopping: no new sessions
+                        return status_type.TEMPFAIL
+                session._pmk_stage = stage
+                try:
+                    if envelope:
+                        first = a[0] if a else None
+                        if first is not None and a[1] is None:  # an address, no parameters
+                            address = first.decode("utf-8", "surrogateescape")
+                            result = method(session, address, no_params)
+                        else:
+                            result = method(session, *convert(a))  # type: ignore[misc]
+                    elif convert is None:
+                        result = method(session)
                     else:
-                        result = method(session, *convert(argv))  # type: ignore[misc]
-                elif convert is None:
-                    result = method(session)
-                else:
-                    result = method(session, *convert(*cargs))
-            except BaseException as exc:  # noqa: BLE001 - nothing may reach C
+                        result = method(session, *convert(a, b))
+                except BaseException as exc:  # noqa: BLE001 - nothing may reach C
+                    session._pmk_stage = None
+                    return fail(exc, stage, session)
                 session._pmk_stage = None
-                return fail(exc, stage, session)
-            session._pmk_stage = None
-            if track:
-                session._pmk_in_message = not (
-                    is_eom or (result in ENDS_MESSAGE and not is_rcpt)
-                )
-            if noreply:
-                return status_noreply
-            if result.__class__ is status_type and result is not status_noreply:
-                return result
-            return bad(result, stage, session)
+                if track:
+                    session._pmk_in_message = not (
+                        is_eom or (result in ENDS_MESSAGE and not is_rcpt)
+                    )
+                if noreply:
+                    return status_noreply
+                if result.__class__ is status_type and result is not status_noreply:
+                    return result
+                return bad(result, stage, session)
+            finally:
+                del active[key]
 
         return callback
 
@@ -309,55 +372,54 @@ class SessionRules:
         get: Callable[[Any], MilterSession | None],
         create: Callable[[Any], MilterSession | None],
         convert: Callable[..., tuple[Any, ...]] | None,
-        *,
         envelope: bool,
         pins: Any,
-        pin: Callable[[], object] | None,
+        enter: Callable[[], object],
     ) -> Callable[..., int]:
-        """The callback of an `async def` stage: the coroutine goes to `answer_async`.
+        """The plain callback of an `async def` stage: the coroutine goes to `answer_async`.
 
-        Same session rules as the sync callback (`stage_callback`); the result is checked by
-        `finish` when the coroutine is done, which may be after the callback returned.
+        Same session rules as the sync callback; the result is checked by `settle` when the
+        coroutine is done, which may be after the callback returned.
         """
         method = getattr(self.session_class, stage)
-        fail, answer = self.fail, self.answer_async
+        fail, answer, active = self.fail, self.answer_async, self.active
         no_params = NO_PARAMS
-        if pins is None or pin is None:
-            pins, pin = _ALWAYS_PINNED, _nothing
-        enter: Callable[[], object] = pin
 
-        def callback(key: Any, *cargs: Any) -> int:
+        def callback(key: Any, a: Any = None, b: Any = None) -> int:
             if not pins.__dict__:
                 enter()
-            session = get(key)
-            if session is None:
-                try:
-                    session = create(key)
-                except BaseException as exc:  # noqa: BLE001 - nothing may reach C
-                    return fail(exc, stage)
-                if session is None:
-                    return Status.TEMPFAIL
-            pending = session._pmk_pending
-            if pending is not None:  # a peer that did not wait for the previous answer
-                pending.wait()
-            session._pmk_stage = stage
+            active[key] = stage  # before the look-up: see the module's docstring
             try:
-                if envelope:
-                    argv = cargs[0]
-                    first = argv[0] if argv else None
-                    if first is not None and argv[1] is None:  # an address, no parameters
-                        address = first.decode("utf-8", "surrogateescape")
-                        coro = method(session, address, no_params)
+                session = get(key)
+                if session is None:
+                    try:
+                        session = create(key)
+                    except BaseException as exc:  # noqa: BLE001 - nothing may reach C
+                        return fail(exc, stage)
+                    if session is None:
+                        return Status.TEMPFAIL
+                pending = session._pmk_pending
+                if pending is not None:  # a peer that did not wait for the previous answer
+                    pending.wait()
+                session._pmk_stage = stage
+                try:
+                    if envelope:
+                        first = a[0] if a else None
+                        if first is not None and a[1] is None:  # an address, no parameters
+                            address = first.decode("utf-8", "surrogateescape")
+                            coro = method(session, address, no_params)
+                        else:
+                            coro = method(session, *convert(a))  # type: ignore[misc]
+                    elif convert is None:
+                        coro = method(session)
                     else:
-                        coro = method(session, *convert(argv))  # type: ignore[misc]
-                elif convert is None:
-                    coro = method(session)
-                else:
-                    coro = method(session, *convert(*cargs))
-            except BaseException as exc:  # noqa: BLE001
-                session._pmk_stage = None
-                return fail(exc, stage, session)
-            return answer(key, session, stage, coro)
+                        coro = method(session, *convert(a, b))
+                except BaseException as exc:  # noqa: BLE001
+                    session._pmk_stage = None
+                    return fail(exc, stage, session)
+                return answer(key, session, stage, coro)
+            finally:
+                del active[key]
 
         return callback
 
@@ -395,7 +457,7 @@ class SessionRules:
         """
         start = time.perf_counter()
         answer = self.settle(session, stage, self.run_coroutine(self.bounded(coro, stage)))
-        return self.async_answer(stage, answer, session, key, time.perf_counter() - start)
+        return self.answered(stage, answer, session, time.perf_counter() - start)
 
     async def bounded(
         self, coro: Coroutine[Any, Any, Any], stage: str, later: Any = None
@@ -500,6 +562,8 @@ class SessionRules:
             session._pmk_actions = Actions(actions)
             for where, names in self.spec.macros.items():
                 setsymlist(int(where), " ".join(names).encode("ascii"))
+            if self.dry_run is not None:  # the MTA is asked for no action but macros
+                actions &= Actions.SETSYMLIST
             return Status.CONTINUE, int(actions), int(opts)
         except BaseException as exc:  # noqa: BLE001
             self.fail(exc, "on_negotiate", session)
@@ -518,8 +582,12 @@ class SessionRules:
 
     def close(self, session: MilterSession) -> None:
         """on_close, then detach the session from its connection for good."""
-        self.cleanup(session, "on_close")
-        session._pmk_backend = None
+        try:
+            self.cleanup(session, "on_close")
+        finally:
+            session._pmk_backend = None
+            if self.meter is not None:
+                self.meter.closed()
 
     def cleanup(self, session: MilterSession, stage: str) -> None:
         """Run on_abort or on_close; errors are logged, nothing is answered."""

@@ -24,11 +24,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import _metrics
-from ._dispatch import SessionRules
-from ._flags import Actions, Status
+from ._flags import Status
 from ._session import MilterSession, SessionBackend
 
-__all__ = ["DryRunBackend", "DryRunRules"]
+__all__ = ["DryRun", "DryRunBackend"]
 
 logger = logging.getLogger("pymilterkit")
 
@@ -36,7 +35,6 @@ _VERDICTS = frozenset(
     (Status.REJECT, Status.DISCARD, Status.ACCEPT, Status.TEMPFAIL)
 )
 _CONTINUE = Status.CONTINUE
-_MACROS_ONLY = int(Actions.SETSYMLIST)
 
 
 def _text(raw: bytes | None) -> str:
@@ -119,43 +117,45 @@ class DryRunBackend:
         self._would("quarantine", _text(reason))
 
 
-class DryRunRules(SessionRules):
-    """Session rules for dry-run (a mixin the runner combines with its callbacks class)."""
+class DryRun:
+    """Dry-run's part in the dispatch path (`SessionRules.dry_run`): verdicts become CONTINUE,
+    modifications go to a `DryRunBackend`."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.dry_tally = DryRunTally()
+    def __init__(self) -> None:
+        self.tally = DryRunTally()
 
-    def stage_callback(self, stage: str, *args: Any, **kwargs: Any) -> Callable[..., int]:
-        callback = super().stage_callback(stage, *args, **kwargs)
-        get: Callable[[Any], MilterSession | None] = args[0] if args else kwargs["get"]
+    def backend(self, inner: SessionBackend, session: MilterSession) -> DryRunBackend:
+        """`session`'s backend: `inner` for macros and progress, the log for the rest."""
+        dry = DryRunBackend(inner, self.tally)
+        dry.session = session
+        return dry
+
+    def verdicts(
+        self, stage: str, callback: Callable[..., int], get: Callable[[Any], MilterSession | None]
+    ) -> Callable[..., int]:
+        """`callback` (a sync stage's), answering CONTINUE where it answered a verdict."""
         verdicts, proceed, would = _VERDICTS, _CONTINUE, self.would_answer
 
-        def dry(key: Any, *cargs: Any) -> int:
-            answer = callback(key, *cargs)
+        def dry(key: Any, a: Any = None, b: Any = None) -> int:
+            answer = callback(key, a, b)
             if answer in verdicts:
-                would(stage, answer, key, get)
+                would(stage, answer, get(key))
                 return proceed
             return answer
 
         return dry
 
-    def async_answer(
-        self, stage: str, answer: int, session: MilterSession, key: Any, elapsed: float
-    ) -> int:
-        answer = super().async_answer(stage, answer, session, key, elapsed)
+    def verdict(self, stage: str, answer: int, session: MilterSession) -> int:
+        """What to send for an async stage's `answer`."""
         if answer in _VERDICTS:
-            self.would_answer(stage, answer, key, lambda _: session)
+            self.would_answer(stage, answer, session)
             return _CONTINUE
         return answer
 
-    def would_answer(
-        self, stage: str, answer: int, key: Any, get: Callable[[Any], MilterSession | None]
-    ) -> None:
+    def would_answer(self, stage: str, answer: int, session: MilterSession | None) -> None:
         """Log and count an answer dry-run does not send (it sends CONTINUE)."""
         try:
             status = Status(answer)
-            session = get(key)
             backend = session._pmk_backend if session is not None else None
             reply = ""
             if isinstance(backend, DryRunBackend):
@@ -167,33 +167,13 @@ class DryRunRules(SessionRules):
                 status.name, stage.removeprefix("on_"), reply,
                 extra={"pmk_session": session, "pmk_stage": stage},
             )
-            self.dry_tally.add(f"{status.name} at {stage.removeprefix('on_')}")
+            self.tally.add(f"{status.name} at {stage.removeprefix('on_')}")
             rec = _metrics.recorder()
             if rec is not None:
                 rec.dry_verdict(stage, answer)
         except Exception:
             logger.exception("dry-run: could not log a verdict")
 
-    def create(self, backend: SessionBackend) -> MilterSession:
-        dry = DryRunBackend(backend, self.dry_tally)
-        session = super().create(dry)
-        dry.session = session
-        return session
-
-    def negotiate(
-        self,
-        session: MilterSession,
-        offered_actions: int,
-        offered_opts: int,
-        setsymlist: Callable[[int, bytes], object],
-    ) -> tuple[int, int, int]:
-        status, actions, opts = super().negotiate(
-            session, offered_actions, offered_opts, setsymlist
-        )
-        # The session keeps its declared actions (they are still checked); the MTA is asked
-        # for none of them.
-        return status, actions & _MACROS_ONLY, opts
-
-    def dry_run_summary(self) -> None:
+    def summary(self) -> None:
         """Log what this process would have done (at stop)."""
-        logger.info("dry-run: not sent: %s", self.dry_tally.summary())
+        logger.info("dry-run: not sent: %s", self.tally.summary())

@@ -101,8 +101,3 @@ class Stage(enum.IntEnum):
     EOM = 5
     EOH = 6
 
-
-NO_STAGE_MASK = ProtocolOpts(0x37F)
-"""Every NO_* bit that switches a stage off."""
-NOREPLY_MASK = ProtocolOpts(0xFF080)
-"""Every NR_* bit."""

@@ -19,9 +19,9 @@ owner: it reads every row, sums, and writes the Prometheus text format. Without 
 of this exists: the runner builds the plain callbacks, and the hooks below (called by the
 supervisor at fork and reap, and by the drain and stage-deadline code) return at once.
 
-The per-stage figures are counted by the stage callbacks the runner builds when metrics are
-on (`MeteredRules.stage_callback`): the plain callback compiled again with the counting in it
-(`_metered`), or wrapped where that cannot be done; never by a test on the plain hot path. An
+The per-stage figures are counted by the `Meter` the runner hands to its callbacks when metrics
+are on (`_dispatch.SessionRules.meter`): a wrapper around each sync stage's callback
+(`Meter.timed`), `Meter.record` for async stages; never by a test on the plain hot path. An
 answer is one addition to the cell of its status and latency bucket, plus one to the latency
 sum (results by status and the histogram are that table's row and column sums).
 """
@@ -39,17 +39,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._dispatch import SessionRules
 from ._errors import ConfigurationError
 from ._flags import Status
-from ._protocol import STAGES
-from ._session import MilterSession, SessionBackend
+from ._protocol import STAGE_METHODS
+from ._session import SessionBackend
 
 __all__ = [
     "ACTIONS",
     "BUCKETS",
     "STAGE_NAMES",
-    "MeteredRules",
+    "Meter",
     "MetricsAddress",
     "attach",
     "before_fork",
@@ -66,9 +65,7 @@ __all__ = [
 
 logger = logging.getLogger("pymilterkit")
 
-STAGE_NAMES: tuple[str, ...] = (
-    *(info.method for info in STAGES), "on_negotiate", "on_abort", "on_close"
-)
+STAGE_NAMES = STAGE_METHODS
 """Every stage method; the metrics' `stage` label is the name without `on_`."""
 STATUSES: tuple[Status, ...] = tuple(Status)
 BUCKETS: tuple[float, ...] = (
@@ -174,9 +171,6 @@ class SharedCounts:
         cells = self.cells
         return sum(cells[r * _ROW + offset] for r in range(self.rows))
 
-    def stage_total(self, stage: str, cell: int) -> float:
-        return self.total(_STAGE_INDEX[stage] * _STAGE_CELLS + cell)
-
     def zero_gauges(self, index: int) -> None:
         base = index * _ROW
         self.cells[base + _SESSIONS_ACTIVE] = 0.0
@@ -241,41 +235,6 @@ class Recorder:
             bucket = bisect.bisect_left(BUCKETS, elapsed)
             self.cells[base + _ANSWER_CELL[answer] + bucket * _NS] += 1.0
             self.cells[base + _SUM] += elapsed
-
-    def meter(self, stage: str) -> tuple[Any, ...]:
-        """What counting `stage`'s answers takes (`_metered.METER_NAMES`): the cells, the
-        first-bucket cell of each status value, the sum's cell, the buckets, the distance of
-        two buckets' cells, bisect, the clock."""
-        base = self.stage_base(stage)
-        first = tuple(base + cell for cell in _ANSWER_CELL)  # by status value
-        return (self.cells, first, base + _SUM, BUCKETS[0], BUCKETS, _NS, bisect.bisect_left,
-                time.perf_counter)
-
-    def timed(self, stage: str, callback: Callable[..., int]) -> Callable[..., int]:
-        """`callback` (a stage's), counting its answers and timing it: what the metered
-        callbacks compiled by `_metered` do, as a wrapper (when they cannot be compiled)."""
-        meter = self.meter(stage)
-        if _GIL:
-            from ._metered import wrap
-
-            return wrap(callback, meter)
-        cells, first, total, _, bounds, stride, where, clock = meter
-        lock = self.lock
-
-        def locked(key: Any, *cargs: Any) -> int:
-            start = clock()
-            answer = callback(key, *cargs)
-            try:
-                elapsed = clock() - start
-                cell = first[answer] + where(bounds, elapsed) * stride
-                with lock:
-                    cells[cell] += 1.0
-                    cells[total] += elapsed
-            except Exception:  # noqa: BLE001
-                pass
-            return answer
-
-        return locked
 
 
 # -- this process's state -------------------------------------------------------------------
@@ -539,85 +498,75 @@ class _LockedCountingBackend(CountingBackend):
 _COUNTING_BACKEND = CountingBackend if _GIL else _LockedCountingBackend
 
 
-_derived: list[Callable[..., Callable[..., int]] | None] = []
+class Meter:
+    """Metrics' part in the dispatch path (`SessionRules.meter`): counts stage answers and
+    their latency, errors, timeouts, sessions and (through `CountingBackend`) actions."""
+
+    def __init__(self, rec: Recorder, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.rec = rec
+        self.clock = clock
+
+    def timed(self, stage: str, callback: Callable[..., int]) -> Callable[..., int]:
+        """`callback` (a sync stage's), counting each answer it returns by status and latency.
+
+        Under the GIL an addition to a cell cannot interleave with another thread's (see
+        `Recorder`); without it, the lock.
+        """
+        base = self.rec.stage_base(stage)
+        first = tuple(base + cell for cell in _ANSWER_CELL)  # by status value
+        cells, total, fast, bounds = self.rec.cells, base + _SUM, BUCKETS[0], BUCKETS
+        clock, where, lock = self.clock, bisect.bisect_left, self.rec.lock
+
+        def metered(key: Any, a: Any = None, b: Any = None) -> int:
+            start = clock()
+            answer = callback(key, a, b)
+            try:
+                elapsed = clock() - start
+                if elapsed <= fast:
+                    cell = first[answer]
+                else:
+                    cell = first[answer] + where(bounds, elapsed) * _NS
+                if _GIL:
+                    cells[cell] += 1.0
+                    cells[total] += elapsed
+                else:
+                    with lock:
+                        cells[cell] += 1.0
+                        cells[total] += elapsed
+            except Exception:  # noqa: BLE001 - nothing may reach C; a count is not worth it
+                pass
+            return answer
+
+        return metered
+
+    def record(self, stage: str, answer: int, elapsed: float) -> None:
+        """Count an async stage's answer."""
+        self.rec.record(stage, answer, elapsed)
+
+    def error(self, stage: str) -> None:
+        self.rec.stage_count(stage, _ERRORS)
+
+    def timeout(self, stage: str) -> None:
+        self.rec.stage_count(stage, _TIMEOUTS)
+
+    def backend(self, inner: SessionBackend) -> SessionBackend:
+        """A new session's backend, counting its actions."""
+        return _COUNTING_BACKEND(inner, self.rec)
+
+    def opened(self) -> None:
+        self.rec.add(_SESSIONS_TOTAL)
+        self.rec.add(_SESSIONS_ACTIVE)
+
+    def closed(self) -> None:
+        self.rec.add(_SESSIONS_ACTIVE, -1.0)
 
 
-def _metered_stage_callback() -> Callable[..., Callable[..., int]] | None:
-    """`SessionRules.stage_callback` with counting compiled in (`_metered`), made on first use;
-    None on free-threaded builds (the wrapper takes a lock) or if it cannot be made."""
-    if not _derived:
-        from ._metered import derive
-
-        _derived.append(derive() if _GIL else None)
-    return _derived[0]
-
-
-class MeteredRules(SessionRules):
-    """Session rules that count: stage answers and latency, errors, sessions, actions.
-
-    A mixin: the runner combines it with its callbacks class when metrics are on.
-    """
-
-    def _recorder(self) -> Recorder:
-        rec = recorder()
-        assert rec is not None, "MeteredRules without metrics.start()"
-        return rec
-
-    def stage_callback(self, stage: str, *args: Any, **kwargs: Any) -> Callable[..., int]:
-        if stage in self.asynchronous:  # counted when answered (`async_answer`)
-            return super().stage_callback(stage, *args, **kwargs)
-        metered = _metered_stage_callback() if self._plain_next() else None
-        if metered is not None:  # the plain callback with the counting compiled in
-            return metered(self, stage, *args, _pmk_meter=self._recorder().meter(stage), **kwargs)
-        return self._recorder().timed(stage, super().stage_callback(stage, *args, **kwargs))
-
-    def _plain_next(self) -> bool:
-        """Whether the stage callback after this class's is `SessionRules`' own (no dry-run
-        in between, whose callback must run inside the counting: it is wrapped then)."""
-        mro = type(self).__mro__
-        for cls in mro[mro.index(MeteredRules) + 1 :]:
-            if "stage_callback" in vars(cls):
-                return cls is SessionRules
-        return False
-
-    def async_answer(
-        self, stage: str, answer: int, session: MilterSession, key: Any, elapsed: float
-    ) -> int:
-        answer = super().async_answer(stage, answer, session, key, elapsed)
-        self._recorder().record(stage, answer, elapsed)
-        return answer
-
-    def timed_out(
-        self, stage: str, elapsed: float, cancelled: bool, session: MilterSession | None = None
-    ) -> None:
-        self._recorder().stage_count(stage, _TIMEOUTS)
-        super().timed_out(stage, elapsed, cancelled, session)
-
-    def create(self, backend: SessionBackend) -> MilterSession:
-        rec = self._recorder()
-        session = super().create(_COUNTING_BACKEND(backend, rec))
-        rec.add(_SESSIONS_TOTAL)
-        rec.add(_SESSIONS_ACTIVE)
-        return session
-
-    def close(self, session: MilterSession) -> None:
-        try:
-            super().close(session)
-        finally:
-            self._recorder().add(_SESSIONS_ACTIVE, -1.0)
-
-    def fail(
-        self, exc: BaseException, stage: str, session: MilterSession | None = None
-    ) -> int:
-        self._recorder().stage_count(stage, _ERRORS)
-        return super().fail(exc, stage, session)
-
-    def bad_result(
-        self, result: object, stage: str, session: MilterSession | None = None
-    ) -> int:
-        if result is not Status.NOREPLY:  # NOREPLY is only corrected, not an error
-            self._recorder().stage_count(stage, _ERRORS)
-        return super().bad_result(result, stage, session)
+def meter() -> Meter:
+    """This serving process's meter (metrics must have been started)."""
+    rec = recorder()
+    if rec is None:
+        raise RuntimeError("metrics are not started in this process")
+    return Meter(rec)
 
 
 # -- reading (the owner's HTTP endpoint) ----------------------------------------------------------

@@ -1,8 +1,10 @@
-"""The milter protocol's vocabulary, each piece once: the stage table and protocol constants.
+"""The milter protocol's vocabulary, each piece once: the stage and action tables, constants.
 
-Every other table of stages (the session's negotiation flags, the C-callback adapter's
-callback fields, the harness's wire commands, flags and macro stages) is derived from `STAGES`;
-every protocol constant used in more than one place lives here.
+Every other table of stages (the session's negotiation flags and masks, the C-callback
+adapter's callback fields, the harness's wire commands, flags and macro stages, the metrics'
+stage labels) is derived from `STAGES`; every action backend (libmilter's, the counting, dry-run
+and locked ones, the harness's) from `ACTIONS`; every protocol constant used in more than one
+place lives here.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 from ._flags import Actions, ProtocolOpts, Stage, Status
 
 __all__ = [
+    "ACTIONS",
     "ALL_ACTIONS",
     "ALL_LIBMILTER_OPTS",
     "ALL_PROTOCOL",
@@ -20,8 +23,13 @@ __all__ = [
     "MAX_DATA",
     "MI_FAILURE",
     "MI_SUCCESS",
+    "NOREPLY_MASK",
+    "NO_STAGE_MASK",
     "PROTOCOL_VERSION",
+    "REPLY_COMMANDS",
     "STAGES",
+    "STAGE_METHODS",
+    "ActionInfo",
     "StageInfo",
 ]
 
@@ -91,3 +99,60 @@ on_negotiate are the other stage methods (no answer, or answered by negotiation)
 
 BY_METHOD = {info.method: info for info in STAGES}
 """`STAGES` by method name."""
+
+STAGE_METHODS: tuple[str, ...] = (
+    *(info.method for info in STAGES), "on_negotiate", "on_abort", "on_close"
+)
+"""Every stage method of a session class."""
+
+NO_STAGE_MASK = ProtocolOpts(sum(int(info.off) for info in STAGES))
+"""Every NO_* bit that switches a stage off."""
+NOREPLY_MASK = ProtocolOpts(sum(int(info.noreply) for info in STAGES))
+"""Every NR_* bit."""
+
+REPLY_COMMANDS: dict[int, bytes] = {
+    Status.CONTINUE: b"c", Status.REJECT: b"r", Status.DISCARD: b"d", Status.ACCEPT: b"a",
+    Status.TEMPFAIL: b"t", Status.SKIP: b"s",
+}
+"""The milter's one-letter reply (SMFIR_*) to each status that is sent without a text."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ActionInfo:
+    """One action a session can ask of the MTA, as every backend names it."""
+
+    method: str
+    """The backend method (`SessionBackend.add_header`): one per row."""
+    label: str
+    """The session API call and the metrics' `action` label (`add_header`)."""
+    function: str
+    """The libmilter function that carries it out (`smfi_addheader`)."""
+    flag: Actions
+    """The `Actions` flag the class must declare (NONE: none)."""
+    eom_only: bool
+    """Allowed only in on_eom (else in any stage method)."""
+    command: bytes
+    """The milter's command on the wire (SMFIR_*)."""
+
+
+_A = Actions
+ACTIONS: tuple[ActionInfo, ...] = (
+    ActionInfo("add_header", "add_header", "smfi_addheader", _A.ADD_HEADER, True, b"h"),
+    ActionInfo("insert_header", "insert_header", "smfi_insheader", _A.ADD_HEADER, True, b"i"),
+    ActionInfo("change_header", "change_header", "smfi_chgheader", _A.CHANGE_HEADER, True, b"m"),
+    ActionInfo("delete_header", "delete_header", "smfi_chgheader", _A.CHANGE_HEADER, True, b"m"),
+    ActionInfo("change_sender", "change_sender", "smfi_chgfrom", _A.CHANGE_FROM, True, b"e"),
+    ActionInfo("add_recipient", "add_recipient", "smfi_addrcpt", _A.ADD_RCPT, True, b"+"),
+    ActionInfo("add_recipient_par", "add_recipient", "smfi_addrcpt_par", _A.ADD_RCPT_PAR, True,
+               b"2"),
+    ActionInfo("remove_recipient", "remove_recipient", "smfi_delrcpt", _A.DELETE_RCPT, True,
+               b"-"),
+    ActionInfo("replace_body", "replace_body", "smfi_replacebody", _A.CHANGE_BODY, True, b"b"),
+    ActionInfo("quarantine", "quarantine", "smfi_quarantine", _A.QUARANTINE, True, b"q"),
+    ActionInfo("progress", "progress", "smfi_progress", _A.NONE, True, b"p"),
+    ActionInfo("set_reply", "set_reply", "smfi_setreply", _A.NONE, False, b"y"),
+)
+"""Every action, one row per backend method; `macro` (smfi_getsymval) reads, so is not one."""
+
+ACTION = {info.method: info for info in ACTIONS}
+"""`ACTIONS` by backend method."""

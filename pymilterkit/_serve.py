@@ -36,7 +36,6 @@ from . import _libmilter as c
 from . import _systemd
 from ._affinity import confine
 from ._errors import ConfigurationError, LibmilterError, SocketSpecError, WorkerStartError
-from ._instrument import callbacks_class
 from ._lifecycle import Gate, ListenerThread, notify_draining, rss_mib
 from ._loop import EventLoopThread, call_hook
 from ._options import RunOptions
@@ -157,8 +156,7 @@ class Server:
         lib = self._lib = c.load()
         options = self.options
         tcp = self.spec.kind in ("inet", "inet6")
-        callbacks = callbacks_class(metrics=self.metrics, dry_run=options.dry_run)
-        self.dispatcher = callbacks(
+        self.dispatcher = LibmilterCallbacks(
             self.session_class,
             lib,
             options.error_status,
@@ -167,6 +165,8 @@ class Server:
             stage_timeout=options.stage_timeout,
             timeout_status=options.timeout_status,
             progress_interval=options.progress_interval,
+            metrics=self.metrics,
+            dry_run=options.dry_run,
         )
         desc = self.dispatcher.descriptor(self.name.encode("utf-8", "surrogateescape"))
         if lib.smfi_register(desc) != c.MI_SUCCESS:

@@ -24,9 +24,9 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 from . import _validate as v
 from ._errors import UndeclaredActionError, WrongStageError
-from ._flags import NO_STAGE_MASK, Actions, ProtocolOpts, Stage, Status
+from ._flags import Actions, ProtocolOpts, Stage, Status
 from ._logging import SessionLog, session_log
-from ._protocol import ALL_ACTIONS, ALL_LIBMILTER_OPTS, STAGES
+from ._protocol import ALL_ACTIONS, ALL_LIBMILTER_OPTS, NO_STAGE_MASK, STAGES
 from ._types import EsmtpParams, InetAddress, UnixAddress, decode
 
 __all__ = [

@@ -25,10 +25,11 @@ from typing import Any, NoReturn
 
 from . import _libmilter as c
 from . import _libmilter_private as private
+from . import _metrics
 from ._dispatch import NO_PARAMS, SessionRules
+from ._dryrun import DryRun
 from ._errors import LibmilterError
 from ._flags import Status
-from ._inflight import keys_in_callbacks
 from ._loop import EventLoopThread
 from ._protocol import BY_METHOD
 from ._session import MilterSession, SessionBackend
@@ -128,6 +129,8 @@ class LibmilterCallbacks(SessionRules):
         stage_timeout: float | None = None,
         timeout_status: Status = Status.TEMPFAIL,
         progress_interval: float | None = None,
+        metrics: bool = False,
+        dry_run: bool = False,
     ) -> None:
         super().__init__(
             session_class,
@@ -135,6 +138,8 @@ class LibmilterCallbacks(SessionRules):
             tcp=tcp,
             stage_timeout=stage_timeout,
             timeout_status=timeout_status,
+            meter=_metrics.meter() if metrics else None,
+            dry_run=DryRun() if dry_run else None,
         )
         self.lib = lib
         self.on_fatal = on_fatal
@@ -143,8 +148,6 @@ class LibmilterCallbacks(SessionRules):
         self.progress_interval = progress_interval
         self._answer_later: bool | None = None  # whether replies can be sent later (layout)
         self.sessions: dict[int, MilterSession] = {}
-        # Running negotiate/abort/close callbacks; a running stage shows in `in_stage`.
-        self.active: dict[int, str] = {}
         self.stopping = False
         """Set when a stop begins: no session is created after it."""
         self._closing: dict[int, threading.Event] = {}  # contexts close_all is closing
@@ -263,9 +266,7 @@ class LibmilterCallbacks(SessionRules):
                 )
             else:
                 answer = self.settle(session, stage, outcome)
-                answer = self.async_answer(
-                    stage, answer, session, ctx, time.perf_counter() - pending.start
-                )
+                answer = self.answered(stage, answer, session, time.perf_counter() - pending.start)
                 if pending.inline:
                     pending.answer = answer
                 elif stage not in self.noreply and not private.send_reply(ctx, answer):
@@ -315,7 +316,8 @@ class LibmilterCallbacks(SessionRules):
 
     @contextlib.contextmanager
     def _running(self, ctx: int, stage: str) -> Iterator[None]:
-        """Mark a (non-hot) callback as running, so a stop waits for it to finish."""
+        """Mark a negotiate/abort/close callback as running, as the stage callbacks mark
+        themselves, so a stop waits for it to finish."""
         pin_thread_state()
         self.active[ctx] = stage
         try:
@@ -370,8 +372,9 @@ class LibmilterCallbacks(SessionRules):
 
         Each session is first taken out of `sessions`, so a callback that starts later finds
         none (and, stopping, makes none: TEMPFAIL); only then is it checked for a callback
-        already inside it: its stage mark, `active`, or a thread inside a stage callback with
-        its context (`_inflight`: a callback between its look-up and its stage mark).
+        already inside it: its context in `active` (every callback marks it before its
+        look-up) or its stage mark (an async stage still running after its callback returned).
+        With dry-run, what was not sent is logged at the end.
         """
         self.stopping = True
         count = 0
@@ -389,9 +392,8 @@ class LibmilterCallbacks(SessionRules):
                         closing.pop(ctx).set()
                     else:
                         held[ctx] = session
-                inside = keys_in_callbacks()
                 for ctx, session in list(held.items()):
-                    if ctx in inside or ctx in self.active or self.in_stage(session) is not None:
+                    if ctx in self.active or self.in_stage(session) is not None:
                         continue
                     del held[ctx]
                     count += 1
@@ -420,6 +422,8 @@ class LibmilterCallbacks(SessionRules):
             for event in closing.values():
                 event.set()
             closing.clear()
+            if self.dry_run is not None:
+                self.dry_run.summary()
         return count
 
     def descriptor(self, name: bytes) -> c.SmfiDesc:
@@ -438,7 +442,7 @@ class LibmilterCallbacks(SessionRules):
                 "connect",
                 lambda host, addr: (decode(host or b""), c.sockaddr_to_address(addr)),
             ),
-            "on_helo": ("str1", lambda host: (decode(host or b""),)),
+            "on_helo": ("str1", lambda host, _: (decode(host or b""),)),
             "on_mail": ("argv", _envelope),
             "on_rcpt": ("argv", _envelope),
             "on_data": ("ctx", None),

@@ -31,9 +31,9 @@ from typing import Any
 
 from .._dispatch import SessionRules
 from .._errors import LibmilterError, MilterTimeout, ProtocolError, StageResultError
-from .._flags import NOREPLY_MASK, Actions, ProtocolOpts, Stage, Status
+from .._flags import Actions, ProtocolOpts, Stage, Status
 from .._loop import InlineLoop
-from .._protocol import MI_FAILURE, STAGES
+from .._protocol import MI_FAILURE, NOREPLY_MASK, STAGES
 from .._session import MilterSession
 from .._types import EsmtpParams, decode
 from . import _wire as w
@@ -172,8 +172,11 @@ class _Backend:
         self._emit(Actions.QUARANTINE, "smfi_quarantine", w.QUARANTINE, reason + b"\0")
 
 
-def _arguments(*args: Any) -> tuple[Any, ...]:
-    return args  # the engine has decoded them already
+_ARGUMENTS: tuple[Callable[..., tuple[Any, ...]] | None, ...] = (
+    None, lambda a, b: (a,), lambda a, b: (a, b)
+)
+"""By how many arguments a stage method takes: the callback's `convert` (the engine has
+decoded them already)."""
 
 
 class _HarnessRules(SessionRules):
@@ -236,7 +239,7 @@ class _HarnessRules(SessionRules):
         callback = self._callbacks.get(stage)
         if callback is None:
             callback = self._callbacks[stage] = self.stage_callback(
-                stage, self._current, self._create, _arguments
+                stage, self._current, self._create, _ARGUMENTS[len(args)]
             )
         return callback(None, *args)
 

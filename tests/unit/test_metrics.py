@@ -9,7 +9,6 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from typing_extensions import override
@@ -24,10 +23,7 @@ from pymilterkit import (
     _metrics,
 )
 from pymilterkit._dispatch import NO_PARAMS, SessionRules
-from pymilterkit._instrument import callbacks_class
-from pymilterkit._metered import derive
 from pymilterkit._metrics_http import start
-from pymilterkit._trampolines import LibmilterCallbacks
 
 from ..integration.ops_filters import Verdicts
 
@@ -63,9 +59,10 @@ def test_milter_refuses_bad_metrics_and_dry_run_options() -> None:
 
 
 def test_features_that_are_off_leave_the_plain_callbacks() -> None:
-    assert callbacks_class(metrics=False, dry_run=False) is LibmilterCallbacks
-    for metrics, dry_run in [(True, False), (False, True), (True, True)]:
-        assert issubclass(callbacks_class(metrics=metrics, dry_run=dry_run), LibmilterCallbacks)
+    rules = SessionRules(_Stages, Status.TEMPFAIL)
+    assert rules.meter is None and rules.dry_run is None
+    callback = rules.stage_callback("on_rcpt", lambda key: None, lambda key: None)
+    assert callback.__qualname__.endswith("_sync_callback.<locals>.callback")
 
 
 def test_nothing_imports_prometheus_client_without_metrics() -> None:
@@ -217,43 +214,37 @@ class _Stages(MilterSession):
 def test_metered_callbacks_answer_as_the_plain_ones_and_count_every_answer(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    derived = derive()
-    assert derived is not None  # the counting is compiled into the callback, not wrapped
     shared = _metrics.SharedCounts(rows=1)
     try:
-        rules = SessionRules(_Stages, Status.TEMPFAIL)
+        recorder = _metrics.Recorder(shared, 0)
+        plain_rules = SessionRules(_Stages, Status.TEMPFAIL)
+        rules = SessionRules(_Stages, Status.TEMPFAIL, meter=_metrics.Meter(recorder))
         session = _Stages()
         rules.attach(session, None)  # type: ignore[arg-type]
         sessions: list[MilterSession | None] = [session]
 
-        def convert(recipient: str) -> tuple[str, EsmtpParams]:
+        def convert(recipient: str, _: None) -> tuple[str, EsmtpParams]:
             return recipient, NO_PARAMS
 
-        def build(make: Callable[..., Callable[..., int]], **extra: Any) -> Callable[..., int]:
-            return make(rules, "on_rcpt", lambda key: sessions[0], lambda key: None, convert,
-                        **extra)
+        def build(driver: SessionRules) -> Callable[..., int]:
+            return driver.stage_callback("on_rcpt", lambda key: sessions[0], lambda key: None,
+                                         convert)
 
-        recorder = _metrics.Recorder(shared, 0)
-        plain = build(SessionRules.stage_callback)
-        # Compiled in (the runner's), and the wrapper (dry-run with metrics) on the next row's
-        # stage (on_eom's cells) so the two are counted apart.
-        metered = build(derived, _pmk_meter=recorder.meter("on_rcpt"))
-        wrapped = recorder.timed("on_eom", plain)
+        plain, metered = build(plain_rules), build(rules)
         recipients = ["a", "reject", "b", "boom", "odd", "c"]
         with caplog.at_level(logging.CRITICAL, logger="pymilterkit"):
             answers = [plain(None, r) for r in recipients]
             assert [metered(None, r) for r in recipients] == answers
-            assert [wrapped(None, r) for r in recipients] == answers
             sessions[0] = None  # no session, none made (a stop): TEMPFAIL, counted too
-            assert metered(None, "d") == wrapped(None, "d") == plain(None, "d")
+            assert metered(None, "d") == plain(None, "d")
         assert answers == [Status.CONTINUE, Status.REJECT, Status.CONTINUE, Status.TEMPFAIL,
                            Status.TEMPFAIL, Status.CONTINUE]
-        for stage in ("on_rcpt", "on_eom"):
-            figures = _metrics.snapshot(shared)["stages"][stage]
-            assert {k: v for k, v in figures["results"].items() if v} == {
-                "continue": 3, "reject": 1, "tempfail": 3,
-            }, stage
-            assert sum(figures["buckets"]) == 7 and figures["sum"] > 0, stage
+        figures = _metrics.snapshot(shared)["stages"]["on_rcpt"]
+        assert {k: v for k, v in figures["results"].items() if v} == {
+            "continue": 3, "reject": 1, "tempfail": 3,
+        }
+        assert sum(figures["buckets"]) == 7 and figures["sum"] > 0
+        assert figures["errors"] == 2  # the exception and the result that is not a Status
     finally:
         shared.close()
 
@@ -282,18 +273,16 @@ def test_a_fresh_worker_of_another_layout_counts_apart(
 
 
 def test_a_slow_answer_lands_in_its_bucket_and_status() -> None:
-    derived = derive()
-    assert derived is not None
     shared = _metrics.SharedCounts(rows=1)
     try:
-        rules = SessionRules(_Stages, Status.TEMPFAIL)
-        session = _Stages()
-        rules.attach(session, None)  # type: ignore[arg-type]
         recorder = _metrics.Recorder(shared, 0)
         times = iter([10.0, 10.003, 20.0, 20.7])  # 3 ms (bucket le=0.005), then 0.7 s (le=1)
-        meter = (*recorder.meter("on_rcpt")[:-1], lambda: next(times))
-        callback = derived(rules, "on_rcpt", lambda key: session, lambda key: None,
-                           lambda r: (r, NO_PARAMS), _pmk_meter=meter)
+        meter = _metrics.Meter(recorder, clock=lambda: next(times))
+        rules = SessionRules(_Stages, Status.TEMPFAIL, meter=meter)
+        session = _Stages()
+        rules.attach(session, None)  # type: ignore[arg-type]
+        callback = rules.stage_callback("on_rcpt", lambda key: session, lambda key: None,
+                                        lambda r, _: (r, NO_PARAMS))
         assert callback(None, "reject") == Status.REJECT
         assert callback(None, "a") == Status.CONTINUE
         recorder.record("on_eom", Status.REJECT, 0.003)  # an async stage's answer

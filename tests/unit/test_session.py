@@ -21,7 +21,7 @@ from pymilterkit import (
     noreply,
 )
 from pymilterkit._dispatch import SessionRules
-from pymilterkit._flags import NO_STAGE_MASK
+from pymilterkit._protocol import NO_STAGE_MASK
 from tests.helpers import EVERY_ACTION
 
 P = ProtocolOpts

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from pymilterkit import MilterSession, ProtocolOpts
-from pymilterkit._flags import NO_STAGE_MASK, NOREPLY_MASK
 from pymilterkit._libmilter import SmfiDesc
-from pymilterkit._protocol import BY_METHOD, STAGES
+from pymilterkit._protocol import BY_METHOD, NO_STAGE_MASK, NOREPLY_MASK, STAGES
 from pymilterkit._session import OTHER_STAGES, STAGE_FLAGS
 from pymilterkit.testing import Step
 from pymilterkit.testing import _wire as w
