@@ -16,9 +16,12 @@ answer the MTA gets is counted). Each feature is an object handed to `SessionRul
 `dry_run`), which also asks it about sessions, errors and timeouts; when a feature is off, its
 object is None and the callback is the plain one.
 
-Every callback marks its connection in `active` before it looks the session up and unmarks it
-when it returns, so a stop (`_trampolines.LibmilterCallbacks.close_all`) that has taken a
-session out of reach knows whether a callback may still be about to run in it.
+Every stage callback writes its connection's key into its thread's `Entry` before it looks the
+session up, and clears it when it returns; a stop (`_trampolines.LibmilterCallbacks.close_all`)
+that has taken a session out of reach reads every thread's entry (`keys_inside`) to know
+whether a callback may still be about to run in it. A slot of an object the thread already
+holds costs a stage callback far less than a dict of connections would (two dict operations
+per command), and the stop, which is rare, does the looking.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
-import types
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -41,17 +45,50 @@ if TYPE_CHECKING:
     from ._dryrun import DryRun
     from ._metrics import Meter
 
-__all__ = ["CONNECTION_STAGES", "NO_PARAMS", "SessionRules"]
+__all__ = ["CONNECTION_STAGES", "NO_PARAMS", "Entry", "SessionRules", "keys_inside"]
 
 logger = logging.getLogger("pymilterkit")
 
 CONNECTION_STAGES = frozenset(info.method for info in STAGES if info.connection)
 NO_PARAMS = EsmtpParams()  # read-only: one instance serves every address without parameters
-_ALWAYS_PINNED = types.SimpleNamespace(pinned=True)  # callers whose threads need no pinning
+
+
+class Entry:
+    """A thread's mark: the key of the connection whose stage callback it is in (None: none)."""
+
+    __slots__ = ("__weakref__", "key")
+
+    def __init__(self) -> None:
+        self.key: Any = None
+
+
+_here = threading.local()
+"""Per thread state (as libmilter's threads keep theirs: `_threadstate`): its `Entry`."""
+_entries: weakref.WeakSet[Entry] = weakref.WeakSet()  # every thread's, while the thread lives
+_entries_lock = threading.Lock()
+
+
+def _entry(pin: Callable[[], object]) -> Entry:
+    """This thread's entry, made at its first stage callback (after `pin()`, which keeps a
+    libmilter thread's thread state, and so its entry, across callbacks)."""
+    pin()
+    entry = _here.entry = Entry()
+    with _entries_lock:
+        _entries.add(entry)
+    return entry
+
+
+def keys_inside() -> set[Any]:
+    """The keys of the connections some thread is in a stage callback of, now."""
+    with _entries_lock:
+        entries = list(_entries)
+    return {key for entry in entries if (key := entry.key) is not None}
 
 
 def _nothing() -> None:
     pass
+
+
 _FATAL = (KeyboardInterrupt, SystemExit)  # the only exceptions that stop the milter
 _session_numbers = itertools.count(1)
 _DATA_OR_HEADERS_OFF = ProtocolOpts.NO_DATA | ProtocolOpts.NO_HDRS
@@ -97,8 +134,6 @@ class SessionRules:
         """Counts answers, errors, timeouts, sessions and actions (None: metrics off)."""
         self.dry_run = dry_run
         """Logs verdicts and modifications instead of sending them (None: off)."""
-        self.active: dict[Any, str] = {}
-        """Connections with a callback running, and its stage (see the module's docstring)."""
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -246,8 +281,7 @@ class SessionRules:
         convert: Callable[..., tuple[Any, ...]] | None = None,
         *,
         envelope: bool = False,
-        pins: Any = None,
-        pin: Callable[[], object] | None = None,
+        pin: Callable[[], object] = _nothing,
     ) -> Callable[..., int]:
         """The function that runs reply-giving `stage` for a connection: `callback(key, a, b)`.
 
@@ -259,16 +293,14 @@ class SessionRules:
         `convert(a, b)` turns the caller's arguments (at most two after the key, as libmilter
         passes them; a missing one is None) into the method's (None: it takes none);
         `envelope`: `convert` is the argv decoder of MAIL/RCPT (`convert(a)`), whose common
-        case (an address without parameters) is inlined. `pin()` runs when `pins.__dict__` is empty
-        (libmilter's threads: see `_threadstate`).
+        case (an address without parameters) is inlined. `pin()` runs at a thread's first
+        callback (libmilter's threads: see `_threadstate`).
 
         The plain callback's answer goes through dry-run's and then the meter's wrapper when
         those are on; an async stage's through `answered`.
         """
         plain = self._async_callback if stage in self.asynchronous else self._sync_callback
-        if pins is None or pin is None:
-            pins, pin = _ALWAYS_PINNED, _nothing
-        callback = plain(stage, get, create, convert, envelope, pins, pin)
+        callback = plain(stage, get, create, convert, envelope, pin)
         if self.dry_run is not None:
             callback = self.dry_run.verdicts(stage, callback, get)
         if self.meter is not None and stage not in self.asynchronous:  # async: `answered`
@@ -282,8 +314,7 @@ class SessionRules:
         create: Callable[[Any], MilterSession | None],
         convert: Callable[..., tuple[Any, ...]] | None,
         envelope: bool,
-        pins: Any,
-        enter: Callable[[], object],
+        pin: Callable[[], object],
     ) -> Callable[..., int]:
         """The plain callback of a sync stage (see `stage_callback`).
 
@@ -291,7 +322,7 @@ class SessionRules:
         every command, so each Python call, attribute and dict operation on it costs
         throughput (`benchmarks/instructions.py`).
         """
-        fail, bad, active = self.fail, self.bad_result, self.active
+        fail, bad, here, first_entry = self.fail, self.bad_result, _here, _entry
         method = getattr(self.session_class, stage)
         if self.stage_timeout is not None:
             method = self._timed(method, stage)
@@ -304,9 +335,11 @@ class SessionRules:
         no_params, status_type, status_noreply = NO_PARAMS, Status, Status.NOREPLY
 
         def callback(key: Any, a: Any = None, b: Any = None) -> int:
-            if not pins.__dict__:
-                enter()
-            active[key] = stage  # before the look-up: see the module's docstring
+            try:  # __dict__[...]: a thread-local's dict is reached faster than its attributes
+                entry = here.__dict__["entry"]
+            except KeyError:  # this thread's first callback
+                entry = first_entry(pin)
+            entry.key = key  # before the look-up: see the module's docstring
             try:
                 session = get(key)
                 if session is None:  # after QUIT_NC: a new connection on the same context
@@ -343,7 +376,7 @@ class SessionRules:
                     return result
                 return bad(result, stage, session)
             finally:
-                del active[key]
+                entry.key = None
 
         return callback
 
@@ -373,8 +406,7 @@ class SessionRules:
         create: Callable[[Any], MilterSession | None],
         convert: Callable[..., tuple[Any, ...]] | None,
         envelope: bool,
-        pins: Any,
-        enter: Callable[[], object],
+        pin: Callable[[], object],
     ) -> Callable[..., int]:
         """The plain callback of an `async def` stage: the coroutine goes to `answer_async`.
 
@@ -382,13 +414,15 @@ class SessionRules:
         coroutine is done, which may be after the callback returned.
         """
         method = getattr(self.session_class, stage)
-        fail, answer, active = self.fail, self.answer_async, self.active
+        fail, answer, here, first_entry = self.fail, self.answer_async, _here, _entry
         no_params = NO_PARAMS
 
         def callback(key: Any, a: Any = None, b: Any = None) -> int:
-            if not pins.__dict__:
-                enter()
-            active[key] = stage  # before the look-up: see the module's docstring
+            try:  # __dict__[...]: a thread-local's dict is reached faster than its attributes
+                entry = here.__dict__["entry"]
+            except KeyError:  # this thread's first callback
+                entry = first_entry(pin)
+            entry.key = key  # before the look-up: see the module's docstring
             try:
                 session = get(key)
                 if session is None:
@@ -419,7 +453,7 @@ class SessionRules:
                     return fail(exc, stage, session)
                 return answer(key, session, stage, coro)
             finally:
-                del active[key]
+                entry.key = None
 
         return callback
 

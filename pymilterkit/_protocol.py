@@ -26,7 +26,7 @@ __all__ = [
     "NOREPLY_MASK",
     "NO_STAGE_MASK",
     "PROTOCOL_VERSION",
-    "REPLY_COMMANDS",
+    "REPLY_CLASS",
     "STAGES",
     "STAGE_METHODS",
     "ActionInfo",
@@ -110,11 +110,8 @@ NO_STAGE_MASK = ProtocolOpts(sum(int(info.off) for info in STAGES))
 NOREPLY_MASK = ProtocolOpts(sum(int(info.noreply) for info in STAGES))
 """Every NR_* bit."""
 
-REPLY_COMMANDS: dict[int, bytes] = {
-    Status.CONTINUE: b"c", Status.REJECT: b"r", Status.DISCARD: b"d", Status.ACCEPT: b"a",
-    Status.TEMPFAIL: b"t", Status.SKIP: b"s",
-}
-"""The milter's one-letter reply (SMFIR_*) to each status that is sent without a text."""
+REPLY_CLASS: dict[int, bytes] = {Status.REJECT: b"5", Status.TEMPFAIL: b"4"}
+"""The statuses a `set_reply` text goes with, and the first digit its code must have."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -26,14 +26,14 @@ from typing import Any, NoReturn
 from . import _libmilter as c
 from . import _libmilter_private as private
 from . import _metrics
-from ._dispatch import NO_PARAMS, SessionRules
+from ._dispatch import NO_PARAMS, SessionRules, keys_inside
 from ._dryrun import DryRun
 from ._errors import LibmilterError
 from ._flags import Status
 from ._loop import EventLoopThread
 from ._protocol import BY_METHOD
 from ._session import MilterSession, SessionBackend
-from ._threadstate import pin_thread_state, pins
+from ._threadstate import pin_thread_state
 from ._types import EsmtpParams, decode
 
 __all__ = ["CtxBackend", "LibmilterCallbacks"]
@@ -148,6 +148,8 @@ class LibmilterCallbacks(SessionRules):
         self.progress_interval = progress_interval
         self._answer_later: bool | None = None  # whether replies can be sent later (layout)
         self.sessions: dict[int, MilterSession] = {}
+        self.active: dict[int, str] = {}
+        """Running negotiate/abort/close callbacks (stage callbacks: `_dispatch.keys_inside`)."""
         self.stopping = False
         """Set when a stop begins: no session is created after it."""
         self._closing: dict[int, threading.Event] = {}  # contexts close_all is closing
@@ -181,7 +183,6 @@ class LibmilterCallbacks(SessionRules):
             self._create,
             convert,
             envelope=convert is _envelope,
-            pins=pins,
             pin=pin_thread_state,
         )
         if convert is _unknown:  # the only conversion that needs the context: hand it on
@@ -372,8 +373,9 @@ class LibmilterCallbacks(SessionRules):
 
         Each session is first taken out of `sessions`, so a callback that starts later finds
         none (and, stopping, makes none: TEMPFAIL); only then is it checked for a callback
-        already inside it: its context in `active` (every callback marks it before its
-        look-up) or its stage mark (an async stage still running after its callback returned).
+        already inside it: a thread in a stage callback of its context (`keys_inside`: every
+        stage callback marks its thread before its look-up), `active` (negotiate, abort, close),
+        or its stage mark (an async stage still running after its callback returned).
         With dry-run, what was not sent is logged at the end.
         """
         self.stopping = True
@@ -392,8 +394,9 @@ class LibmilterCallbacks(SessionRules):
                         closing.pop(ctx).set()
                     else:
                         held[ctx] = session
+                inside = keys_inside()
                 for ctx, session in list(held.items()):
-                    if ctx in self.active or self.in_stage(session) is not None:
+                    if ctx in inside or ctx in self.active or self.in_stage(session) is not None:
                         continue
                     del held[ctx]
                     count += 1

@@ -33,7 +33,7 @@ from .._dispatch import SessionRules
 from .._errors import LibmilterError, MilterTimeout, ProtocolError, StageResultError
 from .._flags import Actions, ProtocolOpts, Stage, Status
 from .._loop import InlineLoop
-from .._protocol import MI_FAILURE, NOREPLY_MASK, STAGES
+from .._protocol import MI_FAILURE, NOREPLY_MASK, REPLY_CLASS, STAGES
 from .._session import MilterSession
 from .._types import EsmtpParams, decode
 from . import _wire as w
@@ -467,9 +467,8 @@ class Engine:
         simple = _SIMPLE_REPLY.get(r)  # type: ignore[call-overload]
         if simple is not None:
             self.emit(simple, b"")
-        elif r in (Status.TEMPFAIL, Status.REJECT):
-            first = b"4" if r == Status.TEMPFAIL else b"5"
-            if self.reply is not None and self.reply[:1] == first:
+        elif r in REPLY_CLASS:
+            if self.reply is not None and self.reply[:1] == REPLY_CLASS[r]:
                 self.emit(w.REPLYCODE, self.reply + b"\0")
                 self.reply = None
             else:

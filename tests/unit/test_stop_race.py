@@ -1,6 +1,6 @@
 """A stop (`LibmilterCallbacks.close_all`) against callbacks caught mid-way.
 
-A libmilter callback marks its context as active, looks its session up, then marks its stage;
+A stage callback marks its thread with its context, looks its session up, then marks its stage;
 a stop between the look-up and the stage mark must not close the session under it. Each test
 holds a callback thread inside that window (its session look-up blocks on an event), runs the
 stop, then lets the callback go on, and checks the filter's own record: on_close is the last
@@ -19,6 +19,7 @@ import pytest
 from typing_extensions import override
 
 from pymilterkit import EsmtpParams, MilterSession, Status, _metrics, _trampolines
+from pymilterkit._dispatch import keys_inside
 from pymilterkit._loop import EventLoopThread
 from pymilterkit._trampolines import LibmilterCallbacks, _envelope
 
@@ -130,7 +131,7 @@ def test_a_stop_waits_for_a_callback_between_its_lookup_and_its_stage(
         )
         stage, answer = _start(lambda: callback(CTX, (b"<a@b>", None)))
         assert found.wait(10)
-        assert dispatcher.active == {CTX: "on_rcpt"}  # marked before the look-up
+        assert keys_inside() == {CTX}  # marked before the look-up
         stop, closed = _start(lambda: dispatcher.close_all(grace=10))
         time.sleep(0.2)  # the stop looks at the session meanwhile (not a timed assertion)
         release.set()
@@ -139,7 +140,7 @@ def test_a_stop_waits_for_a_callback_between_its_lookup_and_its_stage(
         assert Record.calls == ["rcpt <a@b>", "abort", "close"]  # a message was open
         assert answer == [Status.CONTINUE] and closed == [1]
         assert dispatcher.sessions == {} and dispatcher._closing == {}
-        assert dispatcher.active == {}
+        assert keys_inside() == set()
         if metered:
             rcpt = _metrics.snapshot(shared)["stages"]["on_rcpt"]
             assert rcpt["results"]["continue"] == 1
