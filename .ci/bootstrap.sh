@@ -12,9 +12,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 APT_PACKAGES=(libmilter1.0.1 postfix miltertest opendkim opendkim-tools python3-venv
     haproxy  # tests/e2e/test_haproxy.py: Postfix -> HAProxy -> several milters (started by the test)
     libmilter-dev gcc python3-dev  # these three build pymilter (a foreign milter in tests)
-    m4 libwrap0 libdb5.3 liblockfile1 libnsl2 libsasl2-2 libldap-2.5-0  # the unpacked Sendmail
+    m4  # the unpacked Sendmail's cf build
+    procps  # `kill`, which the shipped unit's ExecReload runs (systemd-analyze verify checks it)
     systemd)  # systemd-socket-activate and systemd-analyze (tests/integration/test_systemd.py);
               # installing it in a container is harmless: nothing starts without systemd as PID 1
+# The libraries the unpacked Sendmail links with are not named here: their names change between
+# Debian releases (libldap-2.5-0 -> libldap2, libdb5.3 -> libdb5.3t64, libnsl2 -> libnsl3), so
+# they are what apt says sendmail-bin depends on (`apt-cache depends`), and they count as
+# installed when the unpacked sendmail finds every library it needs (ldd), whatever their names.
 
 # Sendmail for tests/e2e/sendmail.py. Debian's sendmail-bin conflicts with postfix (both are the
 # mail-transport-agent), so it is not installed: its .debs are downloaded and unpacked with
@@ -24,13 +29,29 @@ SENDMAIL_DEBS=(sendmail-bin sendmail-cf sendmail-base)
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
-missing_packages() {
+installed() {  # installed PKG: dpkg has PKG installed
+    [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]
+}
+
+SENDMAIL_BINARY=$SENDMAIL_ROOT/usr/libexec/sendmail/sendmail
+
+sendmail_libraries_present() {  # the unpacked sendmail is there and finds all its libraries
+    [[ -x $SENDMAIL_BINARY ]] && ! ldd "$SENDMAIL_BINARY" 2>&1 | grep -q 'not found'
+}
+
+missing_packages() {  # one line each: a package not installed
     local pkg
     for pkg in "${APT_PACKAGES[@]}"; do
-        if [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" != "install ok installed" ]]; then
-            printf '%s\n' "$pkg"
-        fi
+        installed "$pkg" || printf '%s\n' "$pkg"
     done
+    sendmail_libraries_present || printf '%s\n' "(the libraries sendmail-bin depends on)"
+}
+
+# What to install: APT_PACKAGES, and the libraries sendmail-bin depends on in the release apt
+# offers (asked after `apt-get update`; real packages only, not virtual ones).
+install_list() {
+    printf '%s\n' "${APT_PACKAGES[@]}"
+    apt-cache depends sendmail-bin 2>/dev/null | sed -n 's/^ *Depends: \(lib[^ <>]*\)$/\1/p'
 }
 
 # True if the machine's own (default-instance) Postfix is running.
@@ -47,9 +68,15 @@ install_packages() {
         "postfix postfix/mailname string localhost" | debconf-set-selections
     log "apt-get update"
     apt-get -q -o Acquire::Retries=3 update >/dev/null
-    log "apt-get install ${APT_PACKAGES[*]}"
+    local -a wanted
+    mapfile -t wanted < <(install_list)
+    if [[ ${#wanted[@]} == "${#APT_PACKAGES[@]}" ]]; then
+        log "apt knows no sendmail-bin: its libraries cannot be chosen"
+        exit 1
+    fi
+    log "apt-get install ${wanted[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Acquire::Retries=3 \
-        -o DPkg::Lock::Timeout=120 install --no-install-recommends "${APT_PACKAGES[@]}" >/dev/null
+        -o DPkg::Lock::Timeout=120 install --no-install-recommends "${wanted[@]}" >/dev/null
     # The package may have started the system Postfix; the tests never use it, so stop it
     # again -- but only if it was not running before we came.
     if [[ $was_running == no ]] && system_postfix_running; then
@@ -64,14 +91,15 @@ if [[ "$(id -u)" == 0 ]]; then
         install_packages
     fi
 elif [[ ${#MISSING[@]} -gt 0 ]]; then
+    mapfile -t WANTED < <(install_list 2>/dev/null)
     log "missing system packages: ${MISSING[*]}; install them with:"
     printf '  sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends %s\n' \
-        "${APT_PACKAGES[*]}" >&2
+        "${WANTED[*]}" >&2
     exit 1
 fi
 
 unpack_sendmail() {
-    [[ -x $SENDMAIL_ROOT/usr/libexec/sendmail/sendmail && -f $SENDMAIL_ROOT/usr/share/sendmail/cf/m4/cf.m4 ]] \
+    [[ -x $SENDMAIL_BINARY && -f $SENDMAIL_ROOT/usr/share/sendmail/cf/m4/cf.m4 ]] \
         && return
     if [[ "$(id -u)" != 0 ]]; then
         log "WARNING: no Sendmail in $SENDMAIL_ROOT (run this as root to unpack it); its e2e tests will fail"
@@ -97,17 +125,18 @@ unpack_sendmail() {
 }
 unpack_sendmail
 
-# --- Python environment ------------------------------------------------------------------------
+# --- Python environments -----------------------------------------------------------------------
+# .venv: the machine's python3, `pip install -e '.[dev,docs,metrics]'` (the whole .ci/test runs
+# there). .venv-X.Y: each other supported Python the machine has, `pip install -e
+# '.[dev,metrics]'` (the unit and integration suites run there). pymilter (the `pymilter` extra)
+# is added to each where it builds; where it does not, the reason is written to
+# VENV/pymilter-unbuildable and the tests that need it are skipped with it.
+SUPPORTED_PYTHONS=(3.11 3.12 3.13 3.14)
+TRIED_PYTHONS=(3.15)  # tested where present, not required
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
-VENV=.venv
-if ! "$VENV/bin/python" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
-    log "creating $VENV with $(command -v python3) ($(python3 --version 2>&1))"
-    rm -rf "$VENV"
-    python3 -m venv "$VENV"
-fi
 
 # install_project VENV EXTRAS MODULES: `pip install -e .[EXTRAS]` into VENV, only when the project
-# metadata or the interpreter changed (or one of MODULES does not import).
+# metadata or the interpreter changed (or one of MODULES does not import), then pymilter.
 install_project() {
     local venv=$1 extras=$2 modules=$3 stamp="$1/.pymilterkit-installed" wanted
     wanted="$(cat pyproject.toml "$venv/pyvenv.cfg" | sha256sum | cut -d' ' -f1)"
@@ -115,18 +144,23 @@ install_project() {
         || ! "$venv/bin/python" -I -c "import $modules" 2>/dev/null; then
         log "pip install -e '.[$extras]' into $venv"
         "$venv/bin/python" -m pip install -q -e ".[$extras]"
+        rm -f "$venv/pymilter-unbuildable"
+        if ! "$venv/bin/python" -m pip install -q -e ".[pymilter]" >"$venv/pymilter-build.log" 2>&1; then
+            local why
+            why=$(grep -m1 -E 'error:' "$venv/pymilter-build.log" | sed -E 's/^ +//' || true)
+            printf '%s (%s; pip install -e .[pymilter] in %s, log: %s)\n' "${why:-pip failed}" \
+                "$(gcc --version 2>/dev/null | head -1)" "$venv" "$venv/pymilter-build.log" \
+                >"$venv/pymilter-unbuildable"
+            log "WARNING: pymilter does not build for $venv: ${why:-see $venv/pymilter-build.log};" \
+                "its tests will be skipped there"
+        fi
         printf '%s\n' "$wanted" >"$stamp"
     fi
 }
-install_project "$VENV" dev,docs,metrics "pymilterkit, pytest, mypy, mkdocs, prometheus_client"
 
-# --- Python 3.12 and 3.13: one more venv each (.venv-3.12, .venv-3.13), `pip install -e '.[dev,metrics]'`
-# Interpreters come from what the machine has: pyenv's versions, /usr/bin/python3.1x (Debian 13
-# ships 3.13, Ubuntu 24.04 3.12), pythonX.Y on PATH, or `uv python find`. One that is not found
-# is reported here and its `.ci/test` step fails (it never passes silently).
-EXTRA_PYTHONS=(3.12 3.13)
+python_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
 
-find_python() {  # find_python X.Y: print the path of a CPython X.Y, or nothing
+find_python() {  # find_python X.Y: print the path of a CPython X.Y that can make a venv, or nothing
     local version=$1 candidate
     local -a candidates=()
     shopt -s nullglob
@@ -136,31 +170,46 @@ find_python() {  # find_python X.Y: print the path of a CPython X.Y, or nothing
     command -v "python$version" >/dev/null 2>&1 && candidates+=("$(command -v "python$version")")
     command -v uv >/dev/null 2>&1 && candidates+=("$(uv python find "$version" 2>/dev/null || true)")
     for candidate in "${candidates[@]}"; do
-        if [[ -n $candidate && -x $candidate ]] && "$candidate" -c \
-            "import sys, venv; assert sys.version_info[:2] == tuple(map(int, '$version'.split('.')))" \
-            2>/dev/null; then
+        # (Debian's pythonX.Y has venv but no ensurepip without its pythonX.Y-venv package)
+        if [[ -n $candidate && -x $candidate && "$(python_version "$candidate")" == "$version" ]] \
+            && "$candidate" -c 'import ensurepip, venv' 2>/dev/null; then
             printf '%s\n' "$candidate"
             return
         fi
     done
 }
 
-for version in "${EXTRA_PYTHONS[@]}"; do
+VENV=.venv
+main_version=$(python_version python3)
+if [[ "$(python_version "$VENV/bin/python")" != "$main_version" ]]; then
+    log "creating $VENV with $(command -v python3) ($(python3 --version 2>&1))"
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+fi
+install_project "$VENV" dev,docs,metrics "pymilterkit, pytest, mypy, mkdocs, prometheus_client"
+
+# PMK_SKIP_PYTHONS: versions not to set up here (.ci/run tests them in a Debian root instead).
+found=("$main_version (.venv)")
+not_found=()
+for version in "${SUPPORTED_PYTHONS[@]}" "${TRIED_PYTHONS[@]}"; do
+    [[ $version == "$main_version" || " ${PMK_SKIP_PYTHONS:-} " == *" $version "* ]] && continue
     venv=".venv-$version"
     python=$(find_python "$version")
     if [[ -z $python ]]; then
-        log "WARNING: no Python $version found (pyenv, /usr/bin/python$version, PATH, uv);" \
-            "the .ci/test steps for $version will FAIL"
+        not_found+=("$version")
+        rm -rf "$venv"
         continue
     fi
-    if [[ "$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" \
-        != "$version" ]]; then
+    if [[ "$(python_version "$venv/bin/python")" != "$version" ]]; then
         log "creating $venv with $python ($("$python" --version 2>&1))"
         rm -rf "$venv"
         "$python" -m venv "$venv"
         printf '*\n' >"$venv/.gitignore"  # (3.13's venv writes this itself; 3.12's does not)
     fi
     install_project "$venv" dev,metrics "pymilterkit, pytest, mypy, prometheus_client"
+    found+=("$version ($venv)")
 done
 
+log "Pythons found: ${found[*]}; not found: ${not_found[*]:-none}" \
+    "(looked in pyenv, /usr/bin, /usr/local/bin, PATH, uv)"
 log "ready: $("$VENV/bin/python" --version), $("$VENV/bin/python" -c 'import pymilterkit; print("pymilterkit", pymilterkit.__version__)')"

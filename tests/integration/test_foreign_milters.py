@@ -27,6 +27,8 @@ from pymilterkit.testing import (
     apply_modifications,
 )
 
+from .foreign import require_pymilter
+
 pytestmark = pytest.mark.integration
 
 FOREIGN = Path(__file__).parent / "foreign"
@@ -139,6 +141,7 @@ def test_opendkim_signs_a_message(opendkim: str) -> None:
 
 @pytest.fixture
 def pymilter_filter(tmp_path: Path) -> Iterator[str]:
+    require_pymilter()
     sock = tmp_path / "pymilter.sock"
     process = _start([sys.executable, str(FOREIGN / "pymilter_filter.py"), f"unix:{sock}"],
                      sock.with_suffix(".log"))
