@@ -282,7 +282,7 @@ def test_shipped_units_say_what_the_guide_says() -> None:
     assert exec_start.startswith(
         f"{SHIPPED_BINARY} run --config /etc/pymilterkit/%i.toml --socket systemd"
     )
-    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert service["ExecReload"] == ["kill -HUP $MAINPID"]
     assert service["EnvironmentFile"] == ["-/etc/pymilterkit/%i.env"]
     assert int(service["TimeoutStopSec"][0]) > 30  # longer than the default drain timeout
     assert service["LimitNOFILE"] == ["65536"]
