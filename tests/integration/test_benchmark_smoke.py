@@ -90,7 +90,7 @@ def test_run_compares_async_rcpt_with_sync(tmp_path: Path) -> None:
                "--modes", "answered", "noreply", "--pymilter-python", sys.executable]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "async def on_rcpt against sync" in done.stdout
+    assert "async def on_rcpt against the sync twin" in done.stdout
     data = json.loads(results.read_text())
     rows = [r for r in data["summary"] if r["milter"] == "pymilterkit-async"]
     assert {r["mode"] for r in rows} == {"answered", "noreply"}
