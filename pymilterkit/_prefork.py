@@ -132,7 +132,6 @@ class Supervisor:
         self.local: Server | None = None
         self.workers: dict[int, _Worker] = {}
         self.generation = 0
-        self.fresh = False  # after a reload every new worker is a fresh interpreter
         self.reload_started: float | None = None
         self.reload_queued = False  # a SIGHUP during a reload: reload again once it ends
         self.stopping = False
@@ -227,9 +226,10 @@ class Supervisor:
     # -- starting workers ------------------------------------------------------------------
 
     def spawn(self, slot: int, generation: int) -> int | None:
-        """Start a worker for `slot`: forked from this process, or fresh after a reload."""
+        """Start a worker for `slot`: forked from this process for the first generation, a
+        fresh interpreter for every later one (a reload's, and their successors)."""
         _metrics.before_fork()
-        if self.fresh:
+        if generation > 0:
             assert self.recipe is not None
             os.set_inheritable(self.fd, True)
             try:
@@ -309,13 +309,10 @@ class Supervisor:
         notify_reloading()
         self.generation += 1
         logger.info("%s: reloading: starting %d fresh worker(s)", reason, self.count)
-        saved, self.fresh = self.fresh, True
         for slot in range(self.count):
             if self.spawn(slot, self.generation) is None:
-                self.fresh = saved
                 self._reload_failed("a new worker could not be started")
                 return
-        self.fresh = saved
 
     def _new_generation(self) -> list[int]:
         return [p for p, w in self.workers.items() if w.generation == self.generation]
@@ -332,7 +329,6 @@ class Supervisor:
                 self.workers[pid].retiring = True
             self.signal_all(signal.SIGTERM, old)
             local = self.local
-            self.fresh = True
             logger.info(
                 "reloaded in %.2f s: generation %d serves; %d old worker(s) drain",
                 time.monotonic() - self.reload_started,
@@ -355,8 +351,6 @@ class Supervisor:
         self.signal_all(signal.SIGTERM, new)
         self.generation += 1  # workers of the cancelled generation are never committed
         self.reload_started = None
-        if self.local is not None:
-            self.local.retiring = False  # serving alone past a limit: try again later
         notify_ready()
         self._next_reload()
 
