@@ -10,7 +10,10 @@ import argparse
 import difflib
 import importlib
 import importlib.util
+import json
+import logging
 import os
+import pickle
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ._config import add_run_arguments, filter_config, read_config
 from ._config import parse_args as parse_args_with_config
 from ._errors import ConfigurationError, MilterError
+from ._fresh import ENV as FRESH_ENV
 from ._logging import configure as configure_logging
 from ._options import LOG_LEVELS, RunOptions, run_flags
 from ._session import MilterSession
@@ -25,8 +29,9 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from ._runner import Milter
+    from ._serve import Server
 
-__all__ = ["load_config", "load_session_class", "main"]
+__all__ = ["fresh_worker", "load_config", "load_session_class", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -242,6 +247,41 @@ def milter_for_reload(argv: Sequence[str]) -> Milter:
     args.pmk_argv = list(argv)
     _configure_logging(args)
     return build_milter(args)
+
+
+def fresh_worker() -> None:
+    """A fresh worker process (started by `_fresh.Recipe.spawn` at reload): import the session
+    class afresh, build the same `Milter`, serve as one worker on the inherited listening
+    descriptor; never returns."""
+    from . import _metrics
+    from ._prefork import plan_cpus, serve_worker
+    from ._runner import Milter, claim_run
+
+    description = json.loads(os.environ.pop(FRESH_ENV))
+    sys.path[:] = description["path"]
+    if description.get("cwd"):
+        os.chdir(description["cwd"])
+    if "argv" not in description:  # else the command line sets logging up itself
+        logging.basicConfig(
+            level=description.get("log_level", logging.INFO),
+            format="%(asctime)s %(name)s %(levelname)s %(message)s",
+            stream=sys.stderr,
+        )
+    slot = description["slot"]
+
+    def server() -> Server:
+        _metrics.attach(description.get("metrics"))  # the supervisor's counts, if metered
+        if "argv" in description:
+            milter = milter_for_reload(description["argv"])
+        else:
+            options = pickle.loads(bytes.fromhex(description["options"]))
+            session_class = load_session_class(description["target"])
+            milter = Milter(session_class, options.socket, **options.keywords())
+        claim_run(milter)
+        cpus = plan_cpus(milter.options)
+        return milter.filter().server(slot, None if cpus is None else cpus[slot])
+
+    serve_worker(server, description["fd"], description["control"], description["parent"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,9 +29,7 @@ sum (results by status and the histogram are that table's row and column sums).
 from __future__ import annotations
 
 import bisect
-import ipaddress
 import logging
-import mmap
 import os
 import sys
 import threading
@@ -39,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._errors import ConfigurationError
+from ._board import Board
 from ._flags import Status
 from ._protocol import STAGE_METHODS
 from ._session import SessionBackend
@@ -49,14 +47,12 @@ __all__ = [
     "BUCKETS",
     "STAGE_NAMES",
     "Meter",
-    "MetricsAddress",
     "attach",
     "before_fork",
     "count_timeout",
     "fresh_worker",
     "install",
     "nothing",
-    "parse_address",
     "set_draining",
     "worker_exited",
     "worker_restarted",
@@ -109,77 +105,20 @@ def stage_label(stage: str) -> str:
 # -- the address ----------------------------------------------------------------------------
 
 
-class MetricsAddress:
-    """Where the HTTP endpoint listens: `HOST:PORT` (`[::1]:9100` for IPv6; port 0: any)."""
-
-    __slots__ = ("host", "port")
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_address(text: str) -> MetricsAddress:
-    """Parse `--metrics HOST:PORT`; the host is required (it is the only address bound)."""
-    if not isinstance(text, str):
-        raise ConfigurationError(f"metrics must be 'HOST:PORT', got {text!r}")
-    host, sep, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigurationError(f"metrics: {host!r} is not an IPv6 address") from None
-    elif ":" in host:
-        raise ConfigurationError(f"metrics: write an IPv6 address in brackets: [{host}]:PORT")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigurationError(
-            f"metrics must be HOST:PORT (e.g. 127.0.0.1:9100, [::1]:9100), got {text!r}"
-        )
-    return MetricsAddress(host, int(port_text))
-
-
 # -- the shared map ---------------------------------------------------------------------------
 
 
-class SharedCounts:
-    """The shared map: `rows` rows for serving processes, one for the owner.
-
-    Without `fd` a new anonymous memory file (zeroed); with `fd`, the owner's, inherited.
-    """
+class SharedCounts(Board):
+    """The shared map (`_board.Board`): `rows` rows of `_ROW` cells for serving processes,
+    one for the owner. Without `fd` a new one; with `fd`, the owner's, inherited."""
 
     def __init__(self, rows: int, fd: int | None = None) -> None:
-        self.rows = rows
-        size = (rows + 1) * _ROW * 8
-        if fd is None:
-            fd = os.memfd_create("pymilterkit-metrics", os.MFD_CLOEXEC)
-            os.ftruncate(fd, size)
-        self.fd = fd
-        self._map = mmap.mmap(fd, size)  # MAP_SHARED: every process sees every write
-        self.cells = memoryview(self._map).cast("d")
-        self.owner_row = rows
-
-    def row(self, index: int) -> int:
-        """The first cell of row `index`."""
-        return index * _ROW
-
-    def total(self, offset: int) -> float:
-        """Cell `offset` summed over the serving processes' rows."""
-        cells = self.cells
-        return sum(cells[r * _ROW + offset] for r in range(self.rows))
+        super().__init__(rows, _ROW, fd, name="pymilterkit-metrics")
 
     def zero_gauges(self, index: int) -> None:
         base = index * _ROW
         self.cells[base + _SESSIONS_ACTIVE] = 0.0
         self.cells[base + _DRAINING] = 0.0
-
-    def close(self) -> None:
-        self.cells.release()
-        self._map.close()
-        os.close(self.fd)
 
 
 _GIL: bool = getattr(sys, "_is_gil_enabled", lambda: True)()

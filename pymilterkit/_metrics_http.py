@@ -22,13 +22,13 @@ from ._errors import ConfigurationError
 from ._metrics import (
     BUCKETS,
     STAGE_NAMES,
-    MetricsAddress,
     Owner,
     SharedCounts,
     install,
     snapshot,
     stage_label,
 )
+from ._options import MetricsAddress
 from ._session import MilterSession
 from ._version import __version__
 

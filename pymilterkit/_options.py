@@ -10,6 +10,7 @@ a config file's keys are those flags without their dashes; a reload's fresh work
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -26,7 +27,9 @@ __all__ = [
     "DEFAULT_DRAIN_TIMEOUT",
     "ErrorStatus",
     "Flag",
+    "MetricsAddress",
     "RunOptions",
+    "parse_address",
     "run_flags",
 ]
 
@@ -238,10 +241,41 @@ class RunOptions:
 
 def _metrics_address(value: str | None) -> str | None:
     if value is not None:
-        from ._metrics import parse_address
-
         parse_address(value)
     return value
+
+
+class MetricsAddress:
+    """Where the HTTP endpoint listens: `HOST:PORT` (`[::1]:9100` for IPv6; port 0: any)."""
+
+    __slots__ = ("host", "port")
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(text: str) -> MetricsAddress:
+    """Parse `--metrics HOST:PORT`; the host is required (it is the only address bound)."""
+    if not isinstance(text, str):
+        raise ConfigurationError(f"metrics must be 'HOST:PORT', got {text!r}")
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigurationError(f"metrics: {host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ConfigurationError(f"metrics: write an IPv6 address in brackets: [{host}]:PORT")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigurationError(
+            f"metrics must be HOST:PORT (e.g. 127.0.0.1:9100, [::1]:9100), got {text!r}"
+        )
+    return MetricsAddress(host, int(port_text))
 
 
 COMMAND_FLAGS: tuple[Flag, ...] = (

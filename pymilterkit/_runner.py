@@ -12,14 +12,14 @@ from collections.abc import Callable
 from typing import Any, ParamSpec
 
 from . import _libmilter as c
-from . import _metrics, _systemd
+from . import _systemd
 from ._affinity import CpuAffinity
 from ._config import install as install_config
 from ._errors import ConfigurationError
 from ._flags import Status
 from ._fresh import Recipe
 from ._limits import raise_nofile_limit
-from ._options import DEFAULT_DRAIN_TIMEOUT, ErrorStatus, RunOptions
+from ._options import DEFAULT_DRAIN_TIMEOUT, ErrorStatus, RunOptions, parse_address
 from ._prefork import Supervisor
 from ._serve import Filter
 from ._serve import current as current_server
@@ -120,7 +120,7 @@ class Milter:
         self.cli_argv: list[str] | None = None
         """The `pymilterkit` command line this run came from: a reload parses it again (and
         reads its config file again)."""
-        self.metrics = None if metrics is None else _metrics.parse_address(metrics)
+        self.metrics = None if metrics is None else parse_address(metrics)
 
     def filter(self) -> Filter:
         """What every serving process of this run serves, and how."""
@@ -142,7 +142,7 @@ class Milter:
         activated = None
         if self.spec.kind == "systemd":  # from here on, the passed socket's unix/inet address
             activated, self.spec = _systemd.take_listener(self.spec)
-        stop_metrics = _metrics.nothing
+        stop_metrics: Callable[[], None] | None = None
         if self.metrics is not None:  # only then is prometheus_client imported
             from ._metrics_http import start as start_metrics
 
@@ -154,7 +154,8 @@ class Milter:
             recipe = Recipe(self.session_class, self.options, self.cli_argv)
             Supervisor(self.filter(), recipe, activated).run()
         finally:
-            stop_metrics()
+            if stop_metrics is not None:
+                stop_metrics()
 
     def stop(self) -> None:
         """Ask the milter to stop now; returns at once (smfi_stop runs on a helper thread)."""

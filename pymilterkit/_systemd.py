@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import os
 import socket
 import stat
-import struct
 import time
 from collections.abc import Collection, MutableMapping
 
+from ._board import Board
 from ._errors import SocketSpecError
 from ._listen import Listener
 from ._socketspec import SocketSpec
@@ -41,6 +40,7 @@ logger = logging.getLogger("pymilterkit")
 LISTEN_FDS_START = 3
 _LISTEN_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 _NOTIFY_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+_WIDTH = 3  # a worker's cells on the board: serving (0/1), sessions open, sessions served
 
 # -- socket activation ------------------------------------------------------------------------
 
@@ -161,38 +161,11 @@ def take_listener(
 
 # -- sd_notify --------------------------------------------------------------------------------
 
-_SLOT = struct.Struct("=QQQ")  # serving (0/1), sessions open, sessions served
-
-
-class _Board:
-    """Per-worker session counts in memory shared with the supervisor (anonymous mmap).
-
-    Room for more slots than workers (a reload may run old and new workers side by side); a
-    slot beyond it is not counted rather than failing a worker.
-    """
-
-    def __init__(self, workers: int) -> None:
-        self.slots = 4 * workers + 4
-        self._map = mmap.mmap(-1, _SLOT.size * self.slots)
-
-    def write(self, slot: int, open_: int, served: int) -> None:
-        if 0 <= slot < self.slots:
-            _SLOT.pack_into(self._map, slot * _SLOT.size, 1, open_, served)
-
-    def totals(self, slots: Collection[int]) -> tuple[int, int, int]:
-        """Workers serving, sessions open, sessions served, over the live workers' `slots`."""
-        serving = open_ = served = 0
-        for slot in slots:
-            if not 0 <= slot < self.slots:
-                continue
-            flag, o, s = _SLOT.unpack_from(self._map, slot * _SLOT.size)
-            serving += flag
-            open_ += o
-            served += s
-        return serving, open_, served
-
-    def close(self) -> None:
-        self._map.close()
+def write(board: Board, slot: int, open_: int, served: int) -> None:
+    """Worker `slot`'s counts on the board (a slot beyond it is not counted)."""
+    if 0 <= slot < board.rows:
+        base = board.row(slot)
+        board.cells[base], board.cells[base + 1], board.cells[base + 2] = 1, open_, served
 
 
 def _notify_address(value: str) -> str | None:
@@ -217,7 +190,7 @@ class Notifier:
         self.pid = os.getpid()
         self.watchdog_interval = watchdog_usec / 2e6 if address and watchdog_usec > 0 else 0.0
         self._sock: socket.socket | None = None
-        self._board: _Board | None = None
+        self._board: Board | None = None
         self._ready = False
         self._stopping = False
         self._status = ""
@@ -268,12 +241,14 @@ class Notifier:
     def for_workers(self, workers: int) -> None:
         """Before forking `workers` workers: give them a board for their session counts."""
         if self.enabled and self._board is None:
-            self._board = _Board(workers)
+            # Room for a reload's old and new workers side by side; a slot beyond is not
+            # counted rather than failing a worker.
+            self._board = Board(4 * workers + 4, _WIDTH, name="pymilterkit-systemd")
 
     def worker_tick(self, slot: int, open_: int, served: int) -> None:
         """In pre-forked worker `slot` (about once a second): publish its session counts."""
         if self._board is not None and os.getpid() != self.pid:
-            self._board.write(slot, open_, served)
+            write(self._board, slot, open_, served)
 
     def tick(
         self,
@@ -294,8 +269,10 @@ class Notifier:
         if stopping:
             self.stopping()
         serving = 1
-        if workers is not None and self._board is not None:
-            serving, open_, served = self._board.totals(workers)
+        board = self._board
+        if workers is not None and board is not None:
+            live = [slot for slot in workers if 0 <= slot < board.rows]
+            serving, open_, served = (int(board.total(cell, live)) for cell in range(_WIDTH))
         fields: list[str] = []
         if not self._ready and not self._stopping and serving:
             self._ready = True

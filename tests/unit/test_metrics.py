@@ -24,6 +24,7 @@ from pymilterkit import (
 )
 from pymilterkit._dispatch import NO_PARAMS, SessionRules
 from pymilterkit._metrics_http import start
+from pymilterkit._options import parse_address
 
 from ..integration.ops_filters import Verdicts
 
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ],
 )
 def test_metrics_addresses(text: str, host: str, port: int) -> None:
-    address = _metrics.parse_address(text)
+    address = parse_address(text)
     assert (address.host, address.port) == (host, port)
     assert str(address) == text
 
@@ -48,7 +49,7 @@ def test_metrics_addresses(text: str, host: str, port: int) -> None:
                                   "[nothost]:9100", "host:port"])
 def test_bad_metrics_addresses_are_refused(text: str) -> None:
     with pytest.raises(ConfigurationError, match="metrics"):
-        _metrics.parse_address(text)
+        parse_address(text)
 
 
 def test_milter_refuses_bad_metrics_and_dry_run_options() -> None:
@@ -94,7 +95,7 @@ def health(address: tuple[str, int]) -> tuple[int, str]:
 @pytest.fixture
 def supervisor() -> Iterator[tuple[str, int]]:
     """The metrics of a 2-worker supervisor in this process; workers are only simulated."""
-    stop = start(_metrics.parse_address("127.0.0.1:0"), Verdicts, 2)
+    stop = start(parse_address("127.0.0.1:0"), Verdicts, 2)
     owner = _metrics._owner
     assert owner is not None and owner.server is not None
     try:
@@ -170,7 +171,7 @@ def test_hooks_do_nothing_without_metrics() -> None:
 
 def test_a_taken_metrics_port_is_a_configuration_error(supervisor: tuple[str, int]) -> None:
     with pytest.raises(MilterError, match="cannot listen"):
-        start(_metrics.parse_address(f"127.0.0.1:{supervisor[1]}"), Verdicts, 1)
+        start(parse_address(f"127.0.0.1:{supervisor[1]}"), Verdicts, 1)
 
 
 def test_a_fresh_worker_maps_the_supervisors_counts(

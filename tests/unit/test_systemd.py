@@ -268,11 +268,11 @@ def test_a_supervisor_reports_its_workers_sessions(manager: socket.socket) -> No
         notifier.tick("unix:/m", workers=[0, 1, 2])  # no worker serves yet: not ready
         board = notifier._board
         assert board is not None
-        board.write(0, 1, 10)
-        board.write(2, 3, 5)
+        sd.write(board, 0, 1, 10)
+        sd.write(board, 2, 3, 5)
         notifier.tick("unix:/m", workers=[0, 1, 2])
-        board.write(1, 4, 4)
-        board.write(10**6, 100, 100)  # beyond the board: not counted, no failure
+        sd.write(board, 1, 4, 4)
+        sd.write(board, 10**6, 100, 100)  # beyond the board: not counted, no failure
         notifier._next_status = 0.0
         notifier.tick("unix:/m", workers=[1, 2, 10**6])  # worker 0 has gone
         got = _messages(manager)
