@@ -31,6 +31,7 @@ from typing import Any
 
 from ._flags import Status
 from ._libmilter import MI_SUCCESS, Libmilter, handle, version
+from ._protocol import REPLY_CLASS
 
 __all__ = [
     "ST_ENDM",
@@ -358,7 +359,6 @@ _REPLY_COMMANDS = {  # SMFIS_* -> SMFIR_*, as engine.c's sendreply (int keys: th
     int(Status.SKIP): b"s",
 }
 _REPLYCODE = ord("y")
-_REPLY_CLASS = {int(Status.REJECT): b"5", int(Status.TEMPFAIL): b"4"}  # a stored reply's digit
 _WRITE_TIMEOUT = 10
 
 
@@ -409,7 +409,7 @@ def send_reply(ctx: int, status: int) -> bool:
     timeout = _Timeval(_WRITE_TIMEOUT, 0)
     write = _Writer.get()
     reply = ctypes.c_void_p.from_address(ctx + _CTX_REPLY)
-    first = _REPLY_CLASS.get(status)
+    first = REPLY_CLASS.get(status)
     if reply.value and first is not None:
         text = ctypes.string_at(reply.value)
         if text[:1] == first:  # else it stays for a later answer, as in sendreply
