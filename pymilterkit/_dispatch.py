@@ -352,7 +352,7 @@ class SessionRules:
                 session._pmk_stage = stage
                 try:
                     if envelope:
-                        first = a[0] if a else None
+                        first = a[0]  # never NULL: libmilter aborts a command it cannot split
                         if first is not None and a[1] is None:  # an address, no parameters
                             address = first.decode("utf-8", "surrogateescape")
                             result = method(session, address, no_params)
@@ -438,7 +438,7 @@ class SessionRules:
                 session._pmk_stage = stage
                 try:
                     if envelope:
-                        first = a[0] if a else None
+                        first = a[0]  # never NULL: libmilter aborts a command it cannot split
                         if first is not None and a[1] is None:  # an address, no parameters
                             address = first.decode("utf-8", "surrogateescape")
                             coro = method(session, address, no_params)
