@@ -20,12 +20,13 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from . import _metrics
 from ._flags import Status
-from ._session import MilterSession, SessionBackend
+from ._protocol import ActionInfo
+from ._session import BackendWrapper, MilterSession, SessionBackend
 
 __all__ = ["DryRun", "DryRunBackend"]
 
@@ -58,63 +59,44 @@ class DryRunTally:
         return ", ".join(f"{what} x{n}" for what, n in items) or "nothing"
 
 
-class DryRunBackend:
+class DryRunBackend(BackendWrapper):
     """A session backend that logs and counts modifications instead of carrying them out."""
 
-    __slots__ = ("inner", "reply", "session", "tally")
+    __slots__ = ("reply", "session", "tally")
 
     def __init__(self, inner: SessionBackend, tally: DryRunTally) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.tally = tally
         self.session: MilterSession | None = None
         """The session (its records carry its id, queue id and client)."""
         self.reply: str | None = None
         """The reply `set_reply` would have set (shown with the verdict it goes with)."""
 
-    def _would(self, action: str, detail: str) -> None:
-        logger.info("dry-run: would %s %s", action, detail, extra={"pmk_session": self.session})
-        self.tally.add(action)
+    def act(self, action: ActionInfo, *args: Any) -> None:
+        if action.label == "progress":
+            self.perform(action)  # changes nothing in the mail; keeps the MTA waiting
+            return
+        detail = _describe(action, args)
+        if action.label == "set_reply":
+            self.reply = detail
+        logger.info(
+            "dry-run: would %s %s", action.label, detail, extra={"pmk_session": self.session}
+        )
+        self.tally.add(action.label)
         rec = _metrics.recorder()
         if rec is not None:
-            rec.action(action, dry=True)
+            rec.action(action.label, dry=True)
 
-    def getsymval(self, name: bytes) -> bytes | None:
-        return self.inner.getsymval(name)
 
-    def progress(self) -> None:
-        self.inner.progress()  # changes nothing in the mail; keeps the MTA waiting
-
-    def setreply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None:
-        text = " ".join(_text(part) for part in (code, xcode, *lines) if part)
-        self.reply = text
-        self._would("set_reply", text)
-
-    def addheader(self, name: bytes, value: bytes) -> None:
-        self._would("add_header", f"{_text(name)}: {_text(value)}")
-
-    def insheader(self, index: int, name: bytes, value: bytes) -> None:
-        self._would("insert_header", f"#{index} {_text(name)}: {_text(value)}")
-
-    def chgheader(self, name: bytes, index: int, value: bytes | None) -> None:
-        if value is None:
-            self._would("delete_header", f"{_text(name)} #{index}")
-        else:
-            self._would("change_header", f"{_text(name)} #{index}: {_text(value)}")
-
-    def chgfrom(self, sender: bytes, params: bytes | None) -> None:
-        self._would("change_sender", f"{_text(sender)} {_text(params)}".rstrip())
-
-    def addrcpt(self, recipient: bytes, params: bytes | None) -> None:
-        self._would("add_recipient", f"{_text(recipient)} {_text(params)}".rstrip())
-
-    def delrcpt(self, recipient: bytes) -> None:
-        self._would("remove_recipient", _text(recipient))
-
-    def replacebody(self, chunk: bytes) -> None:
-        self._would("replace_body", f"({len(chunk)} bytes)")
-
-    def quarantine(self, reason: bytes) -> None:
-        self._would("quarantine", _text(reason))
+def _describe(action: ActionInfo, args: tuple[Any, ...]) -> str:
+    """An action's arguments as the dry-run log shows them (`Name: value`, `#2 Name: value`)."""
+    if action.label == "replace_body":
+        return f"({len(args[0])} bytes)"
+    if action.label == "set_reply":
+        code, xcode, lines = args
+        return " ".join(_text(part) for part in (code, xcode, *lines) if part)
+    text = [_text(arg) if not isinstance(arg, int) else str(arg) for arg in args]
+    return action.shows.format(*text).rstrip()
 
 
 class DryRun:

@@ -34,13 +34,14 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from ._board import Board
 from ._flags import Status
-from ._protocol import STAGE_METHODS
-from ._session import SessionBackend
+from ._protocol import ACTIONS as ACTION_TABLE
+from ._protocol import STAGE_METHODS, ActionInfo
+from ._session import BackendWrapper, SessionBackend
 
 __all__ = [
     "ACTIONS",
@@ -69,10 +70,7 @@ BUCKETS: tuple[float, ...] = (
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
 """Upper bounds (seconds) of the stage latency histogram; +Inf follows."""
-ACTIONS: tuple[str, ...] = (
-    "add_header", "insert_header", "change_header", "delete_header", "change_sender",
-    "add_recipient", "remove_recipient", "replace_body", "quarantine", "progress", "set_reply",
-)
+ACTIONS: tuple[str, ...] = tuple(dict.fromkeys(info.label for info in ACTION_TABLE))
 """The `action` label: the session API call that reached (or, in dry-run, would reach) the MTA."""
 
 # -- layout of one row (float64 cells) ---------------------------------------------------------
@@ -366,75 +364,18 @@ class _ForkHook:
 # -- the callbacks ------------------------------------------------------------------------------
 
 
-_A = {name: _ACTIONS + i for i, name in enumerate(ACTIONS)}  # action -> its cell
+class CountingBackend(BackendWrapper):
+    """A session backend that carries each action out, then counts it by its label."""
 
-
-class CountingBackend:
-    """A session backend that counts each action by kind, then carries it out."""
-
-    __slots__ = ("add", "add_header", "cells", "inner")
+    __slots__ = ("add",)
 
     def __init__(self, inner: SessionBackend, rec: Recorder) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.add = rec.add
-        self.cells = rec.cells
-        self.add_header = rec.base + _A["add_header"]  # the action of most messages
 
-    def getsymval(self, name: bytes) -> bytes | None:
-        return self.inner.getsymval(name)
-
-    def setreply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None:
-        self.inner.setreply(code, xcode, lines)
-        self.add(_A["set_reply"])
-
-    def addheader(self, name: bytes, value: bytes) -> None:
-        self.inner.addheader(name, value)
-        self.cells[self.add_header] += 1.0  # inline (see Recorder); a locked subclass without GIL
-
-    def insheader(self, index: int, name: bytes, value: bytes) -> None:
-        self.inner.insheader(index, name, value)
-        self.add(_A["insert_header"])
-
-    def chgheader(self, name: bytes, index: int, value: bytes | None) -> None:
-        self.inner.chgheader(name, index, value)
-        self.add(_A["change_header" if value is not None else "delete_header"])
-
-    def chgfrom(self, sender: bytes, params: bytes | None) -> None:
-        self.inner.chgfrom(sender, params)
-        self.add(_A["change_sender"])
-
-    def addrcpt(self, recipient: bytes, params: bytes | None) -> None:
-        self.inner.addrcpt(recipient, params)
-        self.add(_A["add_recipient"])
-
-    def delrcpt(self, recipient: bytes) -> None:
-        self.inner.delrcpt(recipient)
-        self.add(_A["remove_recipient"])
-
-    def replacebody(self, chunk: bytes) -> None:
-        self.inner.replacebody(chunk)
-        self.add(_A["replace_body"])
-
-    def progress(self) -> None:
-        self.inner.progress()
-        self.add(_A["progress"])
-
-    def quarantine(self, reason: bytes) -> None:
-        self.inner.quarantine(reason)
-        self.add(_A["quarantine"])
-
-
-class _LockedCountingBackend(CountingBackend):
-    """CountingBackend for free-threaded builds: every addition through the lock."""
-
-    __slots__ = ()
-
-    def addheader(self, name: bytes, value: bytes) -> None:
-        self.inner.addheader(name, value)
-        self.add(_A["add_header"])
-
-
-_COUNTING_BACKEND = CountingBackend if _GIL else _LockedCountingBackend
+    def act(self, action: ActionInfo, *args: Any) -> None:
+        self.perform(action, *args)
+        self.add(_ACTIONS + _ACTION_INDEX[action.label])
 
 
 class Meter:
@@ -490,7 +431,7 @@ class Meter:
 
     def backend(self, inner: SessionBackend) -> SessionBackend:
         """A new session's backend, counting its actions."""
-        return _COUNTING_BACKEND(inner, self.rec)
+        return CountingBackend(inner, self.rec)
 
     def opened(self) -> None:
         self.rec.add(_SESSIONS_TOTAL)

@@ -14,6 +14,7 @@ import dataclasses
 from ._flags import Actions, ProtocolOpts, Stage, Status
 
 __all__ = [
+    "ACTION",
     "ACTIONS",
     "ALL_ACTIONS",
     "ALL_LIBMILTER_OPTS",
@@ -130,24 +131,32 @@ class ActionInfo:
     """Allowed only in on_eom (else in any stage method)."""
     command: bytes
     """The milter's command on the wire (SMFIR_*)."""
+    shows: str
+    """How a log shows its arguments (`str.format`, each argument as text)."""
 
 
 _A = Actions
 ACTIONS: tuple[ActionInfo, ...] = (
-    ActionInfo("add_header", "add_header", "smfi_addheader", _A.ADD_HEADER, True, b"h"),
-    ActionInfo("insert_header", "insert_header", "smfi_insheader", _A.ADD_HEADER, True, b"i"),
-    ActionInfo("change_header", "change_header", "smfi_chgheader", _A.CHANGE_HEADER, True, b"m"),
-    ActionInfo("delete_header", "delete_header", "smfi_chgheader", _A.CHANGE_HEADER, True, b"m"),
-    ActionInfo("change_sender", "change_sender", "smfi_chgfrom", _A.CHANGE_FROM, True, b"e"),
-    ActionInfo("add_recipient", "add_recipient", "smfi_addrcpt", _A.ADD_RCPT, True, b"+"),
+    ActionInfo("add_header", "add_header", "smfi_addheader", _A.ADD_HEADER, True, b"h",
+               "{0}: {1}"),
+    ActionInfo("insert_header", "insert_header", "smfi_insheader", _A.ADD_HEADER, True, b"i",
+               "#{0} {1}: {2}"),
+    ActionInfo("change_header", "change_header", "smfi_chgheader", _A.CHANGE_HEADER, True, b"m",
+               "{0} #{1}: {2}"),
+    ActionInfo("delete_header", "delete_header", "smfi_chgheader", _A.CHANGE_HEADER, True, b"m",
+               "{0} #{1}"),
+    ActionInfo("change_sender", "change_sender", "smfi_chgfrom", _A.CHANGE_FROM, True, b"e",
+               "{0} {1}"),
+    ActionInfo("add_recipient", "add_recipient", "smfi_addrcpt", _A.ADD_RCPT, True, b"+", "{0}"),
     ActionInfo("add_recipient_par", "add_recipient", "smfi_addrcpt_par", _A.ADD_RCPT_PAR, True,
-               b"2"),
+               b"2", "{0} {1}"),
     ActionInfo("remove_recipient", "remove_recipient", "smfi_delrcpt", _A.DELETE_RCPT, True,
-               b"-"),
-    ActionInfo("replace_body", "replace_body", "smfi_replacebody", _A.CHANGE_BODY, True, b"b"),
-    ActionInfo("quarantine", "quarantine", "smfi_quarantine", _A.QUARANTINE, True, b"q"),
-    ActionInfo("progress", "progress", "smfi_progress", _A.NONE, True, b"p"),
-    ActionInfo("set_reply", "set_reply", "smfi_setreply", _A.NONE, False, b"y"),
+               b"-", "{0}"),
+    ActionInfo("replace_body", "replace_body", "smfi_replacebody", _A.CHANGE_BODY, True, b"b",
+               "({0} bytes)"),
+    ActionInfo("quarantine", "quarantine", "smfi_quarantine", _A.QUARANTINE, True, b"q", "{0}"),
+    ActionInfo("progress", "progress", "smfi_progress", _A.NONE, True, b"p", ""),
+    ActionInfo("set_reply", "set_reply", "smfi_setreply", _A.NONE, False, b"y", "{0} {1} {2}"),
 )
 """Every action, one row per backend method; `macro` (smfi_getsymval) reads, so is not one."""
 

@@ -26,12 +26,12 @@ from . import _validate as v
 from ._errors import UndeclaredActionError, WrongStageError
 from ._flags import Actions, ProtocolOpts, Stage, Status
 from ._logging import SessionLog, session_log
-from ._protocol import ALL_ACTIONS, ALL_LIBMILTER_OPTS, NO_STAGE_MASK, STAGES
+from ._protocol import ACTION, ALL_ACTIONS, ALL_LIBMILTER_OPTS, NO_STAGE_MASK, STAGES, ActionInfo
 from ._types import EsmtpParams, InetAddress, UnixAddress, decode
 
 __all__ = [
-    "STAGE_FLAGS", "ClassSpec", "HookResult", "MilterSession", "SessionBackend", "StageResult",
-    "noreply",
+    "STAGE_FLAGS", "ActionBackend", "BackendWrapper", "ClassSpec", "HookResult", "MilterSession",
+    "SessionBackend", "StageResult", "noreply",
 ]
 
 StageResult = Status | Awaitable[Status]
@@ -104,19 +104,98 @@ class ClassSpec:
 
 
 class SessionBackend(Protocol):
-    """Carries out session actions: libmilter's smfi_* calls, or a test recorder."""
+    """Carries out session actions: one method per row of `_protocol.ACTIONS`, plus macro reads.
+
+    `ActionBackend` makes one from a single `act` method; libmilter's (`_trampolines`) and the
+    harness's call their functions, the counting, dry-run, locked and refusing backends wrap
+    another (`BackendWrapper`).
+    """
 
     def getsymval(self, name: bytes) -> bytes | None: ...
-    def setreply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None: ...
-    def addheader(self, name: bytes, value: bytes) -> None: ...
-    def insheader(self, index: int, name: bytes, value: bytes) -> None: ...
-    def chgheader(self, name: bytes, index: int, value: bytes | None) -> None: ...
-    def chgfrom(self, sender: bytes, params: bytes | None) -> None: ...
-    def addrcpt(self, recipient: bytes, params: bytes | None) -> None: ...
-    def delrcpt(self, recipient: bytes) -> None: ...
-    def replacebody(self, chunk: bytes) -> None: ...
-    def progress(self) -> None: ...
+    def add_header(self, name: bytes, value: bytes) -> None: ...
+    def insert_header(self, index: int, name: bytes, value: bytes) -> None: ...
+    def change_header(self, name: bytes, index: int, value: bytes) -> None: ...
+    def delete_header(self, name: bytes, index: int) -> None: ...
+    def change_sender(self, sender: bytes, params: bytes | None) -> None: ...
+    def add_recipient(self, recipient: bytes) -> None: ...
+    def add_recipient_par(self, recipient: bytes, params: bytes) -> None: ...
+    def remove_recipient(self, recipient: bytes) -> None: ...
+    def replace_body(self, chunk: bytes) -> None: ...
     def quarantine(self, reason: bytes) -> None: ...
+    def progress(self) -> None: ...
+    def set_reply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None: ...
+
+
+class ActionBackend:
+    """A `SessionBackend` whose every action is `act(action, *args)` with its row of the table.
+
+    The only place that says which backend method is which action: a backend written as one
+    `act` follows the table (`ActionInfo`: label, libmilter function, flag, wire command).
+    """
+
+    __slots__ = ()
+
+    def act(self, action: ActionInfo, *args: Any) -> None:
+        raise NotImplementedError
+
+    def getsymval(self, name: bytes) -> bytes | None:
+        raise NotImplementedError
+
+    def add_header(self, name: bytes, value: bytes) -> None:
+        self.act(ACTION["add_header"], name, value)
+
+    def insert_header(self, index: int, name: bytes, value: bytes) -> None:
+        self.act(ACTION["insert_header"], index, name, value)
+
+    def change_header(self, name: bytes, index: int, value: bytes) -> None:
+        self.act(ACTION["change_header"], name, index, value)
+
+    def delete_header(self, name: bytes, index: int) -> None:
+        self.act(ACTION["delete_header"], name, index)
+
+    def change_sender(self, sender: bytes, params: bytes | None) -> None:
+        self.act(ACTION["change_sender"], sender, params)
+
+    def add_recipient(self, recipient: bytes) -> None:
+        self.act(ACTION["add_recipient"], recipient)
+
+    def add_recipient_par(self, recipient: bytes, params: bytes) -> None:
+        self.act(ACTION["add_recipient_par"], recipient, params)
+
+    def remove_recipient(self, recipient: bytes) -> None:
+        self.act(ACTION["remove_recipient"], recipient)
+
+    def replace_body(self, chunk: bytes) -> None:
+        self.act(ACTION["replace_body"], chunk)
+
+    def quarantine(self, reason: bytes) -> None:
+        self.act(ACTION["quarantine"], reason)
+
+    def progress(self) -> None:
+        self.act(ACTION["progress"])
+
+    def set_reply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None:
+        self.act(ACTION["set_reply"], code, xcode, lines)
+
+
+class BackendWrapper(ActionBackend):
+    """A backend around `inner`: each action goes through `act`, which by default carries it
+    out (`perform`); macro reads go straight through."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: SessionBackend) -> None:
+        self.inner = inner
+
+    def perform(self, action: ActionInfo, *args: Any) -> None:
+        """Carry `action` out on the inner backend."""
+        getattr(self.inner, action.method)(*args)
+
+    def act(self, action: ActionInfo, *args: Any) -> None:
+        self.perform(action, *args)
+
+    def getsymval(self, name: bytes) -> bytes | None:
+        return self.inner.getsymval(name)
 
 
 def _union_over_mro(cls: type, attr: str, zero: Any) -> Any:
@@ -364,7 +443,7 @@ class MilterSession:
         to 32 lines is sent as written (`%` needs no escaping).
         """
         raw = v.reply(code, xcode, lines)
-        self._pmk_any_stage("set_reply").setreply(*raw)
+        self._pmk_any_stage("set_reply").set_reply(*raw)
 
     def add_header(self, name: str | bytes, value: str | bytes) -> None:
         """Append a header to the message (smfi_addheader)."""
@@ -373,13 +452,13 @@ class MilterSession:
             backend = self._pmk_backend  # `_pmk_action`'s test inline: most messages get one
         else:
             backend = self._pmk_action(_ADD_HEADER, "add_header")
-        backend.addheader(raw_name, raw_value)  # type: ignore[union-attr]
+        backend.add_header(raw_name, raw_value)  # type: ignore[union-attr]
 
     def insert_header(self, index: int, name: str | bytes, value: str | bytes) -> None:
         """Insert a header at 0-based position `index` of the header block (smfi_insheader)."""
         idx = v.index(index, 0, "header index")
         raw_name, raw_value = v.header(name, value, extra=4)
-        self._pmk_action(_ADD_HEADER, "insert_header").insheader(idx, raw_name, raw_value)
+        self._pmk_action(_ADD_HEADER, "insert_header").insert_header(idx, raw_name, raw_value)
 
     def change_header(
         self, name: str | bytes, value: str | bytes | None, index: int = 1
@@ -387,20 +466,20 @@ class MilterSession:
         """Change the `index`-th (1-based) header `name`; None deletes it (smfi_chgheader)."""
         idx = v.index(index, 1, "header index")
         if value is None:
-            raw_name, raw_value = v.header_name(name), None
+            raw_name = v.header_name(name)
             v.check_size(len(raw_name) + 6, "header")
+            self._pmk_action(_CHANGE_HEADER, "change_header").delete_header(raw_name, idx)
         else:
             raw_name, raw_value = v.header(name, value, extra=4)
-        self._pmk_action(_CHANGE_HEADER, "change_header").chgheader(
-            raw_name, idx, raw_value
-        )
+            backend = self._pmk_action(_CHANGE_HEADER, "change_header")
+            backend.change_header(raw_name, idx, raw_value)
 
     def change_sender(self, sender: str | bytes, params: str | bytes | None = None) -> None:
         """Replace the envelope sender, optionally with ESMTP parameters (smfi_chgfrom)."""
         raw = v.address(sender, "sender")
         raw_params = v.esmtp_args(params, "sender parameters")
         v.check_size(len(raw) + len(raw_params or b"") + 2, "change_sender")
-        self._pmk_action(_CHANGE_FROM, "change_sender").chgfrom(raw, raw_params)
+        self._pmk_action(_CHANGE_FROM, "change_sender").change_sender(raw, raw_params)
 
     def add_recipient(self, recipient: str | bytes, params: str | bytes | None = None) -> None:
         """Add an envelope recipient; with `params`, ESMTP args (smfi_addrcpt, smfi_addrcpt_par).
@@ -410,19 +489,21 @@ class MilterSession:
         raw = v.address(recipient, "recipient")
         raw_params = v.esmtp_args(params, "recipient parameters")
         v.check_size(len(raw) + len(raw_params or b"") + 2, "add_recipient")
-        flag = _ADD_RCPT if raw_params is None else _ADD_RCPT_PAR
-        self._pmk_action(flag, "add_recipient").addrcpt(raw, raw_params)
+        if raw_params is None:
+            self._pmk_action(_ADD_RCPT, "add_recipient").add_recipient(raw)
+        else:
+            self._pmk_action(_ADD_RCPT_PAR, "add_recipient").add_recipient_par(raw, raw_params)
 
     def remove_recipient(self, recipient: str | bytes) -> None:
         """Remove an envelope recipient, written as it was given to on_rcpt (smfi_delrcpt)."""
         raw = v.address(recipient, "recipient")
         v.check_size(len(raw) + 1, "remove_recipient")
-        self._pmk_action(_DELETE_RCPT, "remove_recipient").delrcpt(raw)
+        self._pmk_action(_DELETE_RCPT, "remove_recipient").remove_recipient(raw)
 
     def replace_body(self, chunk: bytes) -> None:
         """Replace the body; the first call replaces, later calls append (smfi_replacebody)."""
         raw = v.body(chunk)
-        self._pmk_action(_CHANGE_BODY, "replace_body").replacebody(raw)
+        self._pmk_action(_CHANGE_BODY, "replace_body").replace_body(raw)
 
     def progress(self) -> None:
         """Tell the MTA the filter is still working, restarting its timeout (smfi_progress)."""

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, NoReturn
 
 from . import _libmilter as c
@@ -31,8 +31,8 @@ from ._dryrun import DryRun
 from ._errors import LibmilterError
 from ._flags import Status
 from ._loop import EventLoopThread
-from ._protocol import BY_METHOD
-from ._session import MilterSession, SessionBackend
+from ._protocol import ACTION, BY_METHOD, ActionInfo
+from ._session import ActionBackend, BackendWrapper, MilterSession, SessionBackend
 from ._threadstate import pin_thread_state
 from ._types import EsmtpParams, decode
 
@@ -41,19 +41,15 @@ __all__ = ["CtxBackend", "LibmilterCallbacks"]
 logger = logging.getLogger("pymilterkit")
 _CLOSE_WAIT = 5.0  # s: libmilter's close waits this long for a stop closing its session
 
-class CtxBackend:
-    """Session actions as smfi_* calls on one libmilter context."""
+class CtxBackend(ActionBackend):
+    """Session actions as smfi_* calls on one libmilter context: each action is its table
+    row's libmilter function called with the context and the action's arguments."""
 
     __slots__ = ("ctx", "lib")
 
     def __init__(self, lib: c.Libmilter, ctx: int) -> None:
         self.lib = lib
         self.ctx = ctx
-
-    @classmethod
-    def _check(cls, result: int, function: str) -> None:
-        if result != c.MI_SUCCESS:
-            cls._refused(function)
 
     @staticmethod
     def _refused(function: str) -> NoReturn:
@@ -62,56 +58,32 @@ class CtxBackend:
             f"or the action was not negotiated"
         )
 
+    def act(self, action: ActionInfo, *args: Any) -> None:
+        if getattr(self.lib, action.function)(self.ctx, *args) != c.MI_SUCCESS:
+            self._refused(action.function)
+
     def getsymval(self, name: bytes) -> bytes | None:
         return private.ctx_macro(self.lib, self.ctx, name)  # not smfi_getsymval: it can crash
 
-    def setreply(self, code: bytes, xcode: bytes | None, lines: Any) -> None:
-        if len(lines) <= 1:
-            self._check(
-                self.lib.smfi_setreply(self.ctx, code, xcode, lines[0] if lines else None),
-                "smfi_setreply",
-            )
-        else:
-            self._check(c.setmlreply(self.ctx, code, xcode, list(lines)), "smfi_setmlreply")
+    def add_header(self, name: bytes, value: bytes) -> None:
+        if self.lib.smfi_addheader(self.ctx, name, value) != c.MI_SUCCESS:  # inline: the
+            self._refused("smfi_addheader")  # action of most messages
 
-    def addheader(self, name: bytes, value: bytes) -> None:
-        if self.lib.smfi_addheader(self.ctx, name, value) != c.MI_SUCCESS:
-            self._refused("smfi_addheader")  # inline check: this runs for most messages
+    def delete_header(self, name: bytes, index: int) -> None:
+        self.act(ACTION["delete_header"], name, index, None)  # smfi_chgheader with NULL
 
-    def insheader(self, index: int, name: bytes, value: bytes) -> None:
-        self._check(self.lib.smfi_insheader(self.ctx, index, name, value), "smfi_insheader")
-
-    def chgheader(self, name: bytes, index: int, value: bytes | None) -> None:
-        self._check(self.lib.smfi_chgheader(self.ctx, name, index, value), "smfi_chgheader")
-
-    def chgfrom(self, sender: bytes, params: bytes | None) -> None:
-        self._check(self.lib.smfi_chgfrom(self.ctx, sender, params), "smfi_chgfrom")
-
-    def addrcpt(self, recipient: bytes, params: bytes | None) -> None:
-        if params is None:
-            self._check(self.lib.smfi_addrcpt(self.ctx, recipient), "smfi_addrcpt")
-        else:
-            self._check(
-                self.lib.smfi_addrcpt_par(self.ctx, recipient, params), "smfi_addrcpt_par"
-            )
-
-    def delrcpt(self, recipient: bytes) -> None:
-        self._check(self.lib.smfi_delrcpt(self.ctx, recipient), "smfi_delrcpt")
-
-    def replacebody(self, chunk: bytes) -> None:
+    def replace_body(self, chunk: bytes) -> None:
         # smfi_replacebody takes an int length: hand over large bodies in pieces.
         step = 1 << 30
         for start in range(0, max(len(chunk), 1), step):
             piece = chunk[start : start + step]
-            self._check(
-                self.lib.smfi_replacebody(self.ctx, piece, len(piece)), "smfi_replacebody"
-            )
+            self.act(ACTION["replace_body"], piece, len(piece))
 
-    def progress(self) -> None:
-        self._check(self.lib.smfi_progress(self.ctx), "smfi_progress")
-
-    def quarantine(self, reason: bytes) -> None:
-        self._check(self.lib.smfi_quarantine(self.ctx, reason), "smfi_quarantine")
+    def set_reply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None:
+        if len(lines) <= 1:
+            self.act(ACTION["set_reply"], code, xcode, lines[0] if lines else None)
+        elif c.setmlreply(self.ctx, code, xcode, list(lines)) != c.MI_SUCCESS:
+            self._refused("smfi_setmlreply")
 
 
 class LibmilterCallbacks(SessionRules):
@@ -469,22 +441,18 @@ class LibmilterCallbacks(SessionRules):
         return desc
 
 
-class _Guarded:
-    """A session's backend whose calls hold a lock, so progress can be sent between them."""
+class _Guarded(BackendWrapper):
+    """A session's backend whose actions hold a lock, so progress can be sent between them."""
+
+    __slots__ = ("lock",)
 
     def __init__(self, inner: SessionBackend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.lock = threading.Lock()
 
-    def __getattr__(self, name: str) -> Any:
-        function = getattr(self.inner, name)
-
-        def locked(*args: Any) -> Any:
-            with self.lock:
-                return function(*args)
-
-        setattr(self, name, locked)
-        return locked
+    def act(self, action: ActionInfo, *args: Any) -> None:
+        with self.lock:
+            self.perform(action, *args)
 
     def send_progress(self) -> None:
         with self.lock:
@@ -541,14 +509,16 @@ class SyncEomProgress:
             seen = current
 
 
-class _Detached:
+class _Detached(ActionBackend):
     """The backend of a session whose connection is gone: every action raises."""
 
-    def __getattr__(self, name: str) -> Any:
-        def refuse(*args: Any) -> Any:
-            raise LibmilterError(f"{name}: the milter is stopping; the connection is gone")
+    __slots__ = ()
 
-        return refuse
+    def act(self, action: ActionInfo, *args: Any) -> None:
+        raise LibmilterError(f"{action.label}: the milter is stopping; the connection is gone")
+
+    def getsymval(self, name: bytes) -> bytes | None:
+        raise LibmilterError("macro: the milter is stopping; the connection is gone")
 
 
 _DETACHED: Any = _Detached()

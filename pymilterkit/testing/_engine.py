@@ -31,10 +31,10 @@ from typing import Any
 
 from .._dispatch import SessionRules
 from .._errors import LibmilterError, MilterTimeout, ProtocolError, StageResultError
-from .._flags import Actions, ProtocolOpts, Stage, Status
+from .._flags import ProtocolOpts, Stage, Status
 from .._loop import InlineLoop
-from .._protocol import MI_FAILURE, NOREPLY_MASK, REPLY_CLASS, STAGES
-from .._session import MilterSession
+from .._protocol import ACTION, MI_FAILURE, NOREPLY_MASK, REPLY_CLASS, STAGES, ActionInfo
+from .._session import ActionBackend, MilterSession
 from .._types import EsmtpParams, decode
 from . import _wire as w
 from ._results import Step
@@ -97,26 +97,36 @@ _SMFI_V1_ACTS, _SMFI_V1_PROT = 0xF, 0x3F
 _U32 = struct.Struct(">I")
 
 
-class _Backend:
-    """The smfi_* calls of one context, as packets into the engine's output queue."""
+class _Backend(ActionBackend):
+    """The smfi_* calls of one context, as packets into the engine's output queue: each action
+    is its table row's command, with its arguments packed as libmilter packs them (an int as 4
+    bytes, a string NUL-terminated, a missing one left out)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def _emit(self, flag: Actions, function: str, cmd: bytes, data: bytes) -> None:
+    def act(self, action: ActionInfo, *args: Any) -> None:
+        data = b"".join(
+            _U32.pack(arg) if isinstance(arg, int) else arg + b"\0"
+            for arg in args
+            if arg is not None
+        )
+        self._emit(action, data)
+
+    def _emit(self, action: ActionInfo, data: bytes) -> None:
         """`mi_sendok`'s check (the action was negotiated, the stage is eom), then the packet."""
         e = self.engine
-        if not flag & e.aflags or e.state != ST_ENDM:
+        if not action.flag & e.aflags or e.state != ST_ENDM:
             raise LibmilterError(
-                f"libmilter refused {function} (MI_FAILURE): the MTA connection may be gone, "
-                f"or the action was not negotiated"
+                f"libmilter refused {action.function} (MI_FAILURE): the MTA connection may be "
+                f"gone, or the action was not negotiated"
             )
-        e.emit(cmd, data)
+        e.emit(action.command, data)
 
     def getsymval(self, name: bytes) -> bytes | None:
         return self.engine.getsymval(name)
 
-    def setreply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None:
+    def set_reply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None:
         if len(lines) <= 1:
             buf = code + b" "
             if xcode is not None:
@@ -134,42 +144,19 @@ class _Backend:
             buf = b"\r\n".join(parts)
         self.engine.reply = buf
 
-    def addheader(self, name: bytes, value: bytes) -> None:
-        self._emit(Actions.ADD_HEADER, "smfi_addheader", w.ADDHEADER, name + b"\0" + value + b"\0")
+    def change_header(self, name: bytes, index: int, value: bytes) -> None:
+        self.act(ACTION["change_header"], index, name, value)  # the index goes first
 
-    def insheader(self, index: int, name: bytes, value: bytes) -> None:
-        data = _U32.pack(index) + name + b"\0" + value + b"\0"
-        self._emit(Actions.ADD_HEADER, "smfi_insheader", w.INSHEADER, data)
+    def delete_header(self, name: bytes, index: int) -> None:
+        self.act(ACTION["delete_header"], index, name, b"")
 
-    def chgheader(self, name: bytes, index: int, value: bytes | None) -> None:
-        data = _U32.pack(index) + name + b"\0" + (value or b"") + b"\0"
-        self._emit(Actions.CHANGE_HEADER, "smfi_chgheader", w.CHGHEADER, data)
-
-    def chgfrom(self, sender: bytes, params: bytes | None) -> None:
-        data = sender + b"\0" + (params + b"\0" if params is not None else b"")
-        self._emit(Actions.CHANGE_FROM, "smfi_chgfrom", w.CHGFROM, data)
-
-    def addrcpt(self, recipient: bytes, params: bytes | None) -> None:
-        if params is None:
-            self._emit(Actions.ADD_RCPT, "smfi_addrcpt", w.ADDRCPT, recipient + b"\0")
-        else:
-            data = recipient + b"\0" + params + b"\0"
-            self._emit(Actions.ADD_RCPT_PAR, "smfi_addrcpt_par", w.ADDRCPT_PAR, data)
-
-    def delrcpt(self, recipient: bytes) -> None:
-        self._emit(Actions.DELETE_RCPT, "smfi_delrcpt", w.DELRCPT, recipient + b"\0")
-
-    def replacebody(self, chunk: bytes) -> None:
+    def replace_body(self, chunk: bytes) -> None:
         for offset in range(0, max(len(chunk), 1), w.MAX_DATA):  # one packet at least
-            piece = chunk[offset : offset + w.MAX_DATA]
-            self._emit(Actions.CHANGE_BODY, "smfi_replacebody", w.REPLBODY, piece)
+            self._emit(ACTION["replace_body"], chunk[offset : offset + w.MAX_DATA])
 
     def progress(self) -> None:
         # smfi_progress has no state check in libmilter (the session API has one).
-        self.engine.emit(w.PROGRESS, b"")
-
-    def quarantine(self, reason: bytes) -> None:
-        self._emit(Actions.QUARANTINE, "smfi_quarantine", w.QUARANTINE, reason + b"\0")
+        self.engine.emit(ACTION["progress"].command, b"")
 
 
 _ARGUMENTS: tuple[Callable[..., tuple[Any, ...]] | None, ...] = (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -21,14 +20,15 @@ from pymilterkit import (
     noreply,
 )
 from pymilterkit._dispatch import SessionRules
-from pymilterkit._protocol import NO_STAGE_MASK
+from pymilterkit._protocol import NO_STAGE_MASK, ActionInfo
+from pymilterkit._session import ActionBackend
 from tests.helpers import EVERY_ACTION
 
 P = ProtocolOpts
 
 
-class Recorder:
-    """A SessionBackend that records every call."""
+class Recorder(ActionBackend):
+    """A SessionBackend that records every call: the backend method and its arguments."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
@@ -37,35 +37,8 @@ class Recorder:
         self.calls.append(("getsymval", name))
         return b"value-of-" + name
 
-    def setreply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None:
-        self.calls.append(("setreply", code, xcode, tuple(lines)))
-
-    def addheader(self, name: bytes, value: bytes) -> None:
-        self.calls.append(("addheader", name, value))
-
-    def insheader(self, index: int, name: bytes, value: bytes) -> None:
-        self.calls.append(("insheader", index, name, value))
-
-    def chgheader(self, name: bytes, index: int, value: bytes | None) -> None:
-        self.calls.append(("chgheader", name, index, value))
-
-    def chgfrom(self, sender: bytes, params: bytes | None) -> None:
-        self.calls.append(("chgfrom", sender, params))
-
-    def addrcpt(self, recipient: bytes, params: bytes | None) -> None:
-        self.calls.append(("addrcpt", recipient, params))
-
-    def delrcpt(self, recipient: bytes) -> None:
-        self.calls.append(("delrcpt", recipient))
-
-    def replacebody(self, chunk: bytes) -> None:
-        self.calls.append(("replacebody", chunk))
-
-    def progress(self) -> None:
-        self.calls.append(("progress",))
-
-    def quarantine(self, reason: bytes) -> None:
-        self.calls.append(("quarantine", reason))
+    def act(self, action: ActionInfo, *args: Any) -> None:
+        self.calls.append((action.method, *(tuple(a) if isinstance(a, list) else a for a in args)))
 
 
 def attach(session: MilterSession, stage: str | None = "on_eom") -> Recorder:
@@ -221,17 +194,17 @@ def test_every_action_reaches_the_backend_as_bytes() -> None:
     s.progress()
     s.quarantine("looks odd")
     assert rec.calls == [
-        ("addheader", b"X-A", b"1"),
-        ("insheader", 0, b"X-B", b"2"),
-        ("chgheader", b"Subject", 2, b"new"),
-        ("chgheader", b"X-Old", 1, None),
-        ("chgfrom", b"<a@example.org>", b"RET=HDRS"),
-        ("chgfrom", b"b@example.org", None),
-        ("addrcpt", b"c@example.com", None),
-        ("addrcpt", b"d@example.com", b"NOTIFY=NEVER"),
-        ("delrcpt", b"<e@example.com>"),
-        ("replacebody", b"one\0"),
-        ("replacebody", b"two"),
+        ("add_header", b"X-A", b"1"),
+        ("insert_header", 0, b"X-B", b"2"),
+        ("change_header", b"Subject", 2, b"new"),
+        ("delete_header", b"X-Old", 1),
+        ("change_sender", b"<a@example.org>", b"RET=HDRS"),
+        ("change_sender", b"b@example.org", None),
+        ("add_recipient", b"c@example.com"),
+        ("add_recipient_par", b"d@example.com", b"NOTIFY=NEVER"),
+        ("remove_recipient", b"<e@example.com>"),
+        ("replace_body", b"one\0"),
+        ("replace_body", b"two"),
         ("progress",),
         ("quarantine", b"looks odd"),
     ]
@@ -242,7 +215,7 @@ def test_surrogateescaped_text_goes_back_as_the_original_bytes() -> None:
     rec = attach(s)
     raw = b"caf\xe9 \xff"
     s.add_header("X-Raw", raw.decode("utf-8", "surrogateescape"))
-    assert rec.calls == [("addheader", b"X-Raw", raw)]
+    assert rec.calls == [("add_header", b"X-Raw", raw)]
 
 
 @pytest.mark.parametrize("stage", ["on_connect", "on_helo", "on_rcpt", "on_header", "on_body"])
@@ -317,7 +290,7 @@ def test_folded_header_values_are_accepted() -> None:
     s = AllActions()
     rec = attach(s)
     s.add_header("X-Folded", "first\n\tsecond\r\n third")
-    assert rec.calls == [("addheader", b"X-Folded", b"first\n\tsecond\r\n third")]
+    assert rec.calls == [("add_header", b"X-Folded", b"first\n\tsecond\r\n third")]
 
 
 def test_header_index_checks() -> None:
@@ -366,9 +339,9 @@ def test_set_reply_single_and_multi_line_with_percent_escaped() -> None:
     s.set_reply("451")
     s.set_reply("550", None, "one", "two")
     assert rec.calls == [
-        ("setreply", b"550", b"5.7.1", (b"100%% spam",)),
-        ("setreply", b"451", None, ()),
-        ("setreply", b"550", None, (b"one", b"two")),
+        ("set_reply", b"550", b"5.7.1", (b"100%% spam",)),
+        ("set_reply", b"451", None, ()),
+        ("set_reply", b"550", None, (b"one", b"two")),
     ]
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pymilterkit import MilterSession, ProtocolOpts
-from pymilterkit._libmilter import SmfiDesc
-from pymilterkit._protocol import BY_METHOD, NO_STAGE_MASK, NOREPLY_MASK, STAGES
-from pymilterkit._session import OTHER_STAGES, STAGE_FLAGS
+from pymilterkit import MilterSession, ProtocolOpts, _metrics
+from pymilterkit._libmilter import Libmilter, SmfiDesc
+from pymilterkit._protocol import ACTION, ACTIONS, BY_METHOD, NO_STAGE_MASK, NOREPLY_MASK, STAGES
+from pymilterkit._session import OTHER_STAGES, STAGE_FLAGS, ActionBackend
 from pymilterkit.testing import Step
 from pymilterkit.testing import _wire as w
 from pymilterkit.testing._envelope import MACRO_STAGES
@@ -39,3 +39,12 @@ def test_derived_tables_follow_the_table() -> None:
     assert w.BODYEOB == b"E" and w.HEADER == b"L"
     assert MACRO_STAGES[Step.MAIL] == BY_METHOD["on_mail"].macros
     assert Step.HEADER not in MACRO_STAGES
+
+
+def test_every_backend_method_is_one_row_of_the_action_table() -> None:
+    methods = {name for name in vars(ActionBackend) if not name.startswith("_")}
+    assert methods - {"act", "getsymval"} == {info.method for info in ACTIONS} == set(ACTION)
+    assert all(hasattr(Libmilter, info.function) for info in ACTIONS)
+    assert set(_metrics.ACTIONS) == {info.label for info in ACTIONS}
+    commands = {info.command for info in ACTIONS}
+    assert commands <= {v for n, v in vars(w).items() if n.isupper() and isinstance(v, bytes)}
