@@ -6,14 +6,17 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from .._errors import MilterError
 from .._socketspec import connects, parse_socket_spec
@@ -76,11 +79,11 @@ class MilterProcess:
         startup_timeout: float = 15.0,
         config: object | None = None,
     ) -> None:
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        # Removed by __exit__, or when this object is collected (a start that failed in
+        # __enter__ gets no __exit__, and its log must stay readable until then).
+        self._dirs: list[weakref.finalize[Any, Any]] = []
         if socket_spec is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="pymilterkit-")
-            os.chmod(self._tmp.name, 0o755)
-            socket_spec = f"unix:{self._tmp.name}/milter.sock"
+            socket_spec = f"unix:{self._directory('pymilterkit-')}/milter.sock"
         self.socket = socket_spec
         self.spec = parse_socket_spec(socket_spec)
         self.target = target
@@ -89,13 +92,19 @@ class MilterProcess:
         self.cwd = cwd
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen[bytes] | None = None
-        self._log_dir = tempfile.TemporaryDirectory(prefix="pymilterkit-log-")
-        self.log_path = Path(self._log_dir.name) / "milter.log"
+        log_dir = self._directory("pymilterkit-log-")
+        self.log_path = Path(log_dir) / "milter.log"
         if config is not None:
-            config_path = Path(self._log_dir.name) / "filter.toml"
+            config_path = Path(log_dir) / "filter.toml"
             config_path.write_text(filter_table(config), encoding="utf-8")
             self.args += ["--config", str(config_path)]
         self.returncode: int | None = None
+
+    def _directory(self, prefix: str) -> str:
+        path = tempfile.mkdtemp(prefix=prefix)
+        os.chmod(path, 0o755)
+        self._dirs.append(weakref.finalize(self, shutil.rmtree, path, ignore_errors=True))
+        return path
 
     @property
     def pid(self) -> int:
@@ -140,9 +149,8 @@ class MilterProcess:
             time.sleep(0.05)
         else:
             failure = f"milter did not listen on {self.socket} in time"
-        message = f"{failure}:\n{self.log()}"
-        self.__exit__(None, None, None)  # stopped, and its temporary directories removed
-        raise MilterError(message)
+        self.stop()
+        raise MilterError(f"{failure}:\n{self.log()}")
 
     def _accepts(self) -> bool:
         return connects(self.spec)
@@ -189,6 +197,5 @@ class MilterProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-        self._log_dir.cleanup()
+        for remove in self._dirs:
+            remove()

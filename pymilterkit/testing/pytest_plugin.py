@@ -92,8 +92,8 @@ def milter_process() -> Iterator[ProcessFactory]:
         target: str | type[MilterSession], *, timeout: float = 10.0, **options: Any
     ) -> MilterClient:
         process = MilterProcess(_target(target), **options)
+        started.append(process)  # stopped and cleaned up at the end even if the start fails
         process.start()
-        started.append(process)
         client = MilterClient(process.socket, timeout=timeout)
         client.process = process  # type: ignore[attr-defined]
         return client
