@@ -81,19 +81,24 @@ def test_slow_lookups_runs_both_filters_and_checks_every_answer(tmp_path: Path) 
 
 
 def test_run_compares_async_rcpt_with_sync(tmp_path: Path) -> None:
-    # run.py's opt-in pymilterkit-async row (async def on_rcpt) beside pymilterkit, both reply
-    # modes: loadgen verifies X-Rcpt-Count, so a @noreply async RCPT still running at end of
-    # message would fail here.
+    # run.py's opt-in async rows beside pymilterkit: never suspending (both reply modes:
+    # loadgen verifies X-Rcpt-Count, so a @noreply async RCPT still running at end of message
+    # would fail here), suspending once, and awaiting a UDP echo (answered mode only).
     results = tmp_path / "async.json"
     command = [sys.executable, str(RUN), "--quick", "--json", str(results), "--no-memory",
-               "--milters", "pymilterkit", "pymilterkit-async", "--conns", "8",
-               "--modes", "answered", "noreply", "--pymilter-python", sys.executable]
+               "--milters", "pymilterkit", "pymilterkit-async", "pymilterkit-suspend",
+               "pymilterkit-lookup", "--conns", "8", "--modes", "answered", "noreply",
+               "--pymilter-python", sys.executable]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "async def on_rcpt against the sync twin" in done.stdout
     data = json.loads(results.read_text())
-    rows = [r for r in data["summary"] if r["milter"] == "pymilterkit-async"]
-    assert {r["mode"] for r in rows} == {"answered", "noreply"}
-    for row in rows:
+    rows = {(r["milter"], r["mode"]): r for r in data["summary"]}
+    assert set(rows) == {(m, mode) for m in ("pymilterkit", "pymilterkit-async")
+                         for mode in ("answered", "noreply")} | {
+        ("pymilterkit-suspend", "answered"), ("pymilterkit-lookup", "answered")}
+    for (milter, _), row in rows.items():
         assert row["failures"] == 0 and row["messages"] > 0, row
-        assert row["x_sync"]["msg_per_s"] > 0, row
+        if milter != "pymilterkit":
+            assert row["x_sync"]["msg_per_s"] > 0, row
+    assert "cpu_us_per_suspension" in rows[("pymilterkit-suspend", "answered")]
