@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from collections.abc import Sequence
 from typing import Literal, cast
 
@@ -40,20 +41,35 @@ def check(setting: CpuAffinity) -> CpuAffinity:
         return setting
     if isinstance(setting, str) or not isinstance(setting, Sequence):
         raise ConfigurationError(
-            f"cpu_affinity must be 'auto', None or a list of CPU numbers: {setting!r}"
+            f"cpu_affinity must be 'auto', None or a list of CPU numbers: {reprlib.repr(setting)}"
         )
     cpus = list(cast("Sequence[int]", setting))
     if not cpus or not all(isinstance(n, int) and not isinstance(n, bool) for n in cpus):
-        raise ConfigurationError(f"cpu_affinity needs at least one CPU number: {setting!r}")
+        raise ConfigurationError(
+            f"cpu_affinity needs at least one CPU number: {reprlib.repr(setting)}"
+        )
     allowed = _allowed()
     if allowed is None:
         raise ConfigurationError("cpu_affinity lists need os.sched_setaffinity (Linux)")
     outside = sorted(set(cpus) - set(allowed))
     if outside:
         raise ConfigurationError(
-            f"CPU(s) {outside} not available to this process (it may use {allowed})"
+            f"CPU(s) {_ranges(outside)} not available to this process (it may use "
+            f"{_ranges(allowed)})"
         )
     return tuple(cpus)
+
+
+def _ranges(cpus: Sequence[int]) -> str:
+    """CPU numbers as a short list: `0,2-5,9` (at most 8 runs shown)."""
+    runs: list[list[int]] = []
+    for n in sorted(cpus):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    shown = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:8])
+    return shown + (f",... ({len(cpus)} CPUs)" if len(runs) > 8 else "")
 
 
 def confined_elsewhere(cpus: Sequence[int]) -> dict[int, int]:

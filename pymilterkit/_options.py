@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -106,8 +107,18 @@ def _status(name: str) -> Status:
 Check = Callable[[str, Any], Any]
 
 
+C_INT_MAX = 2**31 - 1
+"""libmilter takes timeouts, backlogs and trace levels as a C int: more would be truncated."""
+
+
 def _number(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float))
+    """A finite int or float (not a bool, NaN or infinity)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value))
+
+
+def _c_int(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= C_INT_MAX
 
 
 def _check(ok: Callable[[Any], bool], message: str, convert: Callable[[Any], Any] = lambda v: v,
@@ -128,8 +139,8 @@ def _name(label: str, value: str | None) -> str | None:
     return value
 
 
-_POSITIVE_INT = _check(lambda v: isinstance(v, int) and v > 0, "{name} must be a positive int: "
-                       "{value!r}")
+_POSITIVE_INT = _check(lambda v: _c_int(v, 1), "{name} must be an int from 1 to "
+                       f"{C_INT_MAX}: {{value!r}}")
 _STATUS = _check(lambda v: v in _ERROR_STATUSES,
                  "{name} must be one of " + str([s.name for s in _ERROR_STATUSES]), optional=False)
 _SECONDS = _check(lambda v: _number(v) and v > 0,
@@ -150,13 +161,13 @@ class RunOptions:
         required=True))
     name: str | None = _option(None, _name, Flag("--name", "filter name reported to libmilter"))
     timeout: int | None = _option(None, _check(
-        lambda v: isinstance(v, int) and v > 0,
-        "{name} must be a positive number of seconds: {value!r}",
+        lambda v: _c_int(v, 1),
+        f"{{name}} must be a whole number of seconds from 1 to {C_INT_MAX}: {{value!r}}",
     ), Flag("--timeout", "libmilter I/O timeout in seconds", type=int))
     backlog: int | None = _option(None, _POSITIVE_INT, Flag("--backlog", "listen backlog",
                                                             type=int))
     debug_level: int = _option(0, _check(
-        lambda v: isinstance(v, int) and v >= 0, "{name} must be an int >= 0: {value!r}",
+        lambda v: _c_int(v, 0), f"{{name}} must be an int from 0 to {C_INT_MAX}: {{value!r}}",
         optional=False,
     ), Flag("--debug-level", "libmilter trace level", type=int, default=0))
     error_status: ErrorStatus = _option(Status.TEMPFAIL, _STATUS, Flag(
