@@ -37,8 +37,6 @@ __all__ = [
     "Gate",
     "ListenerThread",
     "notify_draining",
-    "notify_ready",
-    "notify_reloading",
     "rss_mib",
 ]
 
@@ -143,16 +141,6 @@ def notify_draining(stopping: bool) -> None:
             _systemd.notifier().stopping()
     except Exception:  # reporting must not stop a drain
         logger.exception("could not report the drain")
-
-
-def notify_reloading() -> None:
-    """systemd `RELOADING=1` as a reload begins."""
-    _systemd.notifier().reloading()
-
-
-def notify_ready() -> None:
-    """systemd `READY=1` once a reload ended (done or failed: the milter serves)."""
-    _systemd.notifier().ready()
 
 
 def rss_mib() -> float:

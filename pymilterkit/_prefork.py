@@ -40,7 +40,7 @@ from ._affinity import plan
 from ._errors import LibmilterError, WorkerStartError
 from ._fresh import Recipe
 from ._libmilter import prctl
-from ._lifecycle import notify_draining, notify_ready, notify_reloading
+from ._lifecycle import notify_draining
 from ._listen import Listener, open_listener
 from ._options import RunOptions
 from ._security import check_can_drop_privileges, drop_privileges
@@ -306,7 +306,7 @@ class Supervisor:
             self.reload_queued = True
             return
         self.reload_started = time.monotonic()
-        notify_reloading()
+        _systemd.notifier().reloading()
         self.generation += 1
         logger.info("%s: reloading: starting %d fresh worker(s)", reason, self.count)
         for slot in range(self.count):
@@ -336,7 +336,7 @@ class Supervisor:
                 len(old) + (local is not None),
             )
             self.reload_started = None
-            notify_ready()
+            _systemd.notifier().ready()  # the milter serves (reloaded or not)
             if local is not None:
                 local.hand_over()
             self._next_reload()
@@ -351,7 +351,7 @@ class Supervisor:
         self.signal_all(signal.SIGTERM, new)
         self.generation += 1  # workers of the cancelled generation are never committed
         self.reload_started = None
-        notify_ready()
+        _systemd.notifier().ready()  # the milter serves (reloaded or not)
         self._next_reload()
 
     def _next_reload(self) -> None:

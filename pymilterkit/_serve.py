@@ -292,7 +292,7 @@ class Server:
         if self.options.max_sessions_per_worker is not None:
             dispatcher.session_limit = self.options.max_sessions_per_worker
             dispatcher.past_limit = attention
-        with wake_handler() as can_wake, _signals_to(self if signals else None):
+        with wake_handler() as can_wake, handled(self) if signals else contextlib.nullcontext():
             self._can_wake = can_wake
             for request in self._early:
                 request()
@@ -507,6 +507,3 @@ class Server:
                                                           or self._gate.open):
                 connects(self.spec)  # run() off the main thread: no wake signal handler
 
-
-def _signals_to(server: Server | None) -> contextlib.AbstractContextManager[None]:
-    return contextlib.nullcontext() if server is None else handled(server)

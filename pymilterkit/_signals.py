@@ -27,7 +27,6 @@ __all__ = [
     "Target",
     "fork",
     "handled",
-    "on_stop_signals",
     "wake_handler",
 ]
 
@@ -78,31 +77,16 @@ class Target(Protocol):
 
 
 @contextlib.contextmanager
-def on_stop_signals(handler: Callable[[signal.Signals], None]) -> Iterator[None]:
-    """Call `handler(signal)` on a stop signal while the block runs (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def receive(signum: int, frame: FrameType | None) -> None:
-        handler(signal.Signals(signum))
-
-    previous = {signum: signal.signal(signum, receive) for signum in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-
-@contextlib.contextmanager
 def handled(target: Target) -> Iterator[None]:
     """While the block runs, the stop signals become `target`'s drain, stop_now and reload."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
+        return
     requests = StopRequests()
 
-    def receive(signum: signal.Signals) -> None:
+    def receive(signum: int, frame: FrameType | None) -> None:
         request = requests.classify(signum)
-        reason = f"signal {signum.name}"
+        reason = f"signal {signal.Signals(signum).name}"
         if request == "drain":
             target.drain(reason)
         elif request == "now":
@@ -110,8 +94,12 @@ def handled(target: Target) -> Iterator[None]:
         elif request == "reload":
             target.reload(reason)
 
-    with on_stop_signals(receive):
+    previous = {signum: signal.signal(signum, receive) for signum in STOP_SIGNALS}
+    try:
         yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def fork(child: Callable[[], None]) -> int:
