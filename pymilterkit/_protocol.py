@@ -76,24 +76,33 @@ class StageInfo:
     """Where macros requested for this stage are sent (SMFIM_*), if anywhere."""
     connection: bool
     """A connection-level stage: it is not part of a message (no abort follows it)."""
+    shape: str
+    """The C type of its libmilter callback (`_libmilter.Callbacks.make`: "argv")."""
+    state: int
+    """libmilter's engine state while it runs (engine.c's ST_*)."""
 
 
 _P = ProtocolOpts
 STAGES: tuple[StageInfo, ...] = (
     StageInfo("on_connect", "connect", b"C", "xxfi_connect", _P.NO_CONNECT, _P.NR_CONN,
-              Stage.CONNECT, True),
-    StageInfo("on_helo", "helo", b"H", "xxfi_helo", _P.NO_HELO, _P.NR_HELO, Stage.HELO, True),
+              Stage.CONNECT, True, "connect", 2),
+    StageInfo("on_helo", "helo", b"H", "xxfi_helo", _P.NO_HELO, _P.NR_HELO, Stage.HELO, True,
+              "str1", 3),
     StageInfo("on_mail", "mail", b"M", "xxfi_envfrom", _P.NO_MAIL, _P.NR_MAIL,
-              Stage.ENVFROM, False),
+              Stage.ENVFROM, False, "argv", 4),
     StageInfo("on_rcpt", "rcpt", b"R", "xxfi_envrcpt", _P.NO_RCPT, _P.NR_RCPT,
-              Stage.ENVRCPT, False),
-    StageInfo("on_data", "data", b"T", "xxfi_data", _P.NO_DATA, _P.NR_DATA, Stage.DATA, False),
+              Stage.ENVRCPT, False, "argv", 5),
+    StageInfo("on_data", "data", b"T", "xxfi_data", _P.NO_DATA, _P.NR_DATA, Stage.DATA, False,
+              "ctx", 6),
     StageInfo("on_unknown", "unknown", b"U", "xxfi_unknown", _P.NO_UNKNOWN, _P.NR_UNKN,
-              None, True),
-    StageInfo("on_header", "header", b"L", "xxfi_header", _P.NO_HDRS, _P.NR_HDR, None, False),
-    StageInfo("on_eoh", "eoh", b"N", "xxfi_eoh", _P.NO_EOH, _P.NR_EOH, Stage.EOH, False),
-    StageInfo("on_body", "body", b"B", "xxfi_body", _P.NO_BODY, _P.NR_BODY, None, False),
-    StageInfo("on_eom", "eom", b"E", "xxfi_eom", _P.NONE, _P.NONE, Stage.EOM, False),
+              None, True, "ptr1", 13),
+    StageInfo("on_header", "header", b"L", "xxfi_header", _P.NO_HDRS, _P.NR_HDR, None, False,
+              "str2", 7),
+    StageInfo("on_eoh", "eoh", b"N", "xxfi_eoh", _P.NO_EOH, _P.NR_EOH, Stage.EOH, False,
+              "ctx", 8),
+    StageInfo("on_body", "body", b"B", "xxfi_body", _P.NO_BODY, _P.NR_BODY, None, False,
+              "body", 9),
+    StageInfo("on_eom", "eom", b"E", "xxfi_eom", _P.NONE, _P.NONE, Stage.EOM, False, "ctx", 10),
 )
 """The stages with a command from the MTA, in protocol order; on_abort, on_close and
 on_negotiate are the other stage methods (no answer, or answered by negotiation)."""

@@ -31,7 +31,7 @@ from ._dryrun import DryRun
 from ._errors import LibmilterError
 from ._flags import Status
 from ._loop import EventLoopThread
-from ._protocol import ACTION, BY_METHOD, ActionInfo
+from ._protocol import ACTION, BY_METHOD, STAGES, ActionInfo
 from ._session import ActionBackend, BackendWrapper, MilterSession, SessionBackend
 from ._threadstate import pin_thread_state
 from ._types import EsmtpParams, decode
@@ -410,28 +410,25 @@ class LibmilterCallbacks(SessionRules):
         desc.xxfi_version = c.SMFI_VERSION
         desc.xxfi_flags = int(self.spec.actions)
 
-        # Per stage: the C argument shape and the conversion to the method's arguments; the
-        # smfiDesc field comes from the stage table.
-        table: dict[str, tuple[str, Callable[..., tuple[Any, ...]] | None]] = {
-            "on_connect": (
-                "connect",
-                lambda host, addr: (decode(host or b""), c.sockaddr_to_address(addr)),
-            ),
-            "on_helo": ("str1", lambda host, _: (decode(host or b""),)),
-            "on_mail": ("argv", _envelope),
-            "on_rcpt": ("argv", _envelope),
-            "on_data": ("ctx", None),
-            "on_unknown": ("ptr1", _unknown),
-            "on_header": ("str2", lambda n, v: (decode(n or b""), decode(v or b""))),
-            "on_eoh": ("ctx", None),
-            "on_body": ("body", lambda p, n: (c.body_bytes(p, n),)),
-            "on_eom": ("ctx", None),
+        # Per stage: the conversion of libmilter's arguments to the method's; the callback's
+        # field and C type come from the stage table.
+        convert: dict[str, Callable[..., tuple[Any, ...]] | None] = {
+            "on_connect": lambda host, addr: (decode(host or b""), c.sockaddr_to_address(addr)),
+            "on_helo": lambda host, _: (decode(host or b""),),
+            "on_mail": _envelope,
+            "on_rcpt": _envelope,
+            "on_data": None,
+            "on_unknown": _unknown,
+            "on_header": lambda n, v: (decode(n or b""), decode(v or b"")),
+            "on_eoh": None,
+            "on_body": lambda p, n: (c.body_bytes(p, n),),
+            "on_eom": None,
         }
-        assert set(table) == set(BY_METHOD)
-        for stage, (shape, convert) in table.items():
-            if stage in stages:
-                field = BY_METHOD[stage].callback
-                setattr(desc, field, make(shape, self._stage(stage, convert)))
+        assert set(convert) == set(BY_METHOD)
+        for info in STAGES:
+            if info.method in stages:
+                callback = self._stage(info.method, convert[info.method])
+                setattr(desc, info.callback, make(info.shape, callback))
         if self.answer_data:  # TCP without on_data: see SessionRules.__init__
             desc.xxfi_data = make("ctx", _continue)
         desc.xxfi_negotiate = make("negotiate", self._negotiate)

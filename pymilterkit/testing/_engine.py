@@ -47,11 +47,7 @@ logger = logging.getLogger("pymilterkit")
 ST_NONE, ST_INIT, ST_OPTS, ST_CONN, ST_HELO, ST_MAIL, ST_RCPT = -1, 0, 1, 2, 3, 4, 5
 ST_DATA, ST_HDRS, ST_EOHS, ST_BODY, ST_ENDM, ST_QUIT, ST_ABRT = 6, 7, 8, 9, 10, 11, 12
 ST_UNKN, ST_Q_NC, ST_SKIP = 13, 14, 16
-_STATE_OF = {
-    "on_connect": ST_CONN, "on_helo": ST_HELO, "on_mail": ST_MAIL, "on_rcpt": ST_RCPT,
-    "on_data": ST_DATA, "on_unknown": ST_UNKN, "on_header": ST_HDRS, "on_eoh": ST_EOHS,
-    "on_body": ST_BODY, "on_eom": ST_ENDM,
-}
+_STATE_OF = {info.method: info.state for info in STAGES}
 """The engine state of each stage of `_protocol.STAGES`."""
 
 

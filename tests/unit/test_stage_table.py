@@ -7,6 +7,7 @@ from pymilterkit._libmilter import Libmilter, SmfiDesc
 from pymilterkit._protocol import ACTION, ACTIONS, BY_METHOD, NO_STAGE_MASK, NOREPLY_MASK, STAGES
 from pymilterkit._session import OTHER_STAGES, STAGE_FLAGS, ActionBackend
 from pymilterkit.testing import Step
+from pymilterkit.testing import _engine as engine
 from pymilterkit.testing import _wire as w
 from pymilterkit.testing._envelope import MACRO_STAGES
 
@@ -48,3 +49,12 @@ def test_every_backend_method_is_one_row_of_the_action_table() -> None:
     assert set(_metrics.ACTIONS) == {info.label for info in ACTIONS}
     commands = {info.command for info in ACTIONS}
     assert commands <= {v for n, v in vars(w).items() if n.isupper() and isinstance(v, bytes)}
+
+
+def test_the_engine_states_of_the_table_are_libmilters() -> None:
+    names = {"on_connect": "CONN", "on_helo": "HELO", "on_mail": "MAIL", "on_rcpt": "RCPT",
+             "on_data": "DATA", "on_unknown": "UNKN", "on_header": "HDRS", "on_eoh": "EOHS",
+             "on_body": "BODY", "on_eom": "ENDM"}
+    assert {info.method: info.state for info in STAGES} == {
+        method: getattr(engine, f"ST_{name}") for method, name in names.items()
+    }
