@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._flags import Actions, ProtocolOpts, Status
@@ -51,6 +51,28 @@ logger = logging.getLogger("pymilterkit")
 
 CONNECTION_STAGES = frozenset(info.method for info in STAGES if info.connection)
 NO_PARAMS = EsmtpParams()  # read-only: one instance serves every address without parameters
+
+
+class _AfterPending(Mapping[Any, MilterSession]):
+    """`sessions`, where a look-up first waits for the session's pending async stage (a
+    @noreply one, or a peer that did not wait), so a sync stage never overlaps it: classes with
+    async stages only."""
+
+    def __init__(self, sessions: Mapping[Any, MilterSession]) -> None:
+        self.sessions = sessions
+
+    def __getitem__(self, key: Any) -> MilterSession:
+        session = self.sessions[key]
+        pending = session._pmk_pending
+        if pending is not None:
+            pending.wait()
+        return session
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.sessions)
+
+    def __len__(self) -> int:
+        return len(self.sessions)
 
 
 class Entry:
@@ -276,7 +298,7 @@ class SessionRules:
     def stage_callback(
         self,
         stage: str,
-        get: Callable[[Any], MilterSession | None],
+        sessions: Mapping[Any, MilterSession],
         create: Callable[[Any], MilterSession | None],
         convert: Callable[..., tuple[Any, ...]] | None = None,
         *,
@@ -286,7 +308,7 @@ class SessionRules:
         """The function that runs reply-giving `stage` for a connection: `callback(key, a, b)`.
 
         libmilter's callbacks (`_trampolines`, key: the SMFICTX) and the harness (key: unused)
-        run this same code: the session is looked up by `get(key)`, made by `create(key)` if
+        run this same code: the session is looked up in `sessions`, made by `create(key)` if
         there is none (a new connection after QUIT_NC; None while the runner stops: answered
         TEMPFAIL), the stage is marked on the session (the actions' stage checks read it), the
         method runs, and the error policy, the abort guard and the result check follow.
@@ -300,9 +322,9 @@ class SessionRules:
         those are on; an async stage's through `answered`.
         """
         plain = self._async_callback if stage in self.asynchronous else self._sync_callback
-        callback = plain(stage, get, create, convert, envelope, pin)
+        callback = plain(stage, sessions, create, convert, envelope, pin)
         if self.dry_run is not None:
-            callback = self.dry_run.verdicts(stage, callback, get)
+            callback = self.dry_run.verdicts(stage, callback, sessions)
         if self.meter is not None and stage not in self.asynchronous:  # async: `answered`
             callback = self.meter.timed(stage, callback)
         return callback
@@ -310,7 +332,7 @@ class SessionRules:
     def _sync_callback(
         self,
         stage: str,
-        get: Callable[[Any], MilterSession | None],
+        sessions: Mapping[Any, MilterSession],
         create: Callable[[Any], MilterSession | None],
         convert: Callable[..., tuple[Any, ...]] | None,
         envelope: bool,
@@ -327,7 +349,7 @@ class SessionRules:
         if self.stage_timeout is not None:
             method = self._timed(method, stage)
         if self.asynchronous:  # a sync stage may follow an async one not yet answered
-            get = self._after_pending(get)
+            sessions = _AfterPending(sessions)
         noreply = stage in self.noreply
         # Which results end the message matters only to on_abort (run inside a message).
         track = "on_abort" in self.spec.stages and stage not in CONNECTION_STAGES
@@ -341,14 +363,16 @@ class SessionRules:
                 entry = first_entry(pin)
             entry.key = key  # before the look-up: see the module's docstring
             try:
-                session = get(key)
-                if session is None:  # after QUIT_NC: a new connection on the same context
+                try:
+                    session = sessions[key]  # a subscript: cheaper than a call of .get
+                except KeyError:  # after QUIT_NC: a new connection on the same context
                     try:
-                        session = create(key)
+                        new = create(key)
                     except BaseException as exc:  # noqa: BLE001 - nothing may reach C
                         return fail(exc, stage)
-                    if session is None:  # stopping: no new sessions
+                    if new is None:  # stopping: no new sessions
                         return status_type.TEMPFAIL
+                    session = new
                 session._pmk_stage = stage
                 try:
                     if envelope:
@@ -402,7 +426,7 @@ class SessionRules:
     def _async_callback(
         self,
         stage: str,
-        get: Callable[[Any], MilterSession | None],
+        sessions: Mapping[Any, MilterSession],
         create: Callable[[Any], MilterSession | None],
         convert: Callable[..., tuple[Any, ...]] | None,
         envelope: bool,
@@ -424,14 +448,16 @@ class SessionRules:
                 entry = first_entry(pin)
             entry.key = key  # before the look-up: see the module's docstring
             try:
-                session = get(key)
-                if session is None:
+                try:
+                    session = sessions[key]
+                except KeyError:
                     try:
-                        session = create(key)
+                        new = create(key)
                     except BaseException as exc:  # noqa: BLE001 - nothing may reach C
                         return fail(exc, stage)
-                    if session is None:
+                    if new is None:
                         return Status.TEMPFAIL
+                    session = new
                 pending = session._pmk_pending
                 if pending is not None:  # a peer that did not wait for the previous answer
                     pending.wait()
@@ -456,24 +482,6 @@ class SessionRules:
                 entry.key = None
 
         return callback
-
-    @staticmethod
-    def _after_pending(
-        get: Callable[[Any], MilterSession | None],
-    ) -> Callable[[Any], MilterSession | None]:
-        """`get`, waiting first for the session's pending async stage (a @noreply one, or a
-        peer that did not wait), so a sync stage never overlaps it: classes with async stages
-        only."""
-
-        def waiting(key: Any) -> MilterSession | None:
-            session = get(key)
-            if session is not None:
-                pending = session._pmk_pending
-                if pending is not None:
-                    pending.wait()
-            return session
-
-        return waiting
 
     @staticmethod
     def wait_pending(session: MilterSession) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import _metrics
@@ -113,7 +113,7 @@ class DryRun:
         return dry
 
     def verdicts(
-        self, stage: str, callback: Callable[..., int], get: Callable[[Any], MilterSession | None]
+        self, stage: str, callback: Callable[..., int], sessions: Mapping[Any, MilterSession]
     ) -> Callable[..., int]:
         """`callback` (a sync stage's), answering CONTINUE where it answered a verdict."""
         verdicts, proceed, would = _VERDICTS, _CONTINUE, self.would_answer
@@ -121,7 +121,7 @@ class DryRun:
         def dry(key: Any, a: Any = None, b: Any = None) -> int:
             answer = callback(key, a, b)
             if answer in verdicts:
-                would(stage, answer, get(key))
+                would(stage, answer, sessions.get(key))
                 return proceed
             return answer
 

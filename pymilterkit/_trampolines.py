@@ -151,7 +151,7 @@ class LibmilterCallbacks(SessionRules):
         """The callback of one reply-giving stage: the shared `stage_callback`, keyed by ctx."""
         callback = self.stage_callback(
             stage,
-            self.sessions.get,
+            self.sessions,
             self._create,
             convert,
             envelope=convert is _envelope,

@@ -179,7 +179,8 @@ class _HarnessRules(SessionRules):
         self.engine = engine
         self.reraise = reraise
         self.loop = loop or InlineLoop()
-        self.session: MilterSession | None = None
+        self.sessions: dict[None, MilterSession] = {}
+        """The connection's session (keyed by None), once made."""
         self.errors: list[tuple[str, BaseException]] = []
         self._callbacks: dict[str, Callable[..., int]] = {}
 
@@ -211,18 +212,15 @@ class _HarnessRules(SessionRules):
         return answer
 
     def _create(self, key: object = None) -> MilterSession:
-        self.session = self.create(_Backend(self.engine))
-        return self.session
-
-    def _current(self, key: object) -> MilterSession | None:
-        return self.session
+        session = self.sessions[None] = self.create(_Backend(self.engine))
+        return session
 
     def stage(self, stage: str, *args: Any) -> int:
         """Run `stage` with the runner's own stage callback (`SessionRules.stage_callback`)."""
         callback = self._callbacks.get(stage)
         if callback is None:
             callback = self._callbacks[stage] = self.stage_callback(
-                stage, self._current, self._create, _ARGUMENTS[len(args)]
+                stage, self.sessions, self._create, _ARGUMENTS[len(args)]
             )
         return callback(None, *args)
 
@@ -235,11 +233,12 @@ class _HarnessRules(SessionRules):
         return super().negotiate(session, f0, f1, self.engine.setsymlist)
 
     def abort_context(self) -> None:
-        if self.session is not None:
-            super().abort(self.session)
+        session = self.sessions.get(None)
+        if session is not None:
+            super().abort(session)
 
     def close_context(self) -> None:
-        session, self.session = self.session, None
+        session = self.sessions.pop(None, None)
         if session is not None:
             super().close(session)
 

@@ -45,25 +45,23 @@ class Driver:
 
     def __init__(self, error_status: Status = Status.TEMPFAIL) -> None:
         self.driver = SessionRules(Events, error_status)
-        self.session: MilterSession | None = None
+        self.sessions: dict[Any, MilterSession] = {}
         self.created = 0
         self.callbacks = {
-            stage: self.driver.stage_callback(stage, lambda key: self.session, self.create,
-                                              lambda *a: a)
+            stage: self.driver.stage_callback(stage, self.sessions, self.create, lambda *a: a)
             for stage in ("on_mail", "on_rcpt")
         }
 
     def create(self, key: Any) -> MilterSession:
         self.created += 1
-        self.session = self.driver.create(object())  # type: ignore[arg-type]
-        return self.session
+        session = self.sessions[key] = self.driver.create(object())  # type: ignore[arg-type]
+        return session
 
     def __call__(self, stage: str, *args: Any) -> int:
         return self.callbacks[stage](None, *args)
 
     def abort(self) -> None:
-        assert self.session is not None
-        self.driver.abort(self.session)
+        self.driver.abort(self.sessions[None])
 
 
 def setup_function() -> None:
@@ -100,7 +98,7 @@ def test_errors_and_wrong_results_get_the_error_status() -> None:
 
 def test_refused_creation_while_stopping_answers_tempfail() -> None:
     driver = SessionRules(Events, Status.REJECT)
-    callback = driver.stage_callback("on_mail", lambda key: None, lambda key: None,
+    callback = driver.stage_callback("on_mail", {}, lambda key: None,
                                      lambda *a: a)
     assert callback(None, "a@b", EsmtpParams()) == Status.TEMPFAIL
     assert Events.events == []
@@ -112,6 +110,6 @@ def test_libmilter_callbacks_and_the_harness_run_the_same_code() -> None:
     harness.run(b"Subject: x\r\n\r\nbody\r\n", sender="a@b", recipients=["c@d"])
     runner_code = dispatcher._stage("on_rcpt", None).__code__
     shared_code = SessionRules(Events, Status.TEMPFAIL).stage_callback(
-        "on_rcpt", lambda key: None, lambda key: None).__code__
+        "on_rcpt", {}, lambda key: None).__code__
     assert runner_code is shared_code
     assert Events.events[:1] == ["mail <a@b>"]  # the harness ran the filter through it too

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typing_extensions import override
@@ -62,7 +63,7 @@ def test_milter_refuses_bad_metrics_and_dry_run_options() -> None:
 def test_features_that_are_off_leave_the_plain_callbacks() -> None:
     rules = SessionRules(_Stages, Status.TEMPFAIL)
     assert rules.meter is None and rules.dry_run is None
-    callback = rules.stage_callback("on_rcpt", lambda key: None, lambda key: None)
+    callback = rules.stage_callback("on_rcpt", {}, lambda key: None)
     assert callback.__qualname__.endswith("_sync_callback.<locals>.callback")
 
 
@@ -222,21 +223,20 @@ def test_metered_callbacks_answer_as_the_plain_ones_and_count_every_answer(
         rules = SessionRules(_Stages, Status.TEMPFAIL, meter=_metrics.Meter(recorder))
         session = _Stages()
         rules.attach(session, None)  # type: ignore[arg-type]
-        sessions: list[MilterSession | None] = [session]
+        sessions: dict[Any, MilterSession] = {None: session}
 
         def convert(recipient: str, _: None) -> tuple[str, EsmtpParams]:
             return recipient, NO_PARAMS
 
         def build(driver: SessionRules) -> Callable[..., int]:
-            return driver.stage_callback("on_rcpt", lambda key: sessions[0], lambda key: None,
-                                         convert)
+            return driver.stage_callback("on_rcpt", sessions, lambda key: None, convert)
 
         plain, metered = build(plain_rules), build(rules)
         recipients = ["a", "reject", "b", "boom", "odd", "c"]
         with caplog.at_level(logging.CRITICAL, logger="pymilterkit"):
             answers = [plain(None, r) for r in recipients]
             assert [metered(None, r) for r in recipients] == answers
-            sessions[0] = None  # no session, none made (a stop): TEMPFAIL, counted too
+            del sessions[None]  # no session, none made (a stop): TEMPFAIL, counted too
             assert metered(None, "d") == plain(None, "d")
         assert answers == [Status.CONTINUE, Status.REJECT, Status.CONTINUE, Status.TEMPFAIL,
                            Status.TEMPFAIL, Status.CONTINUE]
@@ -282,7 +282,7 @@ def test_a_slow_answer_lands_in_its_bucket_and_status() -> None:
         rules = SessionRules(_Stages, Status.TEMPFAIL, meter=meter)
         session = _Stages()
         rules.attach(session, None)  # type: ignore[arg-type]
-        callback = rules.stage_callback("on_rcpt", lambda key: session, lambda key: None,
+        callback = rules.stage_callback("on_rcpt", {None: session}, lambda key: None,
                                         lambda r, _: (r, NO_PARAMS))
         assert callback(None, "reject") == Status.REJECT
         assert callback(None, "a") == Status.CONTINUE

@@ -89,20 +89,20 @@ def _dispatcher(session_class: type[MilterSession]) -> tuple[Callbacks, EventLoo
     return dispatcher, loop
 
 
-def _held_lookup(
-    dispatcher: Callbacks,
-) -> tuple[Callable[[Any], Any], threading.Event, threading.Event]:
-    """A session look-up that, once, stops after finding the session until released."""
-    found, release = threading.Event(), threading.Event()
+class HeldLookup(dict[int, MilterSession]):
+    """The dispatcher's sessions, whose look-up, once, stops after finding one until released."""
 
-    def get(key: Any) -> MilterSession | None:
-        session = dispatcher.sessions.get(key)
-        if not found.is_set():
-            found.set()
-            release.wait(10)
+    def __init__(self, dispatcher: Callbacks) -> None:
+        super().__init__()
+        self.dispatcher = dispatcher
+        self.found, self.release = threading.Event(), threading.Event()
+
+    def __getitem__(self, key: int) -> MilterSession:
+        session = self.dispatcher.sessions[key]
+        if not self.found.is_set():
+            self.found.set()
+            self.release.wait(10)
         return session
-
-    return get, found, release
 
 
 def _start(function: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
@@ -122,12 +122,13 @@ def test_a_stop_waits_for_a_callback_between_its_lookup_and_its_stage(
 ) -> None:
     dispatcher, loop = _dispatcher(session_class)
     try:
-        get, found, release = _held_lookup(dispatcher)
+        held = HeldLookup(dispatcher)
+        found, release = held.found, held.release
         if metered:  # metrics' wrapper around the same callback
             shared = _metrics.SharedCounts(rows=1)
             dispatcher.meter = _metrics.Meter(_metrics.Recorder(shared, 0))
         callback = dispatcher.stage_callback(
-            "on_rcpt", get, dispatcher._create, _envelope, envelope=True
+            "on_rcpt", held, dispatcher._create, _envelope, envelope=True
         )
         stage, answer = _start(lambda: callback(CTX, (b"<a@b>", None)))
         assert found.wait(10)
@@ -158,7 +159,7 @@ def test_a_callback_after_the_stop_took_the_session_makes_none(
     try:
         assert dispatcher.close_all(grace=1) == 1
         callback = dispatcher.stage_callback(
-            "on_rcpt", dispatcher.sessions.get, dispatcher._create, _envelope, envelope=True
+            "on_rcpt", dispatcher.sessions, dispatcher._create, _envelope, envelope=True
         )
         assert callback(CTX, (b"<late@b>", None)) == Status.TEMPFAIL
         assert dispatcher._negotiate(CTX, 0, 0, 0, 0, None, None, None, None) == Status.TEMPFAIL
