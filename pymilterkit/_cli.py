@@ -254,8 +254,7 @@ def fresh_worker() -> None:
     class afresh, build the same `Milter`, serve as one worker on the inherited listening
     descriptor; never returns."""
     from . import _metrics
-    from ._prefork import plan_cpus, serve_worker
-    from ._runner import Milter, claim_run
+    from ._runner import Milter, claim_run, plan_cpus, serve_worker
 
     description = json.loads(os.environ.pop(FRESH_ENV))
     sys.path[:] = description["path"]

@@ -1,32 +1,76 @@
-"""The public runner: `Milter` (the run's options and `run()`), `run`, `shutdown`, and the
-libmilter settings of the whole process. The run itself is `_prefork.Supervisor`'s (serving
-alone or through workers); one serving process is `_serve.Server`.
+"""The run: `Milter` (the run's options and `run()`, a thin facade), `run`, `shutdown`, and the
+`Supervisor` that owns every run: it opens the listening socket once, serves on it itself or
+through N pre-forked workers, and carries out the lifecycle signals (drain, stop, reload).
+One serving process is `_serve.Server`.
+
+The GIL lets one process use about one core; N workers use N. The supervisor opens the socket
+(so it is opened once, with the right options and permissions) and keeps it for the whole run.
+With `workers=1` it serves on it itself (a `Server` in this process); with N it forks N workers,
+each a `Server`, and replaces a worker that dies. Both are one design:
+
+- SIGTERM/SIGINT: every serving process drains (takes no new connection, finishes its sessions,
+  up to the drain timeout) and exits; a second signal (more than a second later) stops them at
+  once. Serving alone, the socket is closed at once: new connections are refused.
+- SIGHUP: reload. A new generation of workers is started as fresh interpreters (`_fresh`: the
+  filter module is imported anew, nothing of the old code's module state is carried over); each
+  reports when it serves. Once all do, the old generation drains and exits (serving alone: this
+  process drains, then supervises the new workers). A new worker that exits before serving (its
+  import or `on_worker_start` failed) cancels the reload: the old ones keep serving and the
+  reason is in the log.
+- A worker past its limits (sessions served, memory) tells the supervisor it retires: its
+  successor is started at once while it drains. Serving alone, a retirement is a reload.
+
+Workers report over a pipe (`READY`, `RETIRING` + pid). Connections that arrive while no worker
+listens wait in the socket's queue, which the supervisor holds open: none is refused.
+State is per process, as in any pre-fork server: class attributes or module globals are not
+shared between workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import os
+import signal
+import struct
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ParamSpec
 
 from . import _libmilter as c
-from . import _systemd
-from ._affinity import CpuAffinity
+from . import _metrics, _systemd
+from ._affinity import CpuAffinity, plan
 from ._config import install as install_config
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, LibmilterError, WorkerStartError
 from ._flags import Status
 from ._fresh import Recipe
+from ._libmilter import prctl
+from ._lifecycle import notify_draining
 from ._limits import raise_nofile_limit
+from ._listen import Listener, open_listener
 from ._options import DEFAULT_DRAIN_TIMEOUT, ErrorStatus, RunOptions, parse_address
-from ._prefork import Supervisor
-from ._serve import Filter
+from ._security import check_can_drop_privileges, drop_privileges
+from ._serve import Filter, Server
 from ._serve import current as current_server
 from ._session import MilterSession
+from ._signals import fork, handled
 from ._socketspec import SocketSpec, parse_socket_spec
 
-__all__ = ["Milter", "libmilter_version", "run", "set_debug_level", "shutdown"]
+__all__ = [
+    "READY",
+    "RETIRING",
+    "Milter",
+    "Supervisor",
+    "libmilter_version",
+    "plan_cpus",
+    "run",
+    "serve_worker",
+    "set_debug_level",
+    "shutdown",
+]
 
 logger = logging.getLogger("pymilterkit")
 _P = ParamSpec("_P")
@@ -210,3 +254,402 @@ def set_debug_level(level: int) -> None:
         raise ConfigurationError(f"debug level must be an int >= 0: {level!r}")
     _default_debug_level = level
     c.load().smfi_setdbg(level)
+
+
+# -- the supervisor ------------------------------------------------------------------------------
+
+_RESPAWN_WINDOW = 10.0
+_START_FAILED = 3  # a worker's exit code when the filter's on_worker_start failed
+_STOP_MARGIN = 10.0
+"""Seconds past the drain timeout after which workers still running are killed."""
+READY_TIMEOUT = 60.0
+"""Seconds a reload waits for its new workers to serve before it gives up."""
+
+READY = b"S"
+RETIRING = b"R"
+_MESSAGE = struct.Struct("<ci")
+
+
+def _die_with_parent(signum: int) -> None:
+    """Have the kernel send `signum` to this process when its parent exits (Linux prctl):
+    a worker must not outlive its supervisor, even one killed with SIGKILL."""
+    pr_set_pdeathsig = 1
+    prctl(pr_set_pdeathsig, signum, 0, 0, 0)
+
+
+def _report(control_fd: int, kind: bytes) -> None:
+    with contextlib.suppress(OSError):
+        os.write(control_fd, _MESSAGE.pack(kind, os.getpid()))
+
+
+def plan_cpus(options: RunOptions) -> list[set[int]] | None:
+    """The CPUs of each worker (or of the one process serving alone), by `cpu_affinity`."""
+    return plan(options.cpu_affinity, options.workers if options.workers > 1 else None)
+
+
+def serve_worker(make: Callable[[], Server], fd: int, control: int, parent: int) -> None:
+    """The body of a worker process (forked or fresh): serve the server `make()` builds on the
+    inherited `fd`, report to the supervisor on `control`, then exit; never returns."""
+    code = 0
+    try:
+        _die_with_parent(signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(0)
+        server = make()
+        server.on_serving = lambda: _report(control, READY)
+        server.on_retiring = lambda reason: _report(control, RETIRING)
+        server.prepare(fd, inherited=True, own_socket=lambda: None)
+        server.serve(signals=True)
+    except WorkerStartError:
+        code = _START_FAILED  # logged with its traceback; the parent does not retry
+    except BaseException:
+        logger.exception("worker %d failed", os.getpid())
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+@dataclass
+class _Worker:
+    slot: int
+    generation: int
+    ready: bool = False
+    retiring: bool = False  # told to drain, or retiring past a limit: not replaced on exit
+
+
+class Supervisor:
+    """The run's owner (see the module docstring); the `Target` of the stop signals."""
+
+    def __init__(
+        self,
+        filter: Filter,
+        recipe: Recipe | None,
+        activated: Listener | None = None,
+    ) -> None:
+        self.filter = filter
+        self.options = filter.options
+        self.count = filter.options.workers
+        self.recipe = recipe
+        self.activated = activated
+        self.where = str(filter.spec)
+        self.parent = os.getpid()
+        self.cpus = plan_cpus(self.options)
+        self.listener: Listener | None = None
+        self.local: Server | None = None
+        self.workers: dict[int, _Worker] = {}
+        self.generation = 0
+        self.reload_started: float | None = None
+        self.reload_queued = False  # a SIGHUP during a reload: reload again once it ends
+        self.stopping = False
+        self.stop_reason = ""
+        self.stop_deadline = 0.0
+        self.failed = False
+        self.deaths: list[float] = []
+        self.fd = -1
+        self.control_r = -1
+        self.control_w = -1
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Open the socket, serve (alone or through the workers) until stopped; raise if
+        workers failed."""
+        # Handlers first: a stop that comes as soon as the socket exists is still an orderly one.
+        with contextlib.ExitStack() as cleanup:
+            cleanup.enter_context(handled(self))
+            listener = self.listener = self._open_socket()
+            cleanup.callback(self._close_listener)
+            self.fd = listener.fileno()
+            self.control_r, self.control_w = _control_pipe()
+            cleanup.callback(os.close, self.control_r)
+            cleanup.callback(os.close, self.control_w)
+            if self.count == 1:
+                self._serve_alone()
+            else:
+                _systemd.notifier().for_workers(self.count)
+                for slot in range(self.count):
+                    if self.stopping:
+                        break
+                    self.spawn(slot, self.generation)
+                logger.info("%s: %d workers on %s", self.filter.name, self.count, self.where)
+            while self.workers:
+                time.sleep(0.02)
+                _systemd.notifier().tick(
+                    self.where, workers=[w.slot for w in self.workers.values()],
+                    stopping=self.stopping,
+                )
+                self.poll()
+        if self.failed:
+            raise LibmilterError("one or more workers failed; see the log")
+
+    def _open_socket(self) -> Listener:
+        """Open the listening socket, then drop privileges.
+
+        Ours, handed to libmilter as fd:N (Debian's libmilter): TCP gets TCP_NODELAY, a unix
+        socket its mode and group before it appears at its path.
+        """
+        o = self.options
+        check_can_drop_privileges(o.user, o.group)
+        listener = self.activated or open_listener(
+            self.filter.spec, o.backlog, o.socket_mode, o.socket_group, owner=o.user
+        )
+        self.activated = None
+        try:
+            drop_privileges(o.user, o.group)
+        except BaseException:
+            listener.close()
+            raise
+        return listener
+
+    def _close_listener(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    def _serve_alone(self) -> None:
+        """Serve in this process; after a reload, the new workers go on."""
+        local = self.local = self.filter.server(None, self._cpus(0))
+        local.on_tick = self.poll
+        local.on_retiring = self.reload
+        local.closes_listener = self._refuse_new
+        if self.stopping:  # a stop signal came while the socket was being opened
+            local.drain(self.stop_reason)
+        try:
+            local.prepare(self.fd, inherited=False, own_socket=self._close_listener)
+            local.serve(signals=False)
+        finally:
+            self.local = None
+        if not local.handing_over:  # shutdown() or a failure: a reload under way ends too
+            self._stop_all()
+
+    def _refuse_new(self) -> None:
+        if not self.workers and self.listener is not None:
+            self.listener.sock.close()
+
+    def _cpus(self, slot: int) -> set[int] | None:
+        return None if self.cpus is None else self.cpus[slot]
+
+    # -- starting workers ------------------------------------------------------------------
+
+    def spawn(self, slot: int, generation: int) -> int | None:
+        """Start a worker for `slot`: forked from this process for the first generation, a
+        fresh interpreter for every later one (a reload's, and their successors)."""
+        _metrics.before_fork()
+        if generation > 0:
+            assert self.recipe is not None
+            os.set_inheritable(self.fd, True)
+            try:
+                pid = self.recipe.spawn(self.fd, slot, self.control_w)
+            except (OSError, ValueError) as exc:
+                logger.error("could not start a worker: %s", exc)
+                return None
+        else:
+            pid = fork(lambda: self._forked(slot))
+        self.workers[pid] = _Worker(slot, generation)
+        _metrics.worker_started(pid)
+        if self.stopping:  # the stop signal came while it was being started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        return pid
+
+    def _forked(self, slot: int) -> None:
+        os.close(self.control_r)
+        serve_worker(lambda: self.filter.server(slot, self._cpus(slot)), self.fd,
+                     self.control_w, self.parent)
+
+    # -- the stop signals ------------------------------------------------------------------
+
+    def drain(self, reason: str) -> None:
+        """Every serving process drains, then exits."""
+        if self.local is not None and self.local.later(lambda: self.drain(reason)):
+            return
+        if not self.stopping:
+            self.stopping = True
+            self.stop_reason = reason
+            self.stop_deadline = time.monotonic() + self.options.drain_timeout + _STOP_MARGIN
+            if self.local is None or self.workers:
+                logger.info("%s: draining %d worker(s)", reason, len(self.workers))
+            notify_draining(stopping=True)
+        self.signal_all(signal.SIGTERM)
+        if self.local is not None:
+            self.local.drain(reason)
+
+    def stop_now(self, reason: str) -> None:
+        """A second stop signal: every serving process stops without waiting."""
+        if self.local is not None:
+            self.local.stop_now(reason)
+        if self.local is None or self.workers:
+            logger.info("%s again: stopping the workers at once", reason)
+        self._stop_all()
+
+    def _stop_all(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.stop_deadline = time.monotonic() + self.options.drain_timeout + _STOP_MARGIN
+        self.signal_all(signal.SIGTERM)
+
+    def signal_all(self, signum: int, pids: list[int] | None = None) -> None:
+        for pid in list(self.workers) if pids is None else pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    # -- reload ----------------------------------------------------------------------------
+
+    def reload(self, reason: str) -> None:
+        """Start a new generation of fresh workers; the old one drains once they all serve."""
+        if self.local is not None and self.local.later(lambda: self.reload(reason)):
+            return
+        if self.stopping:
+            return
+        if self.recipe is None:
+            logger.warning("%s: this milter cannot start fresh workers; not reloaded", reason)
+            return
+        if self.local is not None and not self.local.gated:
+            logger.warning("%s: libmilter opened the socket itself; cannot reload", reason)
+            return
+        if self.reload_started is not None:
+            logger.info("%s: a reload is under way; another follows it", reason)
+            self.reload_queued = True
+            return
+        self.reload_started = time.monotonic()
+        _systemd.notifier().reloading()
+        self.generation += 1
+        logger.info("%s: reloading: starting %d fresh worker(s)", reason, self.count)
+        for slot in range(self.count):
+            if self.spawn(slot, self.generation) is None:
+                self._reload_failed("a new worker could not be started")
+                return
+
+    def _new_generation(self) -> list[int]:
+        return [p for p, w in self.workers.items() if w.generation == self.generation]
+
+    def _check_reload(self) -> None:
+        if self.reload_started is None:
+            return
+        new = self._new_generation()
+        # One ready new worker per slot (a new worker may already retire, past a limit).
+        if sum(1 for p in new if self.workers[p].ready) >= self.count:
+            old = [p for p, w in self.workers.items()
+                   if w.generation != self.generation and not w.retiring]
+            for pid in old:
+                self.workers[pid].retiring = True
+            self.signal_all(signal.SIGTERM, old)
+            local = self.local
+            logger.info(
+                "reloaded in %.2f s: generation %d serves; %d old worker(s) drain",
+                time.monotonic() - self.reload_started,
+                self.generation,
+                len(old) + (local is not None),
+            )
+            self.reload_started = None
+            _systemd.notifier().ready()  # the milter serves (reloaded or not)
+            if local is not None:
+                local.hand_over()
+            self._next_reload()
+        elif time.monotonic() - self.reload_started > READY_TIMEOUT:
+            self._reload_failed(f"new workers did not serve within {READY_TIMEOUT:g} s")
+
+    def _reload_failed(self, why: str) -> None:
+        logger.error("reload failed: %s; the old workers keep serving", why)
+        new = self._new_generation()
+        for pid in new:
+            self.workers[pid].retiring = True
+        self.signal_all(signal.SIGTERM, new)
+        self.generation += 1  # workers of the cancelled generation are never committed
+        self.reload_started = None
+        _systemd.notifier().ready()  # the milter serves (reloaded or not)
+        self._next_reload()
+
+    def _next_reload(self) -> None:
+        if self.reload_queued:
+            self.reload_queued = False
+            self.reload("SIGHUP")
+
+    # -- reports and exits -----------------------------------------------------------------
+
+    def poll(self) -> None:
+        """Reap the workers that exited, read their reports, move a reload on, and kill
+        workers still running past the drain timeout."""
+        for pid in list(self.workers):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done:
+                self.read_reports()  # a worker's last report before its exit
+                self.reaped(pid, status)
+        self.read_reports()
+        self._check_reload()
+        if self.stopping and self.workers and time.monotonic() > self.stop_deadline:
+            logger.error("%d worker(s) still running past the drain timeout: killed",
+                         len(self.workers))
+            self.stop_deadline = float("inf")
+            self.signal_all(signal.SIGKILL)
+
+    def read_reports(self) -> None:
+        for kind, pid in _read_reports(self.control_r):
+            worker = self.workers.get(pid)
+            if worker is None:
+                continue
+            if kind == READY:
+                worker.ready = True
+            elif kind == RETIRING and not worker.retiring and not self.stopping:
+                worker.retiring = True
+                _metrics.worker_restarted()  # recycling counts as a restart
+                self.spawn(worker.slot, worker.generation)
+
+    def reaped(self, pid: int, status: int) -> None:
+        worker = self.workers.pop(pid, None)
+        if worker is None:
+            return
+        _metrics.worker_exited(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if self.stopping or worker.retiring:
+            # -SIGTERM: the stop reached a worker still starting, before its handler.
+            if code not in (0, -signal.SIGTERM) and not (worker.retiring and not worker.ready):
+                self.failed = self.failed or self.stopping
+                logger.error("worker %d exited with %d", pid, code)
+            return
+        if self.reload_started is not None and worker.generation == self.generation:
+            self._reload_failed(f"new worker {pid} exited with {code} before serving (see above)")
+            return
+        if code == _START_FAILED:
+            logger.error("worker %d: on_worker_start failed; stopping", pid)
+            self.failed = True
+            self.drain("signal SIGTERM")
+            return
+        logger.warning("worker %d died (exit %d); starting a new one", pid, code)
+        now = time.monotonic()
+        self.deaths[:] = [t for t in self.deaths if now - t < _RESPAWN_WINDOW] + [now]
+        if len(self.deaths) > 5 * self.count:
+            logger.error("workers keep dying; giving up")
+            self.failed = True
+            self.drain("signal SIGTERM")
+            return
+        _metrics.worker_restarted()
+        self.spawn(worker.slot, worker.generation)
+
+
+def _control_pipe() -> tuple[int, int]:
+    """The pipe workers report on: a non-blocking read end, an inheritable write end."""
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_inheritable(write, True)
+    return read, write
+
+
+def _read_reports(fd: int) -> list[tuple[bytes, int]]:
+    """The (kind, pid) reports waiting on `fd`."""
+    reports: list[tuple[bytes, int]] = []
+    while True:
+        try:
+            data = os.read(fd, _MESSAGE.size * 64)
+        except OSError:  # also BlockingIOError: nothing (more) to read
+            return reports
+        if not data:
+            return reports
+        for offset in range(0, len(data) - _MESSAGE.size + 1, _MESSAGE.size):
+            kind, pid = _MESSAGE.unpack_from(data, offset)
+            reports.append((kind, pid))
+

@@ -16,7 +16,7 @@ callbacks still in flight are waited for, and sessions libmilter abandoned (its 
 not call xxfi_close for parked connections at stop) get their `on_close` from Python, each after
 its running stage returned, so no session outlives the run.
 
-The process that owns the listening socket (`_prefork.Supervisor`) runs a `Server` itself when
+The process that owns the listening socket (`_runner.Supervisor`) runs a `Server` itself when
 it serves alone (`workers=1`), and in each forked or fresh worker otherwise.
 """
 
