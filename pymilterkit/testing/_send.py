@@ -256,4 +256,7 @@ def cmd_send(args: argparse.Namespace) -> int:
               f"{len(failures)} failed", file=out)
         for source, error in failures:
             print(f"  failed: {source}: {error}", file=out)
+    # A reader gone early (`| head -1`) shows here, as BrokenPipeError, not at the interpreter's
+    # final flush (which Python 3.14 reports with exit status 120).
+    out.flush()
     return EXIT_REFUSED if refused else EXIT_OK
