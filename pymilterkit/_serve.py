@@ -333,7 +333,11 @@ class Server:
         if self._fatal is not None:
             raise self._fatal
         if result and result[0] != c.MI_SUCCESS:
-            raise LibmilterError(f"smfi_main failed ({result[0]}); see syslog")
+            if not self._stop_requested.is_set():
+                raise LibmilterError(f"smfi_main failed ({result[0]}); see syslog")
+            # A stop asked for while smfi_main was still starting makes it return MI_FAILURE:
+            # the stop was ours, the run is clean.
+            logger.debug("smfi_main returned %d after the stop was requested", result[0])
 
     def _tick(self) -> None:
         """Between waits of the main thread: end a finished drain, retire past a limit."""
