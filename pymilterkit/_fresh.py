@@ -22,6 +22,7 @@ from typing import Any
 
 from . import _metrics
 from ._options import RunOptions
+from ._signals import STOP_SIGNALS
 
 __all__ = ["ENV", "Recipe", "class_target"]
 
@@ -83,4 +84,7 @@ class Recipe:
         env = dict(os.environ)
         env[ENV] = json.dumps(description)
         argv = [sys.executable, "-c", _BOOT.format(root=root)]
-        return os.posix_spawn(sys.executable, argv, env)
+        # The stop signals start blocked (the mask survives exec): one that comes while the
+        # new interpreter imports waits for its handlers (`_signals.handled`) instead of
+        # killing it.
+        return os.posix_spawn(sys.executable, argv, env, setsigmask=STOP_SIGNALS)

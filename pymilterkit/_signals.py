@@ -95,6 +95,9 @@ def handled(target: Target) -> Iterator[None]:
             target.reload(reason)
 
     previous = {signum: signal.signal(signum, receive) for signum in STOP_SIGNALS}
+    # A new process starts with them blocked (`fork`, `_fresh`): one that came while it was
+    # starting waits until now and is handled like any other.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
@@ -104,17 +107,17 @@ def handled(target: Target) -> Iterator[None]:
 
 def fork(child: Callable[[], None]) -> int:
     """Fork; the child runs `child()` (which must not return) with the stop signals at their
-    defaults. A stop signal waits until the new pid is known here (the parent's handler then
-    stops it too) and, in the child, until it has its own handlers."""
+    defaults and blocked. A stop signal waits until the new pid is known here (the parent's
+    handler then stops it too) and, in the child, until `handled` has its handlers in place:
+    a SIGHUP sent to the whole process group while a worker starts neither kills it nor
+    counts as a death."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         pid = os.fork()
         if pid == 0:
             for signum in (*STOP_SIGNALS, signal.SIGCHLD):
                 signal.signal(signum, signal.SIG_DFL)
-            # Blocked around fork, so no stop signal ran the parent's handler here.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-            child()
+            child()  # the stop signals stay blocked until `handled` unblocks them
         return pid
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
