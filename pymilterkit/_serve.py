@@ -321,9 +321,12 @@ class Server:
         left = len(dispatcher.sessions)
         abandoned = dispatcher.close_all(STOP_GRACE)
         logger.info(
-            "stopped: %d session(s) served, %d left open by libmilter and closed here",
+            "stopped: %d session(s) served, %d left open by libmilter: %d closed here, "
+            "%d still running (not closed)",
             dispatcher.created,
             left,
+            abandoned,
+            left - abandoned,
         )
         if abandoned:
             logger.debug("closed %d abandoned session(s)", abandoned)

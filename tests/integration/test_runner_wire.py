@@ -6,6 +6,7 @@ socket in a temporary directory, and asserts what came back on the wire.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pymilterkit import Actions, InetAddress, ProtocolOpts, Stage, Status, UnixAddress
+from pymilterkit import Actions, InetAddress, MilterError, ProtocolOpts, Stage, Status, UnixAddress
 from pymilterkit.testing import (
     BodyReplaced,
     HeaderAdded,
@@ -500,6 +501,32 @@ def test_a_stop_waits_for_a_running_stage_before_closing_its_session(tmp_path: P
         assert "Traceback" not in milter.log()
     # on_close ran only after on_helo had returned, not under it.
     assert log.read_text().splitlines() == ["helo done", "close"]
+
+
+def test_the_stop_summary_agrees_with_the_sessions_left_running() -> None:
+    # Two sessions stuck in on_helo past the stop's grace, one idle: the summary counts each
+    # kind as the per-session lines do.
+    with start("Slow", "--drain-timeout", "0") as milter:
+        stuck = [open_conn(milter, timeout=40) for _ in range(2)]
+        idle = open_conn(milter)
+
+        def helo(conn: MilterConnection) -> None:
+            with contextlib.suppress(OSError, MilterError):  # the stop ends the connection
+                conn.helo("sleep-20")
+
+        threads = [threading.Thread(target=helo, args=(c,), daemon=True) for c in stuck]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)  # both on_helo are running now
+        milter.signal(signal.SIGTERM)
+        milter.wait(40)
+        log = milter.log()
+        idle.close()
+        for conn in stuck:
+            conn.close()
+    assert log.count("a session is still in on_helo at stop: not closed") == 2, log[-3000:]
+    assert "3 left open by libmilter: 1 closed here, 2 still running (not closed)" in log, (
+        log[-3000:])
 
 
 def test_harness_with_tcp_models_the_runner_on_an_inet_socket() -> None:
