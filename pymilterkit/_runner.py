@@ -380,6 +380,10 @@ class Supervisor:
                     stopping=self.stopping,
                 )
                 self.poll()
+        if self.count > 1 or self.generation > 0:  # a serving process alone logs its own
+            logger.info("%s: supervisor stopped (%s)%s", self.filter.name,
+                        self.stop_reason or "no worker left",
+                        "; a worker failed" if self.failed else "")
         if self.failed:
             raise LibmilterError("one or more workers failed; see the log")
 

@@ -364,3 +364,14 @@ def test_pre_forked_workers_get_one_cpu_each() -> None:
         assert thread_cpus(milter.pid) == {ALLOWED}  # the supervising parent is not confined
     cpus = [next(iter(next(iter(p)))) for p in placed]
     assert len(set(cpus)) == 2, placed
+
+
+def test_the_supervisor_logs_its_final_stop() -> None:
+    with MilterProcess("examples.rcpt_count:RcptCount", args=["--workers", "2"],
+                       cwd=ROOT) as milter:
+        worker_pids(milter.pid, 2)
+        milter.signal(signal.SIGTERM)
+        assert milter.wait(30) == 0, milter.log()
+        lines = [ln for ln in milter.log().splitlines() if "pymilterkit[" in ln]
+    assert lines[-1].endswith("RcptCount: supervisor stopped (signal SIGTERM)"), lines[-3:]
+    assert f"pymilterkit[{milter.pid}]" in lines[-1]
