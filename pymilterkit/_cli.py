@@ -110,11 +110,32 @@ def load_config(
     return options, filter_config(session_class, section, path)
 
 
+def filter_packages(session_class: type) -> list[str]:
+    """The top-level packages (or script modules) of the filter's classes, its mixins too."""
+    packages: list[str] = []
+    for klass in session_class.__mro__:
+        top = klass.__module__.partition(".")[0]
+        if top not in ("pymilterkit", "builtins", "typing", "abc") and top not in packages:
+            packages.append(top)
+    return packages
+
+
+def follow_log_level(session_class: type, level: str) -> None:
+    """The filter's own loggers (`logging.getLogger(__name__)` in its package) log at the
+    `pymilterkit` level, not the root's: a filter's INFO shows by default, a library's does
+    not. A level the filter's package set for itself is kept."""
+    for package in filter_packages(session_class):
+        logger = logging.getLogger(package)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(level)
+
+
 def build_milter(args: argparse.Namespace) -> Milter:
     """The `Milter` a parsed `run` command line describes (also a reload's fresh worker)."""
     from ._runner import Milter
 
     session_class = load_session_class(args.target)
+    follow_log_level(session_class, getattr(args, "run_log_level", None) or args.log_level)
     path = getattr(args, "config_path", None)
     config = filter_config(session_class, args.config_section, path) if path else None
     options = RunOptions.from_args(args, config)
@@ -210,7 +231,8 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level",
         default="INFO",
         choices=LOG_LEVELS,
-        help="log level of the pymilterkit loggers (default INFO; others: --root-log-level)",
+        help="log level of the pymilterkit loggers and the filter's own package (default INFO; "
+        "others: --root-log-level)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

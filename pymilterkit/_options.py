@@ -298,8 +298,9 @@ COMMAND_FLAGS: tuple[Flag, ...] = (
          default="text", choices=LOG_FORMATS),
     Flag("--syslog", "log to syslog (/dev/log, facility mail) as pymilterkit[PID] instead of "
          "stderr", switch=True, default=False),
-    Flag("--root-log-level", "level of every logger outside pymilterkit: libraries, the "
-         "filter's own modules (default WARNING)", default="WARNING", choices=LOG_LEVELS),
+    Flag("--root-log-level", "level of every logger outside pymilterkit and the filter's own "
+         "package: the libraries it uses (default WARNING)", default="WARNING",
+         choices=LOG_LEVELS),
 )
 """The `run` settings that are not `Milter` options: the target and logging."""
 

@@ -10,12 +10,22 @@ does not declare. Every message gets X-Rcpt-Count, X-Worker (the serving PID) an
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 from typing_extensions import override
 
-from pymilterkit import Actions, EsmtpParams, MilterSession, Stage, Status, _metrics
+from pymilterkit import (
+    Actions,
+    EsmtpParams,
+    InetAddress,
+    MilterSession,
+    Stage,
+    Status,
+    UnixAddress,
+    _metrics,
+)
 from tests.helpers import local_part
 
 
@@ -58,4 +68,14 @@ class Verdicts(MilterSession):
         self.change_header("Subject", "[checked]")
         if sender.startswith("spam"):
             return Status.REJECT
+        return Status.CONTINUE
+
+
+class ModuleLogs(MilterSession):
+    """Logs at INFO through its module's logger and through a library-like one, at connect."""
+
+    @override
+    def on_connect(self, hostname: str, address: InetAddress | UnixAddress | None) -> Status:
+        logging.getLogger(__name__).info("filter record from %s", hostname)
+        logging.getLogger("somelibrary.http").info("library record")
         return Status.CONTINUE

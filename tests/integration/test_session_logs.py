@@ -59,3 +59,17 @@ def test_workers_lines_tell_the_workers_apart() -> None:
         assert error["session_id"].startswith(f"{error['pid']}-")
     ids = [r["session_id"] for r in errors]
     assert len(set(ids)) == 8  # unique across both workers
+
+
+def test_the_filters_own_loggers_follow_log_level() -> None:
+    # Not the root's WARNING: a filter's logging.getLogger(__name__).info shows by default;
+    # a library's INFO does not (it follows --root-log-level).
+    with MilterProcess("tests.integration.ops_filters:ModuleLogs", cwd=ROOT) as milter:
+        MilterClient(milter.socket).run(b"Subject: x\r\n\r\nbody\r\n")
+        log = milter.log()
+    assert "tests.integration.ops_filters[" in log and "filter record from" in log, log
+    assert "library record" not in log
+    with MilterProcess("tests.integration.ops_filters:ModuleLogs", cwd=ROOT,
+                       args=["--log-level", "WARNING"]) as milter:
+        MilterClient(milter.socket).run(b"Subject: x\r\n\r\nbody\r\n")
+        assert "filter record from" not in milter.log()
