@@ -34,6 +34,7 @@ import logging
 import os
 import signal
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,7 +53,7 @@ from ._lifecycle import notify_draining
 from ._limits import raise_nofile_limit
 from ._listen import Listener, open_listener
 from ._options import DEFAULT_DRAIN_TIMEOUT, ErrorStatus, RunOptions, parse_address
-from ._security import check_can_drop_privileges, drop_privileges
+from ._security import check_can_drop_privileges, drop_privileges, unreadable
 from ._serve import Filter, Server
 from ._serve import current as current_server
 from ._session import MilterSession
@@ -404,7 +405,32 @@ class Supervisor:
         except BaseException:
             listener.close()
             raise
+        if o.user is not None or o.group is not None:
+            self._check_reload_reads()
         return listener
+
+    def _check_reload_reads(self) -> None:
+        """As the user it now is: can it read what a reload's fresh workers (and any module
+        imported later) read? Said at start, not on the day a fix must be deployed."""
+        paths: list[str] = []  # the config file and the filter first: most often the cause
+        argv = self.recipe.argv if self.recipe is not None else None
+        for i, arg in enumerate(argv or ()):
+            if arg == "--config" and argv is not None and i + 1 < len(argv):
+                paths.append(argv[i + 1])
+            elif arg.startswith("--config="):
+                paths.append(arg.partition("=")[2])
+        module = sys.modules.get(self.filter.session_class.__module__)
+        if module is not None and getattr(module, "__file__", None):
+            paths.append(str(module.__file__))
+        missing = unreadable([*paths, sys.executable, *(p for p in sys.path if p)])
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more"
+                                              if len(missing) > 3 else "")
+            logger.warning(
+                "user %s cannot read %s: a reload (fresh workers), a config file read again "
+                "and modules imported later will fail; make them readable to it",
+                self.options.user if self.options.user is not None else os.getuid(), shown,
+            )
 
     def _close_listener(self) -> None:
         if self.listener is not None:

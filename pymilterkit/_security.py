@@ -18,6 +18,7 @@ import pwd
 import secrets
 import socket
 import stat
+from collections.abc import Iterable
 
 from ._errors import ConfigurationError, SocketSpecError
 
@@ -27,6 +28,7 @@ __all__ = [
     "bind_unix_socket",
     "check_can_drop_privileges",
     "drop_privileges",
+    "unreadable",
 ]
 
 DEFAULT_SOCKET_MODE = 0o660
@@ -176,3 +178,22 @@ def drop_privileges(user: str | int | None, group: str | int | None) -> None:
     elif gid is not None:
         os.setgroups([])
         os.setgid(gid)
+
+
+def unreadable(paths: Iterable[str]) -> list[str]:
+    """Which of `paths` this process cannot read (a directory: list and enter); missing ones
+    are not reported. Run after `drop_privileges`: a reload's fresh workers and every module
+    imported later read them as this user."""
+    found: list[str] = []
+    for path in dict.fromkeys(paths):
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError:  # a parent directory it may not enter
+            found.append(path)
+            continue
+        wanted = os.R_OK | os.X_OK if stat.S_ISDIR(mode) else os.R_OK
+        if not os.access(path, wanted):
+            found.append(path)
+    return found

@@ -5,7 +5,9 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,6 +82,35 @@ def test_drop_privileges_to_nobody(workers: int) -> None:
             count_ok(milter)
         assert milter.stop() == 0, milter.log()
         assert "Traceback" not in milter.log()
+
+
+@root_only
+def test_what_a_reload_cannot_read_as_the_user_is_said_at_start(tmp_path: Path) -> None:
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)  # root's only: nobody cannot read the config a reload reads
+    config = private / "m.toml"
+    config.write_text('target = "examples.rcpt_count:RcptCount"\n')
+    config.chmod(0o644)
+    with MilterProcess(COUNTER, cwd=ROOT,
+                       args=["--config", str(config), "--user", "nobody"]) as milter:
+        count_ok(milter)
+        log = milter.log()
+    (line,) = [ln for ln in log.splitlines() if "user nobody cannot read" in ln]
+    assert str(config) in line and "WARNING" in line and "a reload" in line
+    # Readable to nobody: not named.
+    open_dir = Path(tempfile.mkdtemp(prefix="pmk-open-"))
+    try:
+        open_dir.chmod(0o755)
+        readable = open_dir / "m.toml"
+        readable.write_text('target = "examples.rcpt_count:RcptCount"\n')
+        readable.chmod(0o644)
+        with MilterProcess(COUNTER, cwd=ROOT,
+                           args=["--config", str(readable), "--user", "nobody"]) as milter:
+            count_ok(milter)
+            log = milter.log()
+    finally:
+        shutil.rmtree(open_dir)
+    assert str(readable) not in log  # (a private interpreter, as under /root, still is)
 
 
 @root_only
