@@ -39,6 +39,7 @@ from typing import Any
 
 from ._board import Board
 from ._flags import Status
+from ._protocol import ACTION as ACTION_BY_METHOD
 from ._protocol import ACTIONS as ACTION_TABLE
 from ._protocol import STAGE_METHODS, ActionInfo
 from ._session import BackendWrapper, SessionBackend
@@ -367,15 +368,24 @@ class _ForkHook:
 class CountingBackend(BackendWrapper):
     """A session backend that carries each action out, then counts it by its label."""
 
-    __slots__ = ("add",)
+    __slots__ = ("add", "cells", "header_cell")
 
     def __init__(self, inner: SessionBackend, rec: Recorder) -> None:
         super().__init__(inner)
         self.add = rec.add
+        self.cells = rec.cells
+        self.header_cell = rec.base + _ACTIONS + _ACTION_INDEX["add_header"]
 
     def act(self, action: ActionInfo, *args: Any) -> None:
         self.perform(action, *args)
         self.add(_ACTIONS + _ACTION_INDEX[action.label])
+
+    def add_header(self, name: bytes, value: bytes) -> None:
+        if not _GIL:
+            self.act(ACTION_BY_METHOD["add_header"], name, value)
+            return
+        self.inner.add_header(name, value)  # the action of most messages: counted inline,
+        self.cells[self.header_cell] += 1.0  # as `Recorder.add` does under the GIL
 
 
 class Meter:
@@ -395,7 +405,7 @@ class Meter:
         base = self.rec.stage_base(stage)
         first = tuple(base + cell for cell in _ANSWER_CELL)  # by status value
         cells, total, fast, bounds = self.rec.cells, base + _SUM, BUCKETS[0], BUCKETS
-        clock, where, lock = self.clock, bisect.bisect_left, self.rec.lock
+        clock, where, lock, gil = self.clock, bisect.bisect_left, self.rec.lock, _GIL
 
         def metered(key: Any, a: Any = None, b: Any = None) -> int:
             start = clock()
@@ -406,7 +416,7 @@ class Meter:
                     cell = first[answer]
                 else:
                     cell = first[answer] + where(bounds, elapsed) * _NS
-                if _GIL:
+                if gil:
                     cells[cell] += 1.0
                     cells[total] += elapsed
                 else:
