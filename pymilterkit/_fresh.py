@@ -83,7 +83,11 @@ class Recipe:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env[ENV] = json.dumps(description)
-        argv = [sys.executable, "-c", _BOOT.format(root=root)]
+        # The words after the code are sys.argv[1:] there: `ps aux` shows whose worker it is.
+        title = [f"pymilterkit-worker:{slot + 1}", class_target(self.session_class)]
+        if self.argv is not None and "--config" in self.argv[:-1]:
+            title.append(self.argv[self.argv.index("--config") + 1])
+        argv = [sys.executable, "-c", _BOOT.format(root=root), *title]
         # The stop signals start blocked (the mask survives exec): one that comes while the
         # new interpreter imports waits for its handlers (`_signals.handled`) instead of
         # killing it.

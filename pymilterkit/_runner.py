@@ -53,6 +53,7 @@ from ._lifecycle import notify_draining
 from ._limits import raise_nofile_limit
 from ._listen import Listener, open_listener
 from ._options import DEFAULT_DRAIN_TIMEOUT, ErrorStatus, RunOptions, parse_address
+from ._proctitle import role, set_title
 from ._security import check_can_drop_privileges, drop_privileges, unreadable
 from ._serve import Filter, Server
 from ._serve import current as current_server
@@ -297,6 +298,7 @@ def serve_worker(make: Callable[[], Server], fd: int, control: int, parent: int)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(0)
         server = make()
+        set_title(role(server.slot), server.name)
         server.on_serving = lambda: _report(control, READY)
         server.on_retiring = lambda reason: _report(control, RETIRING)
         server.prepare(fd, inherited=True, own_socket=lambda: None)
@@ -357,6 +359,7 @@ class Supervisor:
         """Open the socket, serve (alone or through the workers) until stopped; raise if
         workers failed."""
         # Handlers first: a stop that comes as soon as the socket exists is still an orderly one.
+        set_title("sup", self.filter.name)
         with contextlib.ExitStack() as cleanup:
             cleanup.enter_context(handled(self))
             listener = self.listener = self._open_socket()

@@ -39,6 +39,7 @@ from ._errors import ConfigurationError, LibmilterError, SocketSpecError, Worker
 from ._lifecycle import Gate, ListenerThread, notify_draining, rss_mib
 from ._loop import EventLoopThread, call_hook
 from ._options import RunOptions
+from ._proctitle import set_title
 from ._session import MilterSession
 from ._signals import handled, wake_handler
 from ._socketspec import SocketSpec, connects
@@ -412,6 +413,7 @@ class Server:
             return
         dispatcher = self.dispatcher
         assert dispatcher is not None
+        set_title("drain", self.name)
         self._drain_deadline = time.monotonic() + self.options.drain_timeout
         self._attention.set()  # the serving loop checks the drain at once
         if self._gate is not None:

@@ -373,5 +373,8 @@ def test_the_supervisor_logs_its_final_stop() -> None:
         milter.signal(signal.SIGTERM)
         assert milter.wait(30) == 0, milter.log()
         lines = [ln for ln in milter.log().splitlines() if "pymilterkit[" in ln]
-    assert lines[-1].endswith("RcptCount: supervisor stopped (signal SIGTERM)"), lines[-3:]
-    assert f"pymilterkit[{milter.pid}]" in lines[-1]
+    (final,) = [i for i, ln in enumerate(lines) if "supervisor stopped" in ln]
+    assert lines[final].endswith("RcptCount: supervisor stopped (signal SIGTERM)"), lines
+    assert f"pymilterkit[{milter.pid}]" in lines[final]
+    workers_stopped = [i for i, ln in enumerate(lines) if "stopped: " in ln]
+    assert len(workers_stopped) == 2 and max(workers_stopped) < final, lines

@@ -1,0 +1,75 @@
+"""Process names: the role and the filter in /proc/PID/comm, and in a fresh worker's argv."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pymilterkit import MilterError
+from pymilterkit.testing import MilterClient, MilterProcess
+
+from ..helpers import children, worker_pids
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def _cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+
+
+def _until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_supervisor_and_workers_are_named_and_fresh_workers_say_whose() -> None:
+    with MilterProcess("examples.rcpt_count:RcptCount", args=["--workers", "2"],
+                       cwd=ROOT) as milter:
+        workers = worker_pids(milter.pid, 2)
+        assert _comm(milter.pid) == "sup RcptCount"
+        _until(lambda: sorted(_comm(p) for p in workers) == ["w1 RcptCount", "w2 RcptCount"],
+               "the workers' names")
+        milter.signal(signal.SIGHUP)  # a reload: fresh interpreters
+        _until(lambda: "reloaded in" in milter.log(), "the reload")
+        fresh = sorted(children(milter.pid) - set(workers))
+        assert fresh
+        for pid in fresh:
+            line = _cmdline(pid)
+            assert any(w.startswith("pymilterkit-worker:") for w in line), line
+            assert "examples.rcpt_count:RcptCount" in line
+        _until(lambda: all(_comm(p).endswith(" RcptCount") and _comm(p)[0] == "w"
+                           for p in children(milter.pid) & set(fresh)), "fresh names")
+
+
+def test_a_draining_process_says_so() -> None:
+    with MilterProcess("tests.integration.filters:Slow", cwd=ROOT) as milter:
+        client = MilterClient(milter.socket, timeout=20).open()
+        client.negotiate()
+
+        def helo() -> None:
+            with contextlib.suppress(OSError, MilterError):
+                client.helo("sleep-3")
+
+        thread = threading.Thread(target=helo)
+        thread.start()
+        time.sleep(0.5)
+        milter.signal(signal.SIGTERM)
+        _until(lambda: _comm(milter.pid) == "drain Slow", "the drain name", timeout=2.5)
+        thread.join(10)
+        client.close()
+        assert milter.wait(20) == 0
