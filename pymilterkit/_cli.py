@@ -10,6 +10,7 @@ import argparse
 import difflib
 import importlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from ._config import parse_args as parse_args_with_config
 from ._errors import ConfigurationError, MilterError
 from ._fresh import ENV as FRESH_ENV
 from ._logging import configure as configure_logging
+from ._logging import formatter
 from ._options import LOG_LEVELS, RunOptions, run_flags
 from ._session import MilterSession
 from ._version import __version__
@@ -305,14 +307,33 @@ def fresh_worker() -> None:
     serve_worker(server, description["fd"], description["control"], description["parent"])
 
 
+def _json_requested(argv: Sequence[str]) -> bool:
+    """`--log-format json` on the command line (known before the config file is read)."""
+    return "--log-format=json" in argv or any(
+        a == "--log-format" and b == "json" for a, b in itertools.pairwise(argv)
+    )
+
+
+def _say_error(exc: BaseException, as_json: bool) -> None:
+    """The one line a failed command ends with: JSON like every other line, with
+    `--log-format json`."""
+    if as_json:
+        record = logging.LogRecord("pymilterkit", logging.ERROR, __file__, 0, "error: %s",
+                                   (exc,), None)
+        print(formatter("json").format(record), file=sys.stderr)
+    else:
+        print(f"pymilterkit: error: {exc}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pymilterkit` command; returns the exit code."""
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = _json_requested(argv)
     try:
-        argv = sys.argv[1:] if argv is None else list(argv)
         args = parse_args_with_config(parser, argv)
     except ConfigurationError as exc:
-        print(f"pymilterkit: error: {exc}", file=sys.stderr)
+        _say_error(exc, as_json)
         return EXIT_USAGE
     args.pmk_argv = argv  # a reload's fresh workers parse it (and the config file) again
     handler: Handler = args.handler
@@ -320,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _configure_logging(args)
         return handler(args)
     except MilterError as exc:
-        print(f"pymilterkit: error: {exc}", file=sys.stderr)
+        _say_error(exc, getattr(args, "log_format", "text") == "json")
         return EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILED
     except KeyboardInterrupt:
         return 130
