@@ -41,3 +41,20 @@ def test_a_far_off_name_lists_the_filters(tmp_path: Path) -> None:
     assert line.startswith("pymilterkit: error: examples.mixins has no 'Nothing'; its "
                            "MilterSession classes: ")
     assert "AuditedTagger" in line and "'MilterSession'" not in line
+
+
+def test_with_json_logs_the_error_line_is_json_too(tmp_path: Path) -> None:
+    import json
+
+    for extra in (["--config", "/dev/zero"], ["--socket", f"unix:{tmp_path}/no/such/m.sock"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "pymilterkit", "run", "examples.rcpt_count:RcptCount",
+             "--log-format", "json", "--socket", f"unix:{tmp_path}/m.sock", *extra],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )
+        assert result.returncode == 2, result.stderr
+        records = [json.loads(line) for line in result.stderr.splitlines()]
+        assert records and records[-1]["level"] == "ERROR", result.stderr
+        assert records[-1]["message"].startswith("error: ")
+    result = _run("examples.rcpt_count:RcptCont", tmp_path)  # text stays text
+    assert result.stderr.startswith("pymilterkit: error: ")
