@@ -22,7 +22,7 @@ from typing import Any
 
 from . import _metrics
 from ._options import RunOptions
-from ._signals import STOP_SIGNALS
+from ._signals import HANDLED_SIGNALS
 
 __all__ = ["ENV", "Recipe", "class_target"]
 
@@ -91,4 +91,4 @@ class Recipe:
         # The stop signals start blocked (the mask survives exec): one that comes while the
         # new interpreter imports waits for its handlers (`_signals.handled`) instead of
         # killing it.
-        return os.posix_spawn(sys.executable, argv, env, setsigmask=STOP_SIGNALS)
+        return os.posix_spawn(sys.executable, argv, env, setsigmask=HANDLED_SIGNALS)

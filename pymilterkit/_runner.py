@@ -58,7 +58,7 @@ from ._security import check_can_drop_privileges, drop_privileges, unreadable
 from ._serve import Filter, Server
 from ._serve import current as current_server
 from ._session import MilterSession
-from ._signals import fork, handled
+from ._signals import RETIRE_SIGNAL, fork, handled
 from ._socketspec import SocketSpec, parse_socket_spec
 
 __all__ = [
@@ -567,7 +567,7 @@ class Supervisor:
                    if w.generation != self.generation and not w.retiring]
             for pid in old:
                 self.workers[pid].retiring = True
-            self.signal_all(signal.SIGTERM, old)
+            self.signal_all(RETIRE_SIGNAL, old)  # they drain saying why, not as at a stop
             local = self.local
             logger.info(
                 "reloaded in %.2f s: generation %d serves; %d old worker(s) drain",

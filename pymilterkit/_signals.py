@@ -20,6 +20,9 @@ from types import FrameType
 from typing import Literal, Protocol
 
 __all__ = [
+    "HANDLED_SIGNALS",
+    "RETIRED_BY_RELOAD",
+    "RETIRE_SIGNAL",
     "SIGNAL_DEBOUNCE",
     "STOP_SIGNALS",
     "WAKE_SIGNAL",
@@ -31,6 +34,11 @@ __all__ = [
 ]
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+RETIRE_SIGNAL = signal.SIGUSR2
+"""From a supervisor to the workers a reload replaced: drain and exit, saying so."""
+RETIRED_BY_RELOAD = "a reload replaced this worker"
+HANDLED_SIGNALS = STOP_SIGNALS | {RETIRE_SIGNAL}
+"""Every signal `handled` routes; blocked in a new process until its handlers are in place."""
 """Signals that stop a run (the single process, or the worker supervisor and its workers)."""
 
 WAKE_SIGNAL = signal.SIGURG
@@ -85,6 +93,9 @@ def handled(target: Target) -> Iterator[None]:
     requests = StopRequests()
 
     def receive(signum: int, frame: FrameType | None) -> None:
+        if signum == RETIRE_SIGNAL:
+            target.drain(RETIRED_BY_RELOAD)
+            return
         request = requests.classify(signum)
         reason = f"signal {signal.Signals(signum).name}"
         if request == "drain":
@@ -94,10 +105,10 @@ def handled(target: Target) -> Iterator[None]:
         elif request == "reload":
             target.reload(reason)
 
-    previous = {signum: signal.signal(signum, receive) for signum in STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, receive) for signum in HANDLED_SIGNALS}
     # A new process starts with them blocked (`fork`, `_fresh`): one that came while it was
     # starting waits until now and is handled like any other.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     try:
         yield
     finally:
@@ -111,16 +122,16 @@ def fork(child: Callable[[], None]) -> int:
     handler then stops it too) and, in the child, until `handled` has its handlers in place:
     a SIGHUP sent to the whole process group while a worker starts neither kills it nor
     counts as a death."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     try:
         pid = os.fork()
         if pid == 0:
-            for signum in (*STOP_SIGNALS, signal.SIGCHLD):
+            for signum in (*HANDLED_SIGNALS, signal.SIGCHLD):
                 signal.signal(signum, signal.SIG_DFL)
             child()  # the stop signals stay blocked until `handled` unblocks them
         return pid
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
 
 @contextlib.contextmanager

@@ -73,3 +73,15 @@ def test_a_draining_process_says_so() -> None:
         thread.join(10)
         client.close()
         assert milter.wait(20) == 0
+
+
+def test_workers_a_reload_replaces_say_so_when_they_drain() -> None:
+    with MilterProcess("examples.rcpt_count:RcptCount", args=["--workers", "2"],
+                       cwd=ROOT) as milter:
+        old = worker_pids(milter.pid, 2)
+        milter.signal(signal.SIGHUP)
+        _until(lambda: not (children(milter.pid) & set(old)), "the old workers to leave")
+        log = milter.log()
+    for pid in old:
+        assert f"pymilterkit[{pid}] INFO a reload replaced this worker: draining" in log, log
+        assert f"pymilterkit[{pid}] INFO signal SIGTERM: draining" not in log
