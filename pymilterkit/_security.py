@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import logging
 import os
 import pwd
 import secrets
@@ -21,6 +22,8 @@ import stat
 from collections.abc import Iterable
 
 from ._errors import ConfigurationError, SocketSpecError
+
+logger = logging.getLogger("pymilterkit")
 
 __all__ = [
     "DEFAULT_SOCKET_MODE",
@@ -55,19 +58,30 @@ def _uid(user: str | int) -> tuple[int, int]:
 class UnixSocketFile:
     """The socket file a run created: removed at stop only if it is still the same file."""
 
-    def __init__(self, directory_fd: int, name: str, identity: tuple[int, int]) -> None:
+    def __init__(
+        self, directory_fd: int, name: str, identity: tuple[int, int], path: str = ""
+    ) -> None:
         self._dir_fd = directory_fd
         self._name = name
         self._identity = identity
+        self._path = path or name
 
     def remove(self) -> None:
-        """Unlink the socket unless someone replaced it since; never follows a link."""
+        """Unlink the socket unless someone replaced it since; never follows a link. If it
+        cannot (a user that may not write the directory, after `--user`), say so."""
         if self._dir_fd < 0:
             return
-        with contextlib.suppress(OSError):
+        try:
             st = os.stat(self._name, dir_fd=self._dir_fd, follow_symlinks=False)
             if (st.st_dev, st.st_ino) == self._identity and stat.S_ISSOCK(st.st_mode):
                 os.unlink(self._name, dir_fd=self._dir_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning(
+                "socket file %s left in place: %s (the user it runs as may not write its "
+                "directory; a directory that user owns avoids this)", self._path, exc.strerror,
+            )
         self.close()
 
     def close(self) -> None:
@@ -148,7 +162,7 @@ def bind_unix_socket(
     except BaseException:
         os.close(parent_fd)
         raise
-    return UnixSocketFile(parent_fd, name, (st.st_dev, st.st_ino))
+    return UnixSocketFile(parent_fd, name, (st.st_dev, st.st_ino), path)
 
 
 def check_can_drop_privileges(user: str | int | None, group: str | int | None) -> None:

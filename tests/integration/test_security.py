@@ -114,6 +114,23 @@ def test_what_a_reload_cannot_read_as_the_user_is_said_at_start(tmp_path: Path) 
 
 
 @root_only
+def test_a_socket_the_user_cannot_remove_is_logged_at_stop() -> None:
+    directory = Path(tempfile.mkdtemp(prefix="pmk-rootdir-"))
+    try:
+        directory.chmod(0o755)  # root's: nobody may not remove entries here
+        path = directory / "m.sock"
+        with MilterProcess(COUNTER, f"unix:{path}", cwd=ROOT,
+                           args=["--user", "nobody"]) as milter:
+            count_ok(milter)
+            assert milter.stop() == 0, milter.log()
+            log = milter.log()
+        assert path.exists()
+        assert f"socket file {path} left in place: Permission denied" in log, log
+    finally:
+        shutil.rmtree(directory)
+
+
+@root_only
 @pytest.mark.parametrize("workers", [1, 2])
 def test_stop_with_a_socket_group_the_user_is_not_in(workers: int) -> None:
     """--user nobody --socket-group daemon: the stop's wake-up still reaches the socket (it
