@@ -321,13 +321,13 @@ class Server:
             self._gate = None
         left = len(dispatcher.sessions)
         abandoned = dispatcher.close_all(STOP_GRACE)
+        running = left - abandoned
         logger.info(
-            "stopped: %d session(s) served, %d left open by libmilter: %d closed here, "
-            "%d still running (not closed)",
+            "stopped: %d session(s) served, %d left open by libmilter: %d closed here%s",
             dispatcher.created,
             left,
             abandoned,
-            left - abandoned,
+            f", {running} still running (not closed)" if running else "",
         )
         if abandoned:
             logger.debug("closed %d abandoned session(s)", abandoned)
