@@ -161,8 +161,9 @@ def _bound(value: float) -> str:
 
 
 MAX_CONNECTIONS = 1024
-"""Connections open at once, at most; past the cap a new one is closed at once. Never more than
-a quarter of the open-files limit (`connection_cap`), so mail keeps the rest."""
+"""Connections open at once, at most. Never more than a quarter of the open-files limit
+(`connection_cap`), so mail keeps the rest. At the cap, new connections wait in the kernel's
+listen queue (`BACKLOG`; past it the kernel refuses them) until a slot frees."""
 MAX_REQUEST = 8 * 1024
 """Bytes of request line and headers; a bigger request is answered 431 and closed."""
 REQUEST_DEADLINE = 3.0
@@ -193,9 +194,9 @@ class MetricsServer:
     Why not a thread per connection (`http.server.ThreadingHTTPServer`): a client that sends
     slowly or sends megabytes of headers then holds a thread, a descriptor and memory each, and
     enough of them take what mail needs. Here one thread multiplexes every connection
-    (`selectors`): at most `connection_cap()` are open at once, each for at most
-    `MAX_REQUEST` bytes of request and `REQUEST_DEADLINE` seconds in all. A scraper whose
-    request is already there when it is accepted is answered at once and takes no slot. The
+    (`selectors`): at most `connection_cap()` are open at once (more wait in the listen queue),
+    each for at most `MAX_REQUEST` bytes of request and `REQUEST_DEADLINE` seconds in all. A
+    scraper whose request is already there when it is accepted is answered at once. The
     request is parsed by the standard library (`http.client.parse_headers`). `close()` stops
     it; `forget()` in a forked child.
     """
@@ -270,8 +271,18 @@ class MetricsServer:
                 self._drop(conn)
             selector.close()
 
+    def _pause(self, seconds: float) -> None:
+        """Stop accepting for `seconds`: new connections wait in the kernel's listen queue."""
+        self._selector.unregister(self.sock)
+        self._paused_until = time.monotonic() + seconds
+
     def _accept(self) -> None:
         for _ in range(64):  # then let the waiting connections have a turn
+            if len(self._waiting) >= self.cap:
+                # Full: new connections wait in the kernel's listen queue, costing this process
+                # nothing, until an open one is answered or reaches its deadline.
+                self._pause(0.02)
+                return
             try:
                 sock, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -280,8 +291,7 @@ class MetricsServer:
                 if not self._warned_full:
                     logger.warning("metrics: cannot accept (%s); pausing the endpoint", exc)
                     self._warned_full = True
-                self._selector.unregister(self.sock)
-                self._paused_until = time.monotonic() + 0.5
+                self._pause(0.5)
                 return
             self._warned_full = False
             sock.setblocking(False)
@@ -292,10 +302,6 @@ class MetricsServer:
             answered = conn.reply is not None
             if answered and not self._write(conn):
                 sock.close()  # answered in full at once: no slot taken
-                continue
-            if len(self._waiting) >= self.cap:
-                logger.debug("metrics: %d connections open; refused", self.cap)
-                sock.close()
                 continue
             self._waiting[sock] = conn
             event = selectors.EVENT_WRITE if answered else selectors.EVENT_READ

@@ -817,10 +817,14 @@ def failover(topo: Topology, victim: str = "m2", *, before: int = 800, after: in
         _wait(lambda: hp.current_sessions(victim) >= 2, 30, f"sessions on {victim}", 0.001)
         in_flight = hp.current_sessions(victim)
         redispatched = int(hp.stats()[victim]["wredis"] or 0)
-        killed_at = time.monotonic()
+        kill_sent = time.monotonic()
         instance.kill()
+        # Sessions opened until its death was complete may still have reached its listening
+        # queue (the kernel accepts for a process being killed); from here HAProxy gets
+        # "connection refused" and redispatches.
+        killed_at = time.monotonic()
         hp.wait_status(victim, "DOWN", timeout=30)
-        seconds_to_down = time.monotonic() - killed_at
+        seconds_to_down = time.monotonic() - kill_sent
         check_status = hp.stats()[victim]["check_status"]
         load.wait_done(load.done() + after)
         restarted_at = time.monotonic()

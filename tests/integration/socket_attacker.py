@@ -8,7 +8,8 @@ a socket is renamed away and replaced by a symlink to VICTIM; a directory is ren
 replaced by one of its own whose entries are symlinks to VICTIM. If root then changes the
 mode or group "of the socket" through a path, it changes VICTIM instead.
 
-It prints the number of swaps it made when it ends (after SECONDS, or once STOPFILE exists).
+It prints "ready" once it races (after dropping to nobody), and the number of swaps it made
+when it ends (after SECONDS, or once STOPFILE exists).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> None:
         os.setuid(pwd.getpwnam("nobody").pw_uid)
     deadline = time.monotonic() + float(seconds)
     me = os.getuid()
+    print("ready", flush=True)  # the test starts its side only now
     swaps = 0
     loops = 0
     while time.monotonic() < deadline:

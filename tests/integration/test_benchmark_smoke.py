@@ -47,10 +47,11 @@ def test_quick_benchmark_run_has_no_failures(tmp_path: Path) -> None:
         assert row["messages"] > 0, row
     workers = [r for r in data["runs"] if r["milter"].endswith("-w2")]
     assert workers and all(r["milter_processes"] == 3 for r in workers)  # parent + 2 workers
-    # The split of connections between workers is sampled mid-run: every connection once.
+    # The split of connections between workers is sampled mid-run: every connection seen (a
+    # readiness probe's connection may still be held by a worker when the sample is taken).
     for r in workers:
         if r["conns"] == 8:
-            assert sum(r["worker_connections"]) == 8, r["worker_connections"]
+            assert 8 <= sum(r["worker_connections"]) <= 9, r["worker_connections"]
     assert "Pre-forked workers: connections held by each worker" in out
     # The per-callback section: pymilterkit's callbacks cost more than empty ones, and both > 0.
     assert "callback (warm, one thread)" in out

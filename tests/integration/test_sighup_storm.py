@@ -26,7 +26,11 @@ def _tree(pid: int) -> set[int]:
     """`pid` and all its descendants: the milter's process group, as far as it goes."""
     found, todo = {pid}, [pid]
     while todo:
-        for child in children(todo.pop()):
+        try:
+            below = children(todo.pop())
+        except OSError:  # it exited meanwhile (an old worker a reload retired)
+            continue
+        for child in below:
             if child not in found:
                 found.add(child)
                 todo.append(child)

@@ -58,6 +58,10 @@ class Arena:
              str(self.stop_file)],
             stdout=subprocess.PIPE, text=True,
         )
+        # Its interpreter's start and the drop to nobody take a while (longer on newer
+        # Pythons): the race begins once it says so, not before.
+        assert self.attacker.stdout is not None
+        assert self.attacker.stdout.readline().strip() == "ready"
 
     def stop_attacker(self) -> int:
         assert self.attacker is not None
