@@ -60,6 +60,17 @@ class Recipe:
     options: RunOptions
     argv: list[str] | None
 
+    @property
+    def config_path(self) -> str | None:
+        """The config file the command line names (`--config FILE` or `--config=FILE`)."""
+        argv = self.argv or []
+        for i, arg in enumerate(argv):
+            if arg == "--config" and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith("--config="):
+                return arg.partition("=")[2]
+        return None
+
     def spawn(self, fd: int, slot: int, control: int) -> int:
         """Start a fresh worker process serving as `slot` on `fd`; returns its pid."""
         description: dict[str, Any] = {
@@ -85,8 +96,8 @@ class Recipe:
         env[ENV] = json.dumps(description)
         # The words after the code are sys.argv[1:] there: `ps aux` shows whose worker it is.
         title = [f"pymilterkit-worker:{slot + 1}", class_target(self.session_class)]
-        if self.argv is not None and "--config" in self.argv[:-1]:
-            title.append(self.argv[self.argv.index("--config") + 1])
+        if self.config_path is not None:
+            title.append(self.config_path)
         argv = [sys.executable, "-c", _BOOT.format(root=root), *title]
         # The stop signals start blocked (the mask survives exec): one that comes while the
         # new interpreter imports waits for its handlers (`_signals.handled`) instead of

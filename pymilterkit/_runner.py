@@ -416,12 +416,9 @@ class Supervisor:
         """As the user it now is: can it read what a reload's fresh workers (and any module
         imported later) read? Said at start, not on the day a fix must be deployed."""
         paths: list[str] = []  # the config file and the filter first: most often the cause
-        argv = self.recipe.argv if self.recipe is not None else None
-        for i, arg in enumerate(argv or ()):
-            if arg == "--config" and argv is not None and i + 1 < len(argv):
-                paths.append(argv[i + 1])
-            elif arg.startswith("--config="):
-                paths.append(arg.partition("=")[2])
+        config = self.recipe.config_path if self.recipe is not None else None
+        if config is not None:
+            paths.append(config)
         module = sys.modules.get(self.filter.session_class.__module__)
         if module is not None and getattr(module, "__file__", None):
             paths.append(str(module.__file__))
