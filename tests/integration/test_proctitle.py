@@ -6,7 +6,6 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from pymilterkit import MilterError
 from pymilterkit.testing import MilterClient, MilterProcess
 
 from ..helpers import children, worker_pids
+from .test_metrics import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -28,32 +28,24 @@ def _cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
 
-def _until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_supervisor_and_workers_are_named_and_fresh_workers_say_whose() -> None:
     with MilterProcess("examples.rcpt_count:RcptCount", args=["--workers", "2"],
                        cwd=ROOT) as milter:
         workers = worker_pids(milter.pid, 2)
         assert _comm(milter.pid) == "sup RcptCount"
-        _until(lambda: sorted(_comm(p) for p in workers) == ["w1 RcptCount", "w2 RcptCount"],
-               "the workers' names")
+        wait_until(lambda: sorted(_comm(p) for p in workers) == ["w1 RcptCount", "w2 RcptCount"],
+                   "the workers' names", timeout=20)
         milter.signal(signal.SIGHUP)  # a reload: fresh interpreters
-        _until(lambda: "reloaded in" in milter.log(), "the reload")
+        wait_until(lambda: "reloaded in" in milter.log(), "the reload", timeout=20)
         fresh = sorted(children(milter.pid) - set(workers))
         assert fresh
         for pid in fresh:
             line = _cmdline(pid)
             assert any(w.startswith("pymilterkit-worker:") for w in line), line
             assert "examples.rcpt_count:RcptCount" in line
-        _until(lambda: all(_comm(p).endswith(" RcptCount") and _comm(p)[0] == "w"
-                           for p in children(milter.pid) & set(fresh)), "fresh names")
+        wait_until(lambda: all(_comm(p).endswith(" RcptCount") and _comm(p)[0] == "w"
+                               for p in children(milter.pid) & set(fresh)), "fresh names",
+                   timeout=20)
 
 
 def test_a_draining_process_says_so() -> None:
@@ -69,7 +61,7 @@ def test_a_draining_process_says_so() -> None:
         thread.start()
         time.sleep(0.5)
         milter.signal(signal.SIGTERM)
-        _until(lambda: _comm(milter.pid) == "drain Slow", "the drain name", timeout=2.5)
+        wait_until(lambda: _comm(milter.pid) == "drain Slow", "the drain name", timeout=2.5)
         thread.join(10)
         client.close()
         assert milter.wait(20) == 0
@@ -80,7 +72,8 @@ def test_workers_a_reload_replaces_say_so_when_they_drain() -> None:
                        cwd=ROOT) as milter:
         old = worker_pids(milter.pid, 2)
         milter.signal(signal.SIGHUP)
-        _until(lambda: not (children(milter.pid) & set(old)), "the old workers to leave")
+        wait_until(lambda: not (children(milter.pid) & set(old)), "the old workers to leave",
+                   timeout=20)
         log = milter.log()
     for pid in old:
         assert f"pymilterkit[{pid}] INFO a reload replaced this worker: draining" in log, log
