@@ -67,7 +67,9 @@ def test_reloads_recycling_and_a_drained_stop_lose_no_mail(
             time.sleep(0.7)  # its on_eom sleeps now
             generation.write_text(f"g{n}")
             milter.signal(signal.SIGHUP)
-            for k in range(6):  # recycling every 5 sessions meanwhile
+            # Recycling every 5 sessions meanwhile: at most 4 workers (2 old, 2 new) serve
+            # until one retires, so 21 sessions make one of them reach its 5th for certain.
+            for k in range(21):
                 send(postfix.smtp_port, "ok@example.net", f"r{n}-{k}@example.com")
                 sent += 1
             flight.join(60)
