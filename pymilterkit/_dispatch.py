@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._flags import Actions, ProtocolOpts, Status
 from ._logging import install as _install_log_fields
-from ._protocol import ENDS_MESSAGE, STAGES
-from ._session import MilterSession, SessionBackend
+from ._protocol import ENDS_MESSAGE, STAGES, SessionBackend
+from ._session import MilterSession
 from ._types import EsmtpParams
 
 if TYPE_CHECKING:

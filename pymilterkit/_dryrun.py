@@ -25,8 +25,8 @@ from typing import Any
 
 from . import _metrics
 from ._flags import Status
-from ._protocol import ActionInfo
-from ._session import BackendWrapper, MilterSession, SessionBackend
+from ._protocol import ActionInfo, BackendWrapper, SessionBackend
+from ._session import MilterSession
 
 __all__ = ["DryRun", "DryRunBackend"]
 

@@ -2,7 +2,7 @@
 
 A forked worker shares its parent's imported modules; a reload must not (the filter's new code
 and module state). So the supervisor starts a new interpreter (`Recipe.spawn`) that runs
-`_cli.fresh_worker`: it parses the command line again, or finds the session class by name
+`__main__.fresh_worker`: it parses the command line again, or finds the session class by name
 (`class_target`: `module:Class`, or the file a class came from) and takes the same
 `RunOptions`, and serves as worker `slot` on the inherited listening descriptor. The
 description travels in the environment variable `PYMILTERKIT_WORKER` (JSON), removed from the
@@ -30,7 +30,7 @@ ENV = "PYMILTERKIT_WORKER"
 
 _BOOT = (
     "import sys; sys.path[:0] = [{root!r}]; "
-    "from pymilterkit._cli import fresh_worker; fresh_worker()"
+    "from pymilterkit.__main__ import fresh_worker; fresh_worker()"
 )
 
 

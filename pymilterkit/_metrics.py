@@ -41,8 +41,7 @@ from ._board import Board
 from ._flags import Status
 from ._protocol import ACTION as ACTION_BY_METHOD
 from ._protocol import ACTIONS as ACTION_TABLE
-from ._protocol import STAGE_METHODS, ActionInfo
-from ._session import BackendWrapper, SessionBackend
+from ._protocol import STAGE_METHODS, ActionInfo, BackendWrapper, SessionBackend
 
 __all__ = [
     "ACTIONS",

@@ -10,6 +10,8 @@ place lives here.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from ._flags import Actions, ProtocolOpts, Stage, Status
 
@@ -21,7 +23,6 @@ __all__ = [
     "ALL_PROTOCOL",
     "BY_METHOD",
     "ENDS_MESSAGE",
-    "MAX_DATA",
     "MI_FAILURE",
     "MI_SUCCESS",
     "NOREPLY_MASK",
@@ -30,14 +31,15 @@ __all__ = [
     "REPLY_CLASS",
     "STAGES",
     "STAGE_METHODS",
+    "ActionBackend",
     "ActionInfo",
+    "BackendWrapper",
+    "SessionBackend",
     "StageInfo",
 ]
 
 PROTOCOL_VERSION = 6
 """The milter protocol version libmilter 8.14+ and Postfix 2.6+ speak."""
-MAX_DATA = 65535
-"""Largest data part libmilter accepts in one packet (MILTER_MAX_DATA_SIZE)."""
 MI_SUCCESS = 0
 MI_FAILURE = -1
 """libmilter's return codes of smfi_* calls."""
@@ -171,3 +173,98 @@ ACTIONS: tuple[ActionInfo, ...] = (
 
 ACTION = {info.method: info for info in ACTIONS}
 """`ACTIONS` by backend method."""
+
+
+class SessionBackend(Protocol):
+    """Carries out session actions: one method per row of `_protocol.ACTIONS`, plus macro reads.
+
+    `ActionBackend` makes one from a single `act` method; libmilter's (`_trampolines`) and the
+    harness's call their functions, the counting, dry-run, locked and refusing backends wrap
+    another (`BackendWrapper`).
+    """
+
+    def getsymval(self, name: bytes) -> bytes | None: ...
+    def add_header(self, name: bytes, value: bytes) -> None: ...
+    def insert_header(self, index: int, name: bytes, value: bytes) -> None: ...
+    def change_header(self, name: bytes, index: int, value: bytes) -> None: ...
+    def delete_header(self, name: bytes, index: int) -> None: ...
+    def change_sender(self, sender: bytes, params: bytes | None) -> None: ...
+    def add_recipient(self, recipient: bytes) -> None: ...
+    def add_recipient_par(self, recipient: bytes, params: bytes) -> None: ...
+    def remove_recipient(self, recipient: bytes) -> None: ...
+    def replace_body(self, chunk: bytes) -> None: ...
+    def quarantine(self, reason: bytes) -> None: ...
+    def progress(self) -> None: ...
+    def set_reply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None: ...
+
+
+class ActionBackend:
+    """A `SessionBackend` whose every action is `act(action, *args)` with its row of the table.
+
+    The only place that says which backend method is which action: a backend written as one
+    `act` follows the table (`ActionInfo`: label, libmilter function, flag, wire command).
+    """
+
+    __slots__ = ()
+
+    def act(self, action: ActionInfo, *args: Any) -> None:
+        raise NotImplementedError
+
+    def getsymval(self, name: bytes) -> bytes | None:
+        raise NotImplementedError
+
+    def add_header(self, name: bytes, value: bytes) -> None:
+        self.act(ACTION["add_header"], name, value)
+
+    def insert_header(self, index: int, name: bytes, value: bytes) -> None:
+        self.act(ACTION["insert_header"], index, name, value)
+
+    def change_header(self, name: bytes, index: int, value: bytes) -> None:
+        self.act(ACTION["change_header"], name, index, value)
+
+    def delete_header(self, name: bytes, index: int) -> None:
+        self.act(ACTION["delete_header"], name, index)
+
+    def change_sender(self, sender: bytes, params: bytes | None) -> None:
+        self.act(ACTION["change_sender"], sender, params)
+
+    def add_recipient(self, recipient: bytes) -> None:
+        self.act(ACTION["add_recipient"], recipient)
+
+    def add_recipient_par(self, recipient: bytes, params: bytes) -> None:
+        self.act(ACTION["add_recipient_par"], recipient, params)
+
+    def remove_recipient(self, recipient: bytes) -> None:
+        self.act(ACTION["remove_recipient"], recipient)
+
+    def replace_body(self, chunk: bytes) -> None:
+        self.act(ACTION["replace_body"], chunk)
+
+    def quarantine(self, reason: bytes) -> None:
+        self.act(ACTION["quarantine"], reason)
+
+    def progress(self) -> None:
+        self.act(ACTION["progress"])
+
+    def set_reply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None:
+        self.act(ACTION["set_reply"], code, xcode, lines)
+
+
+class BackendWrapper(ActionBackend):
+    """A backend around `inner`: each action goes through `act`, which by default carries it
+    out (`perform`); macro reads go straight through."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: SessionBackend) -> None:
+        self.inner = inner
+
+    def perform(self, action: ActionInfo, *args: Any) -> None:
+        """Carry `action` out on the inner backend."""
+        getattr(self.inner, action.method)(*args)
+
+    def act(self, action: ActionInfo, *args: Any) -> None:
+        self.perform(action, *args)
+
+    def getsymval(self, name: bytes) -> bytes | None:
+        return self.inner.getsymval(name)

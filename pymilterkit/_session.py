@@ -20,19 +20,16 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from . import _validate as v
 from ._errors import UndeclaredActionError, WrongStageError
 from ._flags import Actions, ProtocolOpts, Stage, Status
 from ._logging import SessionLog, session_log
-from ._protocol import ACTION, ALL_ACTIONS, ALL_LIBMILTER_OPTS, NO_STAGE_MASK, STAGES, ActionInfo
+from ._protocol import ALL_ACTIONS, ALL_LIBMILTER_OPTS, NO_STAGE_MASK, STAGES, SessionBackend
 from ._types import EsmtpParams, InetAddress, UnixAddress, decode
 
-__all__ = [
-    "STAGE_FLAGS", "ActionBackend", "BackendWrapper", "ClassSpec", "HookResult", "MilterSession",
-    "SessionBackend", "StageResult", "noreply",
-]
+__all__ = ["STAGE_FLAGS", "ClassSpec", "HookResult", "MilterSession", "StageResult", "noreply"]
 
 StageResult = Status | Awaitable[Status]
 """What a stage method returns: a `Status`, or (`async def`) an awaitable of one."""
@@ -101,101 +98,6 @@ class ClassSpec:
         if "on_body" in self.stages and offered & ProtocolOpts.SKIP:
             opts |= ProtocolOpts.SKIP
         return opts
-
-
-class SessionBackend(Protocol):
-    """Carries out session actions: one method per row of `_protocol.ACTIONS`, plus macro reads.
-
-    `ActionBackend` makes one from a single `act` method; libmilter's (`_trampolines`) and the
-    harness's call their functions, the counting, dry-run, locked and refusing backends wrap
-    another (`BackendWrapper`).
-    """
-
-    def getsymval(self, name: bytes) -> bytes | None: ...
-    def add_header(self, name: bytes, value: bytes) -> None: ...
-    def insert_header(self, index: int, name: bytes, value: bytes) -> None: ...
-    def change_header(self, name: bytes, index: int, value: bytes) -> None: ...
-    def delete_header(self, name: bytes, index: int) -> None: ...
-    def change_sender(self, sender: bytes, params: bytes | None) -> None: ...
-    def add_recipient(self, recipient: bytes) -> None: ...
-    def add_recipient_par(self, recipient: bytes, params: bytes) -> None: ...
-    def remove_recipient(self, recipient: bytes) -> None: ...
-    def replace_body(self, chunk: bytes) -> None: ...
-    def quarantine(self, reason: bytes) -> None: ...
-    def progress(self) -> None: ...
-    def set_reply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None: ...
-
-
-class ActionBackend:
-    """A `SessionBackend` whose every action is `act(action, *args)` with its row of the table.
-
-    The only place that says which backend method is which action: a backend written as one
-    `act` follows the table (`ActionInfo`: label, libmilter function, flag, wire command).
-    """
-
-    __slots__ = ()
-
-    def act(self, action: ActionInfo, *args: Any) -> None:
-        raise NotImplementedError
-
-    def getsymval(self, name: bytes) -> bytes | None:
-        raise NotImplementedError
-
-    def add_header(self, name: bytes, value: bytes) -> None:
-        self.act(ACTION["add_header"], name, value)
-
-    def insert_header(self, index: int, name: bytes, value: bytes) -> None:
-        self.act(ACTION["insert_header"], index, name, value)
-
-    def change_header(self, name: bytes, index: int, value: bytes) -> None:
-        self.act(ACTION["change_header"], name, index, value)
-
-    def delete_header(self, name: bytes, index: int) -> None:
-        self.act(ACTION["delete_header"], name, index)
-
-    def change_sender(self, sender: bytes, params: bytes | None) -> None:
-        self.act(ACTION["change_sender"], sender, params)
-
-    def add_recipient(self, recipient: bytes) -> None:
-        self.act(ACTION["add_recipient"], recipient)
-
-    def add_recipient_par(self, recipient: bytes, params: bytes) -> None:
-        self.act(ACTION["add_recipient_par"], recipient, params)
-
-    def remove_recipient(self, recipient: bytes) -> None:
-        self.act(ACTION["remove_recipient"], recipient)
-
-    def replace_body(self, chunk: bytes) -> None:
-        self.act(ACTION["replace_body"], chunk)
-
-    def quarantine(self, reason: bytes) -> None:
-        self.act(ACTION["quarantine"], reason)
-
-    def progress(self) -> None:
-        self.act(ACTION["progress"])
-
-    def set_reply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None:
-        self.act(ACTION["set_reply"], code, xcode, lines)
-
-
-class BackendWrapper(ActionBackend):
-    """A backend around `inner`: each action goes through `act`, which by default carries it
-    out (`perform`); macro reads go straight through."""
-
-    __slots__ = ("inner",)
-
-    def __init__(self, inner: SessionBackend) -> None:
-        self.inner = inner
-
-    def perform(self, action: ActionInfo, *args: Any) -> None:
-        """Carry `action` out on the inner backend."""
-        getattr(self.inner, action.method)(*args)
-
-    def act(self, action: ActionInfo, *args: Any) -> None:
-        self.perform(action, *args)
-
-    def getsymval(self, name: bytes) -> bytes | None:
-        return self.inner.getsymval(name)
 
 
 def _union_over_mro(cls: type, attr: str, zero: Any) -> Any:

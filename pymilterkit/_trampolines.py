@@ -31,8 +31,16 @@ from ._dryrun import DryRun
 from ._errors import LibmilterError
 from ._flags import Status
 from ._loop import EventLoopThread
-from ._protocol import ACTION, BY_METHOD, STAGES, ActionInfo
-from ._session import ActionBackend, BackendWrapper, MilterSession, SessionBackend
+from ._protocol import (
+    ACTION,
+    BY_METHOD,
+    STAGES,
+    ActionBackend,
+    ActionInfo,
+    BackendWrapper,
+    SessionBackend,
+)
+from ._session import MilterSession
 from ._threadstate import pin_thread_state
 from ._types import EsmtpParams, decode
 

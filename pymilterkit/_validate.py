@@ -11,8 +11,9 @@ import re
 from collections.abc import Sequence
 
 from ._errors import InvalidArgumentError
-from ._protocol import MAX_DATA
 
+MAX_DATA = 65535
+"""Largest data part libmilter accepts in one packet (MILTER_MAX_DATA_SIZE)."""
 MAX_REPLY_LINES = 32
 MAX_REPLY_LINE = 980
 

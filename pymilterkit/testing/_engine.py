@@ -33,8 +33,16 @@ from .._dispatch import SessionRules
 from .._errors import LibmilterError, MilterTimeout, ProtocolError, StageResultError
 from .._flags import ProtocolOpts, Stage, Status
 from .._loop import InlineLoop
-from .._protocol import ACTION, MI_FAILURE, NOREPLY_MASK, REPLY_CLASS, STAGES, ActionInfo
-from .._session import ActionBackend, MilterSession
+from .._protocol import (
+    ACTION,
+    MI_FAILURE,
+    NOREPLY_MASK,
+    REPLY_CLASS,
+    STAGES,
+    ActionBackend,
+    ActionInfo,
+)
+from .._session import MilterSession
 from .._types import EsmtpParams, decode
 from . import _wire as w
 from ._results import Step

@@ -1,7 +1,7 @@
 """What `pymilterkit send` does: drive a running milter like an MTA and show its answers.
 
 Its arguments, usage text and exit statuses are defined with the command line in
-`pymilterkit._cli`, which imports this module only when `send` runs.
+`pymilterkit.__main__`, which imports this module only when `send` runs.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def _client_info(args: argparse.Namespace) -> tuple[ClientInfo, dict[str, dict[s
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    """Run `pymilterkit send` with its parsed arguments (defined in `pymilterkit._cli`)."""
+    """Run `pymilterkit send` with its parsed arguments (defined in `pymilterkit.__main__`)."""
     try:
         client_info, message_macros = _client_info(args)
         client = MilterClient(args.socket, timeout=args.timeout, client=client_info)

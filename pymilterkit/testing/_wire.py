@@ -20,8 +20,9 @@ from ipaddress import IPv4Address, IPv6Address
 
 from .._errors import ProtocolError
 from .._flags import Actions, ProtocolOpts, Stage
-from .._protocol import ABORT, BY_METHOD, MACRO, MAX_DATA, OPTNEG, PROTOCOL_VERSION, QUIT, QUIT_NC
+from .._protocol import ABORT, BY_METHOD, MACRO, OPTNEG, PROTOCOL_VERSION, QUIT, QUIT_NC
 from .._types import InetAddress, UnixAddress, decode
+from .._validate import MAX_DATA
 from ._results import (
     BodyReplaced,
     HeaderAdded,

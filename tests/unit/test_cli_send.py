@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pymilterkit._cli import main
+from pymilterkit.__main__ import main
 from pymilterkit.testing import MilterProcess
 
 MESSAGE = b"From: a@example.net\r\nSubject: cli test\r\n\r\nbody\r\n"
@@ -148,7 +148,7 @@ def test_run_does_not_load_the_testing_kit() -> None:
     """The core's command line imports `pymilterkit.testing` only for `send`."""
     code = (
         "import sys\n"
-        "from pymilterkit._cli import _parser\n"
+        "from pymilterkit.__main__ import _parser\n"
         "_parser().parse_args(['run', 'm:C', '--socket', 'unix:/x'])\n"
         "print(sorted(m for m in sys.modules if m.startswith('pymilterkit.testing')))\n"
     )

@@ -13,7 +13,7 @@ import pytest
 
 from examples.routing import Routing, RoutingConfig
 from pymilterkit import ConfigurationError, Milter, MilterSession, Status
-from pymilterkit._cli import _parser, load_config, main
+from pymilterkit.__main__ import _parser, load_config, main
 from pymilterkit._config import (
     add_run_arguments,
     filter_config,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pymilterkit._cli import main
+from pymilterkit.__main__ import main
 
 
 def _refused(path: Path | str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> str:

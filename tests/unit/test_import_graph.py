@@ -136,11 +136,6 @@ def test_nothing_inside_the_package_imports_its_init() -> None:
     assert imports_of_own_package(graph(), packages()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 26: the longest chain is still 12 modules (__main__ -> _cli -> _runner -> "
-    "_serve -> ... -> _flags; the test prints it); remove this mark once it passes",
-)
 def test_the_longest_import_chain_is_short() -> None:
     edges = graph()
     if cycles(edges):

@@ -69,7 +69,7 @@ def test_features_that_are_off_leave_the_plain_callbacks() -> None:
 
 def test_nothing_imports_prometheus_client_without_metrics() -> None:
     code = (
-        "import sys, pymilterkit, pymilterkit._cli, pymilterkit._runner\n"
+        "import sys, pymilterkit, pymilterkit.__main__, pymilterkit._runner\n"
         "from pymilterkit import Milter\n"
         "from tests.integration.ops_filters import Verdicts\n"
         "Milter(Verdicts, 'unix:/tmp/unused.sock', dry_run=True, workers=2)\n"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pymilterkit._cli import main
+from pymilterkit.__main__ import main
 from pymilterkit._options import C_INT_MAX
 
 

@@ -20,8 +20,7 @@ from pymilterkit import (
     noreply,
 )
 from pymilterkit._dispatch import SessionRules
-from pymilterkit._protocol import NO_STAGE_MASK, ActionInfo
-from pymilterkit._session import ActionBackend
+from pymilterkit._protocol import NO_STAGE_MASK, ActionBackend, ActionInfo
 from tests.helpers import EVERY_ACTION
 
 P = ProtocolOpts

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from pymilterkit import MilterSession, ProtocolOpts, _metrics
 from pymilterkit._libmilter import Libmilter, SmfiDesc
-from pymilterkit._protocol import ACTION, ACTIONS, BY_METHOD, NO_STAGE_MASK, NOREPLY_MASK, STAGES
-from pymilterkit._session import OTHER_STAGES, STAGE_FLAGS, ActionBackend
+from pymilterkit._protocol import (
+    ACTION,
+    ACTIONS,
+    BY_METHOD,
+    NO_STAGE_MASK,
+    NOREPLY_MASK,
+    STAGES,
+    ActionBackend,
+)
+from pymilterkit._session import OTHER_STAGES, STAGE_FLAGS
 from pymilterkit.testing import Step
 from pymilterkit.testing import _engine as engine
 from pymilterkit.testing import _wire as w
