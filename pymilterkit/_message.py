@@ -1,0 +1,192 @@
+"""The whole message of a whole-message filter: collected, spooled past a threshold, editable.
+
+`MessageBuffer` collects what the MTA sends (headers with their exact leading space, then body
+chunks) into a `tempfile.SpooledTemporaryFile`: in memory up to the threshold, past it in an
+unnamed temporary file (0600, gone when closed or when the process dies), so memory per session
+is bounded whatever the message size. Past `max_size` nothing more is kept and the message is
+marked too big. `Message` is what `on_message` receives: the envelope, the headers as received,
+the bytes as the MTA has them, and `email`, parsed on first use. `Message.edits()` compares the
+parsed message with what the filter left and answers with header actions and, if the body
+changed, the new body.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from collections.abc import Sequence
+from email import policy as email_policy
+from email.generator import BytesGenerator
+from email.message import EmailMessage
+from email.parser import BytesParser
+from typing import IO, BinaryIO, cast
+
+from ._edits import HeaderEdit, header_edits
+
+__all__ = ["DEFAULT_SPOOL_THRESHOLD", "Message", "MessageBuffer"]
+
+DEFAULT_SPOOL_THRESHOLD = 1024 * 1024
+"""Bytes of a message held in memory before it goes to a temporary file."""
+
+_PARSE = email_policy.default
+_WIRE = email_policy.default.clone(linesep="\n")
+_BYTES = email_policy.default.clone(linesep="\r\n")
+
+
+class MessageBuffer:
+    """The message being collected for one session; `close()` frees memory and file at once."""
+
+    def __init__(
+        self, threshold: int = DEFAULT_SPOOL_THRESHOLD, directory: str | None = None,
+        max_size: int | None = None,
+    ) -> None:
+        self._spool: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed by close())
+            max_size=threshold, mode="w+b", dir=directory
+        )
+        self._threshold = threshold
+        self._max_size = max_size
+        self.headers: list[tuple[str, str]] = []
+        self.size = 0
+        self.too_big = False
+        self._body_at = -1
+
+    def _write(self, data: bytes) -> None:
+        if self.too_big:
+            return
+        if self._max_size is not None and self.size + len(data) > self._max_size:
+            self.too_big = True
+            self._spool.truncate(0)
+            return
+        self._spool.write(data)
+        self.size += len(data)
+
+    def header(self, name: str, value: str) -> None:
+        """One header as received; `value` keeps its leading space (HDR_LEADSPC)."""
+        self.headers.append((name, value))
+        line = f"{name}:{value}".replace("\r\n", "\n").replace("\n", "\r\n") + "\r\n"
+        self._write(line.encode("utf-8", "surrogateescape"))
+
+    def end_of_headers(self) -> None:
+        """The empty line between headers and body."""
+        self._write(b"\r\n")
+        self._body_at = self.size
+
+    def body(self, chunk: bytes) -> None:
+        """One body chunk, byte for byte."""
+        if self._body_at < 0:
+            self.end_of_headers()
+        self._write(chunk)
+
+    @property
+    def on_disk(self) -> bool:
+        """True once the message went past the threshold into a temporary file.
+
+        (The spool rolls over when its position passes the threshold; only appends move it.)
+        """
+        return self.size > self._threshold
+
+    def view(self) -> BinaryIO:
+        """A reader of the collected bytes from the start, with a position of its own."""
+        if self.on_disk:
+            # a second open file description of the same unnamed file: its own offset
+            fd = self._spool.fileno()
+            return cast(BinaryIO, open(f"/proc/self/fd/{fd}", "rb"))
+        end = self._spool.tell()
+        self._spool.seek(0)
+        data = self._spool.read()
+        self._spool.seek(end)
+        return io.BytesIO(data)
+
+    def body_bytes(self) -> bytes:
+        """The body as received (read back from the spool; empty if there was none)."""
+        if self._body_at < 0:
+            return b""
+        with self.view() as reader:
+            reader.seek(self._body_at)
+            return reader.read()
+
+    def close(self) -> None:
+        """Free the memory and remove the temporary file (idempotent)."""
+        self._spool.close()
+
+
+class Message:
+    """One whole message, as `on_message` gets it (see the guide on content filters)."""
+
+    def __init__(
+        self, buffer: MessageBuffer, sender: str, recipients: Sequence[str],
+        queue_id: str | None,
+    ) -> None:
+        self._buffer = buffer
+        self.sender = sender
+        """The envelope sender (MAIL FROM), as the MTA gave it."""
+        self.recipients = tuple(recipients)
+        """The envelope recipients (RCPT TO) accepted so far."""
+        self.queue_id = queue_id
+        """The MTA's queue id (macro `i`), if it sent one."""
+        self._email: EmailMessage | None = None
+        self._parsed_headers: list[tuple[str, object]] = []
+
+    @property
+    def headers(self) -> Sequence[tuple[str, str]]:
+        """The header fields as received: names, and values with their leading space."""
+        return tuple(self._buffer.headers)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the message as the MTA has it (headers, empty line, body)."""
+        return self._buffer.size
+
+    def open(self) -> BinaryIO:
+        """The message bytes as the MTA has them (CRLF line ends), from the start."""
+        return self._buffer.view()
+
+    @property
+    def email(self) -> EmailMessage:
+        """The message parsed by the standard library, on first use; edit it in place."""
+        if self._email is None:
+            with self.open() as reader:
+                self._email = BytesParser(policy=_PARSE).parse(reader)
+            self._parsed_headers = list(self._email.raw_items())
+        return self._email
+
+    def edits(self) -> tuple[list[HeaderEdit], bytes | None]:
+        """Header actions and the new body (None: unchanged) that make the MTA's copy `email`.
+
+        Nothing is computed for a message whose `email` was never used.
+        """
+        if self._email is None:
+            return [], None
+        before = [(name, cast(str, value)) for name, value in self._parsed_headers]
+        kept = {id(value) for _, value in self._parsed_headers}
+        after = [
+            (name, value if id(value) in kept and isinstance(value, str) else _wire(name, value))
+            for name, value in self._email.raw_items()
+        ]
+        body = _body(self._email)
+        original = self._buffer.body_bytes()
+        if body == original or body == _body(_reparse(self)):
+            return header_edits(before, after), None
+        return header_edits(before, after), body
+
+
+def _wire(name: str, value: object) -> str:
+    """A header value as a milter action sends it: leading space, folded with LF + space."""
+    folded: str = _WIRE.fold(name, cast(str, value))  # a str or a header object
+    return folded[len(name) + 1 :].rstrip("\n")
+
+
+def _body(message: EmailMessage) -> bytes:
+    """The body as the standard library writes it (CRLF), without the header block."""
+    out = io.BytesIO()
+    BytesGenerator(out, policy=_BYTES).flatten(message)
+    raw = out.getvalue()
+    if raw.startswith(b"\r\n"):  # no header at all
+        return raw[2:]
+    cut = raw.find(b"\r\n\r\n")
+    return raw[cut + 4 :] if cut >= 0 else b""
+
+
+def _reparse(message: Message) -> EmailMessage:
+    with message.open() as reader:
+        return BytesParser(policy=_PARSE).parse(reader)

@@ -1,0 +1,177 @@
+"""The whole message of a whole-message filter: exact bytes, spooling, size limit, edits."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from pymilterkit._flags import Status
+from pymilterkit._message import Message, MessageBuffer
+from pymilterkit.testing._apply import apply_modifications
+from pymilterkit.testing._results import (
+    BodyReplaced,
+    HeaderAdded,
+    HeaderChanged,
+    HeaderDeleted,
+    HeaderInserted,
+    MessageResult,
+    Modification,
+    Step,
+)
+
+PLAIN = (
+    b"From: Alice <alice@example.net>\r\n"
+    b"To: Bob <bob@example.org>\r\n"
+    b"Subject: =?utf-8?q?caf=C3=A9?= and a long subject that is folded\r\n"
+    b"  onto a second line\r\n"
+    b"Received: from a\r\n"
+    b"Received:from b\r\n"
+    b"\r\n"
+    b"Hello\r\n\r\nthere\r\n"
+)
+MULTIPART = (
+    b"From: a@example.net\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="b1"\r\n'
+    b"\r\n"
+    b"preamble\r\n"
+    b"--b1\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n"
+    b"\r\n"
+    b"caf\xc3\xa9\r\n"
+    b"--b1\r\n"
+    b"Content-Type: application/octet-stream\r\n"
+    b'Content-Disposition: attachment; filename="x.exe"\r\n'
+    b"Content-Transfer-Encoding: base64\r\n"
+    b"\r\n"
+    b"TVqQAAMAAAAEAAAA//8AALgAAAAAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\n"
+    b"--b1--\r\n"
+)
+NO_BODY = b"Subject: empty\r\n\r\n"
+
+
+_open: list[MessageBuffer] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_buffers() -> Iterator[None]:
+    yield
+    while _open:
+        _open.pop().close()
+
+
+def _collect(raw: bytes, **kwargs: int | str | None) -> MessageBuffer:
+    """Feed a message to a buffer the way the stages do (HDR_LEADSPC: value after the colon)."""
+    buffer = MessageBuffer(**kwargs)  # type: ignore[arg-type]
+    _open.append(buffer)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    fields: list[str] = []
+    for line in head.decode("utf-8", "surrogateescape").split("\r\n"):
+        if line[:1] in (" ", "\t") and fields:
+            fields[-1] += "\n" + line
+        elif line:
+            fields.append(line)
+    for field in fields:
+        name, value = field.split(":", 1)
+        buffer.header(name, value)
+    buffer.end_of_headers()
+    for start in range(0, len(body), 7000):
+        buffer.body(body[start : start + 7000])
+    return buffer
+
+
+def _message(raw: bytes, **kwargs: int | str | None) -> Message:
+    return Message(_collect(raw, **kwargs), "<a@example.net>", ["<b@example.org>"], "Q1")
+
+
+def _deliver(raw: bytes, message: Message) -> bytes:
+    """What the MTA delivers after the message's edits (the harness's rules)."""
+    headers, body = message.edits()
+    mods: list[Modification] = []
+    for e in headers:
+        if e.kind == "change":
+            mods.append(HeaderChanged(e.name, e.index, e.value))
+        elif e.kind == "delete":
+            mods.append(HeaderDeleted(e.name, e.index))
+        elif e.kind == "insert":
+            mods.append(HeaderInserted(e.index, e.name, e.value))
+        else:
+            mods.append(HeaderAdded(e.name, e.value))
+    if body is not None:
+        mods.append(BodyReplaced(body))
+    result = MessageResult(Status.CONTINUE, Step.EOM, None, tuple(mods), (), ())
+    return apply_modifications(raw, result, leading_space=True)
+
+
+@pytest.mark.parametrize("raw", [PLAIN, MULTIPART, NO_BODY])
+def test_open_gives_the_bytes_as_the_mta_has_them(raw: bytes) -> None:
+    message = _message(raw)
+    with message.open() as reader:
+        assert reader.read() == raw
+    assert message.size == len(raw)
+    assert message.headers[3] == ("Received", " from a") if raw is PLAIN else True
+
+
+@pytest.mark.parametrize("raw", [PLAIN, MULTIPART, NO_BODY])
+def test_reading_the_email_without_editing_it_changes_nothing(raw: bytes) -> None:
+    message = _message(raw)
+    assert message.email.keys() == [n for n, _ in message.headers]
+    assert message.edits() == ([], None)
+
+
+def test_past_the_threshold_the_message_is_in_an_unnamed_file(tmp_path: Path) -> None:
+    raw = PLAIN + b"x" * 5000 + b"\r\n"
+    buffer = _collect(raw, threshold=1024, directory=str(tmp_path))
+    assert buffer.on_disk
+    assert list(tmp_path.iterdir()) == []  # no name: nothing to clean up after a crash
+    message = Message(buffer, "", [], None)
+    with message.open() as one, message.open() as two:  # readers with positions of their own
+        assert one.read(10) == raw[:10]
+        assert two.read() == raw
+    fd = buffer._spool.fileno()
+    buffer.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_a_message_past_max_size_is_not_kept() -> None:
+    buffer = _collect(PLAIN + b"y" * 10_000, max_size=4096)
+    assert buffer.too_big
+    assert buffer.size <= 4096
+
+
+def test_header_edits_reach_the_delivered_message() -> None:
+    message = _message(PLAIN)
+    mail = message.email
+    del mail["Received"]
+    mail["X-Scanned"] = "yes"
+    mail.replace_header("Subject", "caf\u00e9 tout court")
+    delivered = _deliver(PLAIN, message)
+    text = delivered.decode()
+    assert "Received" not in text
+    assert text.endswith("\r\n\r\nHello\r\n\r\nthere\r\n")  # body untouched
+    assert "X-Scanned: yes\r\n" in text
+    assert "Subject: =?utf-8?q?caf=C3=A9?= tout court\r\n" in text
+    assert message.edits()[1] is None
+
+
+def test_a_body_edit_replaces_the_body_and_its_headers_follow() -> None:
+    message = _message(MULTIPART)
+    mail = message.email
+    for part in list(mail.iter_attachments()):
+        if part.get_filename() == "x.exe":
+            mail.get_payload().remove(part)  # type: ignore[union-attr]
+    _, body = message.edits()
+    assert body is not None and b"x.exe" not in body and "caf\u00e9".encode() in body
+    delivered = _deliver(MULTIPART, message)
+    from email import policy
+    from email.parser import BytesParser
+
+    again = BytesParser(policy=policy.default).parsebytes(delivered)
+    assert isinstance(again, EmailMessage)
+    assert [p.get_content_type() for p in again.walk()] == ["multipart/mixed", "text/plain"]
