@@ -1,7 +1,8 @@
 """A MIME-aware footer (disclaimer): appends a footer to every text part of a message.
 
-The filter collects the headers (`on_header`) and the body (`on_body`), and at end of message
-(`on_eom`) parses the whole message with the standard `email` package (`policy=default`):
+`on_message` gets the whole message, parsed by the standard `email` package (`message.email`),
+and edits it in place; pymilterkit turns the edits into milter actions (`replace_body`, and the
+header changes a re-encoded single-part message needs):
 
 * every `text/plain` part gets `FOOTER` appended, every `text/html` part gets it as a
   paragraph before `</body>` (or at the end), in single-part and multipart messages alike;
@@ -9,12 +10,9 @@ The filter collects the headers (`on_header`) and the body (`on_body`), and at e
   signed or encrypted messages (`multipart/signed`, `multipart/encrypted`) are left alone;
 * each part is re-encoded through `email`'s API: a base64 or quoted-printable part stays
   base64 or quoted-printable, its charset is kept when it can hold the footer (else UTF-8),
-  and its other `Content-*` headers (disposition, id, language...) are kept;
-* the new body goes back to the MTA with `replace_body`; when the top-level `Content-Type` or
-  `Content-Transfer-Encoding` had to change (a single-part message whose encoding changed),
-  those headers are changed with `change_header` (and `MIME-Version: 1.0` added if missing).
+  and its other `Content-*` headers (disposition, id, language...) are kept.
 
-Messages larger than `max_size` bytes, or without a text part, pass unchanged.
+Messages larger than `max_message_size` bytes, or without a text part, pass unchanged.
 
 Run it:  pymilterkit run examples.footer:Footer --socket unix:/tmp/footer.sock
 or:      python examples/footer.py [SOCKET]
@@ -22,29 +20,22 @@ or:      python examples/footer.py [SOCKET]
 
 from __future__ import annotations
 
-import email.policy
 import html
 import re
 import sys
 from collections.abc import Iterator
-from email.generator import BytesGenerator
 from email.message import EmailMessage
-from email.parser import BytesParser
-from io import BytesIO
 from typing import ClassVar
 
 from typing_extensions import override
 
-from pymilterkit import Actions, EsmtpParams, Milter, MilterSession, ProtocolOpts, Status
+from pymilterkit import Actions, Message, Milter, MilterSession, Status
 
 FOOTER = (
     "--\n"
     "This message was sent by Example Corp. If you are not the intended recipient,\n"
     "please tell the sender and delete it.\n"
 )
-
-#: Parse and write with CRLF, as the body travels between MTA and milter.
-POLICY = email.policy.default.clone(linesep="\r\n")
 
 #: Content-* headers that set_content() rewrites; every other one is restored afterwards.
 REWRITTEN = frozenset({"content-type", "content-transfer-encoding"})
@@ -117,85 +108,18 @@ def add_footer(part: EmailMessage, footer: str, *, is_root: bool) -> None:
         del part["MIME-Version"]  # EmailMessage.set_content adds it to every part
 
 
-def top_level_mime(message: EmailMessage) -> dict[str, object]:
-    """The top-level Content-Type and Content-Transfer-Encoding, compared by meaning."""
-    content_type = message["Content-Type"]
-    return {
-        "Content-Type": None if content_type is None else (
-            content_type.content_type,
-            sorted((k.lower(), v) for k, v in content_type.params.items()),
-        ),
-        "Content-Transfer-Encoding": message.get("Content-Transfer-Encoding", "7bit")
-        .strip().lower(),
-    }
-
-
-def serialize_body(message: EmailMessage) -> bytes:
-    """The body of `message` (everything after the header block) as CRLF bytes."""
-    out = BytesIO()
-    BytesGenerator(out, policy=POLICY, mangle_from_=False).flatten(message)
-    _, sep, body = out.getvalue().partition(b"\r\n\r\n")
-    return body if sep else b""
-
-
 class Footer(MilterSession):
     """Appends `footer` to every text part of a message, MIME-aware."""
 
     actions = Actions.CHANGE_BODY | Actions.CHANGE_HEADER | Actions.ADD_HEADER
-    protocol = ProtocolOpts.SKIP
     footer: ClassVar[str] = FOOTER
-    max_size: ClassVar[int] = 10 * 1024 * 1024
+    max_message_size = 10 * 1024 * 1024
 
     @override
-    def on_mail(self, sender: str, params: EsmtpParams) -> Status:
-        self.headers: list[tuple[str, str]] = []  # message-scoped: reset at each MAIL FROM
-        self.body = bytearray()
-        self.too_big = False
-        return Status.CONTINUE
-
-    @override
-    def on_header(self, name: str, value: str) -> Status:
-        self.headers.append((name, value))
-        return Status.CONTINUE
-
-    @override
-    def on_body(self, chunk: bytes) -> Status:
-        if self.too_big or len(self.body) + len(chunk) > self.max_size:
-            self.too_big = True
-            self.body.clear()
-            return Status.SKIP  # no need for the rest of the body
-        self.body += chunk
-        return Status.CONTINUE
-
-    def original(self) -> bytes:
-        """The message as the MTA has it: headers (CRLF, one space after the colon) and body."""
-        lines = []
-        for name, value in self.headers:
-            value = value.replace("\r\n", "\n").replace("\n", "\r\n")
-            lines.append(f"{name}: {value}\r\n".encode("utf-8", "surrogateescape"))
-        return b"".join(lines) + b"\r\n" + bytes(self.body)
-
-    @override
-    def on_eom(self) -> Status:
-        if self.too_big:
-            return Status.CONTINUE
-        message = BytesParser(policy=POLICY).parsebytes(self.original())
-        assert isinstance(message, EmailMessage)
-        parts = list(text_parts(message))
-        if not parts:
-            return Status.CONTINUE
-        before = top_level_mime(message)
-        had_mime_version = "MIME-Version" in message
-        for part in parts:
-            add_footer(part, self.footer, is_root=part is message)
-
-        after = top_level_mime(message)
-        for name in ("Content-Type", "Content-Transfer-Encoding"):
-            if after[name] != before[name]:
-                self.change_header(name, str(message[name]))
-        if not had_mime_version and "MIME-Version" in message:
-            self.add_header("MIME-Version", "1.0")
-        self.replace_body(serialize_body(message))
+    def on_message(self, message: Message) -> Status:
+        mail = message.email
+        for part in list(text_parts(mail)):
+            add_footer(part, self.footer, is_root=part is mail)
         return Status.CONTINUE
 
 

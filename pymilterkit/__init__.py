@@ -22,6 +22,7 @@ from ._errors import (
     WrongStageError,
 )
 from ._flags import Actions, ProtocolOpts, Stage, Status
+from ._message import Message
 from ._runner import Milter, libmilter_version, run, set_debug_level, shutdown
 from ._session import ClassSpec, MilterSession, StageResult, noreply
 from ._types import EsmtpParams, InetAddress, UnixAddress
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidArgumentError",
     "LibmilterError",
     "LibraryNotFoundError",
+    "Message",
     "Milter",
     "MilterError",
     "MilterSession",

@@ -38,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 from ._flags import Actions, ProtocolOpts, Status
 from ._logging import install as _install_log_fields
 from ._protocol import ENDS_MESSAGE, STAGES, SessionBackend
-from ._session import MilterSession
+from ._session import COLLECTS, MilterSession
 from ._types import EsmtpParams
+from ._whole import Spool, collecting
 
 if TYPE_CHECKING:
     from ._dryrun import DryRun
@@ -156,6 +157,14 @@ class SessionRules:
         """Counts answers, errors, timeouts, sessions and actions (None: metrics off)."""
         self.dry_run = dry_run
         """Logs verdicts and modifications instead of sending them (None: off)."""
+        self.spool = Spool()
+        """Where a class with on_message collects messages (the runner sets it)."""
+
+    def method(self, stage: str) -> Callable[..., Any]:
+        """What runs for `stage`: the class's method, or its collector with on_message."""
+        if "on_message" in self.spec.stages and stage in COLLECTS:
+            return collecting(self.session_class, stage, self.spool)
+        return getattr(self.session_class, stage)  # type: ignore[no-any-return]
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -345,7 +354,7 @@ class SessionRules:
         throughput (`benchmarks/instructions.py`).
         """
         fail, bad, here, first_entry = self.fail, self.bad_result, _here, _entry
-        method = getattr(self.session_class, stage)
+        method = self.method(stage)
         if self.stage_timeout is not None:
             method = self._timed(method, stage)
         if self.asynchronous:  # a sync stage may follow an async one not yet answered
@@ -437,7 +446,7 @@ class SessionRules:
         Same session rules as the sync callback; the result is checked by `settle` when the
         coroutine is done, which may be after the callback returned.
         """
-        method = getattr(self.session_class, stage)
+        method = self.method(stage)
         fail, answer, here, first_entry = self.fail, self.answer_async, _here, _entry
         no_params = NO_PARAMS
 
@@ -636,7 +645,7 @@ class SessionRules:
         self.wait_pending(session)
         try:
             session._pmk_stage = stage
-            result = getattr(session, stage)()
+            result = self.method(stage)(session)
             if stage in self.asynchronous:
                 ok, value = self.run_coroutine(self.bounded(result, stage))
                 if not ok:

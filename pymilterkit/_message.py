@@ -44,7 +44,8 @@ class MessageBuffer:
             max_size=threshold, mode="w+b", dir=directory
         )
         self._threshold = threshold
-        self._max_size = max_size
+        self.limit = max_size
+        """Bytes past which nothing more is kept (None: no limit)."""
         self.headers: list[tuple[str, str]] = []
         self.size = 0
         self.too_big = False
@@ -53,7 +54,7 @@ class MessageBuffer:
     def _write(self, data: bytes) -> None:
         if self.too_big:
             return
-        if self._max_size is not None and self.size + len(data) > self._max_size:
+        if self.limit is not None and self.size + len(data) > self.limit:
             self.too_big = True
             self._spool.truncate(0)
             return
@@ -157,10 +158,14 @@ class Message:
         """
         if self._email is None:
             return [], None
-        before = [(name, cast(str, value)) for name, value in self._parsed_headers]
-        kept = {id(value) for _, value in self._parsed_headers}
+        parsed, received = self._parsed_headers, self._buffer.headers
+        same = len(parsed) == len(received) and all(
+            a[0].lower() == b[0].lower() for a, b in zip(parsed, received, strict=True)
+        )  # else the parser read the header block otherwise: compare its own values
+        before = received if same else [(name, cast(str, value)) for name, value in parsed]
+        kept = {id(value): before[i][1] for i, (_, value) in enumerate(parsed)}
         after = [
-            (name, value if id(value) in kept and isinstance(value, str) else _wire(name, value))
+            (name, kept[id(value)] if id(value) in kept else _wire(name, value))
             for name, value in self._email.raw_items()
         ]
         body = _body(self._email)

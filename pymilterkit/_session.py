@@ -26,6 +26,7 @@ from . import _validate as v
 from ._errors import UndeclaredActionError, WrongStageError
 from ._flags import Actions, ProtocolOpts, Stage, Status
 from ._logging import SessionLog, session_log
+from ._message import Message
 from ._protocol import ALL_ACTIONS, ALL_LIBMILTER_OPTS, NO_STAGE_MASK, STAGES, SessionBackend
 from ._types import EsmtpParams, InetAddress, UnixAddress, decode
 
@@ -48,8 +49,12 @@ STAGE_FLAGS: dict[str, tuple[ProtocolOpts, ProtocolOpts]] = {
 """Stage method -> (flag that switches the stage off, flag that makes it no-reply)."""
 
 OTHER_STAGES = (
-    *(info.method for info in STAGES if not info.off), "on_abort", "on_close", "on_negotiate"
+    *(info.method for info in STAGES if not info.off), "on_abort", "on_close", "on_negotiate",
+    "on_message",
 )
+COLLECTS = ("on_mail", "on_rcpt", "on_header", "on_eoh", "on_body", "on_eom", "on_abort",
+            "on_close")
+"""The stages a class with `on_message` gets, overridden or not: they collect the message."""
 _ALL_ACTIONS = int(ALL_ACTIONS)
 _ALL_OPTS = ALL_LIBMILTER_OPTS
 
@@ -133,10 +138,16 @@ def build_spec(cls: type[MilterSession]) -> ClassSpec:
     stages = set()
     no_reply = set()
     protocol = ProtocolOpts.NONE
+    whole = cls.on_message is not MilterSession.on_message
     for name, (off_flag, nr_flag) in STAGE_FLAGS.items():
         method = getattr(cls, name)
         if method is getattr(MilterSession, name):
-            protocol |= off_flag
+            if whole and name in COLLECTS:  # collected for on_message, nothing to answer
+                stages.add(name)
+                no_reply.add(name)
+                protocol |= nr_flag
+            else:
+                protocol |= off_flag
             continue
         stages.add(name)
         if getattr(method, _NOREPLY_ATTR, False):
@@ -174,9 +185,14 @@ def build_spec(cls: type[MilterSession]) -> ClassSpec:
     macros = _merge_macros(cls)
     if macros:
         actions |= Actions.SETSYMLIST
+    if whole:
+        stages.update(COLLECTS)
+        protocol |= ProtocolOpts.HDR_LEADSPC
     asynchronous = frozenset(
         name for name in stages if inspect.iscoroutinefunction(getattr(cls, name))
     )
+    if "on_message" in asynchronous:
+        asynchronous |= {"on_eom"}
     return ClassSpec(
         asynchronous=asynchronous,
         stages=frozenset(stages),
@@ -201,8 +217,13 @@ class MilterSession:
     """Extra protocol options to request (SKIP, HDR_LEADSPC, RCPT_REJ, ...); unioned."""
     requested_macros: ClassVar[Mapping[Stage, Sequence[str]]] = {}
     """Macros to ask the MTA for at each stage (smfi_setsymlist); merged over the MRO."""
+    max_message_size: ClassVar[int | None] = None
+    """Bytes past which `on_message` does not get a message (None: no limit; `run` may set)."""
+    too_big: ClassVar[Status] = Status.CONTINUE
+    """The answer to a message past `max_message_size` (REJECT: 552 5.3.4)."""
 
     _pmk_spec: ClassVar[ClassSpec]
+    _pmk_space: ClassVar[bytes] = b""  # b" ": HDR_LEADSPC implied by on_message, not asked for
     # Per-instance driver state, set by the runner or harness (class defaults: detached).
     _pmk_backend: SessionBackend | None = None
     _pmk_stage: str | None = None
@@ -210,10 +231,13 @@ class MilterSession:
     _pmk_in_message: bool = False
     _pmk_id: int = 0  # the session's number in this process (its logs' session id)
     _pmk_pending: Any = None  # an async stage still to be answered (runner: threading.Event)
+    _pmk_collected: Any = None  # on_message: the message being collected (`_whole`)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._pmk_spec = build_spec(cls)
+        cls._pmk_spec = spec = build_spec(cls)
+        asked = _union_over_mro(cls, "protocol", ProtocolOpts.NONE) & ProtocolOpts.HDR_LEADSPC
+        cls._pmk_space = b" " if "on_message" in spec.stages and not asked else b""
 
     @classmethod
     def negotiation(cls) -> ClassSpec:
@@ -273,6 +297,17 @@ class MilterSession:
 
     def on_eom(self) -> StageResult:
         """End of message: the only stage where message actions are allowed (xxfi_eom)."""
+        return Status.CONTINUE
+
+    def on_message(self, message: Message) -> StageResult:
+        """The whole message, at its end (sync or `async def`); edit `message.email` in place.
+
+        Overriding it collects the message (headers with their exact leading space, body),
+        spooled to a private temporary file past a threshold. It runs before `on_eom`, which
+        runs only if it answered CONTINUE. When it returns CONTINUE or ACCEPT, the changes made
+        to `message.email` become header actions and, if the body changed, `replace_body`.
+        A message past `max_message_size` is not collected: the answer is `too_big`.
+        """
         return Status.CONTINUE
 
     def on_abort(self) -> CleanupResult:
@@ -354,13 +389,14 @@ class MilterSession:
             backend = self._pmk_backend  # `_pmk_action`'s test inline: most messages get one
         else:
             backend = self._pmk_action(_ADD_HEADER, "add_header")
-        backend.add_header(raw_name, raw_value)  # type: ignore[union-attr]
+        backend.add_header(raw_name, self._pmk_space + raw_value)  # type: ignore[union-attr]
 
     def insert_header(self, index: int, name: str | bytes, value: str | bytes) -> None:
         """Insert a header at 0-based position `index` of the header block (smfi_insheader)."""
         idx = v.index(index, 0, "header index")
         raw_name, raw_value = v.header(name, value, extra=4)
-        self._pmk_action(_ADD_HEADER, "insert_header").insert_header(idx, raw_name, raw_value)
+        backend = self._pmk_action(_ADD_HEADER, "insert_header")
+        backend.insert_header(idx, raw_name, self._pmk_space + raw_value)
 
     def change_header(
         self, name: str | bytes, value: str | bytes | None, index: int = 1
@@ -374,7 +410,7 @@ class MilterSession:
         else:
             raw_name, raw_value = v.header(name, value, extra=4)
             backend = self._pmk_action(_CHANGE_HEADER, "change_header")
-            backend.change_header(raw_name, idx, raw_value)
+            backend.change_header(raw_name, idx, self._pmk_space + raw_value)
 
     def change_sender(self, sender: str | bytes, params: str | bytes | None = None) -> None:
         """Replace the envelope sender, optionally with ESMTP parameters (smfi_chgfrom)."""

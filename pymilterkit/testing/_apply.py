@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .._flags import Status
 from ._envelope import Envelope, MessageInput, Recipient, as_bytes, split_lines
 from ._results import (
     HeaderAdded,
@@ -75,7 +76,7 @@ def apply_modifications(
     the original comes back unchanged.
     """
     raw = as_bytes(original)
-    if not result.delivered:
+    if result.status not in (Status.CONTINUE, Status.ACCEPT):
         return raw
     fields, separator, body = _header_lines(raw)
     eol = b"\r\n" if b"\r\n" in raw.split(b"\n", 1)[0] + b"\n" else b"\n"

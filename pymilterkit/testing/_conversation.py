@@ -36,6 +36,7 @@ from .._flags import Actions, ProtocolOpts, Status
 from .._protocol import ALL_ACTIONS, ALL_PROTOCOL, ENDS_MESSAGE, STAGES
 from .._types import InetAddress, UnixAddress
 from . import _wire as w
+from ._apply import apply_modifications
 from ._envelope import (
     MACRO_STAGES,
     ClientInfo,
@@ -405,7 +406,7 @@ def run_connection(
         results: list[MessageResult] = []
         for index, (envelope, message) in enumerate(messages):
             if verdict is not None:
-                results.append(_connection_verdict_result(verdict, envelope))
+                results.append(_connection_verdict_result(verdict, envelope, as_bytes(message)))
                 continue
             raw = as_bytes(message)
             tables = [client_macros, envelope.macro_table(raw, index)]
@@ -417,12 +418,15 @@ def run_connection(
     return ConnectionResult(negotiation, connect, helo, tuple(unknown), tuple(results))
 
 
-def _connection_verdict_result(verdict: _Verdict, envelope: Envelope) -> MessageResult:
+def _connection_verdict_result(
+    verdict: _Verdict, envelope: Envelope, raw: bytes
+) -> MessageResult:
     rcpts = tuple(
         RecipientResult(r.address, r.params, verdict.status, verdict.reply)
         for r in envelope.recipients
     )
-    return MessageResult(verdict.status, verdict.step, verdict.reply, (), rcpts, ())
+    delivered = raw if verdict.status is Status.ACCEPT else b""
+    return MessageResult(verdict.status, verdict.step, verdict.reply, (), rcpts, (), raw, delivered)
 
 
 def _run_message(
@@ -441,7 +445,11 @@ def _run_message(
             RecipientResult(r.address, r.params, Status.CONTINUE)
             for r in envelope.recipients[len(recipients) :]
         )
-        return MessageResult(status, step, reply, mods, (*recipients, *rest), tuple(answers))
+        result = MessageResult(status, step, reply, mods, (*recipients, *rest), tuple(answers))
+        spaced = bool(conn._negotiated().protocol & ProtocolOpts.HDR_LEADSPC)
+        delivered = apply_modifications(raw, result, leading_space=spaced)
+        delivered = delivered if result.status in (Status.CONTINUE, Status.ACCEPT) else b""
+        return dataclasses.replace(result, original=raw, delivered=delivered)
 
     def ask(step: Step, answer: Answer | None) -> Answer | None:
         nonlocal skipping

@@ -8,6 +8,7 @@ Strings are decoded as UTF-8 with surrogateescape (as the session API does); bod
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import re
 from collections.abc import Mapping
@@ -273,10 +274,20 @@ class MessageResult:
     recipients: tuple[RecipientResult, ...]
     answers: tuple[Answer, ...]
 
-    @property
-    def delivered(self) -> bool:
-        """True if the MTA would deliver the message (CONTINUE or ACCEPT)."""
-        return self.status in (Status.CONTINUE, Status.ACCEPT)
+    original: bytes = dataclasses.field(default=b"", compare=False, repr=False)
+    """The message as the MTA sent it to the milter."""
+    delivered: bytes = dataclasses.field(default=b"", compare=False, repr=False)
+    """The message the MTA would deliver: `original` with every modification applied (empty
+    when the MTA would not deliver it: REJECT, TEMPFAIL, DISCARD)."""
+
+    def diff(self) -> str:
+        """A unified diff of `original` against `delivered` (empty: no change)."""
+        before, after = (
+            m.decode("utf-8", "surrogateescape").replace("\r\n", "\n").splitlines()
+            for m in (self.original, self.delivered)
+        )
+        lines = difflib.unified_diff(before, after, "original", "delivered", lineterm="")
+        return "".join(line + "\n" for line in lines)
 
     def _of(self, kind: type[_M]) -> tuple[_M, ...]:
         return tuple(m for m in self.modifications if isinstance(m, kind))

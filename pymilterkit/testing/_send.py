@@ -221,7 +221,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         else:
             msg = result.messages[0]
             verdicts[msg.status.name] += 1
-            if not msg.delivered:
+            if msg.status not in (Status.CONTINUE, Status.ACCEPT):
                 refused = True
             documents.append({"source": name, **result_to_json(result)})
             if not args.json:

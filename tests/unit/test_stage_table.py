@@ -25,7 +25,7 @@ def test_every_stage_method_is_described_once() -> None:
     methods = {name for name in vars(MilterSession) if name.startswith("on_")} - hooks
     described = [info.method for info in STAGES]
     assert len(described) == len(set(described))
-    assert set(described) | {"on_abort", "on_close", "on_negotiate"} == methods
+    assert set(described) | {"on_abort", "on_close", "on_negotiate", "on_message"} == methods
     assert set(STAGE_FLAGS) | set(OTHER_STAGES) == methods
 
 
