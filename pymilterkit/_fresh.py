@@ -29,6 +29,11 @@ __all__ = ["ENV", "Recipe", "class_target"]
 ENV = "PYMILTERKIT_WORKER"
 
 _BOOT = (
+    # First close what leaked in: libmilter sets close-on-exec on an accepted connection only
+    # after accept() returns, so a spawn in between hands the new process a copy, and the MTA
+    # would then wait for an end that never comes when the supervisor closes its copy.
+    "import os; k = {keep!r}; "
+    "[os.closerange(a + 1, b) for a, b in zip([2, *k], [*k, os.sysconf('SC_OPEN_MAX')])]; "
     "import sys; sys.path[:0] = [{root!r}]; "
     "from pymilterkit.__main__ import fresh_worker; fresh_worker()"
 )
@@ -98,7 +103,11 @@ class Recipe:
         title = [f"pymilterkit-worker:{slot + 1}", class_target(self.session_class)]
         if self.config_path is not None:
             title.append(self.config_path)
-        argv = [sys.executable, "-c", _BOOT.format(root=root), *title]
+        keep = {fd, control}
+        if description["metrics"] is not None:  # "fd:row:rows": the counts' memory file
+            keep.add(int(description["metrics"].split(":")[0]))
+        boot = _BOOT.format(root=root, keep=sorted(keep))
+        argv = [sys.executable, "-c", boot, *title]
         # The stop signals start blocked (the mask survives exec): one that comes while the
         # new interpreter imports waits for its handlers (`_signals.handled`) instead of
         # killing it.

@@ -53,6 +53,9 @@ logger = logging.getLogger("pymilterkit")
 STOP_GRACE = 10.0
 """Seconds a stop waits for stage methods still running before it closes their sessions."""
 
+DRAIN_QUIET = 0.3
+"""Seconds without a session or callback after which a drain is over."""
+
 DEFAULT_TIMEOUT = 600
 """libmilter's I/O timeout unless `timeout` says otherwise: above Postfix's smtpd_timeout
 (300 s), the longest an MTA pauses between commands, and far below libmilter's own 7210 s, so a
@@ -134,7 +137,7 @@ class Server:
         self._thread: ListenerThread | None = None
         self._can_wake = False
         self._drain_deadline: float | None = None
-        self._idle_ticks = 0
+        self._quiet_since: float | None = None
 
     # -- starting --------------------------------------------------------------------------
 
@@ -366,14 +369,17 @@ class Server:
                 self.retire(reason)
 
     def _drained(self) -> bool:
-        """No session and no callback, twice in a row (a connection libmilter accepted just
-        before the gate closed shows up at its negotiate a moment later)."""
+        """No session and no callback for `DRAIN_QUIET` seconds: a connection libmilter
+        accepted just before the gate closed shows up at its negotiate a moment later (later
+        still on a loaded machine), and a stop then would refuse it."""
         assert self.dispatcher is not None
+        now = time.monotonic()
         if self.dispatcher.sessions or self.dispatcher.in_flight():
-            self._idle_ticks = 0
+            self._quiet_since = None
             return False
-        self._idle_ticks += 1
-        return self._idle_ticks >= 3
+        if self._quiet_since is None:
+            self._quiet_since = now
+        return now - self._quiet_since >= DRAIN_QUIET
 
     def _past_limit(self) -> str | None:
         assert self.dispatcher is not None

@@ -3,7 +3,8 @@
 `Generation` adds `X-Generation` (read from $PMK_GENERATION_FILE when the module is imported, so
 a reload that imports the module afresh answers with the file's new content) and `X-Worker` (the
 serving process). A sender `sleep-S@...` makes on_eom take S seconds: a message in flight.
-With $LIFECYCLE_LOG set, on_close and on_eom are noted there ("pid eom", "pid close").
+With $LIFECYCLE_LOG set, on_close and on_eom are noted there ("pid eom", "pid close"); with
+$PMK_LEAK_MARK set, each process importing it holds an inheritable descriptor of its own.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def _generation() -> str:
 
 
 GENERATION = _generation()
+
+if os.environ.get("PMK_LEAK_MARK"):  # a descriptor left inheritable, as a C library may leave one
+    os.set_inheritable(
+        os.open(f"{os.environ['PMK_GENERATION_FILE']}.fd.{os.getpid()}", os.O_CREAT | os.O_WRONLY),
+        True,
+    )
 
 
 def _note(line: str) -> None:

@@ -34,8 +34,10 @@ def generation(tmp_path: Path) -> Iterator[Path]:
     yield path
 
 
-def start(generation: Path, *args: str, socket: str | None = None) -> MilterProcess:
-    env = {**os.environ, "PMK_GENERATION_FILE": str(generation)}
+def start(
+    generation: Path, *args: str, socket: str | None = None, **extra: str
+) -> MilterProcess:
+    env = {**os.environ, "PMK_GENERATION_FILE": str(generation), **extra}
     return MilterProcess(TARGET, socket, args=args, cwd=ROOT, env=env)
 
 
@@ -140,6 +142,24 @@ def test_sighup_reloads_fresh_code_and_loses_no_message(generation: Path, worker
         assert milter.wait(30) == 0, milter.log()
         log = milter.log()
     assert "reloaded in" in log and "Traceback" not in log
+
+
+def test_a_fresh_worker_keeps_no_descriptor_it_was_not_given(generation: Path) -> None:
+    # Serving alone, the supervisor's libmilter accepts connections; one accepted just before a
+    # reload's spawn is inheritable for a moment. A fresh worker holding a copy would keep the
+    # MTA waiting after the supervisor ends that session.
+    with start(generation, "--workers", "1", PMK_LEAK_MARK="1") as milter:
+        client = MilterClient(milter.socket, timeout=30)
+        leaked = f"{generation}.fd.{milter.pid}"
+        assert any(os.readlink(f) == leaked for f in Path(f"/proc/{milter.pid}/fd").iterdir())
+        milter.signal(signal.SIGHUP)
+        wait_for_log(milter, "reloaded in", client)
+        (worker,) = children(milter.pid)
+        held = {os.readlink(f) for f in Path(f"/proc/{worker}/fd").iterdir()}
+        assert leaked not in held and f"{generation}.fd.{worker}" in held, held
+        assert answered_by(client) == "old"
+        milter.signal(signal.SIGTERM)
+        assert milter.wait(30) == 0, milter.log()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
