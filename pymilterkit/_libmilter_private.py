@@ -37,9 +37,11 @@ __all__ = [
     "ST_ENDM",
     "can_answer_later",
     "ctx_macro",
+    "ctx_macros",
     "ctx_state",
     "hang_up",
     "layout_known",
+    "macro_key",
     "send_reply",
     "unknown_command",
 ]
@@ -219,18 +221,27 @@ def ctx_macro(lib: Libmilter, ctx: int, name: bytes) -> bytes | None:
     slots = _SLOTS.from_address(ctx + _CTX_MAC_PTR)
     if _even_lists(slots):
         return lib.smfi_getsymval(ctx, name)
-    one = name[1:2] if len(name) == 3 and name[:1] == b"{" and name[2:] == b"}" else None
-    braces = b"{" + name + b"}" if len(name) == 1 else None
+    return ctx_macros(ctx).get(macro_key(name))
+
+
+def macro_key(name: bytes) -> bytes:
+    """The key smfi_getsymval treats `name` as: `{x}` of one letter is `x`."""
+    return name[1:2] if len(name) == 3 and name[:1] == b"{" and name[2:] == b"}" else name
+
+
+def ctx_macros(ctx: int) -> dict[bytes, bytes | None]:
+    """A copy of every macro `ctx` holds, by `macro_key`, as smfi_getsymval finds them (latest
+    stage first; the odd one out has no value); layout known. Later packets cannot free it."""
+    slots = _SLOTS.from_address(ctx + _CTX_MAC_PTR)
+    found: dict[bytes, bytes | None] = {}
     for stage in range(_MAX_MACROS_ENTRIES - 1, -1, -1):
         argv, buf = slots[stage], slots[_MAX_MACROS_ENTRIES + stage]
-        if not argv or not buf:
-            continue
-        strings = _stage_macros(argv, buf)
-        for index in range(0, len(strings), 2):
-            key = strings[index]
-            if key in (name, one, braces):
-                return strings[index + 1] if index + 1 < len(strings) else None
-    return None
+        if argv and buf:
+            strings = _stage_macros(argv, buf)
+            for index in range(0, len(strings), 2):
+                value = strings[index + 1] if index + 1 < len(strings) else None
+                found.setdefault(macro_key(strings[index]), value)
+    return found
 
 
 # -- The unknown command's length ---------------------------------------------------------------

@@ -53,11 +53,13 @@ class CtxBackend(ActionBackend):
     """Session actions as smfi_* calls on one libmilter context: each action is its table
     row's libmilter function called with the context and the action's arguments."""
 
-    __slots__ = ("ctx", "lib")
+    __slots__ = ("ctx", "lib", "macros")
 
     def __init__(self, lib: c.Libmilter, ctx: int) -> None:
         self.lib = lib
         self.ctx = ctx
+        self.macros: dict[bytes, bytes | None] | None = None
+        """A copy of the context's macros while an async stage waits for its answer."""
 
     @staticmethod
     def _refused(function: str) -> NoReturn:
@@ -71,6 +73,8 @@ class CtxBackend(ActionBackend):
             self._refused(action.function)
 
     def getsymval(self, name: bytes) -> bytes | None:
+        if self.macros is not None:  # libmilter's thread may free the context's macros now
+            return self.macros.get(private.macro_key(name)) if name else None
         return private.ctx_macro(self.lib, self.ctx, name)  # not smfi_getsymval: it can crash
 
     def add_header(self, name: bytes, value: bytes) -> None:
@@ -254,6 +258,8 @@ class LibmilterCallbacks(SessionRules):
                     logger.warning("could not send the answer of %s to the MTA", stage)
                     private.hang_up(ctx)
         finally:
+            if pending.macros is not None:
+                pending.macros.macros = None  # answered: libmilter's thread may go on
             session._pmk_pending = None
             pending.set()
 
@@ -529,13 +535,21 @@ class _Detached(ActionBackend):
 _DETACHED: Any = _Detached()
 
 
+def _ctx_backend(session: MilterSession) -> CtxBackend | None:
+    """The libmilter backend under `session`'s wrappers (None: detached)."""
+    backend: Any = session._pmk_backend
+    while isinstance(backend, BackendWrapper):
+        backend = backend.inner
+    return backend if isinstance(backend, CtxBackend) else None
+
+
 class _Pending:
     """An async stage under way: its answer, and once it suspended its task and an event set
     when it has been answered (others wait for it: `SessionRules.wait_pending`)."""
 
     __slots__ = (
-        "answer", "callbacks", "closing", "ctx", "event", "inline", "scope", "session",
-        "stage", "start", "task", "ticker",
+        "answer", "callbacks", "closing", "ctx", "event", "inline", "macros", "scope",
+        "session", "stage", "start", "task", "ticker",
     )
 
     def __init__(
@@ -550,6 +564,7 @@ class _Pending:
         self.task: asyncio.Task[None] | None = None
         self.scope: asyncio.Timeout | None = None  # `bounded`'s, whose deadline is set here
         self.ticker: _Progress | None = None
+        self.macros: CtxBackend | None = None  # whose macros were copied (answered later)
 
     def suspend(self, task: asyncio.Task[None]) -> None:
         """The stage's coroutine suspended (on libmilter's thread, the loop kept out): it goes
@@ -565,7 +580,12 @@ class _Pending:
         if self.stage == "on_eom" and callbacks.progress_interval:
             self.ticker = _Progress(callbacks.lib, self.ctx, callbacks.progress_interval)
         if callbacks._can_defer(self.ctx, self.stage):
-            self.inline = False  # the callback returns NOREPLY; the loop answers
+            # The callback returns NOREPLY and the loop answers; libmilter's thread reads on
+            # and frees macro packets as new ones come: the stage reads a copy from now on.
+            self.inline = False
+            self.macros = _ctx_backend(self.session)
+            if self.macros is not None:
+                self.macros.macros = private.ctx_macros(self.ctx)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the stage has been answered; whether it was."""

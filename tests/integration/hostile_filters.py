@@ -3,6 +3,8 @@ stray BaseExceptions of that test are `filters.Faulty`'s."""
 
 from __future__ import annotations
 
+import asyncio
+
 from typing_extensions import override
 
 from pymilterkit import (
@@ -43,3 +45,18 @@ class MacroProbe(MilterSession):
             self.add_header(f"X-Macro-{name.strip('{}')}", repr(value))
         self.add_header("X-Unknown", repr(self.unknown))
         return Status.CONTINUE
+
+
+class AsyncMacroReader(MilterSession):
+    """`async def on_connect` reading `j` between awaits: REJECT unless every read saw the value
+    sent before the connect (issue 27.1: later macro packets freed what the reads used)."""
+
+    async def on_connect(
+        self, hostname: str, address: InetAddress | UnixAddress | None
+    ) -> Status:
+        seen = {self.macro("j")}
+        for _ in range(6):
+            await asyncio.sleep(0.0005)
+            seen.add(self.macro("j"))
+            seen.add(self.macro("{j}"))
+        return Status.CONTINUE if seen == {"first"} else Status.REJECT

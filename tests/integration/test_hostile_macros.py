@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -175,6 +176,39 @@ def good_message(path: str) -> dict[str, str]:
     return headers(eom.modifications)
 
 
+class Senders:
+    """`SENDERS` threads calling `work()` `total` times in all, until the first failure."""
+
+    def __init__(self, total: int, work: Callable[[], object]) -> None:
+        self.work, self.counter, self.lock = work, iter(range(total)), threading.Lock()
+        self.results: list[object] = []
+        self.failures: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._run) for _ in range(SENDERS)]
+        for thread in self.threads:
+            thread.start()
+
+    def failed(self, exc: BaseException) -> None:
+        with self.lock:
+            self.failures.append(exc)
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                if next(self.counter, None) is None or self.failures:
+                    return
+            try:
+                result = self.work()
+            except BaseException as exc:  # noqa: BLE001 - reported by the test
+                self.failed(exc)
+                return
+            with self.lock:
+                self.results.append(result)
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(180)
+
+
 @pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "workers-2"])
 def test_milter_serves_after_thousands_of_hostile_connections(workers: int) -> None:
     expected = {
@@ -189,44 +223,30 @@ def test_milter_serves_after_thousands_of_hostile_connections(workers: int) -> N
     with start("MacroProbe", *args) as milter:
         path = milter.spec.path
         pids = worker_pids(milter.pid, workers) if workers else []
-        failures: list[BaseException] = []
         good: list[dict[str, str]] = []
-        counter = iter(range(HOSTILE_CONNECTIONS))
-        lock = threading.Lock()
 
-        def sender() -> None:
-            while True:
-                with lock:
-                    if next(counter, None) is None or failures:
-                        return
-                try:
-                    raw = RawConnection(path)
-                    try:
-                        raw.hostile_start()
-                    finally:
-                        raw.close()
-                except BaseException as exc:  # noqa: BLE001 - reported below
-                    with lock:
-                        failures.append(exc)
-                    return
+        def hostile() -> None:
+            raw = RawConnection(path)
+            try:
+                raw.hostile_start()
+            finally:
+                raw.close()
+
+        senders = Senders(HOSTILE_CONNECTIONS, hostile)
 
         def good_client() -> None:
-            while any(t.is_alive() for t in threads):
+            while any(t.is_alive() for t in senders.threads):
                 try:
                     good.append(good_message(path))
                 except BaseException as exc:  # noqa: BLE001 - reported below
-                    with lock:
-                        failures.append(exc)
+                    senders.failed(exc)
                     return
 
-        threads = [threading.Thread(target=sender) for _ in range(SENDERS)]
-        for thread in threads:
-            thread.start()
         checker = threading.Thread(target=good_client)
         checker.start()
-        for thread in threads:
-            thread.join(120)
+        senders.join()
         checker.join(30)
+        failures = senders.failures
         assert not failures, f"{failures[:3]!r}\n{milter.log()[-3000:]}"
         assert milter.process is not None and milter.process.poll() is None
         assert good and all(h == expected for h in good), good[:3]
@@ -234,3 +254,57 @@ def test_milter_serves_after_thousands_of_hostile_connections(workers: int) -> N
         assert os.path.exists(path)
         if workers:  # not one crashed and was replaced
             assert worker_pids(milter.pid, workers) == pids
+
+
+# -- issue 27.1: macros of a suspended async stage, while the peer pipelines macro packets ----
+
+PIPELINED_CONNECTIONS = 2000
+LATER_MACROS = 300
+
+
+def pipelined_connect(path: str) -> bytes:
+    """CONNECT with j=first, then macro packets with other values of j before its answer."""
+    raw = RawConnection(path)
+    try:
+        raw.negotiate()
+        packets = [w.encode_packet(b"D", b"Cj\0first\0")]
+        packets.append(w.encode_packet(b"C", w.encode_connect(b"pipeliner", UnixAddress("/x"))))
+        packets += [
+            w.encode_packet(b"D", b"Cj\0later-%d-%s\0" % (n, b"x" * (n % 97)))
+            for n in range(LATER_MACROS)
+        ]
+        raw.sock.sendall(b"".join(packets))
+        return raw.answer()[0]
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (),
+        ("--metrics", "127.0.0.1:0"),
+        ("--workers", "2"),
+        ("--workers", "2", "--metrics", "127.0.0.1:0"),
+    ],
+    ids=["one-process", "one-process-metrics", "workers-2", "workers-2-metrics"],
+)
+def test_async_stage_reads_macros_of_its_own_command_while_the_peer_pipelines(
+    args: tuple[str, ...],
+) -> None:
+    workers = 2 if "--workers" in args else 0
+    with start("AsyncMacroReader", *args) as milter:
+        path = milter.spec.path
+        pids = worker_pids(milter.pid, workers) if workers else []
+        senders = Senders(PIPELINED_CONNECTIONS, lambda: pipelined_connect(path))
+        senders.join()
+        failures = senders.failures
+        answers = {a: senders.results.count(a) for a in set(senders.results)}
+        log = milter.log()
+        assert not failures, f"{failures[:3]!r}\n{log[-3000:]}"
+        # REJECT: a read after an await saw a later packet's j (or freed memory).
+        assert answers == {w.CONTINUE: PIPELINED_CONNECTIONS}, answers
+        assert milter.process is not None and milter.process.poll() is None
+        if workers:  # not one crashed and was replaced
+            assert worker_pids(milter.pid, workers) == pids
+        assert "died" not in log, log[-3000:]
