@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                     choices=["noreply", "answered"])
     ap.add_argument("--milters", nargs="+", default=list(MILTERS),
                     # -metrics: benchmarks/metrics.py; -async: async def on_rcpt (issue 18.8)
-                    choices=[*MILTERS, "pymilterkit-metrics", "pymilterkit-async"])
+                    choices=[*MILTERS, "pymilterkit-metrics", "pymilterkit-async",
+                             "pymilterkit-suspend"])
     args = ap.parse_args(argv)
     for tool in ("valgrind", "callgrind_control", "callgrind_annotate"):
         if shutil.which(tool) is None:
