@@ -29,9 +29,8 @@ import socket
 import struct
 from typing import Any
 
-from ._flags import Status
 from ._libmilter import MI_SUCCESS, Libmilter, handle, version
-from ._protocol import REPLY_CLASS
+from ._protocol import REPLY_CLASS, REPLY_LETTER, REPLYCODE
 
 __all__ = [
     "ST_ENDM",
@@ -361,15 +360,6 @@ class _Timeval(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long)]
 
 
-_REPLY_COMMANDS = {  # SMFIS_* -> SMFIR_*, as engine.c's sendreply (int keys: the answers are)
-    int(Status.CONTINUE): b"c",
-    int(Status.REJECT): b"r",
-    int(Status.DISCARD): b"d",
-    int(Status.ACCEPT): b"a",
-    int(Status.TEMPFAIL): b"t",
-    int(Status.SKIP): b"s",
-}
-_REPLYCODE = ord("y")
 _WRITE_TIMEOUT = 10
 
 
@@ -413,7 +403,7 @@ def ctx_state(ctx: int) -> int:
 
 def send_reply(ctx: int, status: int) -> bool:
     """Send the answer `status` (SMFIS_*) for the stage `ctx` is in; False if it failed."""
-    command = _REPLY_COMMANDS.get(status)
+    command = REPLY_LETTER.get(status)
     if command is None:
         return True  # NOREPLY and the like: nothing is sent
     sd = ctypes.c_int.from_address(ctx + _CTX_SD).value
@@ -424,7 +414,7 @@ def send_reply(ctx: int, status: int) -> bool:
     if reply.value and first is not None:
         text = ctypes.string_at(reply.value)
         if text[:1] == first:  # else it stays for a later answer, as in sendreply
-            result = write(sd, ctypes.byref(timeout), _REPLYCODE, text + b"\0", len(text) + 1)
+            result = write(sd, ctypes.byref(timeout), ord(REPLYCODE), text + b"\0", len(text) + 1)
             _free(reply.value)  # mi_wr_cmd does not; sendreply frees it after the write too
             reply.value = None
             return bool(result == MI_SUCCESS)

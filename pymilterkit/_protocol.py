@@ -28,7 +28,9 @@ __all__ = [
     "NOREPLY_MASK",
     "NO_STAGE_MASK",
     "PROTOCOL_VERSION",
+    "REPLYCODE",
     "REPLY_CLASS",
+    "REPLY_LETTER",
     "STAGES",
     "STAGE_METHODS",
     "ActionBackend",
@@ -124,6 +126,13 @@ NOREPLY_MASK = ProtocolOpts(sum(int(info.noreply) for info in STAGES))
 
 REPLY_CLASS: dict[int, bytes] = {Status.REJECT: b"5", Status.TEMPFAIL: b"4"}
 """The statuses a `set_reply` text goes with, and the first digit its code must have."""
+REPLY_LETTER: dict[int, bytes] = {
+    Status.CONTINUE: b"c", Status.REJECT: b"r", Status.DISCARD: b"d", Status.ACCEPT: b"a",
+    Status.TEMPFAIL: b"t", Status.SKIP: b"s",
+}
+"""The milter's reply command (SMFIR_*) for each status that has one (engine.c's sendreply);
+REJECT or TEMPFAIL with a `set_reply` text of its class goes as `REPLYCODE` with the text."""
+REPLYCODE = b"y"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ from typing import Protocol
 
 from .._errors import ProtocolError
 from .._flags import Actions, ProtocolOpts, Status
-from .._protocol import ALL_ACTIONS, ALL_PROTOCOL, ENDS_MESSAGE, STAGES
+from .._protocol import ALL_ACTIONS, ALL_PROTOCOL, ENDS_MESSAGE, REPLY_LETTER, STAGES
 from .._types import InetAddress, UnixAddress
 from . import _wire as w
 from ._apply import apply_modifications
@@ -73,14 +73,7 @@ _STEP_FLAGS: dict[Step, tuple[ProtocolOpts, ProtocolOpts]] = {
     Step(info.step): (info.off, info.noreply) for info in STAGES if info.off
 }
 _COMMAND_OF = {Step(info.step): info.command for info in STAGES}
-_SIMPLE_STATUS = {
-    w.CONTINUE: Status.CONTINUE,
-    w.ACCEPT: Status.ACCEPT,
-    w.DISCARD: Status.DISCARD,
-    w.REJECT: Status.REJECT,
-    w.TEMPFAIL: Status.TEMPFAIL,
-    w.SKIP: Status.SKIP,
-}
+_SIMPLE_STATUS = {letter: Status(status) for status, letter in REPLY_LETTER.items()}
 _MESSAGE_ENDERS = ENDS_MESSAGE
 _MAX_PACKETS_PER_ANSWER = 1_000_000
 

@@ -38,6 +38,8 @@ from .._protocol import (
     MI_FAILURE,
     NOREPLY_MASK,
     REPLY_CLASS,
+    REPLY_LETTER,
+    REPLYCODE,
     STAGES,
     ActionBackend,
     ActionInfo,
@@ -291,8 +293,6 @@ _PARSE: dict[str, Callable[[bytes], _Parsed]] = {
 """How libmilter's st_* function of each stage (but end of message) reads its packet."""
 _CLEARS_MACROS = frozenset(("on_connect", "on_helo", "on_mail", "on_rcpt"))
 _IGNORES_REFUSAL = frozenset(("on_rcpt", "on_unknown"))  # CT_IGNO: a refusal keeps the state
-_SIMPLE_REPLY = {Status.CONTINUE: w.CONTINUE, Status.DISCARD: w.DISCARD,
-                 Status.ACCEPT: w.ACCEPT, Status.SKIP: w.SKIP}
 
 
 class Engine:
@@ -454,15 +454,13 @@ class Engine:
             if r in (Status.CONTINUE, Status.TEMPFAIL, Status.REJECT, Status.DISCARD,
                      Status.ACCEPT, Status.SKIP, _OPTIONS):
                 r = Status.NOREPLY
-        simple = _SIMPLE_REPLY.get(r)  # type: ignore[call-overload]
-        if simple is not None:
-            self.emit(simple, b"")
-        elif r in REPLY_CLASS:
-            if self.reply is not None and self.reply[:1] == REPLY_CLASS[r]:
-                self.emit(w.REPLYCODE, self.reply + b"\0")
+        letter = REPLY_LETTER.get(r)
+        if letter is not None:
+            if self.reply is not None and self.reply[:1] == REPLY_CLASS.get(r):
+                self.emit(REPLYCODE, self.reply + b"\0")
                 self.reply = None
             else:
-                self.emit(w.REJECT if r == Status.REJECT else w.TEMPFAIL, b"")
+                self.emit(letter, b"")
         elif r == _OPTIONS:
             data = _U32.pack(self.version2mta) + _U32.pack(self.aflags)
             data += _U32.pack(self.pflags2mta)

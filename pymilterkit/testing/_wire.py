@@ -19,8 +19,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import IPv4Address, IPv6Address
 
 from .._errors import ProtocolError
-from .._flags import Actions, ProtocolOpts, Stage
-from .._protocol import ABORT, BY_METHOD, MACRO, OPTNEG, PROTOCOL_VERSION, QUIT, QUIT_NC
+from .._flags import Actions, ProtocolOpts, Stage, Status
+from .._protocol import (
+    ABORT,
+    BY_METHOD,
+    MACRO,
+    OPTNEG,
+    PROTOCOL_VERSION,
+    QUIT,
+    QUIT_NC,
+    REPLY_LETTER,
+    REPLYCODE,
+)
 from .._types import InetAddress, UnixAddress, decode
 from .._validate import MAX_DATA
 from ._results import (
@@ -45,6 +55,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "QUIT",
     "QUIT_NC",
+    "REPLYCODE",
     "Packet",
     "PacketReader",
     "decode_modification",
@@ -66,15 +77,13 @@ DATA, UNKNOWN, HEADER, EOH = (BY_METHOD[m].command for m in ("on_data", "on_unkn
                                                                "on_header", "on_eoh"))
 BODY, BODYEOB = BY_METHOD["on_body"].command, BY_METHOD["on_eom"].command
 
-# milter -> MTA (SMFIR_*)
+# milter -> MTA (SMFIR_*); the answers to stages are `_protocol.REPLY_LETTER`
+CONTINUE = REPLY_LETTER[Status.CONTINUE]
 ADDRCPT = b"+"
 DELRCPT = b"-"
 ADDRCPT_PAR = b"2"
 SHUTDOWN = b"4"
-ACCEPT = b"a"
 REPLBODY = b"b"
-CONTINUE = b"c"
-DISCARD = b"d"
 CHGFROM = b"e"
 CONN_FAIL = b"f"
 ADDHEADER = b"h"
@@ -83,10 +92,6 @@ SETSYMLIST = b"l"
 CHGHEADER = b"m"
 PROGRESS = b"p"
 QUARANTINE = b"q"
-REJECT = b"r"
-SKIP = b"s"
-TEMPFAIL = b"t"
-REPLYCODE = b"y"
 
 _U32 = struct.Struct(">I")
 _OPTNEG = struct.Struct(">III")
