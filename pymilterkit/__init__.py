@@ -23,6 +23,7 @@ from ._errors import (
 )
 from ._flags import Actions, ProtocolOpts, Stage, Status
 from ._message import Message
+from ._record import RecordOptions
 from ._runner import Milter, libmilter_version, run, set_debug_level, shutdown
 from ._session import ClassSpec, MilterSession, StageResult, noreply
 from ._types import EsmtpParams, InetAddress, UnixAddress
@@ -45,6 +46,7 @@ __all__ = [
     "MilterTimeout",
     "ProtocolError",
     "ProtocolOpts",
+    "RecordOptions",
     "SocketSpecError",
     "Stage",
     "StageResult",

@@ -45,6 +45,7 @@ from ._whole import Spool, collecting
 if TYPE_CHECKING:
     from ._dryrun import DryRun
     from ._metrics import Meter
+    from ._record import Recorder
 
 __all__ = ["CONNECTION_STAGES", "NO_PARAMS", "Entry", "SessionRules", "keys_inside"]
 
@@ -130,6 +131,7 @@ class SessionRules:
         timeout_status: Status = Status.TEMPFAIL,
         meter: Meter | None = None,
         dry_run: DryRun | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         # Log lines carry untrusted input (exception texts, recipients): escape control
         # characters. Records about a session get its fields (id, queue id, stage, client) when
@@ -157,6 +159,8 @@ class SessionRules:
         """Counts answers, errors, timeouts, sessions and actions (None: metrics off)."""
         self.dry_run = dry_run
         """Logs verdicts and modifications instead of sending them (None: off)."""
+        self.recorder = recorder
+        """Notes what sampled connections saw and did, for `--record` (None: off)."""
         self.spool = Spool()
         """Where a class with on_message collects messages (the runner sets it)."""
 
@@ -205,7 +209,9 @@ class SessionRules:
     def answered(self, stage: str, answer: int, session: MilterSession, elapsed: float) -> int:
         """What goes to the MTA for an async stage's `answer` (`elapsed` s after it began):
         dry-run replaces a verdict, then metrics count what is sent (as the sync callbacks'
-        wrappers do)."""
+        wrappers do); a recording notes the filter's own answer first."""
+        if self.recorder is not None:
+            self.recorder.answered(session, stage, answer, elapsed)
         if self.dry_run is not None:
             answer = self.dry_run.verdict(stage, answer, session)
         if self.meter is not None:
@@ -229,6 +235,8 @@ class SessionRules:
         session = self.session_class()
         if self.dry_run is not None:
             backend = self.dry_run.backend(backend, session)
+        if self.recorder is not None:
+            backend = self.recorder.backend(backend, session)
         self.attach(session, backend)
         session._pmk_id = next(_session_numbers)  # in this process: its logs' session id
         self.created += 1
@@ -332,6 +340,9 @@ class SessionRules:
         """
         plain = self._async_callback if stage in self.asynchronous else self._sync_callback
         callback = plain(stage, sessions, create, convert, envelope, pin)
+        if self.recorder is not None:
+            callback = self.recorder.stage(stage, callback, sessions, convert, envelope,
+                                           self.stage_macros, stage in self.asynchronous)
         if self.dry_run is not None:
             callback = self.dry_run.verdicts(stage, callback, sessions)
         if self.meter is not None and stage not in self.asynchronous:  # async: `answered`
@@ -566,6 +577,11 @@ class SessionRules:
             return int(value)
         return self.bad_result(value, stage, session)
 
+    def stage_macros(self, key: Any, slot: int) -> list[bytes] | None:
+        """The macros the MTA sent for macro stage `slot` (SMFIM_*) of connection `key`, names
+        and values alternating (None: not known; a recording then notes those read)."""
+        return None
+
     @staticmethod
     def in_stage(session: MilterSession) -> str | None:
         """The stage method `session` is running, if any."""
@@ -639,6 +655,8 @@ class SessionRules:
             session._pmk_backend = None
             if self.meter is not None:
                 self.meter.closed()
+            if self.recorder is not None:
+                self.recorder.closed(session)
 
     def cleanup(self, session: MilterSession, stage: str) -> None:
         """Run on_abort or on_close; errors are logged, nothing is answered."""

@@ -42,6 +42,7 @@ __all__ = [
     "layout_known",
     "macro_key",
     "send_reply",
+    "stage_macros",
     "unknown_command",
 ]
 
@@ -241,6 +242,16 @@ def ctx_macros(ctx: int) -> dict[bytes, bytes | None]:
                 value = strings[index + 1] if index + 1 < len(strings) else None
                 found.setdefault(macro_key(strings[index]), value)
     return found
+
+
+def stage_macros(ctx: int, slot: int) -> list[bytes] | None:
+    """The macro strings the MTA sent for macro stage `slot` (names and values alternate),
+    or None when contexts cannot be read directly."""
+    if not layout_known(ctx):
+        return None
+    slots = _SLOTS.from_address(ctx + _CTX_MAC_PTR)
+    argv, buf = slots[slot], slots[_MAX_MACROS_ENTRIES + slot]
+    return _stage_macros(argv, buf) if argv and buf else []
 
 
 # -- The unknown command's length ---------------------------------------------------------------

@@ -21,6 +21,7 @@ from ._affinity import parse as parse_affinity
 from ._errors import ConfigurationError
 from ._flags import Status
 from ._logging import LOG_FORMATS
+from ._record import RecordOptions
 from ._socketspec import parse_socket_spec
 
 __all__ = [
@@ -51,7 +52,8 @@ class Flag:
     or `dest` for a positional).
 
     `type` turns the text into a value (None: the text; `switch`: a flag without a value);
-    `to_option` turns that value into the `Milter` keyword's.
+    `to_option` turns that value into the `Milter` keyword's, with the values of `parts` (flags
+    of the same option: `--record-sample` of `--record`) after it.
     """
 
     flag: str | None
@@ -63,7 +65,8 @@ class Flag:
     metavar: str | None = None
     required: bool = False
     switch: bool = False
-    to_option: Callable[[Any], Any] | None = None
+    to_option: Callable[..., Any] | None = None
+    parts: tuple[Flag, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.dest and self.flag:
@@ -221,6 +224,17 @@ class RunOptions:
     max_worker_rss: float | None = _option(None, _LIMIT, Flag(
         "--max-worker-rss", "retire a worker (drain, replace) whose memory passes MIB MiB",
         type=float, metavar="MIB"))
+    record: RecordOptions | None = _option(None, _check(
+        lambda v: isinstance(v, RecordOptions), "{name} must be a RecordOptions: {value!r}",
+    ), Flag("--record", "write what the filter saw and did, one file per connection, into DIR "
+            "(docs/guides/record-replay.md)", metavar="DIR", to_option=RecordOptions.from_flags,
+            parts=(
+                Flag("--record-sample", "share of connections recorded, 0 to 1 (default 1)",
+                     type=float, default=1.0, metavar="FRACTION"),
+                Flag("--record-body", "record message bodies (default yes)", default="yes",
+                     choices=("yes", "no")),
+                Flag("--record-max-mb", "start no recording past N MiB of them in DIR "
+                     "(default 1024)", type=float, default=1024.0, metavar="N"))))
 
     def __post_init__(self) -> None:
         spec = parse_socket_spec(self.socket)
@@ -246,7 +260,9 @@ class RunOptions:
             flag: Flag | None = field.metadata["flag"]
             if flag is not None:
                 value = getattr(args, field.name)
-                values[field.name] = value if flag.to_option is None else flag.to_option(value)
+                parts = (getattr(args, part.dest) for part in flag.parts)
+                values[field.name] = value if flag.to_option is None else flag.to_option(
+                    value, *parts)
         return cls(**values)
 
 
@@ -308,9 +324,10 @@ COMMAND_FLAGS: tuple[Flag, ...] = (
 def run_flags() -> tuple[Flag, ...]:
     """Every setting of `run` (each a config key), with its argparse `dest`."""
     fields = tuple(
-        dataclasses.replace(f.metadata["flag"], dest=f.name)
+        flag
         for f in dataclasses.fields(RunOptions)
-        if f.metadata["flag"] is not None
+        if (own := f.metadata["flag"]) is not None
+        for flag in (dataclasses.replace(own, dest=f.name), *own.parts)
     )
     return (COMMAND_FLAGS[0], *fields, *COMMAND_FLAGS[1:])
 

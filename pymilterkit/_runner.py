@@ -54,6 +54,7 @@ from ._limits import raise_nofile_limit
 from ._listen import Listener, open_listener
 from ._options import DEFAULT_DRAIN_TIMEOUT, ErrorStatus, RunOptions, parse_address
 from ._proctitle import role, set_title
+from ._record import RecordOptions
 from ._security import check_can_drop_privileges, drop_privileges, unreadable
 from ._serve import Filter, Server
 from ._serve import current as current_server
@@ -98,7 +99,8 @@ class Milter:
     declares as `config` (docs/guides/operations.md): it is set on the class at once.
     `metrics="HOST:PORT"` serves `/metrics` and `/healthz` there (extra `pymilterkit[metrics]`);
     `dry_run` runs the filter but sends the MTA CONTINUE and no modification, logging what it
-    would have done.
+    would have done. `record=RecordOptions(DIR)` writes what the filter saw and did, one file
+    per connection (docs/guides/record-replay.md).
 
     Slow work: `stage_timeout` (seconds, None: no limit) cancels an `async def` stage that
     runs longer and answers `timeout_status`; a sync stage past it is logged. While on_eom
@@ -136,6 +138,7 @@ class Milter:
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         max_sessions_per_worker: int | None = None,
         max_worker_rss: float | None = None,
+        record: RecordOptions | None = None,
     ) -> None:
         if not (isinstance(session_class, type) and issubclass(session_class, MilterSession)):
             raise ConfigurationError(
@@ -157,7 +160,7 @@ class Milter:
             config=config, metrics=metrics, dry_run=dry_run, stage_timeout=stage_timeout,
             timeout_status=timeout_status, progress_interval=progress_interval,
             drain_timeout=drain_timeout, max_sessions_per_worker=max_sessions_per_worker,
-            max_worker_rss=max_worker_rss,
+            max_worker_rss=max_worker_rss, record=record,
         )
         install_config(session_class, config)  # visible to the class before any fork
         self.session_class = session_class

@@ -171,6 +171,7 @@ class Server:
             progress_interval=options.progress_interval,
             metrics=self.metrics,
             dry_run=options.dry_run,
+            record=options.record,
         )
         desc = self.dispatcher.descriptor(self.name.encode("utf-8", "surrogateescape"))
         if lib.smfi_register(desc) != c.MI_SUCCESS:

@@ -40,6 +40,7 @@ from ._protocol import (
     BackendWrapper,
     SessionBackend,
 )
+from ._record import Recorder, RecordOptions
 from ._session import MilterSession
 from ._threadstate import pin_thread_state
 from ._types import EsmtpParams, decode
@@ -115,6 +116,7 @@ class LibmilterCallbacks(SessionRules):
         progress_interval: float | None = None,
         metrics: bool = False,
         dry_run: bool = False,
+        record: RecordOptions | None = None,
     ) -> None:
         super().__init__(
             session_class,
@@ -124,6 +126,7 @@ class LibmilterCallbacks(SessionRules):
             timeout_status=timeout_status,
             meter=_metrics.meter() if metrics else None,
             dry_run=DryRun() if dry_run else None,
+            recorder=None if record is None else Recorder(record, session_class),
         )
         self.lib = lib
         self.on_fatal = on_fatal
@@ -144,6 +147,9 @@ class LibmilterCallbacks(SessionRules):
     def fatal(self, exc: BaseException, stage: str) -> None:
         super().fatal(exc, stage)
         self.on_fatal(exc)
+
+    def stage_macros(self, key: Any, slot: int) -> list[bytes] | None:
+        return private.stage_macros(key, slot)
 
     # -- trampolines -----------------------------------------------------------------------
 
@@ -413,6 +419,8 @@ class LibmilterCallbacks(SessionRules):
             closing.clear()
             if self.dry_run is not None:
                 self.dry_run.summary()
+            if self.recorder is not None:
+                self.recorder.stop()
         return count
 
     def descriptor(self, name: bytes) -> c.SmfiDesc:

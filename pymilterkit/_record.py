@@ -1,0 +1,381 @@
+"""Recording (`--record DIR`): what a filter saw and did, one file per connection.
+
+Theory of operation
+-------------------
+`Recorder` is recording's part in the dispatch path (`SessionRules.recorder`), chosen when the
+callbacks are built. A sampled connection's session gets a `RecordingBackend` (each action is
+noted, then carried out) and every stage callback is wrapped (`Recorder.stage`) to note the
+stage's arguments, the macros the MTA sent with it, the answer and the time. Nothing on
+libmilter's threads touches the disk or encodes JSON: at the end of each message and at close
+the connection's new lines go to the `Writer`'s bounded queue (dropped and counted when it is
+full), and its thread appends them to `NAME.milterlog.part`, renamed `NAME.milterlog` at
+close. A worker killed mid-connection leaves a `.part` file, complete up to its last message.
+A failure (full disk, unwritable directory) is logged once and changes no answer.
+
+Format, version 1 (docs/guides/record-replay.md): JSON lines, text as UTF-8 with undecodable
+bytes as lone surrogates (`surrogateescape`). The first line describes the connection
+(`format`, `version`, `filter`, `pid`, `time`, `body`, `protocol`); then one line per stage
+(`stage`, `args`, `macros`, `answer`, `reply`, `actions`, `ms`); the last one is `{"end": ..}`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._errors import ConfigurationError
+from ._flags import Status
+from ._protocol import BY_METHOD, ActionInfo, BackendWrapper, SessionBackend
+from ._types import EsmtpParams, InetAddress, UnixAddress
+
+if TYPE_CHECKING:
+    from ._session import MilterSession
+
+__all__ = ["FORMAT", "PARTIAL", "SUFFIX", "VERSION", "RecordOptions", "Recorder", "Writer"]
+
+logger = logging.getLogger("pymilterkit")
+
+FORMAT, VERSION = "pymilterkit-record", 1
+SUFFIX, PARTIAL = ".milterlog", ".milterlog.part"
+_QUEUE = 4096  # chunks (a message's lines, or a close) waiting for the writer
+_POLL = 0.05  # s between the writer's looks at the queue: few thread switches under load
+_RESCAN = 10.0  # s between looks at the directory's size (other workers write there too)
+_NAMES = {int(s): s.name for s in Status}
+_MIB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordOptions:
+    """Where and what `--record` writes: `directory`, the share of connections recorded
+    (`sample`, drawn per connection), whether bodies are kept (`body`; else their sizes), and
+    the size in MiB of recordings in the directory past which no new file is started."""
+
+    directory: str
+    sample: float = 1.0
+    body: bool = True
+    max_mb: float = 1024.0
+
+    def __post_init__(self) -> None:
+        directory = os.fspath(self.directory)
+        if not isinstance(directory, str) or not directory:
+            raise ConfigurationError(f"record: directory must be a path, got {directory!r}")
+        object.__setattr__(self, "directory", directory)
+        for name, low, high in (("sample", 0.0, 1.0), ("max_mb", 0.0, math.inf)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                low <= value <= high and math.isfinite(value) and (name == "sample" or value)
+            ):
+                raise ConfigurationError(
+                    f"record: {name} must be a number {'from 0 to 1' if high == 1 else '> 0'}"
+                    f": {value!r}"
+                )
+        if not isinstance(self.body, bool):
+            raise ConfigurationError(f"record: body must be True or False: {self.body!r}")
+
+    @classmethod
+    def from_flags(cls, directory: str | None, sample: float, body: str,
+                   max_mb: float) -> RecordOptions | None:
+        """The options `--record DIR --record-sample F --record-body yes|no
+        --record-max-mb N` give (None without `--record`)."""
+        return None if directory is None else cls(directory, sample, body == "yes", max_mb)
+
+
+def _jsonable(value: object) -> object:
+    """What `json` cannot write itself, as text (bytes: `surrogateescape`)."""
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    if isinstance(value, InetAddress):
+        return ["inet6" if value.ip.version == 6 else "inet", str(value.ip), value.port]
+    if isinstance(value, UnixAddress):
+        return ["unix", value.path]
+    if isinstance(value, EsmtpParams):
+        return str(value)
+    raise TypeError(f"cannot record {type(value).__name__}")
+
+
+def _encode(entry: Mapping[str, Any], body: bool) -> str:
+    """One recorded line (on the writer's thread)."""
+    line = dict(entry)
+    macros = line.get("macros")
+    if isinstance(macros, list):  # names and values alternate, as libmilter keeps them
+        line["macros"] = {_jsonable(k): _jsonable(v) for k, v in zip(*[iter(macros)] * 2,
+                                                                      strict=False)}
+    if line.get("stage") == "body":
+        chunk = line["args"][0]
+        line["size"] = len(chunk)
+        line["args"] = [chunk if body else None]
+    return _ENCODER.encode(line) + "\n"
+
+
+_ENCODER = json.JSONEncoder(default=_jsonable, separators=(",", ":"))
+
+
+class Writer:
+    """The one thread that writes recordings (see the module docstring)."""
+
+    def __init__(self, options: RecordOptions) -> None:
+        self.options = options
+        self.queue: collections.deque[tuple[str, list[dict[str, Any]], bool]] = (
+            collections.deque())
+        self.stopping = threading.Event()
+        self.dropped = 0
+        """Chunks not queued because the queue was full (their connections are cut short)."""
+        self.failing = False
+        self.files: dict[str, int] = {}  # open .part files (-1: given up)
+        self.used = 0
+        self.scanned = -math.inf
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    def put(self, name: str, lines: list[dict[str, Any]], final: bool) -> bool:
+        """Queue a connection's new `lines` (`final`: it closed); never waits."""
+        if self.thread is None:
+            with self.lock:
+                if self.thread is None:
+                    self.thread = threading.Thread(
+                        target=self._run, name="pymilterkit-record", daemon=True)
+                    self.thread.start()
+        if len(self.queue) >= _QUEUE:
+            self.dropped += 1
+            return False
+        self.queue.append((name, lines, final))  # no lock, no wake-up: the writer polls
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then end the thread (at a process's stop)."""
+        if self.thread is not None:
+            self.stopping.set()
+            self.thread.join(timeout)
+        if self.dropped:
+            logger.warning("record: %d part(s) of recordings dropped: the writer could not "
+                           "keep up (those files stay .part or are missing)", self.dropped)
+
+    def _path(self, name: str, suffix: str) -> str:
+        return os.path.join(self.options.directory, name + suffix)
+
+    def _fail(self, why: str) -> None:
+        if not self.failing:
+            self.failing = True
+            logger.warning("record: %s; recording is skipped until it works again", why)
+
+    def _run(self) -> None:
+        directory = self.options.directory
+        try:
+            os.makedirs(directory, 0o700, exist_ok=True)
+            if os.stat(directory).st_mode & 0o077:
+                os.chmod(directory, 0o700)  # recordings hold mail: owner only
+        except OSError as exc:
+            self._fail(f"cannot use directory {directory}: {exc.strerror}")
+        pending, stopping = self.queue, self.stopping
+        while pending or not stopping.is_set():
+            if not pending:
+                stopping.wait(_POLL)
+                continue
+            name, lines, final = pending.popleft()
+            try:
+                self._write(name, lines, final)
+            except Exception as exc:  # noqa: BLE001 - a recording never stops the milter
+                fd = self.files.pop(name, -1)
+                self.files[name] = -1
+                if fd >= 0:
+                    os.close(fd)
+                    _remove(self._path(name, PARTIAL))  # maybe torn: gone rather than wrong
+                self._fail(f"cannot write {self._path(name, SUFFIX)}: "
+                           f"{getattr(exc, 'strerror', None) or exc}")
+            if final:
+                self.files.pop(name, None)
+        for fd in self.files.values():
+            if fd >= 0:
+                os.close(fd)  # connections still open at stop: left as .part
+
+    def _room(self) -> bool:
+        """Whether the directory is below the size cap (looked at every `_RESCAN` s)."""
+        now = time.monotonic()
+        if now - self.scanned >= _RESCAN:
+            self.scanned = now
+            self.used = 0
+            with os.scandir(self.options.directory) as entries:
+                for entry in entries:
+                    if entry.name.endswith((SUFFIX, PARTIAL)) and entry.is_file():
+                        self.used += entry.stat().st_size
+        if self.used < self.options.max_mb * _MIB:
+            return True
+        self._fail(f"{self.options.directory} holds {self.options.max_mb:g} MiB of recordings "
+                   f"(--record-max-mb)")
+        return False
+
+    def _write(self, name: str, lines: list[dict[str, Any]], final: bool) -> None:
+        fd = self.files.get(name)
+        if fd == -1:
+            return
+        data = "".join(_encode(line, self.options.body) for line in lines).encode(
+            "utf-8", "surrogatepass")
+        if fd is None:
+            if not self._room():
+                self.files[name] = -1
+                return
+            fd = self.files[name] = os.open(
+                self._path(name, PARTIAL),
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW,
+                0o600,
+            )
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        self.used += len(data)
+        if final:
+            os.close(self.files.pop(name))
+            os.rename(self._path(name, PARTIAL), self._path(name, SUFFIX))
+        if self.failing:
+            self.failing = False
+            logger.info("record: writing recordings again")
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+class _Log:
+    """One recorded connection: its lines not yet handed to the writer, the stage running."""
+
+    __slots__ = ("cut", "entry", "lines", "name", "reads")
+
+    def __init__(self, name: str, head: dict[str, Any]) -> None:
+        self.name = name
+        self.lines: list[dict[str, Any]] = [head]
+        self.entry: dict[str, Any] | None = None
+        self.reads = False  # macros are noted as the filter reads them (no list to be had)
+        self.cut = False  # a part was dropped: the rest is not kept either
+
+
+class RecordingBackend(BackendWrapper):
+    """A session backend that notes each action in its stage's line, then carries it out."""
+
+    __slots__ = ("log",)
+
+    def __init__(self, inner: SessionBackend, log: _Log) -> None:
+        super().__init__(inner)
+        self.log = log
+
+    def act(self, action: ActionInfo, *args: Any) -> None:
+        entry = self.log.entry
+        if entry is not None:
+            entry.setdefault("actions", []).append([action.method, *args])
+        self.perform(action, *args)
+
+    def getsymval(self, name: bytes) -> bytes | None:
+        value = self.inner.getsymval(name)
+        log = self.log
+        entry = log.entry
+        if log.reads and entry is not None:
+            entry.setdefault("macros", []).extend((name, value))
+        return value
+
+
+class Recorder:
+    """Recording's part in the dispatch path (`SessionRules.recorder`)."""
+
+    def __init__(self, options: RecordOptions, session_class: type[MilterSession]) -> None:
+        self.options = options
+        self.writer = Writer(options)
+        self.logs: dict[MilterSession, _Log] = {}
+        self.numbers = itertools.count(1)
+        spec = session_class.negotiation()
+        self.head = {"format": FORMAT, "version": VERSION,
+                     "filter": f"{session_class.__module__}:{session_class.__qualname__}",
+                     "pid": os.getpid(), "body": options.body, "protocol": int(spec.protocol)}
+
+    def backend(self, inner: SessionBackend, session: MilterSession) -> SessionBackend:
+        """A new session's backend: recording, for the sampled share of connections."""
+        sample = self.options.sample
+        if sample < 1.0 and random.random() >= sample:
+            return inner
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{next(self.numbers):06d}"
+        log = self.logs[session] = _Log(name, dict(self.head, pid=os.getpid(), time=time.time()))
+        return RecordingBackend(inner, log)
+
+    def stage(
+        self,
+        stage: str,
+        callback: Callable[..., int],
+        sessions: Mapping[Any, MilterSession],
+        convert: Callable[..., tuple[Any, ...]] | None,
+        envelope: bool,
+        macros: Callable[[Any, int], list[bytes] | None],
+        later: bool,
+    ) -> Callable[..., int]:
+        """`callback` (a plain stage callback), noting each call of a recorded connection;
+        `later`: an async stage, whose answer comes to `answered`."""
+        logs, clock, end = self.logs, time.perf_counter, self._end
+        slot = BY_METHOD[stage].macros
+        name, starts = stage.removeprefix("on_"), stage == "on_mail"
+
+        def recorded(key: Any, a: Any = None, b: Any = None) -> int:
+            log = logs.get(sessions.get(key))  # type: ignore[arg-type]
+            if log is None:
+                return callback(key, a, b)
+            try:
+                if starts and log.entry is not None:  # the last message was aborted
+                    self._flush(log, False)
+                args = () if convert is None else convert(a) if envelope else convert(a, b)
+                entry: dict[str, Any] = {"stage": name, "args": args}
+                if slot is not None:
+                    pairs = macros(key, int(slot))
+                    if pairs is not None:
+                        entry["macros"] = pairs
+                log.reads = "macros" not in entry
+                log.lines.append(entry)
+                log.entry = entry
+            except Exception:  # a recording never changes an answer
+                logger.exception("record: could not note %s", stage)
+                return callback(key, a, b)
+            start = clock()
+            answer = callback(key, a, b)
+            if not later:
+                end(log, stage, answer, clock() - start)
+            return answer
+
+        return recorded
+
+    def answered(self, session: MilterSession, stage: str, answer: int, elapsed: float) -> None:
+        """An async stage's answer."""
+        log = self.logs.get(session)
+        if log is not None:
+            self._end(log, stage, answer, elapsed)
+
+    def _end(self, log: _Log, stage: str, answer: int, elapsed: float) -> None:
+        entry = log.entry
+        if entry is None:
+            return
+        entry["answer"] = _NAMES.get(answer, answer)
+        entry["ms"] = round(elapsed * 1000, 3)
+        if stage == "on_eom":
+            self._flush(log, False)
+
+    def _flush(self, log: _Log, final: bool) -> None:
+        lines, log.lines, log.entry = log.lines, [], None
+        if not log.cut and not self.writer.put(log.name, lines, final):
+            log.cut = True
+
+    def closed(self, session: MilterSession) -> None:
+        """The connection closed: its file is completed."""
+        log = self.logs.pop(session, None)
+        if log is not None:
+            log.lines.append({"end": "close"})
+            self._flush(log, True)
+
+    def stop(self) -> None:
+        """At the process's stop: write what is queued."""
+        self.writer.stop()

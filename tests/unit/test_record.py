@@ -1,0 +1,87 @@
+"""The recorder's options and writer: flags, TOML, permissions, whole files, failures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from pymilterkit import ConfigurationError, RecordOptions
+from pymilterkit.__main__ import _parser
+from pymilterkit._config import parse_args
+from pymilterkit._options import RunOptions
+from pymilterkit._record import _QUEUE, Writer
+
+
+def options_of(argv: list[str]) -> RunOptions:
+    return RunOptions.from_args(parse_args(_parser(), ["run", "m:C", "--socket", "unix:/x",
+                                                       *argv]), None)
+
+
+def test_flags_and_toml_make_record_options(tmp_path: Path) -> None:
+    assert options_of([]).record is None
+    assert options_of(["--record", "/r"]).record == RecordOptions("/r")
+    assert options_of(["--record", "/r", "--record-sample", "0.25", "--record-body", "no",
+                       "--record-max-mb", "5"]).record == RecordOptions("/r", 0.25, False, 5.0)
+    config = tmp_path / "c.toml"
+    config.write_text('record = "/d"\nrecord-sample = 0.5\nrecord-body = "no"\n')
+    assert options_of(["--config", str(config)]).record == RecordOptions("/d", 0.5, False)
+
+
+@pytest.mark.parametrize("kwargs", [{"sample": 1.5}, {"sample": -0.1}, {"max_mb": 0},
+                                    {"body": "no"}, {"sample": True}, {"directory": ""}])
+def test_bad_record_options_say_what_to_change(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError, match="record: "):
+        RecordOptions(**{"directory": "/r", **kwargs})  # type: ignore[arg-type]
+
+
+def test_writer_writes_whole_private_files(tmp_path: Path) -> None:
+    writer = Writer(RecordOptions(str(tmp_path / "r")))
+    writer.put("a", [{"stage": "body", "args": [b"\xff\r\n"]}], False)
+    writer.put("b", [{"x": 1}], True)
+    writer.stop()
+    directory = tmp_path / "r"
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert sorted(p.name for p in directory.iterdir()) == ["a.milterlog.part", "b.milterlog"]
+    part = json.loads((directory / "a.milterlog.part").read_text())
+    assert part == {"stage": "body", "args": ["\udcff\r\n"], "size": 3}
+    assert part["args"][0].encode("utf-8", "surrogateescape") == b"\xff\r\n"
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in directory.iterdir())
+
+
+def test_a_full_queue_drops_and_a_failing_disk_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = Writer(RecordOptions(str(tmp_path)))
+    writer.thread = object()  # type: ignore[assignment]  # no thread: the queue stays full
+    for _ in range(_QUEUE):
+        assert writer.put("a", [], False)
+    assert not writer.put("a", [], True)
+    assert writer.dropped == 1
+
+    os.chmod(tmp_path, 0o500)
+    try:
+        writer = Writer(RecordOptions(str(tmp_path), max_mb=1))
+        with caplog.at_level(logging.WARNING, "pymilterkit"):
+            for name in "abc":
+                writer.put(name, [{"x": 1}], True)
+            writer.stop()
+    finally:
+        os.chmod(tmp_path, 0o700)
+    if os.geteuid() != 0:
+        assert [r.getMessage() for r in caplog.records if "record:" in r.getMessage()] == [
+            f"record: cannot write {tmp_path}/a.milterlog: Permission denied; recording is "
+            "skipped until it works again"]
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_the_size_cap_starts_no_new_file(tmp_path: Path) -> None:
+    (tmp_path / "old.milterlog").write_bytes(b"x" * (1 << 20))
+    writer = Writer(RecordOptions(str(tmp_path), max_mb=1))
+    writer.put("new", [{"x": 1}], True)
+    writer.stop()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.milterlog"]
