@@ -1,5 +1,5 @@
 """The `pymilterkit` command (and `python -m pymilterkit`): run a filter, drive a running milter,
-show versions.
+replay recordings, show versions.
 
 Exit codes: 0 success; 1 the milter failed or a message was refused/failed (`send`);
 2 bad usage or configuration (argparse's convention); 130 interrupted.
@@ -228,6 +228,40 @@ def _add_send_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     parser.set_defaults(handler=_cmd_send)
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from .testing import Harness, MilterClient
+    from .testing._recording import cmd_replay
+
+    if args.socket is not None:
+        return cmd_replay(args, MilterClient(args.socket, timeout=args.timeout))
+    session_class = load_session_class(args.filter)
+    if args.config is not None:
+        from ._config import install
+
+        install(session_class, load_config(args.config, session_class)[1])
+    with Harness(session_class) as harness:
+        return cmd_replay(args, harness)
+
+
+def _add_replay_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "replay", help="play recordings (--record) again and show what changed",
+        description="Play recorded connections again, with their macros and stage order, "
+        "against a running milter or a filter class in this process; print each message's "
+        "recorded and new verdict and modifications, then a summary. Exit 0 when nothing "
+        "changed, 1 when something changed or failed.")
+    parser.add_argument("recordings", nargs="+", metavar="FILE_OR_DIR",
+                        help="*.milterlog files, or directories of them")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--socket", help="a running milter: unix:/path, inet:PORT@HOST")
+    target.add_argument("--filter", metavar="MODULE:CLASS", help="a filter class, in process")
+    parser.add_argument("--config", metavar="FILE.toml", help="with --filter: its [filter] table")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="with --socket: seconds to wait for each answer (default 10)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.set_defaults(handler=_cmd_replay)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pymilterkit", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -253,6 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     version.set_defaults(handler=_cmd_version)
 
     _add_send_command(sub)
+    _add_replay_command(sub)
     return parser
 
 

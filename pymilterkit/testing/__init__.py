@@ -6,6 +6,7 @@
   wire protocol (version 6) and returns the same result types.
 * `MilterProcess("module:Class")` runs a filter with the real runner in a child process.
 * `apply_modifications(message, result)` gives the message the MTA would deliver.
+* `Recording.load(path)` reads a `--record` file as harness input and recorded outcomes.
 
 See docs/testing.md.
 """
@@ -19,6 +20,7 @@ from ._conversation import ALL_ACTIONS, ALL_PROTOCOL, MilterConnection
 from ._envelope import ClientInfo, Envelope, Recipient
 from ._harness import Harness
 from ._process import MilterProcess
+from ._recording import Outcome, Recording
 from ._results import (
     Answer,
     BodyReplaced,
@@ -60,6 +62,7 @@ __all__ = [
     "MilterTimeout",
     "Modification",
     "Negotiation",
+    "Outcome",
     "Progress",
     "ProtocolError",
     "Quarantined",
@@ -67,6 +70,7 @@ __all__ = [
     "RecipientAdded",
     "RecipientRemoved",
     "RecipientResult",
+    "Recording",
     "Reply",
     "SenderChanged",
     "Step",

@@ -49,7 +49,7 @@ from .._types import EsmtpParams, decode
 from . import _wire as w
 from ._results import Step
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "reply_text"]
 
 logger = logging.getLogger("pymilterkit")
 
@@ -103,6 +103,25 @@ _SMFI_V1_ACTS, _SMFI_V1_PROT = 0xF, 0x3F
 _U32 = struct.Struct(">I")
 
 
+def reply_text(code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> bytes:
+    """The reply text smfi_setreply (one line) or smfi_setmlreply (several) makes."""
+    if len(lines) <= 1:
+        buf = code + b" "
+        if xcode is not None:
+            buf += xcode
+        if lines:
+            if xcode is not None:
+                buf += b" "
+            buf += lines[0]
+        return buf
+    xc = xcode if xcode is not None else (b"4.0.0" if code[:1] == b"4" else b"5.0.0")
+    parts = []
+    for number, line in enumerate(lines, 1):
+        sep = b" " if number == len(lines) else b"-"
+        parts.append(code + sep + xc + b" " + line)
+    return b"\r\n".join(parts)
+
+
 class _Backend(ActionBackend):
     """The smfi_* calls of one context, as packets into the engine's output queue: each action
     is its table row's command, with its arguments packed as libmilter packs them (an int as 4
@@ -133,22 +152,7 @@ class _Backend(ActionBackend):
         return self.engine.getsymval(name)
 
     def set_reply(self, code: bytes, xcode: bytes | None, lines: Sequence[bytes]) -> None:
-        if len(lines) <= 1:
-            buf = code + b" "
-            if xcode is not None:
-                buf += xcode
-            if lines:
-                if xcode is not None:
-                    buf += b" "
-                buf += lines[0]
-        else:
-            xc = xcode if xcode is not None else (b"4.0.0" if code[:1] == b"4" else b"5.0.0")
-            parts = []
-            for number, line in enumerate(lines, 1):
-                sep = b" " if number == len(lines) else b"-"
-                parts.append(code + sep + xc + b" " + line)
-            buf = b"\r\n".join(parts)
-        self.engine.reply = buf
+        self.engine.reply = reply_text(code, xcode, lines)
 
     def change_header(self, name: bytes, index: int, value: bytes) -> None:
         self.act(ACTION["change_header"], index, name, value)  # the index goes first

@@ -1,0 +1,386 @@
+"""Recordings (`--record`) read back: harness input, replay, and the `replay` command.
+
+`Recording.load(path)` reads one `*.milterlog` file (a `.part` one too: complete up to its last
+message): the connection as `ClientInfo` plus `(Envelope, bytes)` messages that `Harness` and
+`MilterClient` accept, and what the filter answered (`recorded`). `Recording.replay(driver)`
+plays the recorded commands again, in their order and with their macros, on a new connection
+of `driver`, and returns the new answers in the same shape, so the two compare with `==`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+from .._errors import ConfigurationError, MilterError
+from .._flags import ProtocolOpts, Status
+from .._protocol import ENDS_MESSAGE
+from .._record import FORMAT, PARTIAL, SUFFIX, VERSION
+from .._types import InetAddress, UnixAddress
+from ._conversation import MilterConnection
+from ._driver import MtaDriver
+from ._engine import reply_text
+from ._envelope import ClientInfo, Envelope, Recipient, bracket
+from ._results import (
+    Answer,
+    BodyReplaced,
+    HeaderAdded,
+    HeaderChanged,
+    HeaderDeleted,
+    HeaderInserted,
+    Modification,
+    Progress,
+    Quarantined,
+    RecipientAdded,
+    RecipientRemoved,
+    Reply,
+    SenderChanged,
+    Step,
+)
+
+__all__ = ["Outcome", "Recording", "cmd_replay"]
+
+_CONNECTION = ("connect", "helo", "unknown")
+_MODIFICATION: dict[str, Any] = {
+    "add_header": HeaderAdded,
+    "insert_header": HeaderInserted,
+    "change_header": lambda name, index, value: HeaderChanged(name, max(index, 1), value),
+    "delete_header": lambda name, index: HeaderDeleted(name, max(index, 1)),
+    "change_sender": SenderChanged,
+    "add_recipient": RecipientAdded,
+    "add_recipient_par": RecipientAdded,
+    "remove_recipient": RecipientRemoved,
+    "replace_body": lambda body: BodyReplaced(body.encode("utf-8", "surrogateescape")),
+    "quarantine": Quarantined,
+}
+
+
+def _show(mod: Modification) -> str:
+    if isinstance(mod, BodyReplaced):
+        digest = hashlib.sha256(mod.body).hexdigest()[:12]
+        return f"BodyReplaced({len(mod.body)} bytes, sha256 {digest})"
+    fields = ", ".join(f"{v!r}" for v in dataclasses.astuple(mod) if v is not None)
+    return f"{type(mod).__name__}({fields})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a filter decided about one message (or a connection refused before any): the
+    verdict, where, its reply, each recipient's refusal, and the modifications, as text."""
+
+    status: Status
+    stage: str
+    reply: str | None = None
+    recipients: tuple[str, ...] = ()
+    modifications: tuple[str, ...] = ()
+
+    def lines(self) -> list[str]:
+        """One line per fact, the verdict first."""
+        verdict = f"{self.status.name} at {self.stage}" + (f" {self.reply}" if self.reply else "")
+        return [verdict, *self.recipients, *self.modifications]
+
+
+def _outcome(answers: Sequence[tuple[str, str, Answer]]) -> Outcome:
+    """The outcome of one message's answers (step, detail, answer), in order."""
+    status, stage, reply = Status.CONTINUE, "", None
+    rcpts: list[str] = []
+    mods: list[str] = []
+    for step, detail, answer in answers:
+        stage = step
+        text = None if answer.reply is None else str(answer.reply).replace("\r\n", " / ")
+        if step == "rcpt" and answer.status in (Status.REJECT, Status.TEMPFAIL, Status.DISCARD):
+            rcpts.append(f"rcpt {detail}: {answer.status.name}" + (f" {text}" if text else ""))
+        mods.extend(_show(m) for m in _merged(answer.modifications))
+        if step != "rcpt" and answer.status in ENDS_MESSAGE:
+            status, reply = answer.status, text
+            break
+    return Outcome(status, stage, reply, tuple(rcpts), tuple(mods))
+
+
+def _merged(mods: Iterable[Modification]) -> list[Modification]:
+    out: list[Modification] = []
+    for mod in mods:
+        if isinstance(mod, Progress):
+            continue
+        if isinstance(mod, BodyReplaced) and out and isinstance(out[-1], BodyReplaced):
+            out[-1] = BodyReplaced(out[-1].body + mod.body)
+        else:
+            out.append(mod)
+    return out
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _address(value: Any) -> InetAddress | UnixAddress | None:
+    if not value:
+        return None
+    if value[0] == "unix":
+        return UnixAddress(value[1])
+    return InetAddress(ip_address(value[1]), int(value[2]))
+
+
+def _recorded_answer(entry: dict[str, Any]) -> Answer | None:
+    """A recorded stage's answer as the wire client would have read it (None: none noted)."""
+    if "answer" not in entry:
+        return None
+    status = Status[entry["answer"]]
+    reply, mods = None, []
+    for name, *args in entry.get("actions", ()):
+        if name == "set_reply":
+            code, xcode, lines = args
+            if status in (Status.REJECT, Status.TEMPFAIL) and code[:1] == (
+                "5" if status is Status.REJECT else "4"
+            ):
+                raw = reply_text(_raw(code), None if xcode is None else _raw(xcode),
+                                 [_raw(line) for line in lines])
+                reply = Reply.parse(raw)
+        elif name in _MODIFICATION:
+            mods.append(_MODIFICATION[name](*args))
+    return Answer(Step(entry["stage"]), status, reply, tuple(mods))
+
+
+@dataclasses.dataclass(frozen=True)
+class Recording:
+    """One recorded connection (`Recording.load`): harness input and the recorded outcomes."""
+
+    path: Path
+    head: dict[str, Any]
+    """The file's first line: format, version, filter, pid, time, body, protocol."""
+    entries: tuple[dict[str, Any], ...]
+    """The recorded stages, in order."""
+    client: ClientInfo
+    messages: tuple[tuple[Envelope, bytes], ...]
+    """Each message's envelope (with its recorded macros) and its bytes, for
+    `Harness.run_connection`/`MilterClient.run_connection` (with `client=`)."""
+    recorded: tuple[Outcome, ...]
+    """What the recorded filter decided, per message (one for a connection refused before
+    its first message)."""
+    complete: bool
+    """False for a connection cut short (a `.part` file: a worker killed, a stop)."""
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recording:
+        """Read one recording file; raises `ConfigurationError` for what is not one."""
+        path = Path(path)
+        try:
+            text = path.read_text("utf-8", "surrogateescape")
+            lines = [json.loads(line) for line in text.splitlines(keepends=True)
+                     if line.endswith("\n")]  # a last line without its end was cut short
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"cannot read recording {path}: {exc}") from None
+        if not lines or lines[0].get("format") != FORMAT or lines[0].get("version") != VERSION:
+            raise ConfigurationError(f"{path} is not a {FORMAT} version {VERSION} file")
+        entries = tuple(line for line in lines[1:] if "stage" in line)
+        complete = lines[-1].get("end") is not None
+        if not complete:  # keep the connection up to its last whole message
+            ends = [i for i, e in enumerate(entries) if e["stage"] == "eom" and "answer" in e]
+            cut = next((i for i, e in enumerate(entries) if e["stage"] == "mail"), len(entries))
+            entries = entries[: ends[-1] + 1 if ends else cut]
+        return cls(path, lines[0], entries, *_inputs(lines[0], entries),
+                   _outcomes(entries, [_recorded_answer(e) for e in entries]), complete)
+
+    def replay(self, driver: MtaDriver) -> tuple[Outcome, ...]:
+        """Play the recorded commands, in order and with their macros, on a new connection of
+        `driver` (a `Harness` or a `MilterClient`); the new outcomes, per message."""
+        conn = driver.open()
+        conn.negotiate()
+        answers: dict[int, Answer | None] = {}
+        try:
+            _play(conn, self.entries, answers)
+        finally:
+            conn.close()
+        return _outcomes(self.entries, [answers.get(i) for i in range(len(self.entries))])
+
+
+def _inputs(head: dict[str, Any], entries: Sequence[dict[str, Any]]) -> tuple[
+        ClientInfo, tuple[tuple[Envelope, bytes], ...]]:
+    leading = bool(int(head.get("protocol", 0)) & ProtocolOpts.HDR_LEADSPC)
+    first: dict[str, dict[str, Any]] = {}
+    unknown: list[str] = []
+    groups: list[list[dict[str, Any]]] = []
+    for entry in entries:
+        stage = entry["stage"]
+        if stage == "mail":
+            groups.append([entry])
+        elif stage in _CONNECTION:
+            first.setdefault(stage, entry)
+            if stage == "unknown":
+                unknown.append(entry["args"][0])
+        elif groups:
+            groups[-1].append(entry)
+    connect, helo = first.get("connect"), first.get("helo")
+    macros = {s: _macros(e) for s, e in first.items() if s != "unknown"}
+    client = ClientInfo(connect["args"][0] if connect else "localhost",
+                        _address(connect["args"][1]) if connect else None,
+                        helo["args"][0] if helo else None, tuple(unknown), macros,
+                        default_macros=False)
+    return client, tuple(_message(group, leading) for group in groups)
+
+
+def _macros(entry: dict[str, Any]) -> dict[str, str]:
+    return {k: v for k, v in (entry.get("macros") or {}).items() if v is not None}
+
+
+def _message(entries: list[dict[str, Any]], leading: bool) -> tuple[Envelope, bytes]:
+    mail = entries[0]
+    rcpts = [e for e in entries if e["stage"] == "rcpt"]
+    macros: dict[str, dict[str, str]] = {}
+    for entry in entries:
+        if entry["stage"] in ("mail", "rcpt", "data", "eoh", "eom"):
+            macros.setdefault(entry["stage"], _macros(entry))
+    head = b"".join(
+        (e["args"][0] + ":" + ("" if leading else " ") + e["args"][1]).encode(
+            "utf-8", "surrogateescape").replace(b"\n", b"\r\n") + b"\r\n"
+        for e in entries if e["stage"] == "header")
+    body = b"".join((e["args"][0] or "").encode("utf-8", "surrogateescape")
+                    for e in entries if e["stage"] == "body")
+    envelope = Envelope(mail["args"][0], tuple(Recipient(*r["args"]) for r in rcpts),
+                        mail["args"][1], macros, default_macros=False)
+    return envelope, head + b"\r\n" + body
+
+
+def _outcomes(entries: Sequence[dict[str, Any]],
+              answers: Sequence[Answer | None]) -> tuple[Outcome, ...]:
+    """Per message (each `mail` and what follows), from each entry's answer (None: none)."""
+    connection: list[tuple[str, str, Answer]] = []
+    groups: list[list[tuple[str, str, Answer]]] = []
+    for entry, answer in zip(entries, answers, strict=True):
+        stage = entry["stage"]
+        if stage == "mail":
+            groups.append([])
+        if answer is None:
+            continue
+        detail = _detail(entry)
+        (connection if stage in _CONNECTION else groups[-1] if groups else connection).append(
+            (stage, detail, answer))
+    ended = _outcome(connection)
+    if ended.status is not Status.CONTINUE or not groups:
+        return (ended,) * max(1, len(groups))
+    return tuple(_outcome(group) for group in groups)
+
+
+def _detail(entry: dict[str, Any]) -> str:
+    args = entry.get("args") or [""]
+    return bracket(args[0]) if entry["stage"] == "rcpt" else str(args[0])
+
+
+def _play(conn: MilterConnection, entries: Sequence[dict[str, Any]],
+          answers: dict[int, Answer | None]) -> None:
+    """Send `entries` on `conn` as the MTA did, minding the new answers: a message the filter
+    now ends early gets no more commands, a refused connection none."""
+    in_message = ended = skipping = False
+    for index, entry in enumerate(entries):
+        stage = entry["stage"]
+        if stage == "mail":
+            if in_message:
+                conn.abort()
+            in_message, ended, skipping = True, False, False
+        if ended or (skipping and stage == "body"):
+            continue
+        if stage in ("connect", "helo", "mail", "rcpt", "data", "eoh", "eom"):
+            conn.macros(Step(stage), _macros(entry))
+        args = entry.get("args") or []
+        if stage == "connect":
+            answer = conn.connect(args[0], _address(args[1]))
+        elif stage in ("mail", "rcpt"):
+            answer = getattr(conn, stage)(args[0], args[1].split())
+        elif stage == "body":
+            answer = conn.body((args[0] or "").encode("utf-8", "surrogateescape"))
+        else:
+            answer = getattr(conn, stage)(*args)
+        answers[index] = answer
+        if answer is None:
+            continue
+        skipping = skipping or (stage == "body" and answer.status is Status.SKIP)
+        if stage == "eom":
+            in_message = False
+        elif stage != "rcpt" and answer.status in ENDS_MESSAGE:
+            if stage in _CONNECTION:
+                return
+            ended = True
+    if in_message:
+        conn.abort()
+    conn.quit()
+
+
+def recording_files(paths: Iterable[str]) -> list[Path]:
+    """The recording files named or found (sorted) in the directories named."""
+    found: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir()
+                                if p.name.endswith((SUFFIX, PARTIAL)) and p.is_file()))
+        else:
+            found.append(path)
+    return found
+
+
+def cmd_replay(args: argparse.Namespace, driver: MtaDriver) -> int:
+    """`pymilterkit replay`: each recorded message's outcome beside the new one, a summary;
+    0 when nothing changed, 1 when something did or failed."""
+    report: list[dict[str, Any]] = []
+    for path in recording_files(args.recordings):
+        try:
+            recording = Recording.load(path)
+        except ConfigurationError as exc:
+            report.append({"file": str(path), "message": 0, "result": "failed",
+                           "error": str(exc)})
+            continue
+        error = None
+        try:
+            new: Sequence[Outcome | None] = recording.replay(driver)
+        except (MilterError, OSError) as exc:
+            new, error = [None] * len(recording.recorded), f"{type(exc).__name__}: {exc}"
+        for number, (old, now) in enumerate(zip(recording.recorded, new, strict=True), 1):
+            envelope, raw = recording.messages[number - 1] if recording.messages else (None, b"")
+            subject = re.search(rb"^Subject:[ \t]*(.*?)\r?$", raw, re.M | re.I)
+            item: dict[str, Any] = {
+                "file": str(path), "message": number,
+                "sender": envelope.sender if envelope else None,
+                "subject": subject and subject.group(1).decode("utf-8", "replace"),
+                "result": "failed" if now is None else "same" if now == old else "changed",
+                "recorded": old.lines(), "new": None if now is None else now.lines()}
+            if error:
+                item["error"] = error
+            report.append(item)
+    counts = {k: sum(r["result"] == k for r in report) for k in ("same", "changed", "failed")}
+    if args.json:
+        json.dump({"messages": report, "summary": counts}, sys.stdout, indent=2)
+        print()
+    else:
+        _print_report(report, counts)
+    return 0 if counts["changed"] == counts["failed"] == 0 else 1
+
+
+def _print_report(report: list[dict[str, Any]], counts: dict[str, int]) -> None:
+    for item in report:
+        where = f"{Path(item['file']).name} #{item['message']} {item.get('sender') or ''}"
+        if item.get("subject"):
+            where += f" {item['subject']!r}"
+        if item["result"] == "same":
+            print(f"same     {where}: {item['recorded'][0]}")
+            continue
+        print(f"{item['result']:<8} {where}"
+              + (f": {item['error']}" if item.get("error") else ""))
+        old, new = item.get("recorded") or [], item.get("new") or []
+        width = max((len(line) for line in old), default=0)
+        width = min(max(width, len("recorded")), 60)
+        print(f"    {'recorded':<{width}} | new")
+        for index in range(max(len(old), len(new))):
+            left = old[index] if index < len(old) else ""
+            right = new[index] if index < len(new) else ""
+            mark = " " if left == right else "*"
+            print(f"  {mark} {left:<{width}} | {right}")
+    print(f"{sum(counts.values())} message(s): {counts['same']} same, {counts['changed']} "
+          f"changed, {counts['failed']} failed")
