@@ -225,6 +225,8 @@ def _add_send_command(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     parser.add_argument("--verbose", "-v", action="store_true",
                         help="with several messages, print every conversation")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress indicator")
+    parser.add_argument("--diff", action="store_true",
+                        help="print a unified diff of the message against the delivered one")
     parser.set_defaults(handler=_cmd_send)
 
 

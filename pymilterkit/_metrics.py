@@ -51,6 +51,7 @@ __all__ = [
     "attach",
     "before_fork",
     "count_timeout",
+    "count_too_big",
     "fresh_worker",
     "install",
     "nothing",
@@ -90,8 +91,9 @@ _PROCESS = len(STAGE_NAMES) * _STAGE_CELLS  # per process, after the stages:
 _SESSIONS_TOTAL, _SESSIONS_ACTIVE, _DRAINING = _PROCESS, _PROCESS + 1, _PROCESS + 2
 _ACTIONS = _PROCESS + 3
 _DRY_ACTIONS = _ACTIONS + len(ACTIONS)
+_TOO_BIG = _DRY_ACTIONS + len(ACTIONS)
 _ROW = 2048  # cells: 16 KiB, 4 pages per process
-assert _DRY_ACTIONS + len(ACTIONS) <= _ROW
+assert _TOO_BIG < _ROW
 _ACTION_INDEX = {name: i for i, name in enumerate(ACTIONS)}
 
 
@@ -338,6 +340,13 @@ def count_timeout(stage: str) -> None:
         rec.stage_count(stage, _TIMEOUTS)
 
 
+def count_too_big() -> None:
+    """A message past max_message_size was not given to on_message. Safe from any thread."""
+    rec = recorder()
+    if rec is not None:
+        rec.add(_TOO_BIG)
+
+
 def _in_child() -> None:
     """After fork, in the child: the HTTP endpoint and worker table are the parent's."""
     global _owner, _recorder
@@ -489,5 +498,6 @@ def snapshot(shared: SharedCounts) -> dict[str, Any]:
         "sessions_active": total(_SESSIONS_ACTIVE),
         "actions": {a: total(_ACTIONS + i) for i, a in enumerate(ACTIONS)},
         "dry_run_actions": {a: total(_DRY_ACTIONS + i) for i, a in enumerate(ACTIONS)},
+        "too_big": total(_TOO_BIG),
     }
 

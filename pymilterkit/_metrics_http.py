@@ -111,6 +111,10 @@ class MilterCollector(Collector):
         yield CounterMetricFamily(
             "pymilterkit_sessions", "MTA connections served", value=snap["sessions_total"]
         )
+        yield CounterMetricFamily(
+            "pymilterkit_messages_too_big", "Messages past max_message_size: not given to "
+            "on_message", value=snap["too_big"]
+        )
         actions = CounterMetricFamily(
             "pymilterkit_actions", "Actions sent to the MTA, by kind", labels=["action"]
         )

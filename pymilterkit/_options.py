@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import os
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -235,6 +236,23 @@ class RunOptions:
                      choices=("yes", "no")),
                 Flag("--record-max-mb", "start no recording past N MiB of them in DIR "
                      "(default 1024)", type=float, default=1024.0, metavar="N"))))
+
+    spool_threshold: int = _option(1024 * 1024, _check(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "{name} must be a number of bytes >= 1: {value!r}", optional=False,
+    ), Flag("--spool-threshold", "on_message: bytes of a message held in memory before it "
+            "goes to a temporary file (default 1 MiB)", type=int, default=1024 * 1024,
+            metavar="BYTES"))
+    spool_dir: str | None = _option(None, _check(
+        os.path.isdir, "{name} must be an existing directory: {value!r}",
+    ), Flag("--spool-dir", "on_message: directory of the temporary files (default: TMPDIR)",
+            metavar="DIR"))
+    max_message_size: int | None = _option(None, _check(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "{name} must be a number of bytes >= 1 or None: {value!r}",
+    ), Flag("--max-message-size", "on_message: bigger messages are not collected and get the "
+            "class's too_big answer (overrides the class's max_message_size)", type=int,
+            metavar="BYTES"))
 
     def __post_init__(self) -> None:
         spec = parse_socket_spec(self.socket)

@@ -111,6 +111,10 @@ class Milter:
     Lifecycle (docs/lifecycle.md): `drain_timeout` is how long SIGTERM lets the sessions in
     flight finish; `max_sessions_per_worker` and `max_worker_rss` (MiB) retire a worker past
     either limit (it drains, a fresh one takes its place).
+
+    Whole-message filters (`on_message`): a message is held in memory up to `spool_threshold`
+    bytes, then in a private temporary file in `spool_dir`; `max_message_size` overrides the
+    class's limit.
     """
 
     def __init__(
@@ -139,6 +143,9 @@ class Milter:
         max_sessions_per_worker: int | None = None,
         max_worker_rss: float | None = None,
         record: RecordOptions | None = None,
+        spool_threshold: int = 1024 * 1024,
+        spool_dir: str | None = None,
+        max_message_size: int | None = None,
     ) -> None:
         if not (isinstance(session_class, type) and issubclass(session_class, MilterSession)):
             raise ConfigurationError(
@@ -160,7 +167,8 @@ class Milter:
             config=config, metrics=metrics, dry_run=dry_run, stage_timeout=stage_timeout,
             timeout_status=timeout_status, progress_interval=progress_interval,
             drain_timeout=drain_timeout, max_sessions_per_worker=max_sessions_per_worker,
-            max_worker_rss=max_worker_rss, record=record,
+            max_worker_rss=max_worker_rss, record=record, spool_threshold=spool_threshold,
+            spool_dir=spool_dir, max_message_size=max_message_size,
         )
         install_config(session_class, config)  # visible to the class before any fork
         self.session_class = session_class

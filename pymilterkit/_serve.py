@@ -45,6 +45,7 @@ from ._signals import handled, wake_handler
 from ._socketspec import SocketSpec, connects
 from ._threadstate import release_exited_thread_states
 from ._trampolines import LibmilterCallbacks, SyncEomProgress
+from ._whole import Spool
 
 __all__ = ["DEFAULT_TIMEOUT", "STOP_GRACE", "Filter", "Server", "current"]
 
@@ -173,6 +174,8 @@ class Server:
             dry_run=options.dry_run,
             record=options.record,
         )
+        self.dispatcher.spool = Spool(
+            options.spool_threshold, options.spool_dir, options.max_message_size)
         desc = self.dispatcher.descriptor(self.name.encode("utf-8", "surrogateescape"))
         if lib.smfi_register(desc) != c.MI_SUCCESS:
             raise LibmilterError("smfi_register failed")

@@ -67,6 +67,9 @@ _ADD_RCPT, _ADD_RCPT_PAR, _DELETE_RCPT = Actions.ADD_RCPT, Actions.ADD_RCPT_PAR,
 _CHANGE_BODY, _QUARANTINE = Actions.CHANGE_BODY, Actions.QUARANTINE
 
 
+_NOT_FINAL = (Status.SKIP, Status.NOREPLY)
+
+
 def noreply(method: _F) -> _F:
     """Mark a stage method whose answer does not matter, so the MTA does not wait for it.
 
@@ -188,6 +191,13 @@ def build_spec(cls: type[MilterSession]) -> ClassSpec:
     if whole:
         stages.update(COLLECTS)
         protocol |= ProtocolOpts.HDR_LEADSPC
+        limit = cls.max_message_size
+        sized = limit is None or (type(limit) is int and limit > 0)
+        if not sized or type(cls.too_big) is not Status or cls.too_big in _NOT_FINAL:
+            raise TypeError(
+                f"{cls.__qualname__}: max_message_size must be a number of bytes > 0 or None "
+                f"({limit!r}), too_big a final Status ({cls.too_big!r})"
+            )
     asynchronous = frozenset(
         name for name in stages if inspect.iscoroutinefunction(getattr(cls, name))
     )

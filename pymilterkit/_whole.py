@@ -22,6 +22,7 @@ from ._edits import HeaderEdit
 from ._errors import UndeclaredActionError
 from ._flags import Actions, Status
 from ._message import DEFAULT_SPOOL_THRESHOLD, Message, MessageBuffer
+from ._metrics import count_too_big
 from ._session import MilterSession
 
 __all__ = ["Spool", "collecting"]
@@ -197,6 +198,7 @@ def _end_of_message(
 
 def _too_big(cls: type[MilterSession], session: MilterSession, buffer: MessageBuffer) -> Status:
     status = cls.too_big
+    count_too_big()
     logger.info(
         "message past max_message_size (%s bytes): not filtered, answering %s",
         buffer.limit, status.name, extra={"pmk_session": session, "pmk_stage": "on_eom"},

@@ -234,6 +234,8 @@ def cmd_send(args: argparse.Namespace) -> int:
                     mods = len(msg.modifications)
                     print(f"{name}: {msg.status.name} at {msg.stage.value}"
                           f" ({mods} modification{'s' if mods != 1 else ''})", file=out)
+                if args.diff:
+                    print(msg.diff(), end="", file=out)
         if progress:
             text = f"[{number}/{len(sources)}] {name}"
             if tty:

@@ -51,6 +51,16 @@ def test_one_message_prints_the_whole_conversation(
     assert out.rstrip().endswith("verdict: CONTINUE at eom")
 
 
+def test_diff_prints_what_the_milter_changed(
+    rcpt_count: MilterProcess, eml: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["send", "--socket", rcpt_count.socket, "--to", "a@example.org", "--diff",
+                 str(eml)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "--- original\n+++ delivered\n" in out and "\n+X-Rcpt-Count: 1\n" in out
+
+
 def test_json_output(rcpt_count: MilterProcess, eml: Path,
                      capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["send", "--json", "--socket", rcpt_count.socket, "--to", "a@example.org",

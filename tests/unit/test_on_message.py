@@ -14,8 +14,10 @@ from typing_extensions import override
 
 from pymilterkit import (
     Actions,
+    ConfigurationError,
     EsmtpParams,
     Message,
+    Milter,
     MilterSession,
     ProtocolOpts,
     Status,
@@ -283,3 +285,20 @@ def test_noreply_on_message_is_refused() -> None:
             @noreply
             def on_message(self, message: Message) -> Status:
                 return Status.CONTINUE
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(TypeError, match="max_message_size must be"):
+
+        class Zero(MilterSession):
+            max_message_size = 0
+
+            @override
+            def on_message(self, message: Message) -> Status:
+                return Status.CONTINUE
+
+    for bad in ({"spool_threshold": 0}, {"spool_dir": "/nonexistent/x"},
+                {"max_message_size": -1}):
+        with pytest.raises(ConfigurationError, match=next(iter(bad))):
+            Milter(Seen, "unix:/tmp/x.sock", **bad)
+    assert Milter(Seen, "unix:/tmp/x.sock", max_message_size=10).options.max_message_size == 10
