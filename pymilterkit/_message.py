@@ -13,6 +13,7 @@ changed, the new body.
 from __future__ import annotations
 
 import io
+import operator
 import tempfile
 from collections.abc import Sequence
 from email import policy as email_policy
@@ -127,6 +128,7 @@ class Message:
         """The MTA's queue id (macro `i`), if it sent one."""
         self._email: EmailMessage | None = None
         self._parsed_headers: list[tuple[str, object]] = []
+        self._shape: list[object] = []
 
     @property
     def headers(self) -> Sequence[tuple[str, str]]:
@@ -149,6 +151,7 @@ class Message:
             with self.open() as reader:
                 self._email = BytesParser(policy=_PARSE).parse(reader)
             self._parsed_headers = list(self._email.raw_items())
+            self._shape = _shape(self._email)
         return self._email
 
     def edits(self) -> tuple[list[HeaderEdit], bytes | None]:
@@ -168,11 +171,29 @@ class Message:
             (name, kept[id(value)] if id(value) in kept else _wire(name, value))
             for name, value in self._email.raw_items()
         ]
+        shape = _shape(self._email)
+        if len(shape) == len(self._shape) and all(map(operator.is_, shape, self._shape)):
+            return header_edits(before, after), None  # nothing under the top headers replaced
         body = _body(self._email)
         original = self._buffer.body_bytes()
         if body == original or body == _body(_reparse(self)):
             return header_edits(before, after), None
         return header_edits(before, after), body
+
+
+def _shape(message: EmailMessage) -> list[object]:
+    """The objects the body is made of (payloads, parts' headers, preambles ...): an edit
+    replaces some, so the same objects in the same order mean an untouched body."""
+    objects: list[object] = []
+    for part in message.walk():
+        state = vars(part)
+        payload = state.get("_payload")
+        objects += payload if isinstance(payload, list) else [payload]
+        objects += [part, part.preamble, part.epilogue, state.get("_charset"),
+                    state.get("_default_type")]
+        if part is not message:
+            objects += state.get("_headers", ())
+    return objects
 
 
 def _wire(name: str, value: object) -> str:

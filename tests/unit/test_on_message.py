@@ -302,3 +302,24 @@ def test_settings_are_checked() -> None:
         with pytest.raises(ConfigurationError, match=next(iter(bad))):
             Milter(Seen, "unix:/tmp/x.sock", **bad)
     assert Milter(Seen, "unix:/tmp/x.sock", max_message_size=10).options.max_message_size == 10
+
+
+def test_an_edit_below_the_top_headers_replaces_the_body() -> None:
+    class SubpartHeader(MilterSession):
+        actions = ALL
+
+        @override
+        def on_message(self, message: Message) -> Status:
+            for part in message.email.walk():
+                if part.get_filename() == "a.txt":
+                    part["X-Checked"] = "yes"
+            return Status.CONTINUE
+
+    mail = EmailMessage()
+    mail["Subject"] = "parts"
+    mail.set_content("text\n")
+    mail.add_attachment("attached\n", filename="a.txt")
+    original = mail.as_bytes(policy=default.clone(linesep="\r\n"))
+    result = Harness(SubpartHeader, reraise=True).run(original)
+    assert result.new_body is not None and b"X-Checked: yes\r\n" in result.new_body
+    assert result.modifications[:-1] == ()  # the top headers did not change
