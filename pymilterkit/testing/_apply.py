@@ -80,7 +80,7 @@ def apply_modifications(
         return raw
     fields, separator, body = _header_lines(raw)
     eol = b"\r\n" if b"\r\n" in raw.split(b"\n", 1)[0] + b"\n" else b"\n"
-    if not separator:
+    if not separator and body:  # no empty line and no body: the MTA adds none either
         separator = eol
     for mod in result.modifications:
         if isinstance(mod, HeaderAdded):
