@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import socket
@@ -247,11 +248,22 @@ def ctx_macros(ctx: int) -> dict[bytes, bytes | None]:
 def stage_macros(ctx: int, slot: int) -> list[bytes] | None:
     """The macro strings the MTA sent for macro stage `slot` (names and values alternate),
     or None when contexts cannot be read directly."""
-    if not layout_known(ctx):
+    if _Layout.known is not True and not layout_known(ctx):
         return None
     slots = _SLOTS.from_address(ctx + _CTX_MAC_PTR)
     argv, buf = slots[slot], slots[_MAX_MACROS_ENTRIES + slot]
-    return _stage_macros(argv, buf) if argv and buf else []
+    if not argv or not buf:
+        return []
+    if _usable_size is not None:  # the quick way: pointers up to the array's NULL, in bounds
+        pointers = _POINTERS(_usable_size(argv) >> 3).from_address(argv)[:]
+        if None in pointers:
+            strings: list[bytes] = _STRINGS(pointers.index(None)).from_address(argv)[:]
+            return strings
+    return _stage_macros(argv, buf)
+
+
+_POINTERS = functools.cache(lambda n: ctypes.c_void_p * n)
+_STRINGS = functools.cache(lambda n: ctypes.c_char_p * n)
 
 
 # -- The unknown command's length ---------------------------------------------------------------

@@ -5,17 +5,21 @@ Theory of operation
 `Recorder` is recording's part in the dispatch path (`SessionRules.recorder`), chosen when the
 callbacks are built. A sampled connection's session gets a `RecordingBackend` (each action is
 noted, then carried out) and every stage callback is wrapped (`Recorder.stage`) to note the
-stage's arguments, the macros the MTA sent with it, the answer and the time. Nothing on
-libmilter's threads touches the disk or encodes JSON: at the end of each message and at close
-the connection's new lines go to the `Writer`'s bounded queue (dropped and counted when it is
-full), and its thread appends them to `NAME.milterlog.part`, renamed `NAME.milterlog` at
-close. A worker killed mid-connection leaves a `.part` file, complete up to its last message.
-A failure (full disk, unwritable directory) is logged once and changes no answer.
+stage's arguments, the macros the MTA sent with it, the answer and the time. libmilter's
+threads only note in memory and, at the end of each message and at close, pickle the
+connection's new lines onto a bounded queue (dropped and counted when it is full). A thread
+(`Feed`) hands them through a pipe to a writer process of this serving process (started at the
+first message, niced, on any CPU, in a session of its own; it ends at end of file), which
+encodes the JSON and appends it to `NAME.milterlog.part`, renamed `NAME.milterlog` at close
+(`Writer`). So neither the disk nor the encoding holds up a stage (encoding in a thread of
+this process kept the GIL from the stage callbacks: 40% of the throughput, measured). A worker
+killed mid-connection leaves a `.part` file, complete up to its last message. A failure (full
+disk, unwritable directory) is logged once and changes no answer.
 
-Format, version 1 (docs/guides/record-replay.md): JSON lines, text as UTF-8 with undecodable
-bytes as lone surrogates (`surrogateescape`). The first line describes the connection
-(`format`, `version`, `filter`, `pid`, `time`, `body`, `protocol`); then one line per stage
-(`stage`, `args`, `macros`, `answer`, `reply`, `actions`, `ms`); the last one is `{"end": ..}`.
+Format, version 1 (docs/guides/record-replay.md): JSON lines, ASCII, text as UTF-8 with
+undecodable bytes as lone surrogates (`surrogateescape`). The first line describes the
+connection (`format`, `version`, `filter`, `pid`, `time`, `body`, `protocol`); then one line
+per stage (`stage`, `args`, `macros`, `answer`, `ms`, `actions`); the last one is `{"end": ..}`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,11 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
+import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -104,62 +112,74 @@ def _jsonable(value: object) -> object:
     raise TypeError(f"cannot record {type(value).__name__}")
 
 
-def _encode(entry: Mapping[str, Any], body: bool) -> str:
-    """One recorded line (on the writer's thread)."""
-    line = dict(entry)
-    macros = line.get("macros")
-    if isinstance(macros, list):  # names and values alternate, as libmilter keeps them
-        line["macros"] = {_jsonable(k): _jsonable(v) for k, v in zip(*[iter(macros)] * 2,
-                                                                      strict=False)}
-    if line.get("stage") == "body":
-        chunk = line["args"][0]
-        line["size"] = len(chunk)
-        line["args"] = [chunk if body else None]
-    return _ENCODER.encode(line) + "\n"
+_quote: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
-_ENCODER = json.JSONEncoder(default=_jsonable, separators=(",", ":"))
+def _json(value: Any) -> str:
+    """`value` as JSON: the few types a recording holds, written without `json`'s generic
+    machinery (the writer runs on the same CPU as the filter)."""
+    kind = value.__class__
+    if kind is str:
+        return _quote(value)
+    if kind is bytes:
+        return _quote(value.decode("utf-8", "surrogateescape"))
+    if kind is EsmtpParams:
+        return _quote(str(value))
+    if value is None:
+        return "null"
+    if kind is list or kind is tuple:
+        return "[" + ",".join(map(_json, value)) + "]"
+    if kind is dict:
+        return "{" + ",".join(_quote(k) + ":" + _json(v) for k, v in value.items()) + "}"
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is float or kind is int:
+        return repr(value)
+    if isinstance(value, int):  # an IntEnum
+        return str(int(value))
+    return _json(_jsonable(value))
+
+
+def _encode(entry: Any, body: bool) -> str:
+    """One recorded line (on the writer's thread): a dict as it is, a stage's list
+    (stage, args, macros, answer, seconds, actions) in the documented keys."""
+    if entry.__class__ is dict:
+        return _json(entry) + "\n"
+    stage, args, macros, answer, elapsed, actions = entry
+    out = ['{"stage":"', stage, '"']
+    if stage == "body":
+        out.append(f',"size":{len(args[0])}')
+        args = (args[0] if body else None,)
+    out += (',"args":', _json(args))
+    if macros is not None:  # names and values alternate
+        names = iter(macros)
+        pairs = zip(names, names, strict=False)
+        out += (',"macros":{', ",".join(_json(k) + ":" + _json(v) for k, v in pairs), "}")
+    if answer is not None:
+        out += (',"answer":', _quote(_NAMES.get(answer, str(answer))),
+                ',"ms":%.3f' % (elapsed * 1000))
+    if actions is not None:
+        out += (',"actions":', _json(actions))
+    out.append("}\n")
+    return "".join(out)
 
 
 class Writer:
-    """The one thread that writes recordings (see the module docstring)."""
+    """Writes recordings into the directory: the body of the writer process."""
 
     def __init__(self, options: RecordOptions) -> None:
         self.options = options
-        self.queue: collections.deque[tuple[str, list[dict[str, Any]], bool]] = (
-            collections.deque())
-        self.stopping = threading.Event()
-        self.dropped = 0
-        """Chunks not queued because the queue was full (their connections are cut short)."""
         self.failing = False
         self.files: dict[str, int] = {}  # open .part files (-1: given up)
         self.used = 0
         self.scanned = -math.inf
-        self.thread: threading.Thread | None = None
-        self.lock = threading.Lock()
-
-    def put(self, name: str, lines: list[dict[str, Any]], final: bool) -> bool:
-        """Queue a connection's new `lines` (`final`: it closed); never waits."""
-        if self.thread is None:
-            with self.lock:
-                if self.thread is None:
-                    self.thread = threading.Thread(
-                        target=self._run, name="pymilterkit-record", daemon=True)
-                    self.thread.start()
-        if len(self.queue) >= _QUEUE:
-            self.dropped += 1
-            return False
-        self.queue.append((name, lines, final))  # no lock, no wake-up: the writer polls
-        return True
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Write what is queued, then end the thread (at a process's stop)."""
-        if self.thread is not None:
-            self.stopping.set()
-            self.thread.join(timeout)
-        if self.dropped:
-            logger.warning("record: %d part(s) of recordings dropped: the writer could not "
-                           "keep up (those files stay .part or are missing)", self.dropped)
+        directory = options.directory
+        try:
+            os.makedirs(directory, 0o700, exist_ok=True)
+            if os.stat(directory).st_mode & 0o077:
+                os.chmod(directory, 0o700)  # recordings hold mail: owner only
+        except OSError as exc:
+            self._fail(f"cannot use directory {directory}: {exc.strerror}")
 
     def _path(self, name: str, suffix: str) -> str:
         return os.path.join(self.options.directory, name + suffix)
@@ -169,35 +189,27 @@ class Writer:
             self.failing = True
             logger.warning("record: %s; recording is skipped until it works again", why)
 
-    def _run(self) -> None:
-        directory = self.options.directory
+    def handle(self, name: str, lines: list[Any], final: bool) -> None:
+        """Append a connection's new `lines` to its file (`final`: complete it)."""
         try:
-            os.makedirs(directory, 0o700, exist_ok=True)
-            if os.stat(directory).st_mode & 0o077:
-                os.chmod(directory, 0o700)  # recordings hold mail: owner only
-        except OSError as exc:
-            self._fail(f"cannot use directory {directory}: {exc.strerror}")
-        pending, stopping = self.queue, self.stopping
-        while pending or not stopping.is_set():
-            if not pending:
-                stopping.wait(_POLL)
-                continue
-            name, lines, final = pending.popleft()
-            try:
-                self._write(name, lines, final)
-            except Exception as exc:  # noqa: BLE001 - a recording never stops the milter
-                fd = self.files.pop(name, -1)
-                self.files[name] = -1
-                if fd >= 0:
-                    os.close(fd)
-                    _remove(self._path(name, PARTIAL))  # maybe torn: gone rather than wrong
-                self._fail(f"cannot write {self._path(name, SUFFIX)}: "
-                           f"{getattr(exc, 'strerror', None) or exc}")
-            if final:
-                self.files.pop(name, None)
+            self._write(name, lines, final)
+        except Exception as exc:  # noqa: BLE001 - a recording never stops the milter
+            fd = self.files.pop(name, -1)
+            self.files[name] = -1
+            if fd >= 0:
+                os.close(fd)
+                _remove(self._path(name, PARTIAL))  # maybe torn: gone rather than wrong
+            self._fail(f"cannot write {self._path(name, SUFFIX)}: "
+                       f"{getattr(exc, 'strerror', None) or exc}")
+        if final:
+            self.files.pop(name, None)
+
+    def close(self) -> None:
+        """Connections still open: left as .part."""
         for fd in self.files.values():
             if fd >= 0:
-                os.close(fd)  # connections still open at stop: left as .part
+                os.close(fd)
+        self.files.clear()
 
     def _room(self) -> bool:
         """Whether the directory is below the size cap (looked at every `_RESCAN` s)."""
@@ -215,12 +227,11 @@ class Writer:
                    f"(--record-max-mb)")
         return False
 
-    def _write(self, name: str, lines: list[dict[str, Any]], final: bool) -> None:
+    def _write(self, name: str, lines: list[Any], final: bool) -> None:
         fd = self.files.get(name)
         if fd == -1:
             return
-        data = "".join(_encode(line, self.options.body) for line in lines).encode(
-            "utf-8", "surrogatepass")
+        data = "".join([_encode(line, self.options.body) for line in lines]).encode("ascii")
         if fd is None:
             if not self._room():
                 self.files[name] = -1
@@ -242,20 +253,105 @@ class Writer:
             logger.info("record: writing recordings again")
 
 
+class Feed:
+    """The serving process's side: pickled parts of recordings, handed by a thread of its own
+    to the writer process (started at the first part) through a pipe."""
+
+    def __init__(self, options: RecordOptions) -> None:
+        self.options = options
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.stopping = threading.Event()
+        self.dropped = 0
+        """Parts not queued because the queue was full (their connections are cut short)."""
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+
+    def put(self, part: bytes) -> bool:
+        """Queue a part; never waits."""
+        if self.thread is None:
+            with self.lock:
+                if self.thread is None:
+                    self.thread = threading.Thread(
+                        target=self._run, name="pymilterkit-record", daemon=True)
+                    self.thread.start()
+        if len(self.queue) >= _QUEUE:
+            self.dropped += 1
+            return False
+        self.queue.append(part)  # no lock, no wake-up: the thread polls
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Hand over what is queued, then end the writer (at a process's stop)."""
+        if self.thread is not None:
+            self.stopping.set()
+            self.thread.join(timeout)
+        if self.dropped:
+            logger.warning("record: %d part(s) of recordings dropped: the writer could not "
+                           "keep up (those files stay .part or are missing)", self.dropped)
+
+    def _run(self) -> None:
+        o = self.options
+        try:  # its own session: the process group's signals are not for it; it ends at EOF
+            writer = subprocess.Popen(
+                [sys.executable, "-m", "pymilterkit._record", o.directory, str(int(o.body)),
+                 repr(o.max_mb)], stdin=subprocess.PIPE, start_new_session=True)
+        except OSError as exc:
+            logger.warning("record: cannot start the writer process: %s", exc)
+            self.queue.clear()
+            return
+        assert writer.stdin is not None
+        pending, stopping, frame = self.queue, self.stopping, _FRAME.pack
+        try:
+            while pending or not stopping.is_set():
+                if not pending:
+                    stopping.wait(_POLL)
+                    continue
+                parts = [pending.popleft() for _ in range(len(pending))]
+                writer.stdin.write(b"".join(frame(len(p)) + p for p in parts))
+                writer.stdin.flush()
+        except OSError as exc:
+            logger.warning("record: the writer process is gone (%s); recording stops", exc)
+        finally:
+            with contextlib.suppress(OSError):
+                writer.stdin.close()
+            try:
+                writer.wait(10)
+            except subprocess.TimeoutExpired:
+                writer.kill()
+
+
+_FRAME = struct.Struct("=I")
+
+
+def _main(argv: list[str]) -> None:
+    """The writer process: frames of pickled (name, lines, final) on stdin, until EOF."""
+    logging.basicConfig(format="%(asctime)s pymilterkit[%(process)d] %(levelname)s %(message)s")
+    with contextlib.suppress(OSError):  # spare time of any CPU, not the filter's
+        os.nice(10)
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    writer = Writer(RecordOptions(argv[0], 1.0, argv[1] == "1", float(argv[2])))
+    source = sys.stdin.buffer
+    while len(head := source.read(_FRAME.size)) == _FRAME.size:
+        part = source.read(_FRAME.unpack(head)[0])
+        writer.handle(*pickle.loads(part))
+    writer.close()
+
+
 def _remove(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
 
 
 class _Log:
-    """One recorded connection: its lines not yet handed to the writer, the stage running."""
+    """One recorded connection: its lines not yet handed to the writer, the stage running
+    (a list: stage, args, macros, answer, seconds, actions)."""
 
     __slots__ = ("cut", "entry", "lines", "name", "reads")
 
     def __init__(self, name: str, head: dict[str, Any]) -> None:
         self.name = name
-        self.lines: list[dict[str, Any]] = [head]
-        self.entry: dict[str, Any] | None = None
+        self.lines: list[Any] = [head]
+        self.entry: list[Any] | None = None
         self.reads = False  # macros are noted as the filter reads them (no list to be had)
         self.cut = False  # a part was dropped: the rest is not kept either
 
@@ -272,7 +368,9 @@ class RecordingBackend(BackendWrapper):
     def act(self, action: ActionInfo, *args: Any) -> None:
         entry = self.log.entry
         if entry is not None:
-            entry.setdefault("actions", []).append([action.method, *args])
+            if entry[5] is None:
+                entry[5] = []
+            entry[5].append([action.method, *args])
         self.perform(action, *args)
 
     def getsymval(self, name: bytes) -> bytes | None:
@@ -280,7 +378,9 @@ class RecordingBackend(BackendWrapper):
         log = self.log
         entry = log.entry
         if log.reads and entry is not None:
-            entry.setdefault("macros", []).extend((name, value))
+            if entry[2] is None:
+                entry[2] = []
+            entry[2] += (name, value)
         return value
 
 
@@ -289,7 +389,7 @@ class Recorder:
 
     def __init__(self, options: RecordOptions, session_class: type[MilterSession]) -> None:
         self.options = options
-        self.writer = Writer(options)
+        self.feed = Feed(options)
         self.logs: dict[MilterSession, _Log] = {}
         self.numbers = itertools.count(1)
         spec = session_class.negotiation()
@@ -318,24 +418,30 @@ class Recorder:
     ) -> Callable[..., int]:
         """`callback` (a plain stage callback), noting each call of a recorded connection;
         `later`: an async stage, whose answer comes to `answered`."""
-        logs, clock, end = self.logs, time.perf_counter, self._end
-        slot = BY_METHOD[stage].macros
-        name, starts = stage.removeprefix("on_"), stage == "on_mail"
+        logs, clock, flush = self.logs, time.perf_counter, self._flush
+        where = BY_METHOD[stage].macros
+        slot = None if where is None else int(where)
+        name, starts, ends = stage.removeprefix("on_"), stage == "on_mail", stage == "on_eom"
 
         def recorded(key: Any, a: Any = None, b: Any = None) -> int:
-            log = logs.get(sessions.get(key))  # type: ignore[arg-type]
+            session = sessions.get(key)
+            log = logs.get(session)  # type: ignore[arg-type]
             if log is None:
                 return callback(key, a, b)
             try:
+                pending = session._pmk_pending  # type: ignore[union-attr]
+                if pending is not None:  # the previous async stage is noted first
+                    pending.wait()
                 if starts and log.entry is not None:  # the last message was aborted
-                    self._flush(log, False)
-                args = () if convert is None else convert(a) if envelope else convert(a, b)
-                entry: dict[str, Any] = {"stage": name, "args": args}
-                if slot is not None:
-                    pairs = macros(key, int(slot))
-                    if pairs is not None:
-                        entry["macros"] = pairs
-                log.reads = "macros" not in entry
+                    flush(log, False)
+                if envelope:  # the parameters as their text: quicker to hand over
+                    address, params = convert(a)  # type: ignore[misc]
+                    args: tuple[Any, ...] = (address, str(params))
+                else:
+                    args = () if convert is None else convert(a, b)
+                entry: list[Any] = [name, args, None if slot is None else macros(key, slot),
+                                    None, None, None]
+                log.reads = entry[2] is None
                 log.lines.append(entry)
                 log.entry = entry
             except Exception:  # a recording never changes an answer
@@ -344,7 +450,9 @@ class Recorder:
             start = clock()
             answer = callback(key, a, b)
             if not later:
-                end(log, stage, answer, clock() - start)
+                entry[3], entry[4] = answer, clock() - start
+                if ends:
+                    flush(log, False)
             return answer
 
         return recorded
@@ -352,21 +460,23 @@ class Recorder:
     def answered(self, session: MilterSession, stage: str, answer: int, elapsed: float) -> None:
         """An async stage's answer."""
         log = self.logs.get(session)
-        if log is not None:
-            self._end(log, stage, answer, elapsed)
-
-    def _end(self, log: _Log, stage: str, answer: int, elapsed: float) -> None:
-        entry = log.entry
-        if entry is None:
-            return
-        entry["answer"] = _NAMES.get(answer, answer)
-        entry["ms"] = round(elapsed * 1000, 3)
-        if stage == "on_eom":
-            self._flush(log, False)
+        entry = None if log is None else log.entry
+        if log is not None and entry is not None:
+            entry[3], entry[4] = answer, elapsed
+            if stage == "on_eom":
+                self._flush(log, False)
 
     def _flush(self, log: _Log, final: bool) -> None:
         lines, log.lines, log.entry = log.lines, [], None
-        if not log.cut and not self.writer.put(log.name, lines, final):
+        if log.cut:
+            return
+        try:
+            part = pickle.dumps((log.name, lines, final), pickle.HIGHEST_PROTOCOL)
+        except Exception:  # a recording never changes an answer
+            logger.exception("record: could not hand over %s", log.name)
+            log.cut = True
+            return
+        if not self.feed.put(part):
             log.cut = True
 
     def closed(self, session: MilterSession) -> None:
@@ -378,4 +488,8 @@ class Recorder:
 
     def stop(self) -> None:
         """At the process's stop: write what is queued."""
-        self.writer.stop()
+        self.feed.stop()
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -14,7 +14,7 @@ from pymilterkit import ConfigurationError, RecordOptions
 from pymilterkit.__main__ import _parser
 from pymilterkit._config import parse_args
 from pymilterkit._options import RunOptions
-from pymilterkit._record import _QUEUE, Writer
+from pymilterkit._record import _QUEUE, Feed, Writer
 
 
 def options_of(argv: list[str]) -> RunOptions:
@@ -41,14 +41,15 @@ def test_bad_record_options_say_what_to_change(kwargs: dict[str, object]) -> Non
 
 def test_writer_writes_whole_private_files(tmp_path: Path) -> None:
     writer = Writer(RecordOptions(str(tmp_path / "r")))
-    writer.put("a", [{"stage": "body", "args": [b"\xff\r\n"]}], False)
-    writer.put("b", [{"x": 1}], True)
-    writer.stop()
+    writer.handle("a", [["body", (b"\xff\r\n",), None, 0, 0.001, None]], False)
+    writer.handle("b", [{"x": 1}], True)
+    writer.close()
     directory = tmp_path / "r"
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert sorted(p.name for p in directory.iterdir()) == ["a.milterlog.part", "b.milterlog"]
     part = json.loads((directory / "a.milterlog.part").read_text())
-    assert part == {"stage": "body", "args": ["\udcff\r\n"], "size": 3}
+    assert part == {"stage": "body", "args": ["\udcff\r\n"], "size": 3, "answer": "CONTINUE",
+                    "ms": 1.0}
     assert part["args"][0].encode("utf-8", "surrogateescape") == b"\xff\r\n"
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in directory.iterdir())
 
@@ -56,20 +57,20 @@ def test_writer_writes_whole_private_files(tmp_path: Path) -> None:
 def test_a_full_queue_drops_and_a_failing_disk_is_logged_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    writer = Writer(RecordOptions(str(tmp_path)))
-    writer.thread = object()  # type: ignore[assignment]  # no thread: the queue stays full
+    feed = Feed(RecordOptions(str(tmp_path)))
+    feed.thread = object()  # type: ignore[assignment]  # no thread: the queue stays full
     for _ in range(_QUEUE):
-        assert writer.put("a", [], False)
-    assert not writer.put("a", [], True)
-    assert writer.dropped == 1
+        assert feed.put(b"")
+    assert not feed.put(b"")
+    assert feed.dropped == 1
 
     os.chmod(tmp_path, 0o500)
     try:
         writer = Writer(RecordOptions(str(tmp_path), max_mb=1))
         with caplog.at_level(logging.WARNING, "pymilterkit"):
             for name in "abc":
-                writer.put(name, [{"x": 1}], True)
-            writer.stop()
+                writer.handle(name, [{"x": 1}], True)
+            writer.close()
     finally:
         os.chmod(tmp_path, 0o700)
     if os.geteuid() != 0:
@@ -82,6 +83,6 @@ def test_a_full_queue_drops_and_a_failing_disk_is_logged_once(
 def test_the_size_cap_starts_no_new_file(tmp_path: Path) -> None:
     (tmp_path / "old.milterlog").write_bytes(b"x" * (1 << 20))
     writer = Writer(RecordOptions(str(tmp_path), max_mb=1))
-    writer.put("new", [{"x": 1}], True)
-    writer.stop()
+    writer.handle("new", [{"x": 1}], True)
+    writer.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.milterlog"]
