@@ -146,3 +146,20 @@ def test_replay_of_the_same_class_changes_nothing_and_a_new_version_what_it_shou
         out = capsys.readouterr().out
         assert out.endswith("16 message(s): 16 same, 0 changed, 0 failed\n")
         assert milter.stop() == 0
+
+
+def test_a_whole_message_filter_is_recorded_and_replayed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "rec"
+    text = (b"From: a@example.net\r\nTo: b@example.org\r\nSubject: hi\r\n"
+            b"Content-Type: text/plain\r\n\r\nHello.\r\n")
+    with MilterProcess("examples.footer:Footer", cwd=ROOT,
+                       args=["--record", str(directory)]) as milter:
+        result = MilterClient(milter.socket).run(text, recipients=["b@example.org"])
+        assert milter.stop() == 0
+    assert result.new_body is not None  # the footer, as replace_body
+    (recording,) = [Recording.load(f) for f in directory.iterdir()]
+    assert any(line.startswith("BodyReplaced(") for line in recording.recorded[0].lines())
+    assert main(["replay", str(directory), "--filter", "examples.footer:Footer"]) == 0
+    assert capsys.readouterr().out.endswith("1 message(s): 1 same, 0 changed, 0 failed\n")
