@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -163,3 +165,38 @@ def test_a_whole_message_filter_is_recorded_and_replayed(
     assert any(line.startswith("BodyReplaced(") for line in recording.recorded[0].lines())
     assert main(["replay", str(directory), "--filter", "examples.footer:Footer"]) == 0
     assert capsys.readouterr().out.endswith("1 message(s): 1 same, 0 changed, 0 failed\n")
+
+
+def test_a_killed_worker_leaves_a_part_file_whole_up_to_its_last_message(tmp_path: Path) -> None:
+    directory = tmp_path / "rec"
+    with MilterProcess("tests.record_filters:Decider", cwd=ROOT,
+                       args=["--record", str(directory)]) as milter:
+        conn = MilterClient(milter.socket).open()
+        conn.negotiate()
+        conn.connect("mail.example.net", None)
+        conn.helo("mail.example.net")
+        conn.mail("<a@example.net>")
+        conn.rcpt("<b@example.org>")
+        conn.data()
+        conn.header("Subject", "first")
+        conn.eoh()
+        conn.body(b"one\r\n")
+        assert conn.eom().status is Status.CONTINUE
+        conn.mail("<a@example.net>")  # a second message, cut short by the kill
+        conn.rcpt("<b@example.org>")
+
+        def handed_over() -> bool:
+            return any(p.stat().st_size for p in directory.glob("*.part"))
+
+        deadline = time.monotonic() + 10
+        while not handed_over() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        milter.signal(signal.SIGKILL)
+        milter.wait(10)
+        conn.close()
+    (part,) = directory.iterdir()
+    assert part.name.endswith(".milterlog.part")
+    recording = Recording.load(part)
+    assert not recording.complete
+    assert [o.lines()[0] for o in recording.recorded] == ["CONTINUE at eom"]
+    assert recording.messages[0][1].endswith(b"Subject: first\r\n\r\none\r\n")
