@@ -1,8 +1,7 @@
-"""The `pymilterkit` command (and `python -m pymilterkit`): run a filter, drive a running milter,
-replay recordings, show versions.
+"""The `pymilterkit` command: run or drive a milter, replay recordings, show versions.
 
-Exit codes: 0 success; 1 the milter failed or a message was refused/failed (`send`);
-2 bad usage or configuration (argparse's convention); 130 interrupted.
+Also `python -m pymilterkit`. Exit codes: 0 success; 1 the milter failed or a message was
+refused/failed (`send`); 2 bad usage or configuration (argparse's convention); 130 interrupted.
 """
 
 from __future__ import annotations

@@ -1,22 +1,12 @@
 """Configuration files: `pymilterkit run --config FILE.toml`.
 
-Theory of operation
--------------------
-The settings of `run` are the `Flag`s of `_options` (the `RunOptions` fields and the command's
-own); each (a flag, or the positional `MODULE:CLASS` as key `target`) is a key of the file's top
-level, spelled like the flag without its dashes (`cpu-affinity`; `cpu_affinity` is accepted
-too), with the TOML type the flag's `type` implies (`int` -> integer, `float` -> number, a flag
-without a value -> `true`/`false`, `choices` checked). The `run` parser has no defaults: a flag
-on the command line wins, then the file, then the flag's default (`parse_args`).
-
-The `[filter]` table goes to the filter class: the class declares a dataclass instance,
-`config: ClassVar[MyConfig] = MyConfig()`, the table is checked against the dataclass's fields
-(names, and types: str, int, float, bool, Path, Enum, Literal, `X | None`, list/tuple/set/
-frozenset, dict/Mapping with str keys, nested dataclasses) and a new instance is set on the
-class before anything is served (`install`), in the parent before any worker is forked.
-
-Every mistake is a `ConfigurationError` naming the file, the key and the expected type; the
-command exits 2 before anything is started.
+Each setting of `run` (a `_options.Flag`, or `target` for the positional `MODULE:CLASS`) is a
+top-level key spelled like the flag without dashes (`cpu-affinity` or `cpu_affinity`), with the
+TOML type its flag implies. A flag on the command line wins, then the file, then the default.
+The `[filter]` table is checked against the dataclass the filter class declares as `config`
+(`config: ClassVar[MyConfig] = MyConfig()`) and a new instance is set on the class before
+anything is served (`install`). Every mistake is a `ConfigurationError` naming the file, key
+and expected type; the command exits 2 before anything starts.
 """
 
 from __future__ import annotations
@@ -275,10 +265,10 @@ def filter_config(
         return None
     if section is None:
         return None
-    return _dataclass(cls, section, where, source)
+    return _dataclass(cls, section, where)
 
 
-def _dataclass(cls: type, table: Mapping[str, Any], where: str, source: str) -> object:
+def _dataclass(cls: type, table: Mapping[str, Any], where: str) -> object:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     values: dict[str, Any] = {}
@@ -289,7 +279,7 @@ def _dataclass(cls: type, table: Mapping[str, Any], where: str, source: str) -> 
                 f"{where}: unknown key {key!r} ({cls.__qualname__} has: "
                 f"{', '.join(fields) or 'no settings'})"
             )
-        values[key] = _value(hints[key], value, f"{where} key {key!r}", source)
+        values[key] = _value(hints[key], value, f"{where} key {key!r}")
     missing = [
         name for name, f in fields.items()
         if name not in values
@@ -320,7 +310,7 @@ _COLLECTIONS: dict[Any, Callable[[list[Any]], Any]] = {
 }
 
 
-def _value(tp: Any, value: object, where: str, source: str) -> Any:
+def _value(tp: Any, value: object, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any or tp is object:
@@ -330,7 +320,7 @@ def _value(tp: Any, value: object, where: str, source: str) -> Any:
         members = [a for a in args if a is not _NONE]
         for member in members:
             try:
-                return _value(member, value, where, source)
+                return _value(member, value, where)
             except ConfigurationError:
                 continue
         raise _wrong(where, describe(tp), value)
@@ -359,25 +349,25 @@ def _value(tp: Any, value: object, where: str, source: str) -> Any:
                 return member
     elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
-            return _dataclass(tp, value, where, source)
+            return _dataclass(tp, value, where)
     elif origin in _COLLECTIONS:
         if isinstance(value, list):
             if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
                 if len(args) != len(value):
                     raise _wrong(where, describe(tp), value)
                 return tuple(
-                    _value(a, v, f"{where}[{i}]", source)
+                    _value(a, v, f"{where}[{i}]")
                     for i, (a, v) in enumerate(zip(args, value, strict=True))
                 )
             item = args[0] if args else Any
-            items = [_value(item, v, f"{where}[{i}]", source) for i, v in enumerate(value)]
+            items = [_value(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
             return _COLLECTIONS[origin](items)
     elif origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping):
         if isinstance(value, dict):
             key_type, item = args if args else (str, Any)
             if key_type is not str:
                 raise ConfigurationError(f"{where}: only str keys can come from TOML")
-            return {k: _value(item, v, f"{where}[{k!r}]", source) for k, v in value.items()}
+            return {k: _value(item, v, f"{where}[{k!r}]") for k, v in value.items()}
     else:
         raise ConfigurationError(f"{where}: a field of type {describe(tp)} cannot come from TOML")
     raise _wrong(where, describe(tp), value)
@@ -417,7 +407,7 @@ def install(session_class: type, config: object | None) -> None:
     if config is None:
         if cls is not None and not isinstance(getattr(session_class, CONFIG_ATTRIBUTE, None), cls):
             try:
-                config = _dataclass(cls, {}, f"{name}.{CONFIG_ATTRIBUTE}", name)
+                config = _dataclass(cls, {}, f"{name}.{CONFIG_ATTRIBUTE}")
             except ConfigurationError as exc:
                 raise ConfigurationError(
                     f"{exc}: give them in the [{FILTER_SECTION}] table of a config file"

@@ -66,18 +66,8 @@ ARGV = ctypes.CFUNCTYPE(ctypes.c_int, CTX, ctypes.POINTER(ctypes.c_char_p))
 STR2 = ctypes.CFUNCTYPE(ctypes.c_int, CTX, ctypes.c_char_p, ctypes.c_char_p)  # header
 CTXONLY = ctypes.CFUNCTYPE(ctypes.c_int, CTX)  # eoh, eom, abort, close, data
 BODY = ctypes.CFUNCTYPE(ctypes.c_int, CTX, ctypes.c_void_p, ctypes.c_size_t)
-NEGOTIATE = ctypes.CFUNCTYPE(
-    ctypes.c_int,
-    CTX,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    _ulong_p,
-    _ulong_p,
-    _ulong_p,
-    _ulong_p,
-)
+# negotiate: the four offered values (f0-f3), then the four the filter requests (pf0-pf3).
+NEGOTIATE = ctypes.CFUNCTYPE(ctypes.c_int, CTX, *[ctypes.c_ulong] * 4, *[_ulong_p] * 4)
 
 
 class SmfiDesc(ctypes.Structure):
@@ -134,12 +124,8 @@ class Libmilter(Protocol):
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    c_int, c_char_p, c_void_p, c_uint_p = (
-        ctypes.c_int,
-        ctypes.c_char_p,
-        ctypes.c_void_p,
-        ctypes.POINTER(ctypes.c_uint),
-    )
+    c_int, c_char_p, c_void_p = ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p
+    c_uint_p = ctypes.POINTER(ctypes.c_uint)
     protos: dict[str, tuple[list[Any], Any]] = {
         # int smfi_register(struct smfiDesc descr)
         "smfi_register": ([SmfiDesc], c_int),
@@ -314,21 +300,20 @@ def sockaddr_to_address(pointer: int | None) -> InetAddress | UnixAddress | None
 # objects other code may have declared differently): PyDLL keeps the GIL across these calls.
 python_api = ctypes.PyDLL(None)
 """The CPython C API, declared here; `_threadstate` uses it."""
-python_api.PyGILState_Ensure.argtypes = []
-python_api.PyGILState_Ensure.restype = ctypes.c_int
-python_api.PyThreadState_Get.argtypes = []
-python_api.PyThreadState_Get.restype = ctypes.c_void_p
-python_api.PyThreadState_Clear.argtypes = [ctypes.c_void_p]
-python_api.PyThreadState_Clear.restype = None
-python_api.PyThreadState_Delete.argtypes = [ctypes.c_void_p]
-python_api.PyThreadState_Delete.restype = None
-python_api.PyInterpreterState_Get.argtypes = []
-python_api.PyInterpreterState_Get.restype = ctypes.c_void_p
-python_api.PyInterpreterState_ThreadHead.argtypes = [ctypes.c_void_p]
-python_api.PyInterpreterState_ThreadHead.restype = ctypes.c_void_p
-python_api.PyThreadState_Next.argtypes = [ctypes.c_void_p]
-python_api.PyThreadState_Next.restype = ctypes.c_void_p
+_vp = ctypes.c_void_p
+for _name, _args, _result in (
+    ("PyGILState_Ensure", [], ctypes.c_int), ("PyThreadState_Get", [], _vp),
+    ("PyThreadState_Clear", [_vp], None), ("PyThreadState_Delete", [_vp], None),
+    ("PyInterpreterState_Get", [], _vp), ("PyInterpreterState_ThreadHead", [_vp], _vp),
+    ("PyThreadState_Next", [_vp], _vp),
+):
+    getattr(python_api, _name).argtypes = _args
+    getattr(python_api, _name).restype = _result
 
+
+_SHAPES = {"connect": CONNECT, "str1": STR1, "ptr1": PTR1, "argv": ARGV, "str2": STR2,
+           "ctx": CTXONLY, "body": BODY, "negotiate": NEGOTIATE}
+"""The CFUNCTYPE of each callback shape (`StageInfo.shape`)."""
 
 
 class Callbacks:
@@ -338,17 +323,7 @@ class Callbacks:
 
     @classmethod
     def make(cls, shape: str, func: Callable[..., int]) -> Any:
-        factory = {
-            "connect": CONNECT,
-            "str1": STR1,
-            "ptr1": PTR1,
-            "argv": ARGV,
-            "str2": STR2,
-            "ctx": CTXONLY,
-            "body": BODY,
-            "negotiate": NEGOTIATE,
-        }[shape]
-        cfunc = factory(func)
+        cfunc = _SHAPES[shape](func)
         cls.keep.append(cfunc)
         return cfunc
 

@@ -1,22 +1,16 @@
 """libmilter's private internals: the context's layout, its writer, and its stack frame.
 
-The second ctypes room of pymilterkit, kept apart from the first (`_libmilter`, the public
-smfi_* API, which any libmilter honours). Everything here depends on what libmilter never
-promised: the layout of `struct smfi_str` (libmilter/libmilter.h) of libmilter 1.0.1 (sendmail
-8.14-8.18) on LP64, the unexported-in-the-headers `mi_wr_cmd`, the `ctx_reply` it frees, and
-`mi_engine`'s `genarg` on the worker's stack. It buys three things the public API cannot give:
+Everything here depends on what libmilter never promised, so it is kept apart from the public
+bindings (`_libmilter`): the layout of `struct smfi_str` of libmilter 1.0.1 (sendmail
+8.14-8.18) on LP64, `mi_wr_cmd` and the `ctx_reply` it frees, `mi_engine`'s `genarg`. It buys:
 
-- bounded macro reads (`ctx_macro`): smfi_getsymval walks an odd-length macro list past its end
-  (a segfault); pymilterkit walks it itself, bounded by the array and the packet's allocation;
-- the unknown command's exact bytes (`unknown_command`): libmilter hands over a packet without
-  checking its NUL;
-- late answers (`send_reply`): an `async def` stage answered by the event loop after its
-  callback returned, so the worker thread is free while the coroutine waits.
+- bounded macro reads: smfi_getsymval walks an odd-length macro list past its end (a segfault);
+- the unknown command's exact bytes: libmilter hands over a packet without checking its NUL;
+- late answers (`send_reply`): an `async def` stage answered after its callback returned, so
+  the worker thread is free while the coroutine waits.
 
-Nothing here is used before `layout_known` has checked the layout once on a live context
-(smfi_setpriv must land at `ctx_privdata`'s offset, on libmilter 1.0.1, on LP64). On any other
-build each feature falls back (smfi_getsymval; the packet's allocation as the bound; the worker
-waits for the coroutine), and one WARNING per process says which and why.
+Nothing is used before `layout_known` has checked the layout on a live context; on any other
+build each feature falls back, and one WARNING per process says which and why.
 """
 
 from __future__ import annotations

@@ -1,22 +1,17 @@
 """A serving process's lifecycle tools: closing libmilter's listener to new connections
 (`Gate`), waking it (`ListenerThread`), telling systemd and /healthz, and the memory limit.
 
-Theory of operation
--------------------
-libmilter's listener thread (the one running `smfi_main`) polls its listening descriptor for up
-to 5 s at a time, holding the lock `smfi_stop` needs. Two things follow:
+libmilter's listener thread polls its listening descriptor for up to 5 s at a time, holding
+the lock `smfi_stop` needs. So:
 
-- **Gate.** libmilter listens on a private duplicate of the real socket (`fd:N`). To stop taking
-  new connections without stopping the sessions in flight, that duplicate is replaced (dup2) by a
-  non-blocking listening socket nobody can reach: libmilter goes on polling it, and sessions go on
-  as before. A poll that started before the swap may still wake for a connection on the real
-  socket; its accept() then gets EAGAIN from the gate, which libmilter treats as "try again". In
-  a pre-forked worker the connection stays in the shared socket's queue for another worker; in
-  a single process the real socket is closed, so new connections are refused at once.
-- **Wake.** A signal sent to the listener thread (`_signals.WAKE_SIGNAL`, with a no-op
-  handler) ends its poll with EINTR, after which libmilter checks its stop flag. So a stop takes
-  milliseconds, needs no connection to the milter's own socket (which the milter's user may not
-  be allowed to open), and never lands on another worker.
+- **Gate.** libmilter listens on a private duplicate of the real socket (`fd:N`); a drain
+  replaces it (dup2) by a listening socket nobody can reach, so sessions go on and no new one
+  comes. A poll that woke before the swap gets EAGAIN from the gate's accept(), which libmilter
+  retries. Workers leave the connection in the shared queue; a single process closes the real
+  socket, so new connections are refused at once.
+- **Wake.** A signal to the listener thread (`_signals.WAKE_SIGNAL`, no-op handler) ends its
+  poll with EINTR: a stop takes milliseconds, needs no connection to the milter's own socket
+  and never lands on another worker.
 """
 
 from __future__ import annotations

@@ -1,23 +1,11 @@
 """Session-tagged log records, and the command's log set-up (text, JSON, syslog).
 
-Theory of operation
--------------------
-A record about a session carries the session object (`extra={"pmk_session": ...}`: the
-library's own records, and every record of `MilterSession.log`). Nothing else happens per
-message: the fields are worked out only when a record is emitted, by `SessionFields`, a filter
-on the `pymilterkit` loggers (a logger's filters run after its level check):
-
-* `session_id`: `PID-N`, the worker's PID and the session's number in that process (given once
-  when the session is created), stable for the connection;
-* `queue_id`: macro `i`, looked up through the session's connection at that moment (the MTA
-  sends it once it has assigned one: with Postfix, from the first accepted RCPT on);
-* `stage`: the stage the record is about (the library's records name it), else the one running;
-* `client`: macro `{client_addr}`, else the address in macro `_` (`host [addr]`, which Postfix
-  and Sendmail send at connect);
-* the worker's PID is the record's own `process`.
-
-The same filter escapes control characters (`_logsafe`). The formatters write these fields as
-text, as one JSON object per line, or for syslog.
+A record about a session carries the session (`extra={"pmk_session": ...}`); nothing else
+happens per message. `SessionFields`, a filter on the `pymilterkit` loggers (it runs after the
+level check), works the fields out only when a record is emitted: `session_id` (`PID-N`, stable
+for the connection), `queue_id` (macro `i`, looked up at that moment: the MTA sends it once it
+has one), `stage` (the record's, else the one running) and `client` (macro `{client_addr}`,
+else the address in macro `_`). It also escapes control characters (`_logsafe`).
 """
 
 from __future__ import annotations

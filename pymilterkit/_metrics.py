@@ -2,28 +2,18 @@
 
 Theory of operation
 -------------------
-Counts live in one shared memory map of an anonymous memory file (`memfd_create`) that the
-process owning the listening socket (the single process, or the worker supervisor) creates
-before it starts workers: no path in any file system, nothing to clean up, nothing another user
-can read or plant, even when the milter starts as root. A forked worker inherits the map; a
-worker started as a fresh interpreter (a reload) gets the file's descriptor and maps it
-(`fresh_worker`, `attach`). The map has one row per serving process. The owner
-gives a row to each worker just before starting it (`before_fork`); the worker writes only its own
-row, under a lock of its own (libmilter runs callbacks on many threads). A worker started after
-one died gets a free row, usually the dead one's, and adds to it: counters never go backwards,
-and a worker killed with SIGKILL loses nothing it counted (every count is in the shared map the
-moment it is made). The owner zeroes a dead worker's gauges (active sessions) when it reaps it.
+Counts live in a `_board.Board` (an anonymous memory file) that the socket's owner creates
+before it starts workers, one row per serving process. Forked workers inherit it; a fresh
+worker (a reload) maps the descriptor it is handed (`fresh_worker`, `attach`). The owner gives
+each worker a row just before starting it (`before_fork`), usually a dead one's: counters never
+go backwards and nothing counted is lost with a killed worker. Each worker writes only its own
+row; the owner zeroes a dead worker's gauges when it reaps it, and its HTTP endpoint
+(`_metrics_http`, the only importer of `prometheus_client`) sums the rows. Without `metrics`
+none of this exists and the hooks below return at once.
 
-The HTTP endpoint (`_metrics_http`, the only module that imports `prometheus_client`) runs in the
-owner: it reads every row, sums, and writes the Prometheus text format. Without `metrics` none
-of this exists: the runner builds the plain callbacks, and the hooks below (called by the
-supervisor at fork and reap, and by the drain and stage-deadline code) return at once.
-
-The per-stage figures are counted by the `Meter` the runner hands to its callbacks when metrics
-are on (`_dispatch.SessionRules.meter`): a wrapper around each sync stage's callback
-(`Meter.timed`), `Meter.record` for async stages; never by a test on the plain hot path. An
+Per-stage figures are counted by the `Meter` on the dispatch path (`SessionRules.meter`): an
 answer is one addition to the cell of its status and latency bucket, plus one to the latency
-sum (results by status and the histogram are that table's row and column sums).
+sum; results by status and the histogram are that table's row and column sums.
 """
 
 from __future__ import annotations

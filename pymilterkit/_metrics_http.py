@@ -16,7 +16,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from ._errors import ConfigurationError
 from ._metrics import (
@@ -66,45 +66,28 @@ class MilterCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = snapshot(self.owner.shared)
         stages = snap["stages"]
-        calls = CounterMetricFamily(
-            "pymilterkit_stage_calls", "Stage callbacks answered, by stage", labels=["stage"]
-        )
-        results = CounterMetricFamily(
-            "pymilterkit_stage_results",
-            "Answers sent to the MTA, by stage and status",
-            labels=["stage", "status"],
-        )
         latency = HistogramMetricFamily(
             "pymilterkit_stage_duration_seconds",
-            "Time from libmilter's callback to the answer, by stage",
-            labels=["stage"],
+            "Time from libmilter's callback to the answer, by stage", labels=["stage"],
         )
         for stage in self.answered:
-            figures = stages[stage]
-            label = stage_label(stage)
-            count = sum(figures["results"].values())
-            calls.add_metric([label], count)
-            for status, value in figures["results"].items():
-                results.add_metric([label, status], value)
-            cumulative, running = [], 0.0
-            for bound, value in zip((*BUCKETS, float("inf")), figures["buckets"], strict=True):
+            running, cumulative, buckets = 0.0, [], stages[stage]["buckets"]
+            for bound, value in zip((*BUCKETS, float("inf")), buckets, strict=True):
                 running += value
                 cumulative.append((_bound(bound), running))
-            latency.add_metric([label], cumulative, figures["sum"])
-        errors = CounterMetricFamily(
-            "pymilterkit_stage_errors",
-            "Stage methods that raised or returned no Status (answered error_status)",
-            labels=["stage"],
-        )
-        timeouts = CounterMetricFamily(
-            "pymilterkit_stage_timeouts",
-            "Stage methods that ran past stage_timeout",
-            labels=["stage"],
-        )
-        for stage in self.all:
-            errors.add_metric([stage_label(stage)], stages[stage]["errors"])
-            timeouts.add_metric([stage_label(stage)], stages[stage]["timeouts"])
-        yield from (calls, results, latency, errors, timeouts)
+            latency.add_metric([stage_label(stage)], cumulative, stages[stage]["sum"])
+        yield _counter("stage_calls", "Stage callbacks answered, by stage", ["stage"], (
+            ([stage_label(s)], sum(stages[s]["results"].values())) for s in self.answered))
+        yield _counter("stage_results", "Answers sent to the MTA, by stage and status",
+                       ["stage", "status"], (([stage_label(s), status], value)
+                                             for s in self.answered
+                                             for status, value in stages[s]["results"].items()))
+        yield latency
+        yield _counter(
+            "stage_errors", "Stage methods that raised or returned no Status (answered "
+            "error_status)", ["stage"], (([stage_label(s)], stages[s]["errors"]) for s in self.all))
+        yield _counter("stage_timeouts", "Stage methods that ran past stage_timeout", ["stage"],
+                       (([stage_label(s)], stages[s]["timeouts"]) for s in self.all))
         yield GaugeMetricFamily(
             "pymilterkit_sessions_active", "MTA connections open now", value=snap["sessions_active"]
         )
@@ -115,37 +98,22 @@ class MilterCollector(Collector):
             "pymilterkit_messages_too_big", "Messages past max_message_size: not given to "
             "on_message", value=snap["too_big"]
         )
-        actions = CounterMetricFamily(
-            "pymilterkit_actions", "Actions sent to the MTA, by kind", labels=["action"]
-        )
-        for action, value in snap["actions"].items():
-            actions.add_metric([action], value)
-        yield actions
+        yield _counter("actions", "Actions sent to the MTA, by kind", ["action"],
+                       (([a], value) for a, value in snap["actions"].items()))
         if self.dry_run:
-            verdicts = CounterMetricFamily(
-                "pymilterkit_dry_run_verdicts",
-                "Answers the filter gave but dry-run replaced by CONTINUE",
-                labels=["stage", "status"],
-            )
-            for stage in self.all:
-                for status, value in stages[stage]["dry_run"].items():
-                    if status not in ("continue", "noreply"):
-                        verdicts.add_metric([stage_label(stage), status], value)
-            yield verdicts
-            dry_actions = CounterMetricFamily(
-                "pymilterkit_dry_run_actions",
-                "Actions the filter called but dry-run did not send, by kind",
-                labels=["action"],
-            )
-            for action, value in snap["dry_run_actions"].items():
-                dry_actions.add_metric([action], value)
-            yield dry_actions
+            yield _counter(
+                "dry_run_verdicts", "Answers the filter gave but dry-run replaced by CONTINUE",
+                ["stage", "status"], (([stage_label(s), status], value) for s in self.all
+                                      for status, value in stages[s]["dry_run"].items()
+                                      if status not in ("continue", "noreply")))
+            yield _counter(
+                "dry_run_actions", "Actions the filter called but dry-run did not send, by kind",
+                ["action"], (([a], value) for a, value in snap["dry_run_actions"].items()))
         yield GaugeMetricFamily(
             "pymilterkit_workers_alive", "Serving processes alive", value=self.owner.alive
         )
         yield CounterMetricFamily(
-            "pymilterkit_worker_restarts",
-            "Workers started in place of one that died",
+            "pymilterkit_worker_restarts", "Workers started in place of one that died",
             value=self.owner.restarts,
         )
         healthy, _ = self.owner.healthy()
@@ -153,11 +121,19 @@ class MilterCollector(Collector):
             "pymilterkit_up", "1 while serving, 0 while draining or with no live worker",
             value=1 if healthy else 0,
         )
-        info = GaugeMetricFamily(
-            "pymilterkit_build_info", "pymilterkit version", labels=["version"]
-        )
-        info.add_metric([__version__], 1)
-        yield info
+        yield _counter("build_info", "pymilterkit version", ["version"], [([__version__], 1)],
+                       GaugeMetricFamily)
+
+
+def _counter(
+    name: str, doc: str, labels: list[str], rows: Iterable[tuple[list[str], float]],
+    kind: type[CounterMetricFamily | GaugeMetricFamily] = CounterMetricFamily,
+) -> Metric:
+    """A labelled family `pymilterkit_<name>` with one sample per row."""
+    family = kind(f"pymilterkit_{name}", doc, labels=labels)
+    for values, value in rows:
+        family.add_metric(values, value)
+    return family
 
 
 def _bound(value: float) -> str:

@@ -1,29 +1,10 @@
-"""The run: `Milter` (the run's options and `run()`, a thin facade), `run`, `shutdown`, and the
-`Supervisor` that owns every run: it opens the listening socket once, serves on it itself or
-through N pre-forked workers, and carries out the lifecycle signals (drain, stop, reload).
-One serving process is `_serve.Server`.
-
-The GIL lets one process use about one core; N workers use N. The supervisor opens the socket
-(so it is opened once, with the right options and permissions) and keeps it for the whole run.
-With `workers=1` it serves on it itself (a `Server` in this process); with N it forks N workers,
-each a `Server`, and replaces a worker that dies. Both are one design:
-
-- SIGTERM/SIGINT: every serving process drains (takes no new connection, finishes its sessions,
-  up to the drain timeout) and exits; a second signal (more than a second later) stops them at
-  once. Serving alone, the socket is closed at once: new connections are refused.
-- SIGHUP: reload. A new generation of workers is started as fresh interpreters (`_fresh`: the
-  filter module is imported anew, nothing of the old code's module state is carried over); each
-  reports when it serves. Once all do, the old generation drains and exits (serving alone: this
-  process drains, then supervises the new workers). A new worker that exits before serving (its
-  import or `on_worker_start` failed) cancels the reload: the old ones keep serving and the
-  reason is in the log.
-- A worker past its limits (sessions served, memory) tells the supervisor it retires: its
-  successor is started at once while it drains. Serving alone, a retirement is a reload.
-
-Workers report over a pipe (`READY`, `RETIRING` + pid). Connections that arrive while no worker
-listens wait in the socket's queue, which the supervisor holds open: none is refused.
-State is per process, as in any pre-fork server: class attributes or module globals are not
-shared between workers.
+"""The run: `Milter` (a thin facade over the run's options), `run`, `shutdown`, and the
+`Supervisor` that owns every run. It opens the listening socket once and keeps it for the whole
+run; with `workers=1` it serves on it itself (a `_serve.Server` in this process), with N it forks
+N workers (each a `Server`) and replaces one that dies. Both are one design: SIGTERM/SIGINT
+drain, SIGHUP reloads through fresh interpreters (`_fresh`), a worker past its limits retires
+and is replaced at once (docs/lifecycle.md). Workers report over a pipe (`READY`, `RETIRING` +
+pid); connections that arrive while no worker listens wait in the socket's queue.
 """
 
 from __future__ import annotations

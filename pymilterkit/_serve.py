@@ -1,23 +1,13 @@
 """One serving process: registers the session class with libmilter, serves on a listening
 descriptor until stopped, drains, and retires past its limits.
 
-Theory of operation
--------------------
 libmilter allows one `smfi_main` per process (a stop is sticky), so a process has one `Server`.
-`smfi_main` runs on a dedicated thread: it blocks SIGTERM/SIGINT/SIGHUP in its own thread and
-starts a sigwait thread, while the main thread keeps Python's signal handling (`_signals`) and
-turns those signals into a drain, a stop or a reload. `smfi_stop` waits for libmilter's
-listener, which polls for up to 5 s holding a lock; it is called from a helper thread while the
-listener thread is woken from its poll by a signal (`_lifecycle.ListenerThread`).
-
-A drain closes libmilter's listening descriptor to new connections (`_lifecycle.Gate`), lets
-the sessions in flight finish, up to `drain_timeout`, then stops. When `smfi_main` returns,
-callbacks still in flight are waited for, and sessions libmilter abandoned (its worker pool does
-not call xxfi_close for parked connections at stop) get their `on_close` from Python, each after
-its running stage returned, so no session outlives the run.
-
-The process that owns the listening socket (`_runner.Supervisor`) runs a `Server` itself when
-it serves alone (`workers=1`), and in each forked or fresh worker otherwise.
+`smfi_main` runs on a thread of its own, leaving the main thread Python's signal handling
+(`_signals`). A drain closes libmilter's listener to new connections (`_lifecycle.Gate`), lets
+sessions in flight finish (up to `drain_timeout`), then stops; `smfi_stop` runs on a helper
+thread while the listener is woken from its 5 s poll (`_lifecycle.ListenerThread`). After
+`smfi_main` returns, callbacks in flight are waited for, and sessions libmilter abandoned (it
+does not close parked connections at stop) get their `on_close` from Python.
 """
 
 from __future__ import annotations

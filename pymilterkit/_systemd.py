@@ -1,21 +1,14 @@
 """systemd integration, standard library only: socket activation and sd_notify.
 
-Socket activation (`--socket systemd`, `systemd:NAME`): systemd opens the listening socket (a
-`.socket` unit) and passes it as descriptor 3 (and up), saying so in `LISTEN_FDS`, `LISTEN_PID`
-and `LISTEN_FDNAMES` (sd_listen_fds(3)). `take_listener` checks those are meant for this
-process, picks the socket (the only one, or the one whose `FileDescriptorName=` is NAME), checks
-that it is a listening stream socket, and unsets the variables, so that a process this one starts
-does not take them for its own. The socket is systemd's: nothing here unlinks it.
+Socket activation (`--socket systemd`, `systemd:NAME`): `take_listener` checks `LISTEN_FDS`,
+`LISTEN_PID` and `LISTEN_FDNAMES` (sd_listen_fds(3)) are meant for this process, picks the
+socket, checks it is a listening stream socket and unsets the variables so a child does not
+take them. The socket is systemd's: nothing here unlinks it.
 
-sd_notify (`NOTIFY_SOCKET`, a datagram socket; `@name` is an abstract one): `Notifier` tells
-systemd `READY=1` once the milter serves, `STATUS=` (sessions and workers), `RELOADING=1` with
-`MONOTONIC_USEC`, `STOPPING=1`, and `WATCHDOG=1` every half `WATCHDOG_USEC`. Only the process
-systemd started talks to systemd: pre-forked workers write their session counts into a shared
-board that the supervisor sums. Without `NOTIFY_SOCKET` every call does nothing.
-
-The runner calls `Notifier.tick` from its loops (the single process's, or the worker
-supervisor's): pings come from the loop that proves the milter is alive, not from a thread of
-their own.
+sd_notify (`NOTIFY_SOCKET`): `Notifier` sends `READY=1`, `STATUS=`, `RELOADING=1`, `STOPPING=1`
+and `WATCHDOG=1`. Only the process systemd started talks to it: workers write their session
+counts into a shared board the supervisor sums. Pings come from the runner's loops (`tick`),
+the ones that prove the milter alive, not from a thread of their own.
 """
 
 from __future__ import annotations

@@ -1,28 +1,18 @@
 """The MTA side of a milter conversation, shared by the harness and the wire client.
 
-Theory of operation
--------------------
-`MilterConnection` is one milter connection seen from the MTA: it negotiates, then sends one
-command per method call and reads the answer. It does not send a stage the milter negotiated
-away (SMFIP_NO_*), does not wait for the answer of a no-reply stage (SMFIP_NR_*), and collects
-the modification packets that precede the final answer of end-of-message. It talks through an
-`Endpoint`: a socket (`_client.py`) or the in-process engine (`_harness.py`).
+`MilterConnection` is one milter connection seen from the MTA: it negotiates, sends one command
+per method call and reads the answer; it skips stages negotiated away (SMFIP_NO_*), waits for no
+answer of a no-reply stage (SMFIP_NR_*), and collects the modifications before the final answer
+of end-of-message. It talks through an `Endpoint`: a socket (`_client`) or the in-process
+engine (`_harness`), so both return equal results for a filter that behaves the same.
 
-`run_connection` is the sequencing an MTA does around it, modelled on Postfix 3.7:
-
-* connect, HELO, unknown commands, then each message: MAIL, RCPT per recipient, DATA, each
-  header, end of headers, the body in chunks of at most 65,535 bytes, end of message, and an
-  abort (`A`) after every message, as Postfix sends one at every transaction reset;
-* REJECT/TEMPFAIL at connect or HELO refuse the connection, ACCEPT there stops filtering it
-  (every message then carries that verdict); DISCARD there is ignored (Postfix warns);
-* REJECT/TEMPFAIL at RCPT refuse only that recipient (the message ends at RCPT when none is
-  left); at any other stage ACCEPT, DISCARD, REJECT or TEMPFAIL end the message;
-* SKIP skips the following commands of the same kind (the rest of the body goes straight to
-  end of message; likewise for headers or recipients), as Postfix does;
-* macros are sent before each step that has them, even when the step itself is negotiated away.
-
-Because both the harness and the client run this same code over the same packets, they return
-equal results for a filter that behaves the same.
+`run_connection` sequences it as Postfix 3.7 does: connect, HELO, unknown commands, then per
+message MAIL, RCPT per recipient, DATA, headers, end of headers, body chunks (<= 65,535 bytes),
+end of message and an abort (`A`). REJECT/TEMPFAIL at connect or HELO refuse the connection,
+ACCEPT there stops filtering it, DISCARD there is ignored; at RCPT they refuse only that
+recipient; elsewhere ACCEPT, DISCARD, REJECT or TEMPFAIL end the message. SKIP skips the rest of
+the commands of the same kind. Macros go before each step that has them, even one negotiated
+away.
 """
 
 from __future__ import annotations

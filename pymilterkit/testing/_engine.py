@@ -1,24 +1,18 @@
 """The harness engine: an in-process port of libmilter's engine around the runner's rule set.
 
-Theory of operation
--------------------
-The harness must answer exactly as a filter run by the real runner would, so this module plays
-both layers the real runner has, fed with the same packets the wire client sends:
+The harness must answer exactly as the real runner would, so it plays both of its layers, fed
+the packets the wire client sends:
 
-* `Engine` is libmilter's side: its command table and state machine (`mi_engine`,
-  `trans_ok`, `fix_stm`), the per-stage macro slots and `smfi_getsymval`'s lookup order, option
-  negotiation (`st_optionneg`, including the faked no-reply bits and the "does not fulfil
-  requirements" aborts), `sendreply` (custom replies used only when their class matches,
-  no-reply stages silenced), and the `smfi_*` action calls with `mi_sendok`'s state check.
-  Only stages the class overrides are "registered", as the runner registers only those.
-* `_HarnessRules` is the runner's session handling itself (`pymilterkit._dispatch.SessionRules`,
-  which the real trampolines use too): one session per connection, created at negotiate (and
-  again at connect after QUIT_NC), the error policy, `@noreply` stages, on_abort only while a
-  message is in progress. With `tcp=True` it behaves as the runner on an inet socket.
+* `Engine` is libmilter: its command table and state machine (`mi_engine`, `trans_ok`,
+  `fix_stm`), macro slots and `smfi_getsymval`'s lookup order, option negotiation
+  (`st_optionneg`), `sendreply` and the `smfi_*` calls with `mi_sendok`'s state check. Only the
+  stages the class overrides are registered, as in the runner.
+* `_HarnessRules` is the runner's own session handling (`_dispatch.SessionRules`): one session
+  per connection, the error policy, `@noreply`, on_abort only inside a message. With `tcp=True`
+  it behaves as the runner on an inet socket.
 
-`Engine` is the harness's endpoint: responses are queued as packets for the same conversation
-code the wire client uses. A command libmilter would not answer leaves the queue empty, and the
-conversation reports a timeout, just as against a real milter.
+Its answers are queued as packets for the conversation code the wire client uses; a command
+libmilter would not answer leaves the queue empty, and the conversation reports a timeout.
 """
 
 from __future__ import annotations
