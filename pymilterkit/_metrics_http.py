@@ -171,14 +171,9 @@ class _Connection:
 class MetricsServer:
     """The endpoint: one thread serving `/metrics` and `/healthz`, with every resource bounded.
 
-    Why not a thread per connection (`http.server.ThreadingHTTPServer`): a client that sends
-    slowly or sends megabytes of headers then holds a thread, a descriptor and memory each, and
-    enough of them take what mail needs. Here one thread multiplexes every connection
-    (`selectors`): at most `connection_cap()` are open at once (past it, refused at once),
-    each for at most `MAX_REQUEST` bytes of request and `REQUEST_DEADLINE` seconds in all. A
-    scraper whose request is already there when it is accepted is answered at once. The
-    request is parsed by the standard library (`http.client.parse_headers`). `close()` stops
-    it; `forget()` in a forked child.
+    Not a thread per connection: slow or huge requests would each hold a thread, a descriptor
+    and memory that mail needs. One thread multiplexes (`selectors`) at most `connection_cap()`
+    connections, each for at most `MAX_REQUEST` bytes and `REQUEST_DEADLINE` seconds.
     """
 
     def __init__(self, address: MetricsAddress, owner: Owner, registry: CollectorRegistry):

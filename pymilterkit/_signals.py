@@ -34,12 +34,12 @@ __all__ = [
 ]
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+"""Signals that stop a run (the single process, or the worker supervisor and its workers)."""
 RETIRE_SIGNAL = signal.SIGUSR2
 """From a supervisor to the workers a reload replaced: drain and exit, saying so."""
 RETIRED_BY_RELOAD = "a reload replaced this worker"
 HANDLED_SIGNALS = STOP_SIGNALS | {RETIRE_SIGNAL}
 """Every signal `handled` routes; blocked in a new process until its handlers are in place."""
-"""Signals that stop a run (the single process, or the worker supervisor and its workers)."""
 
 WAKE_SIGNAL = signal.SIGURG
 """Sent to libmilter's listener thread to end its poll (ignored by default; never sent by the
