@@ -57,6 +57,12 @@ def _expected(flag: Flag) -> str:
 
 def _convert(flag: Flag, value: object, where: str) -> object:
     """The value of `flag` that the TOML `value` gives, as the command line would give it."""
+    if flag.append and flag.type is not None:  # a number, or a table of KEY = number
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        if any(isinstance(v, bool) or not isinstance(v, int | float) for _, v in items):
+            raise _wrong(where, "a number or a table of numbers", value)
+        one = dataclasses.replace(flag, append=False)
+        return [_convert(one, v if k is None else f"{k}={v}", where) for k, v in items]
     if flag.switch:
         ok = isinstance(value, bool)
     elif flag.type is int:
@@ -112,6 +118,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, flags: Sequence[Flag]) ->
         if flag.switch:
             kwargs["action"] = "store_true"
         else:
+            if flag.append:
+                kwargs["action"] = "append"
             kwargs.update(type=flag.type, choices=flag.choices, metavar=flag.metavar)
         parser.add_argument(*names, **kwargs)
 

@@ -47,11 +47,22 @@ if TYPE_CHECKING:
     from ._metrics import Meter
     from ._record import Recorder
 
-__all__ = ["CONNECTION_STAGES", "NO_PARAMS", "Entry", "SessionRules", "keys_inside"]
+__all__ = [
+    "CONNECTION_STAGES", "MTA_TIMEOUTS", "NO_PARAMS", "Entry", "SessionRules", "entries",
+    "keys_inside",
+]
 
 logger = logging.getLogger("pymilterkit")
 
 CONNECTION_STAGES = frozenset(info.method for info in STAGES if info.connection)
+MTA_TIMEOUTS: dict[str, str] = {
+    info.method: "Postfix's milter_content_timeout (300 s by default)"
+    if info.method in ("on_header", "on_eoh", "on_body", "on_eom")
+    else "Postfix's milter_command_timeout (30 s by default)"
+    for info in STAGES
+}
+"""The MTA's wait a running stage is about to pass, named in deadline warnings (Sendmail's
+default is 10 s for every reply: `T=R:10s`)."""
 NO_PARAMS = EsmtpParams()  # read-only: one instance serves every address without parameters
 
 
@@ -78,12 +89,25 @@ class _AfterPending(Mapping[Any, MilterSession]):
 
 
 class Entry:
-    """A thread's mark: the key of the connection whose stage callback it is in (None: none)."""
+    """A thread's mark: the key of the connection whose stage callback it is in (None: none;
+    libmilter's keys are ints ctypes makes for each call, so one call's key is its own object),
+    and `watched`: a lock the deadline watcher holds while it reads that connection's macros;
+    the callback waits for it after clearing `key` (`_trampolines.Watchman`), so it cannot
+    return to libmilter meanwhile."""
 
-    __slots__ = ("__weakref__", "key")
+    __slots__ = ("__weakref__", "key", "watched")
 
     def __init__(self) -> None:
         self.key: Any = None
+        self.watched: threading.Lock | None = None
+
+
+def _watched(entry: Entry) -> None:
+    """Wait until the watcher that reads what `entry`'s callback was in is done."""
+    watched = entry.watched
+    if watched is not None:
+        with watched:
+            pass
 
 
 _here = threading.local()
@@ -102,11 +126,15 @@ def _entry(pin: Callable[[], object]) -> Entry:
     return entry
 
 
+def entries() -> list[Entry]:
+    """Every thread's entry."""
+    with _entries_lock:
+        return list(_entries)
+
+
 def keys_inside() -> set[Any]:
     """The keys of the connections some thread is in a stage callback of, now."""
-    with _entries_lock:
-        entries = list(_entries)
-    return {key for entry in entries if (key := entry.key) is not None}
+    return {key for entry in entries() if (key := entry.key) is not None}
 
 
 def _nothing() -> None:
@@ -127,7 +155,7 @@ class SessionRules:
         error_status: Status,
         *,
         tcp: bool = False,
-        stage_timeout: float | None = None,
+        deadlines: Mapping[str, float | None] | None = None,
         timeout_status: Status = Status.TEMPFAIL,
         meter: Meter | None = None,
         dry_run: DryRun | None = None,
@@ -141,8 +169,9 @@ class SessionRules:
         self.spec = session_class.negotiation()
         self.error_status = error_status
         self.asynchronous = self.spec.asynchronous  # async def stages
-        self.stage_timeout = stage_timeout
-        """Seconds an async stage may run before it is cancelled (None: no limit)."""
+        self.deadlines: Mapping[str, float | None] = deadlines or {}
+        """Seconds each stage method may run (absent or None: no limit): an async one is then
+        cancelled, a sync one logged (`_trampolines.Watchman`)."""
         self.timeout_status = timeout_status
         self.noreply = frozenset(self.spec.noreply)  # @noreply stages: nothing is sent back
         # On TCP, Postfix sends the DATA stage's macros even when DATA is negotiated away, as a
@@ -190,19 +219,24 @@ class SessionRules:
         """KeyboardInterrupt/SystemExit in a stage method; the runner stops the milter."""
         logger.warning("%s in %s: stopping the milter", type(exc).__name__, stage)
 
-    def timed_out(
-        self, stage: str, elapsed: float, cancelled: bool, session: MilterSession | None = None
-    ) -> None:
-        """A stage ran past `stage_timeout`: count and log it (async ones were cancelled)."""
+    @property
+    def cancelled(self) -> str:
+        """What a deadline meant for an async stage that was answered."""
+        return f"cancelled, answering {self.timeout_status.name}"
+
+    def timed_out(self, stage: str, elapsed: float, what: str, session: object = None) -> None:
+        """A stage ran past its deadline: count and log it (`what` it meant)."""
         if self.meter is not None:
             self.meter.timeout(stage)
+        mta = MTA_TIMEOUTS.get(stage)
         logger.warning(
-            "%s.%s ran %.3f s, past stage_timeout (%g s)%s",
+            "%s.%s still running after %.3f s, past its deadline (%g s): %s%s",
             self.session_class.__qualname__,
             stage,
             elapsed,
-            self.stage_timeout,
-            f": cancelled, answering {self.timeout_status.name}" if cancelled else "",
+            self.deadlines.get(stage),
+            what,
+            f"; the MTA gives up at {mta}" if mta else "",
             extra={"pmk_session": session, "pmk_stage": stage},
         )
 
@@ -366,8 +400,6 @@ class SessionRules:
         """
         fail, bad, here, first_entry = self.fail, self.bad_result, _here, _entry
         method = self.method(stage)
-        if self.stage_timeout is not None:
-            method = self._timed(method, stage)
         if self.asynchronous:  # a sync stage may follow an async one not yet answered
             sessions = _AfterPending(sessions)
         noreply = stage in self.noreply
@@ -420,26 +452,11 @@ class SessionRules:
                     return result
                 return bad(result, stage, session)
             finally:
-                entry.key = None
+                entry.key = None  # then `watched`, in this order: see `Entry`
+                if entry.watched is not None:
+                    _watched(entry)
 
         return callback
-
-    def _timed(self, method: Callable[..., Any], stage: str) -> Callable[..., Any]:
-        """`method`, logging each call that runs past `stage_timeout` (a sync stage)."""
-        limit = self.stage_timeout
-        assert limit is not None
-        clock, timed_out = time.monotonic, self.timed_out
-
-        def timed(session: MilterSession, *args: Any) -> Any:
-            start = clock()
-            try:
-                return method(session, *args)
-            finally:
-                elapsed = clock() - start
-                if elapsed > limit:
-                    timed_out(stage, elapsed, False, session)
-
-        return timed
 
     # -- async def stages --------------------------------------------------------------------
 
@@ -499,7 +516,9 @@ class SessionRules:
                     return fail(exc, stage, session)
                 return answer(key, session, stage, coro)
             finally:
-                entry.key = None
+                entry.key = None  # then `watched`, in this order: see `Entry`
+                if entry.watched is not None:
+                    _watched(entry)
 
         return callback
 
@@ -524,14 +543,14 @@ class SessionRules:
     async def bounded(
         self, coro: Coroutine[Any, Any, Any], stage: str, later: Any = None
     ) -> tuple[bool, Any]:
-        """`coro`'s outcome, (True, result) or (False, exception), cancelled past
-        `stage_timeout` (then the exception is an `_Expired`).
+        """`coro`'s outcome, (True, result) or (False, exception), cancelled past the stage's
+        deadline (then the exception is an `_Expired`).
 
         With `later`, the deadline is not armed here: its scope goes to `later.scope`, and
         whoever starts the coroutine arms it if the coroutine suspends (one that finishes in
         its first step needs no timer).
         """
-        limit = self.stage_timeout
+        limit = self.deadlines.get(stage)
         start = time.monotonic()
         try:
             if limit is None:
@@ -542,10 +561,6 @@ class SessionRules:
                 result = await coro
             if scope.expired():  # it caught the cancellation and returned anyway
                 return (False, _Expired(time.monotonic() - start))
-            if later is not None and scope.when() is None:  # done in its first step: no timer
-                elapsed = time.monotonic() - start
-                if elapsed > limit:  # it blocked, as a sync stage does: logged like one
-                    self.timed_out(stage, elapsed, False, getattr(later, "session", None))
             return (True, result)
         except TimeoutError as exc:
             if limit is not None and scope.expired():
@@ -564,7 +579,7 @@ class SessionRules:
         session._pmk_stage = None
         if not ok:
             if isinstance(value, _Expired):
-                self.timed_out(stage, value.elapsed, True, session)
+                self.timed_out(stage, value.elapsed, self.cancelled, session)
                 return Status.NOREPLY if stage in self.noreply else self.timeout_status
             return self.fail(value, stage, session)
         if "on_abort" in self.spec.stages and stage not in CONNECTION_STAGES:
@@ -668,7 +683,7 @@ class SessionRules:
                 ok, value = self.run_coroutine(self.bounded(result, stage))
                 if not ok:
                     if isinstance(value, _Expired):
-                        self.timed_out(stage, value.elapsed, True, session)
+                        self.timed_out(stage, value.elapsed, "cancelled", session)
                     else:
                         self.fail(value, stage, session)
         except BaseException as exc:  # noqa: BLE001
@@ -678,7 +693,7 @@ class SessionRules:
 
 
 class _Expired:
-    """An async stage's outcome when it ran past `stage_timeout` and was cancelled."""
+    """An async stage's outcome when it ran past its deadline and was cancelled."""
 
     __slots__ = ("elapsed",)
 

@@ -41,6 +41,7 @@ import logging
 import selectors
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -71,13 +72,19 @@ class _LockedSelector(selectors.DefaultSelector):
         super().__init__()
         self.pmk_lock = lock
 
+    pmk_busy: float | None = None
+    """When the loop's current turn began (perf_counter), None while it waits: a turn that
+    lasts is a blocking call on the loop (`_trampolines.Watchman` reports it)."""
+
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         lock = self.pmk_lock
+        self.pmk_busy = None
         lock.release()
         try:
             return super().select(timeout)
         finally:
             lock.acquire()
+            self.pmk_busy = time.perf_counter()
 
 
 class _FirstStep:
@@ -134,7 +141,11 @@ class EventLoopThread:
     def __init__(self, name: str = "pymilterkit-loop") -> None:
         self.lock = threading.Lock()
         """Held by the loop's thread except while it waits for events (`start`)."""
-        self.loop = asyncio.SelectorEventLoop(_LockedSelector(self.lock))
+        self.selector = _LockedSelector(self.lock)
+        self.loop = asyncio.SelectorEventLoop(self.selector)
+        self.stopping = False
+        self.on_restart: Callable[[], object] = lambda: None
+        """Called (on the loop's thread) when the loop is run again after a stage stopped it."""
         problem = _internals_problem(self.loop)
         if problem is None:
             loop: Any = self.loop
@@ -157,7 +168,23 @@ class EventLoopThread:
     def _main(self) -> None:
         self.loop.call_soon(self._ready.set)
         with self.lock:
-            self.loop.run_forever()
+            while True:
+                try:
+                    self.loop.run_forever()
+                except BaseException as exc:  # a loop that fails is run again
+                    logger.error("the event loop failed: %r", exc, exc_info=exc)
+                else:
+                    if self.stopping:
+                        return
+                    logger.error("the event loop was stopped (by a stage?): running it again")
+                if self.loop.is_closed():
+                    return
+                self.on_restart()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the loop runs (or will run again at once): async stages can be served."""
+        return self._thread.is_alive() and not self.loop.is_closed() and not self.stopping
 
     @property
     def thread(self) -> threading.Thread:
@@ -267,6 +294,7 @@ class EventLoopThread:
         if self._thread.is_alive():
             with contextlib.suppress(Exception):  # stopping: nothing left to report to
                 self.run(_cancel_all(grace), timeout=grace + 1.0)
+            self.stopping = True
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(grace + 1.0)
         if not self._thread.is_alive():

@@ -42,6 +42,7 @@ __all__ = [
     "before_fork",
     "count_timeout",
     "count_too_big",
+    "event_loop",
     "fresh_worker",
     "install",
     "nothing",
@@ -82,8 +83,10 @@ _SESSIONS_TOTAL, _SESSIONS_ACTIVE, _DRAINING = _PROCESS, _PROCESS + 1, _PROCESS 
 _ACTIONS = _PROCESS + 3
 _DRY_ACTIONS = _ACTIONS + len(ACTIONS)
 _TOO_BIG = _DRY_ACTIONS + len(ACTIONS)
+_LOOP_RESTARTS = _TOO_BIG + 1  # the event loop run again after it stopped
+_LOOP_DOWN = _LOOP_RESTARTS + 1  # gauge: the event loop cannot serve async stages
 _ROW = 2048  # cells: 16 KiB, 4 pages per process
-assert _TOO_BIG < _ROW
+assert _LOOP_DOWN < _ROW
 _ACTION_INDEX = {name: i for i, name in enumerate(ACTIONS)}
 
 
@@ -109,6 +112,7 @@ class SharedCounts(Board):
         base = index * _ROW
         self.cells[base + _SESSIONS_ACTIVE] = 0.0
         self.cells[base + _DRAINING] = 0.0
+        self.cells[base + _LOOP_DOWN] = 0.0
 
 
 _GIL: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
@@ -208,6 +212,8 @@ class Owner:
             return False, "draining"
         if not self.rows:
             return False, "no live worker"
+        if any(cells[self.shared.row(row) + _LOOP_DOWN] for row in range(self.shared.rows)):
+            return False, "event loop down"
         if all(cells[self.shared.row(row) + _DRAINING] for row in list(self.rows.values())):
             return False, "draining"
         return True, "serving"
@@ -321,6 +327,17 @@ def set_draining() -> None:
         shared.cells[shared.row(shared.owner_row) + _DRAINING] = 1.0
     else:
         shared.cells[shared.row(_row) + _DRAINING] = 1.0
+
+
+def event_loop(restarted: bool) -> None:
+    """This process's event loop was run again after it stopped (`restarted`), or cannot
+    run: counted, and `/healthz` fails while it is down. Safe from any thread."""
+    rec = recorder()
+    if rec is not None:
+        if restarted:
+            rec.add(_LOOP_RESTARTS)
+        else:
+            rec.cells[rec.base + _LOOP_DOWN] = 1.0
 
 
 def count_timeout(stage: str) -> None:
@@ -489,5 +506,6 @@ def snapshot(shared: SharedCounts) -> dict[str, Any]:
         "actions": {a: total(_ACTIONS + i) for i, a in enumerate(ACTIONS)},
         "dry_run_actions": {a: total(_DRY_ACTIONS + i) for i, a in enumerate(ACTIONS)},
         "too_big": total(_TOO_BIG),
+        "loop_restarts": total(_LOOP_RESTARTS),
     }
 

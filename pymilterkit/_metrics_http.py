@@ -113,12 +113,18 @@ class MilterCollector(Collector):
             "pymilterkit_workers_alive", "Serving processes alive", value=self.owner.alive
         )
         yield CounterMetricFamily(
+            "pymilterkit_event_loop_restarts",
+            "Event loops run again after a stage stopped them (or they failed)",
+            value=snap["loop_restarts"],
+        )
+        yield CounterMetricFamily(
             "pymilterkit_worker_restarts", "Workers started in place of one that died",
             value=self.owner.restarts,
         )
         healthy, _ = self.owner.healthy()
         yield GaugeMetricFamily(
-            "pymilterkit_up", "1 while serving, 0 while draining or with no live worker",
+            "pymilterkit_up",
+            "1 while serving, 0 while draining, with no live worker or an event loop down",
             value=1 if healthy else 0,
         )
         yield _counter("build_info", "pymilterkit version", ["version"], [([__version__], 1)],

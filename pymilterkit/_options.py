@@ -13,7 +13,7 @@ import dataclasses
 import ipaddress
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from ._affinity import CpuAffinity
@@ -28,12 +28,15 @@ from ._socketspec import parse_socket_spec
 __all__ = [
     "COMMAND_FLAGS",
     "DEFAULT_DRAIN_TIMEOUT",
+    "STAGE_DEADLINES",
     "ErrorStatus",
     "Flag",
     "MetricsAddress",
     "RunOptions",
+    "StageTimeout",
     "parse_address",
     "run_flags",
+    "stage_deadlines",
 ]
 
 ErrorStatus = Literal[
@@ -68,6 +71,7 @@ class Flag:
     switch: bool = False
     to_option: Callable[..., Any] | None = None
     parts: tuple[Flag, ...] = ()
+    append: bool = False  # repeatable: the values come as a list
 
     def __post_init__(self) -> None:
         if not self.dest and self.flag:
@@ -89,6 +93,63 @@ def _seconds(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"not a number of seconds >= 0: {text!r}")
     return value
+
+
+StageTimeout = float | Mapping[str, float] | None
+"""`stage_timeout`: seconds for every stage, per stage (key: the method name without `on_`, or
+`default`), or None: `STAGE_DEADLINES`. 0 turns a deadline off."""
+_COMMAND, _CONTENT = 30.0, 300.0
+STAGE_DEADLINES: dict[str, float] = {
+    **dict.fromkeys(("connect", "helo", "mail", "rcpt", "data", "unknown", "abort", "close"),
+                    _COMMAND),
+    **dict.fromkeys(("header", "eoh", "body"), _CONTENT),
+    "eom": 600.0,
+}
+"""The default deadlines: what Postfix waits for an answer (milter_command_timeout 30 s,
+milter_content_timeout 300 s), so they never cancel what the MTA still waits for; on_eom 600 s,
+because progress keeps Postfix waiting and the SMTP client waits 10 minutes for the answer to
+its final dot (RFC 5321 4.5.3.2.6). on_abort and on_close are not answered: 30 s."""
+def _stage_seconds(text: str) -> tuple[str, float]:
+    """`--stage-timeout [STAGE=]S`: (stage or "default", seconds)."""
+    import argparse
+
+    stage, sep, seconds = text.rpartition("=")
+    stage = stage.strip() if sep else "default"
+    if stage != "default" and stage not in STAGE_DEADLINES:
+        raise argparse.ArgumentTypeError(
+            f"unknown stage {stage!r} (one of {', '.join(STAGE_DEADLINES)}, or default)")
+    return stage, _seconds(seconds)
+
+
+def _stage_items(items: list[tuple[str, float]] | None) -> dict[str, float] | None:
+    return None if items is None else dict(items)
+
+
+def _stage_timeout(value: object) -> StageTimeout:
+    if value is None:
+        return None
+    table: Mapping[Any, Any] = value if isinstance(value, Mapping) else {"default": value}
+    for stage, seconds in table.items():
+        if stage != "default" and stage not in STAGE_DEADLINES:
+            raise ConfigurationError(
+                f"stage_timeout: unknown stage {stage!r} (one of {', '.join(STAGE_DEADLINES)}, "
+                f"or default)")
+        if not (_number(seconds) and seconds >= 0):
+            raise ConfigurationError(
+                f"stage_timeout[{stage!r}] must be seconds >= 0 (0: none): {seconds!r}")
+    if not isinstance(value, Mapping):
+        return float(table["default"])
+    return {stage: float(seconds) for stage, seconds in table.items()}
+
+
+def stage_deadlines(value: StageTimeout) -> dict[str, float | None]:
+    """Seconds each stage method (`on_rcpt`) may run, None: no deadline; from `stage_timeout`."""
+    table = {} if value is None else value if isinstance(value, Mapping) else {"default": value}
+    default = table.get("default")
+    return {
+        f"on_{stage}": table.get(stage, builtin if default is None else default) or None
+        for stage, builtin in STAGE_DEADLINES.items()
+    }
 
 
 def _octal_mode(text: str | None) -> int | None:
@@ -203,10 +264,11 @@ class RunOptions:
         optional=False,
     ), Flag("--dry-run", "run the filter but send CONTINUE and no modification; log what it "
             "would do", switch=True, default=False))
-    stage_timeout: float | None = _option(None, _SECONDS, Flag(
-        "--stage-timeout", "cancel an async stage after S seconds and answer --timeout-status "
-        "(a sync stage past it is logged); keep it below the MTA's timeouts",
-        type=_seconds, metavar="S"))
+    stage_timeout: StageTimeout = _option(None, lambda _, v: _stage_timeout(v), Flag(
+        "--stage-timeout", "deadline of every stage (S) or of one (STAGE=S), repeatable; 0: "
+        "none; default: what Postfix waits (30 s, header/eoh/body 300 s, eom 600 s). An async "
+        "stage past it is cancelled and answered --timeout-status, a sync one logged",
+        type=_stage_seconds, metavar="[STAGE=]S", append=True, to_option=_stage_items))
     timeout_status: ErrorStatus = _option(Status.TEMPFAIL, _STATUS, Flag(
         "--timeout-status", "answer for a stage past --stage-timeout (default tempfail)",
         default="tempfail", choices=_STATUS_NAMES, to_option=_status))

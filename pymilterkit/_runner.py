@@ -33,7 +33,13 @@ from ._libmilter import prctl
 from ._lifecycle import notify_draining
 from ._limits import raise_nofile_limit
 from ._listen import Listener, open_listener
-from ._options import DEFAULT_DRAIN_TIMEOUT, ErrorStatus, RunOptions, parse_address
+from ._options import (
+    DEFAULT_DRAIN_TIMEOUT,
+    ErrorStatus,
+    RunOptions,
+    StageTimeout,
+    parse_address,
+)
 from ._proctitle import role, set_title
 from ._record import RecordOptions
 from ._security import check_can_drop_privileges, drop_privileges, unreadable
@@ -83,11 +89,14 @@ class Milter:
     would have done. `record=RecordOptions(DIR)` writes what the filter saw and did, one file
     per connection (docs/guides/record-replay.md).
 
-    Slow work: `stage_timeout` (seconds, None: no limit) cancels an `async def` stage that
-    runs longer and answers `timeout_status`; a sync stage past it is logged. While on_eom
-    runs longer than `progress_interval` seconds (None: never), the MTA is sent progress at
-    that interval, so its timeout does not fire. Keep `stage_timeout` below the MTA's
-    (Postfix: milter_command_timeout 30 s, milter_content_timeout 300 s for on_eom).
+    Slow work: `stage_timeout` is each stage's deadline: seconds for every stage, or per stage
+    (`{"default": 10, "eom": 60}`, keys the method names without `on_`; 0: none); None keeps
+    the defaults, which are what Postfix waits (30 s; header, eoh, body 300 s; eom 600 s). An
+    `async def` stage past it is cancelled and answered `timeout_status`; a sync one is logged
+    and counted when its deadline passes. While on_eom runs longer than `progress_interval`
+    seconds (None: never), the MTA is sent progress at that interval, so its timeout does not
+    fire. To answer before the MTA gives up, set deadlines below its timeouts (Postfix:
+    milter_command_timeout 30 s, milter_content_timeout 300 s; Sendmail: 10 s for a reply).
 
     Lifecycle (docs/lifecycle.md): `drain_timeout` is how long SIGTERM lets the sessions in
     flight finish; `max_sessions_per_worker` and `max_worker_rss` (MiB) retire a worker past
@@ -117,7 +126,7 @@ class Milter:
         config: object | None = None,
         metrics: str | None = None,
         dry_run: bool = False,
-        stage_timeout: float | None = None,
+        stage_timeout: StageTimeout = None,
         timeout_status: ErrorStatus = Status.TEMPFAIL,
         progress_interval: float | None = 10.0,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,

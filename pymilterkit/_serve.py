@@ -28,13 +28,13 @@ from ._affinity import confine
 from ._errors import ConfigurationError, LibmilterError, SocketSpecError, WorkerStartError
 from ._lifecycle import Gate, ListenerThread, notify_draining, rss_mib
 from ._loop import EventLoopThread, call_hook
-from ._options import RunOptions
+from ._options import RunOptions, stage_deadlines
 from ._proctitle import set_title
 from ._session import MilterSession
 from ._signals import handled, wake_handler
 from ._socketspec import SocketSpec, connects
 from ._threadstate import release_exited_thread_states
-from ._trampolines import LibmilterCallbacks, SyncEomProgress
+from ._trampolines import LibmilterCallbacks, SyncEomProgress, Watchman
 from ._whole import Spool
 
 __all__ = ["DEFAULT_TIMEOUT", "STOP_GRACE", "Filter", "Server", "current"]
@@ -120,6 +120,7 @@ class Server:
         self._lib: c.Libmilter | None = None
         self._loop: EventLoopThread | None = None
         self._progress: SyncEomProgress | None = None
+        self._watchman: Watchman | None = None
         self._fatal: BaseException | None = None
         self._stop_requested = threading.Event()
         self._early: list[Callable[[], None]] = []  # requests that came before serving began
@@ -157,7 +158,7 @@ class Server:
             options.error_status,
             self._on_fatal,
             tcp=tcp,
-            stage_timeout=options.stage_timeout,
+            deadlines=stage_deadlines(options.stage_timeout),
             timeout_status=options.timeout_status,
             progress_interval=options.progress_interval,
             metrics=self.metrics,
@@ -201,6 +202,7 @@ class Server:
         interval = options.progress_interval
         if interval is not None and "on_eom" in spec.stages and "on_eom" not in spec.asynchronous:
             self._progress = SyncEomProgress(self.dispatcher, interval)
+        self._watchman = Watchman(self.dispatcher)
 
     @property
     def gated(self) -> bool:
@@ -330,6 +332,8 @@ class Server:
             logger.debug("closed %d abandoned session(s)", abandoned)
         if self._progress is not None:
             self._progress.stop()
+        if self._watchman is not None:
+            self._watchman.stop()
         self._stop_worker()
         if self._fatal is not None:
             raise self._fatal

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
 from . import _libmilter as c
 from . import _libmilter_private as private
 from . import _metrics
-from ._dispatch import NO_PARAMS, SessionRules, keys_inside
+from ._dispatch import NO_PARAMS, Entry, SessionRules, entries, keys_inside
 from ._dryrun import DryRun
 from ._errors import LibmilterError
 from ._flags import Status
@@ -45,10 +46,11 @@ from ._session import MilterSession
 from ._threadstate import pin_thread_state
 from ._types import EsmtpParams, decode
 
-__all__ = ["CtxBackend", "LibmilterCallbacks"]
+__all__ = ["CtxBackend", "LibmilterCallbacks", "SyncEomProgress", "Watchman"]
 
 logger = logging.getLogger("pymilterkit")
 _CLOSE_WAIT = 5.0  # s: libmilter's close waits this long for a stop closing its session
+_ABANDON_AFTER = 0.1  # s past its deadline: a cancelled async stage still running is abandoned
 
 class CtxBackend(ActionBackend):
     """Session actions as smfi_* calls on one libmilter context: each action is its table
@@ -111,7 +113,7 @@ class LibmilterCallbacks(SessionRules):
         tcp: bool = False,
         *,
         loop: EventLoopThread | None = None,
-        stage_timeout: float | None = None,
+        deadlines: Mapping[str, float | None] | None = None,
         timeout_status: Status = Status.TEMPFAIL,
         progress_interval: float | None = None,
         metrics: bool = False,
@@ -122,7 +124,7 @@ class LibmilterCallbacks(SessionRules):
             session_class,
             error_status,
             tcp=tcp,
-            stage_timeout=stage_timeout,
+            deadlines=deadlines,
             timeout_status=timeout_status,
             meter=_metrics.meter() if metrics else None,
             dry_run=DryRun() if dry_run else None,
@@ -130,8 +132,8 @@ class LibmilterCallbacks(SessionRules):
         )
         self.lib = lib
         self.on_fatal = on_fatal
+        self._loop: EventLoopThread | None = None
         self.loop = loop
-        """The event loop of `async def` stages (None: the class has none)."""
         self.progress_interval = progress_interval
         self._answer_later: bool | None = None  # whether replies can be sent later (layout)
         self.sessions: dict[int, MilterSession] = {}
@@ -150,6 +152,17 @@ class LibmilterCallbacks(SessionRules):
 
     def stage_macros(self, key: Any, slot: int) -> list[bytes] | None:
         return private.stage_macros(key, slot)
+
+    @property
+    def loop(self) -> EventLoopThread | None:
+        """The event loop of `async def` stages (None: the class has none)."""
+        return self._loop
+
+    @loop.setter
+    def loop(self, loop: EventLoopThread | None) -> None:
+        self._loop = loop
+        if loop is not None:
+            loop.on_restart = functools.partial(_metrics.event_loop, True)
 
     # -- trampolines -----------------------------------------------------------------------
 
@@ -217,7 +230,10 @@ class LibmilterCallbacks(SessionRules):
         except BaseException as exc:  # noqa: BLE001 - the loop has stopped: nothing may reach C
             coro.close()
             session._pmk_stage = None
-            return self.fail(exc, stage, session)
+            if not self.loop.alive:  # not a silent TEMPFAIL factory: counted, /healthz fails
+                logger.critical("the event loop is down: async stages cannot be served")
+                _metrics.event_loop(False)
+            return self.answered(stage, self.fail(exc, stage, session), session, 0.0)
         if not pending.inline:
             return Status.NOREPLY  # the loop answers when it is done (`_answer`)
         if not task.done():
@@ -238,15 +254,17 @@ class LibmilterCallbacks(SessionRules):
     ) -> None:
         """Run the stage; its answer goes to `pending.answer` while the callback waits for it
         (`pending.inline`), else to the MTA."""
-        if self.stage_timeout is None:
+        if self.deadlines.get(stage) is None:
             try:
                 outcome: tuple[bool, Any] = (True, await coro)
             except BaseException as exc:  # noqa: BLE001 - the error policy decides
                 outcome = (False, exc)
         else:
             outcome = await self.bounded(coro, stage, pending)
-        if pending.ticker is not None:
-            pending.ticker.cancel()
+        if pending.abandoned:  # answered at its deadline (`_abandon`)
+            logger.info("%s.%s: the abandoned stage ended", self.session_class.__qualname__, stage)
+            return
+        answer = None
         try:
             if pending.closing:  # the MTA hung up: nothing to answer
                 session._pmk_stage = None
@@ -258,16 +276,42 @@ class LibmilterCallbacks(SessionRules):
             else:
                 answer = self.settle(session, stage, outcome)
                 answer = self.answered(stage, answer, session, time.perf_counter() - pending.start)
-                if pending.inline:
-                    pending.answer = answer
-                elif stage not in self.noreply and not private.send_reply(ctx, answer):
-                    logger.warning("could not send the answer of %s to the MTA", stage)
-                    private.hang_up(ctx)
+        finally:
+            self._finish(pending, answer)
+
+    def _finish(self, pending: _Pending, answer: int | None) -> None:
+        """Send `answer` of `pending`'s stage (None: none) and end it (the loop's thread)."""
+        for timer in (pending.ticker, pending.expiry):
+            if timer is not None:
+                timer.cancel()
+        try:
+            if answer is None:
+                pass
+            elif pending.inline:
+                pending.answer = answer
+            elif pending.stage not in self.noreply and not private.send_reply(pending.ctx, answer):
+                logger.warning("could not send the answer of %s to the MTA", pending.stage)
+                private.hang_up(pending.ctx)
         finally:
             if pending.macros is not None:
                 pending.macros.macros = None  # answered: libmilter's thread may go on
-            session._pmk_pending = None
+            if pending.session._pmk_pending is pending:
+                pending.session._pmk_pending = None
             pending.set()
+
+    def _abandon(self, pending: _Pending) -> None:
+        """`pending`'s stage did not end when cancelled at its deadline: answer it now and
+        leave its task to itself (the loop's thread)."""
+        if pending.closing or pending.event is None or pending.event.is_set():
+            return
+        pending.abandoned = True
+        session, stage = pending.session, pending.stage
+        elapsed = time.perf_counter() - pending.start
+        session._pmk_stage = None  # its later session calls raise WrongStageError
+        what = f"it did not stop when cancelled: answering {self.timeout_status.name}, abandoned"
+        self.timed_out(stage, elapsed, what, session)
+        answer = Status.NOREPLY if stage in self.noreply else self.timeout_status
+        self._finish(pending, self.answered(stage, answer, session, elapsed))
 
     def end_pending(self, grace: float) -> int:
         """Before libmilter stops: let pending async stages finish for up to `grace` seconds,
@@ -556,8 +600,8 @@ class _Pending:
     when it has been answered (others wait for it: `SessionRules.wait_pending`)."""
 
     __slots__ = (
-        "answer", "callbacks", "closing", "ctx", "event", "inline", "macros", "scope",
-        "session", "stage", "start", "task", "ticker",
+        "abandoned", "answer", "callbacks", "closing", "ctx", "event", "expiry", "inline",
+        "macros", "scope", "session", "stage", "start", "task", "ticker",
     )
 
     def __init__(
@@ -572,6 +616,8 @@ class _Pending:
         self.task: asyncio.Task[None] | None = None
         self.scope: asyncio.Timeout | None = None  # `bounded`'s, whose deadline is set here
         self.ticker: _Progress | None = None
+        self.expiry: asyncio.TimerHandle | None = None  # `_abandon` past the deadline
+        self.abandoned = False
         self.macros: CtxBackend | None = None  # whose macros were copied (answered later)
 
     def suspend(self, task: asyncio.Task[None]) -> None:
@@ -581,12 +627,14 @@ class _Pending:
         self.task = task
         self.event = threading.Event()
         self.session._pmk_pending = self
-        if self.scope is not None and callbacks.stage_timeout is not None:
+        limit = callbacks.deadlines.get(self.stage)
+        if self.scope is not None and limit is not None:
             loop = asyncio.get_running_loop()
-            elapsed = time.perf_counter() - self.start
-            self.scope.reschedule(loop.time() + callbacks.stage_timeout - elapsed)
+            when = loop.time() + limit - (time.perf_counter() - self.start)
+            self.scope.reschedule(when)
+            self.expiry = loop.call_at(when + _ABANDON_AFTER, callbacks._abandon, self)
         if self.stage == "on_eom" and callbacks.progress_interval:
-            self.ticker = _Progress(callbacks.lib, self.ctx, callbacks.progress_interval)
+            self.ticker = _Progress(self.session, callbacks.progress_interval)
         if callbacks._can_defer(self.ctx, self.stage):
             # The callback returns NOREPLY and the loop answers; libmilter's thread reads on
             # and frees macro packets as new ones come: the stage reads a copy from now on.
@@ -611,14 +659,20 @@ class _Pending:
 
 
 class _Progress:
-    """Sends SMFIR_PROGRESS every `interval` seconds while an async on_eom runs (loop thread)."""
+    """Sends SMFIR_PROGRESS every `interval` seconds while an async on_eom runs (loop thread),
+    through the session's backend (metrics count it)."""
 
-    def __init__(self, lib: c.Libmilter, ctx: int, interval: float) -> None:
-        self.lib, self.ctx, self.interval = lib, ctx, interval
+    def __init__(self, session: MilterSession, interval: float) -> None:
+        self.session, self.interval = session, interval
         self.handle = asyncio.get_running_loop().call_later(interval, self.tick)
 
     def tick(self) -> None:
-        self.lib.smfi_progress(self.ctx)
+        backend = self.session._pmk_backend
+        if backend is not None:
+            try:
+                backend.progress()
+            except Exception:  # the MTA may be gone; its close follows
+                logger.debug("could not send progress", exc_info=True)
         self.handle = asyncio.get_running_loop().call_later(self.interval, self.tick)
 
     def cancel(self) -> None:
@@ -648,3 +702,119 @@ def _envelope(argv: Any) -> tuple[str, EsmtpParams]:
         index += 1
     address = first.decode("utf-8", "surrogateescape")
     return address, EsmtpParams(params) if params else NO_PARAMS
+
+
+class _Seen:
+    """A session as the watchman logs it: its id, macros from a copy (or none)."""
+
+    __slots__ = ("_pmk_backend", "_pmk_id", "_pmk_stage")
+
+    def __init__(self, session: MilterSession, macros: dict[bytes, bytes | None] | None) -> None:
+        self._pmk_id, self._pmk_stage = session._pmk_id, None
+        self._pmk_backend = None if macros is None else _Copied(macros)
+
+
+class _Copied:
+    __slots__ = ("macros",)
+
+    def __init__(self, macros: dict[bytes, bytes | None]) -> None:
+        self.macros = macros
+
+    def getsymval(self, name: bytes) -> bytes | None:
+        return self.macros.get(private.macro_key(name)) if name else None
+
+
+class Watchman:
+    """Reports stages still running at their deadline, when it passes (a thread of its own).
+
+    A sync stage (or an async one's first step, on libmilter's thread) cannot be cancelled:
+    the watchman looks at every thread's `Entry` each `period`, times each call from when it
+    first saw it (nothing is added to the callbacks), and logs and counts one whose deadline
+    passed. To log its queue id and client it reads the connection's macros while holding
+    `Entry.watched`, which the callback waits for before it returns to libmilter (which would
+    free them). A suspended async stage is cancelled on the loop at its deadline; when the
+    loop's turn began before that deadline and still runs, something blocks the loop (a
+    blocking call in an async stage): logged the same way, with the stage's copied macros.
+    """
+
+    def __init__(self, callbacks: LibmilterCallbacks) -> None:
+        self.callbacks = callbacks
+        limits = [limit for limit in callbacks.deadlines.values() if limit]
+        self.period = min(1.0, max(0.02, min(limits) / 10)) if limits else 1.0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pymilterkit-deadlines", daemon=True)
+        if limits:
+            self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join(2.0)
+
+    def _run(self) -> None:
+        calls: dict[int, list[Any]] = {}  # id(entry) -> [its call's key, first seen, reported]
+        seen: set[tuple[int, float]] = set()  # pendings reported: (id, start)
+        while not self.stopped.wait(self.period):
+            try:
+                calls = self._calls(calls, time.perf_counter())
+                seen = self._pending(seen, time.perf_counter())
+            except Exception:  # never let the watch end
+                logger.exception("the deadline watch failed")
+
+    def _calls(self, calls: dict[int, list[Any]], now: float) -> dict[int, list[Any]]:
+        deadlines, sessions, still = self.callbacks.deadlines, self.callbacks.sessions, {}
+        for entry in entries():
+            key = entry.key
+            if key is None:
+                continue
+            call = calls.get(id(entry))
+            if call is None or call[0] is not key:
+                call = [key, now, False]  # a call not seen before
+            still[id(entry)] = call
+            session = sessions.get(key)
+            if call[2] or session is None or session._pmk_pending is not None:  # async: below
+                continue
+            stage = session._pmk_stage
+            limit = None if stage is None else deadlines.get(stage)
+            if stage is not None and limit is not None and now - call[1] >= limit:
+                call[2] = self._report(entry, key, session, stage, now - call[1])
+        return still
+
+    def _pending(self, seen: set[tuple[int, float]], now: float) -> set[tuple[int, float]]:
+        callbacks, still = self.callbacks, set[tuple[int, float]]()
+        loop = callbacks.loop
+        busy = None if loop is None else loop.selector.pmk_busy
+        if busy is None or now - busy < _ABANDON_AFTER:  # waiting, or a turn too short to block
+            return still
+        for session in list(callbacks.sessions.values()):
+            pending = session._pmk_pending
+            limit = None if pending is None else callbacks.deadlines.get(pending.stage)
+            if pending is None or limit is None or not busy <= pending.start + limit <= now:
+                continue  # the loop's turn began after the deadline, or it is not due
+            mark = (id(pending), pending.start)
+            if mark not in seen:
+                copy = pending.macros.macros if pending.macros is not None else None
+                callbacks.timed_out(
+                    pending.stage, now - pending.start,
+                    "the event loop is blocked (a blocking call in an async stage?)",
+                    _Seen(session, copy),
+                )
+            still.add(mark)
+        return still
+
+    def _report(
+        self, entry: Entry, key: Any, session: MilterSession, stage: str, elapsed: float
+    ) -> bool:
+        watched = threading.Lock()
+        watched.acquire()
+        entry.watched = watched  # then the key, in this order: see `Entry`
+        try:
+            if entry.key is not key:
+                return False  # it returned
+            what = "it blocks (a sync stage, or a blocking call in an async one's first step) " \
+                "and cannot be cancelled"
+            self.callbacks.timed_out(stage, elapsed, what, session)
+            return True
+        finally:
+            entry.watched = None
+            watched.release()

@@ -1,0 +1,59 @@
+"""Filters for tests/integration/test_deadlines.py (each runs in its own process)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from typing_extensions import override
+
+from pymilterkit import EsmtpParams, MilterSession, Status
+from tests.helpers import local_part, requested_sleep
+
+
+class SlowSync(MilterSession):
+    """Sync on_rcpt and on_eom that sleep as a `sleep-S` recipient says."""
+
+    slept = 0.0
+
+    @override
+    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        self.slept = requested_sleep(local_part(recipient)) or 0.0
+        time.sleep(self.slept)
+        return Status.CONTINUE
+
+    @override
+    def on_eom(self) -> Status:
+        time.sleep(self.slept)
+        return Status.CONTINUE
+
+
+class Stubborn(MilterSession):
+    """Async stages that misbehave at their deadline, by recipient: `swallow` catches the
+    cancellation and goes on, `block` blocks the event loop after its first await, `stop` stops
+    the event loop, `sleep-S` sleeps; on_eom sleeps as long as the last recipient said."""
+
+    slept = 0.0
+
+    @override
+    async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        name = local_part(recipient)
+        if name == "swallow":
+            try:
+                await asyncio.sleep(20)
+            except asyncio.CancelledError:
+                await asyncio.sleep(5)  # swallowed: goes on
+            return Status.CONTINUE
+        await asyncio.sleep(0.001)
+        if name == "block":
+            time.sleep(1.5)  # a blocking call on the event loop
+        elif name == "stop":
+            asyncio.get_running_loop().stop()
+        self.slept = requested_sleep(name) or 0.0
+        await asyncio.sleep(self.slept)
+        return Status.CONTINUE
+
+    @override
+    async def on_eom(self) -> Status:
+        await asyncio.sleep(self.slept)
+        return Status.CONTINUE

@@ -1,0 +1,129 @@
+"""Deadlines per stage on a real milter process (issue 28 items 1, 2, 5; issue 27 item 4):
+per-stage values, a sync stage reported when its deadline passes, async stages that swallow
+their cancellation, block the loop or stop it, and automatic progress counted."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from pymilterkit import InetAddress, Status
+from pymilterkit.testing import MilterClient, MilterProcess, Step
+from tests.integration.test_metrics import endpoint, get, scrape, value, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+MESSAGE = b"From: a@example.net\r\nSubject: hello\r\n\r\nHello.\r\n"
+METRICS = ("--metrics", "127.0.0.1:0")
+pytestmark = pytest.mark.integration
+
+
+def start(target: str, *args: str) -> MilterProcess:
+    return MilterProcess(f"tests.integration.deadline_filters:{target}", args=args, cwd=ROOT)
+
+
+def rcpt(milter: MilterProcess, recipient: str) -> tuple[Status | None, float]:
+    """One RCPT (queue id QID7) of a fresh connection: its answer and how long it took."""
+    conn = MilterClient(milter.socket, timeout=30).open()
+    try:
+        conn.negotiate()
+        conn.connect("client.example.net", InetAddress(IPv4Address("192.0.2.7"), 4567))
+        conn.mail("<a@example.org>")
+        conn.macros(Step.RCPT, {"i": "QID7"})
+        began = time.monotonic()
+        answer = conn.rcpt(f"<{recipient}@example.com>")
+        return (None if answer is None else answer.status), time.monotonic() - began
+    finally:
+        conn.close()
+
+
+def test_a_sync_stage_is_reported_when_its_deadline_passes_not_when_it_returns() -> None:
+    with start("SlowSync", "--stage-timeout", "0.5", *METRICS) as milter:
+        address = endpoint(milter)
+        result: list[tuple[Status | None, float]] = []
+        client = threading.Thread(target=lambda: result.append(rcpt(milter, "sleep-4")))
+        client.start()
+        pattern = (r"WARNING session=\d+-\d+ queue_id=QID7 stage=on_rcpt: "
+                   r"SlowSync\.on_rcpt still running after 0\.[5-9]\d* s, past its deadline "
+                   r"\(0\.5 s\): it blocks .*; the MTA gives up at Postfix's "
+                   r"milter_command_timeout \(30 s by default\)")
+        wait_until(lambda: re.search(pattern, milter.log()) is not None, "the warning", 3.0)
+        assert not result  # still running: reported at its deadline, not when it returned
+        assert value(scrape(address), "pymilterkit_stage_timeouts_total", stage="rcpt") == 1
+        client.join(30)
+        assert result and result[0][0] is Status.CONTINUE  # a sync stage goes on
+        assert len(re.findall("past its deadline", milter.log())) == 1
+
+
+@pytest.mark.parametrize("how", ["flags", "config"])
+def test_deadlines_per_stage(how: str, tmp_path: Path) -> None:
+    """rcpt gets 3 s, every other stage 0.3 s: a 1 s lookup in rcpt is answered, a 1 s end of
+    message is cancelled (with one deadline for every stage, one of them had to give)."""
+    if how == "flags":
+        args: tuple[str, ...] = ("--stage-timeout", "0.3", "--stage-timeout", "rcpt=3")
+    else:
+        config = tmp_path / "milter.toml"
+        config.write_text("stage-timeout = {default = 0.3, rcpt = 3}\n")
+        args = ("--config", str(config))
+    with start("Stubborn", *args) as milter:
+        result = MilterClient(milter.socket, timeout=10).run(MESSAGE, recipients=["sleep-1@x"])
+        assert [r.status for r in result.recipients] == [Status.CONTINUE]
+        assert result.status is Status.TEMPFAIL
+        pattern = (r"Stubborn\.on_eom still running after \d+\.\d+ s, past its deadline "
+                   r"\(0\.3 s\): cancelled, answering TEMPFAIL")
+        wait_until(lambda: re.search(pattern, milter.log()) is not None, "the warning")
+
+
+def test_a_stage_that_swallows_its_cancellation_is_answered_at_the_deadline() -> None:
+    with start("Stubborn", "--stage-timeout", "0.5") as milter:
+        status, took = rcpt(milter, "swallow")
+        assert status is Status.TEMPFAIL
+        assert took < 2.5, took  # not after the 5 s it goes on for
+        assert rcpt(milter, "fast")[0] is Status.CONTINUE
+        log = milter.log()
+    assert re.search(r"WARNING session=\d+-\d+ queue_id=QID7 stage=on_rcpt: "
+                     r"Stubborn\.on_rcpt still running after 0\.[5-9]\d* s, past its deadline "
+                     r"\(0\.5 s\): it did not stop when cancelled: answering TEMPFAIL, "
+                     r"abandoned", log), log
+
+
+def test_a_blocking_call_in_an_async_stage_is_reported_at_the_deadline() -> None:
+    with start("Stubborn", "--stage-timeout", "0.5") as milter:
+        result: list[tuple[Status | None, float]] = []
+        client = threading.Thread(target=lambda: result.append(rcpt(milter, "block")))
+        client.start()
+        pattern = (r"WARNING session=\d+-\d+ queue_id=QID7 stage=on_rcpt: "
+                   r"Stubborn\.on_rcpt still running after [01]\.\d+ s, past its deadline "
+                   r"\(0\.5 s\): the event loop is blocked")
+        wait_until(lambda: re.search(pattern, milter.log()) is not None, "the warning", 3.0)
+        client.join(30)
+        assert result and result[0][1] > 1.4  # answered once the loop ran again
+
+
+def test_an_event_loop_a_stage_stopped_runs_again_and_is_counted() -> None:
+    with start("Stubborn", *METRICS) as milter:
+        address = endpoint(milter)
+        assert rcpt(milter, "stop")[0] is Status.CONTINUE
+        for _ in range(3):  # before: TEMPFAIL for every later async stage
+            assert rcpt(milter, "fast")[0] is Status.CONTINUE
+        samples = scrape(address)
+        assert value(samples, "pymilterkit_event_loop_restarts_total") == 1
+        assert value(samples, "pymilterkit_up") == 1
+        assert get(address, "/healthz") == (200, "serving\n")
+        assert "the event loop was stopped (by a stage?): running it again" in milter.log()
+
+
+@pytest.mark.parametrize("target", ["SlowSync", "Stubborn"], ids=["sync", "async"])
+def test_automatic_progress_is_counted(target: str) -> None:
+    args = ("--progress-interval", "0.3", *METRICS)
+    with start(target, *args) as milter:
+        address = endpoint(milter)
+        result = MilterClient(milter.socket, timeout=10).run(MESSAGE, recipients=["sleep-1.2@x"])
+        assert result.status is Status.CONTINUE
+        assert result.progress_count >= 2
+        wait_until(lambda: value(scrape(address), "pymilterkit_actions_total",
+                                 action="progress") == result.progress_count, "progress counted")
