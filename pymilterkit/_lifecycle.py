@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import tempfile
 import threading
 from collections.abc import Callable
@@ -69,6 +70,21 @@ class Gate:
         self._dead = _unreachable_listener()
         self.fd = os.dup(real_fd)
         self.open = True
+        self._name = _name(real_fd)
+
+    def accepted(self) -> int:
+        """Connections accepted from the real socket and still open in this process, whether
+        or not their session began: one accepted just before `close` reaches its negotiate
+        only when its thread runs, which on a loaded machine can take a while."""
+        if self._name is None:
+            return 0
+        count = 0
+        for entry in os.listdir("/proc/self/fd"):
+            fd = int(entry)
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.fstat(fd).st_mode) and _name(fd, connected=True) == self._name:
+                    count += 1
+        return count
 
     def close(self) -> None:
         """Take no new connections from the real socket (libmilter now polls a dead one)."""
@@ -86,6 +102,24 @@ class Gate:
     def forget(self) -> None:
         """libmilter has closed `fd` at its stop; drop the spare socket."""
         self._dead.close()
+
+
+def _name(fd: int, connected: bool = False) -> tuple[int, object] | None:
+    """The family and local name (the port, for TCP) of socket `fd`; with `connected`, None
+    for a listening socket."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        if connected and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return None
+        name = sock.getsockname()
+        return sock.family, name[1] if isinstance(name, tuple) else name
+    except OSError:
+        return None
+    finally:
+        sock.detach()
 
 
 class ListenerThread:

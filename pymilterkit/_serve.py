@@ -44,7 +44,7 @@ logger = logging.getLogger("pymilterkit")
 STOP_GRACE = 10.0
 """Seconds a stop waits for stage methods still running before it closes their sessions."""
 
-DRAIN_QUIET = 0.3
+DRAIN_QUIET = 0.1
 """Seconds without a session or callback after which a drain is over."""
 
 DEFAULT_TIMEOUT = 600
@@ -367,12 +367,15 @@ class Server:
                 self.retire(reason)
 
     def _drained(self) -> bool:
-        """No session and no callback for `DRAIN_QUIET` seconds: a connection libmilter
-        accepted just before the gate closed shows up at its negotiate a moment later (later
-        still on a loaded machine), and a stop then would refuse it."""
+        """No session, no callback and no accepted connection for `DRAIN_QUIET` seconds: a
+        connection libmilter accepted just before the gate closed begins its session only when
+        its thread runs, and a stop before that would refuse it."""
         assert self.dispatcher is not None
         now = time.monotonic()
-        if self.dispatcher.sessions or self.dispatcher.in_flight():
+        gate = self._gate
+        if self.dispatcher.sessions or self.dispatcher.in_flight() or (
+            gate is not None and gate.accepted()
+        ):
             self._quiet_since = None
             return False
         if self._quiet_since is None:
