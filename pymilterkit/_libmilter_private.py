@@ -2,12 +2,14 @@
 
 Everything here depends on what libmilter never promised, so it is kept apart from the public
 bindings (`_libmilter`): the layout of `struct smfi_str` of libmilter 1.0.1 (sendmail
-8.14-8.18) on LP64, `mi_wr_cmd` and the `ctx_reply` it frees, `mi_engine`'s `genarg`. It buys:
+8.14-8.18) on LP64, `mi_wr_cmd` and the `ctx_reply` it frees, `mi_engine`'s `genarg`, `mi_listener`. It buys:
 
 - bounded macro reads: smfi_getsymval walks an odd-length macro list past its end (a segfault);
 - the unknown command's exact bytes: libmilter hands over a packet without checking its NUL;
 - late answers (`send_reply`): an `async def` stage answered after its callback returned, so
-  the worker thread is free while the coroutine waits.
+  the worker thread is free while the coroutine waits;
+- serving without smfi_main's signal thread (`serve`), which would stop libmilter on a
+  SIGHUP/SIGTERM the main thread could not take at once, abandoning the sessions in flight.
 
 Nothing is used before `layout_known` has checked the layout on a live context; on any other
 build each feature falls back, and one WARNING per process says which and why.
@@ -37,6 +39,7 @@ __all__ = [
     "layout_known",
     "macro_key",
     "send_reply",
+    "serve",
     "stage_macros",
     "unknown_command",
 ]
@@ -447,3 +450,27 @@ def hang_up(ctx: int) -> None:
             dup.shutdown(socket.SHUT_RDWR)
         finally:
             dup.close()
+
+
+def serve(lib: Libmilter, desc: Any, conn: bytes, dbg: int, timeout: int, backlog: int) -> int:
+    """What smfi_main does (listen and serve until `smfi_stop`), without its signal thread.
+
+    smfi_main = ignore SIGPIPE (Python does already) + start the `sigwait` thread + mi_listener.
+    The signals are the runner's (`_signals.handled`): libmilter's thread would take any of them
+    the main thread cannot take at once (one already pending), and stop serving at once. `desc`
+    is the smfiDesc given to smfi_register (which copies it); the others as set with smfi_*.
+    """
+    listener = getattr(handle(), "mi_listener", None)
+    if listener is None or version() != _KNOWN_VERSION:
+        logger.warning(
+            "libmilter (libmilter_version() %s) %s: its signal thread runs, and a signal it "
+            "takes stops serving at once",
+            _dotted(version()),
+            "does not export mi_listener" if listener is None else "is not the known build",
+        )
+        return lib.smfi_main()
+    # int mi_listener(char *conn, int dbg, smfiDesc_ptr smfi, time_t timeout, int backlog)
+    listener.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_long,
+                         ctypes.c_int]
+    listener.restype = ctypes.c_int
+    return int(listener(conn, dbg, ctypes.addressof(desc), timeout, backlog))

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _libmilter as c
+from . import _libmilter_private as private
 from . import _systemd
 from ._affinity import confine
 from ._errors import ConfigurationError, LibmilterError, SocketSpecError, WorkerStartError
@@ -126,6 +127,9 @@ class Server:
         self._early: list[Callable[[], None]] = []  # requests that came before serving began
         self._attention = threading.Event()  # wakes the main thread's serving loop
         self._gate: Gate | None = None
+        self._desc: c.SmfiDesc | None = None  # registered: mi_listener gets it too
+        self._conn = b""
+        self._timeout = DEFAULT_TIMEOUT
         self._thread: ListenerThread | None = None
         self._can_wake = False
         self._drain_deadline: float | None = None
@@ -167,16 +171,18 @@ class Server:
         )
         self.dispatcher.spool = Spool(
             options.spool_threshold, options.spool_dir, options.max_message_size)
-        desc = self.dispatcher.descriptor(self.name.encode("utf-8", "surrogateescape"))
+        desc = self._desc = self.dispatcher.descriptor(self.name.encode("utf-8", "surrogateescape"))
         if lib.smfi_register(desc) != c.MI_SUCCESS:
             raise LibmilterError("smfi_register failed")
         self._gate = Gate(fd)
         if inherited:
             os.close(fd)
         conn = f"fd:{self._gate.fd}"
+        self._conn = conn.encode()
         if lib.smfi_setconn(conn.encode()) != c.MI_SUCCESS:
             raise SocketSpecError(f"libmilter refused socket spec {conn}")
-        lib.smfi_settimeout(DEFAULT_TIMEOUT if options.timeout is None else options.timeout)
+        self._timeout = DEFAULT_TIMEOUT if options.timeout is None else options.timeout
+        lib.smfi_settimeout(self._timeout)
         if options.backlog is not None and lib.smfi_setbacklog(options.backlog) != c.MI_SUCCESS:
             raise ConfigurationError(f"libmilter refused backlog {options.backlog}")
         lib.smfi_setdbg(self.debug_level)
@@ -288,7 +294,7 @@ class Server:
         assert lib is not None and dispatcher is not None
         result: list[int] = []
         attention = self._attention  # smfi_main returned, a limit was reached, a drain began
-        thread = self._thread = ListenerThread(lambda: result.append(lib.smfi_main()), attention)
+        thread = self._thread = ListenerThread(lambda: result.append(self._main(lib)), attention)
         if self.options.max_sessions_per_worker is not None:
             dispatcher.session_limit = self.options.max_sessions_per_worker
             dispatcher.past_limit = attention
@@ -343,6 +349,14 @@ class Server:
             # A stop asked for while smfi_main was still starting makes it return MI_FAILURE:
             # the stop was ours, the run is clean.
             logger.debug("smfi_main returned %d after the stop was requested", result[0])
+
+    def _main(self, lib: c.Libmilter) -> int:
+        """libmilter's serving loop, on the listener thread: smfi_main without the signal
+        thread that would stop it on a SIGHUP or SIGTERM the main thread could not take at once
+        (`_libmilter_private.serve`)."""
+        assert self._desc is not None
+        backlog = self.options.backlog or 128
+        return private.serve(lib, self._desc, self._conn, self.debug_level, self._timeout, backlog)
 
     def _tick(self) -> None:
         """Between waits of the main thread: end a finished drain, retire past a limit."""

@@ -69,3 +69,27 @@ def test_a_sighup_storm_under_load_stops_nothing(workers: str) -> None:
         lost = [r for r in results if r != Status.CONTINUE]
         assert results and not lost, (lost[:5], milter.log()[-3000:])
         assert MilterClient(milter.socket).run(MESSAGE).status == Status.CONTINUE
+
+
+_SIGTIMEDWAIT = {"x86_64": 128, "aarch64": 137}  # rt_sigtimedwait, which sigwait() calls
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_no_thread_of_a_serving_process_waits_for_the_stop_signals(workers: str) -> None:
+    # smfi_main's own signal thread sigwait()s for SIGHUP/SIGTERM/SIGINT and stops libmilter
+    # at once on the first, abandoning the sessions in flight; the kernel gives it a signal
+    # sent to the process whenever the main thread already has one pending (a storm under
+    # load). pymilterkit serves without that thread.
+    number = _SIGTIMEDWAIT[os.uname().machine]
+    with MilterProcess("examples.rcpt_count:RcptCount", args=["--workers", workers],
+                       cwd=ROOT) as milter:
+        client = MilterClient(milter.socket, timeout=30)
+        for _ in range(4):  # every worker is serving
+            assert client.run(MESSAGE, recipients=["a@example.org"]).status == Status.CONTINUE
+        waiting = []
+        for pid in _tree(milter.pid):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    if (task / "syscall").read_text().split()[0] == str(number):
+                        waiting.append(f"{pid}/{task.name} {(task / 'comm').read_text().strip()}")
+        assert not waiting, waiting
