@@ -2,7 +2,8 @@
 
 Everything here depends on what libmilter never promised, so it is kept apart from the public
 bindings (`_libmilter`): the layout of `struct smfi_str` of libmilter 1.0.1 (sendmail
-8.14-8.18) on LP64, `mi_wr_cmd` and the `ctx_reply` it frees, `mi_engine`'s `genarg`, `mi_listener`. It buys:
+8.14-8.18) on LP64, `mi_wr_cmd` and the `ctx_reply` it frees, `mi_engine`'s `genarg`,
+`mi_listener`. It buys:
 
 - bounded macro reads: smfi_getsymval walks an odd-length macro list past its end (a segfault);
 - the unknown command's exact bytes: libmilter hands over a packet without checking its NUL;
