@@ -145,10 +145,11 @@ def build_spec(cls: type[MilterSession]) -> ClassSpec:
     for name, (off_flag, nr_flag) in STAGE_FLAGS.items():
         method = getattr(cls, name)
         if method is getattr(MilterSession, name):
-            if whole and name in COLLECTS:  # collected for on_message, nothing to answer
+            if whole and name in COLLECTS:  # collected for on_message
                 stages.add(name)
-                no_reply.add(name)
-                protocol |= nr_flag
+                if name in ("on_mail", "on_rcpt"):  # nothing to answer before the headers
+                    no_reply.add(name)
+                    protocol |= nr_flag
             else:
                 protocol |= off_flag
             continue

@@ -56,15 +56,15 @@ class Seen(MilterSession):
         return Status.CONTINUE
 
 
-def test_negotiation_collects_without_replies() -> None:
+def test_negotiation_collects_mail_and_rcpt_without_replies() -> None:
     spec = Seen.negotiation()
     assert {"on_mail", "on_rcpt", "on_header", "on_eoh", "on_body", "on_eom"} <= spec.stages
     assert spec.protocol & ProtocolOpts.HDR_LEADSPC
-    for flag in (ProtocolOpts.NR_MAIL, ProtocolOpts.NR_RCPT, ProtocolOpts.NR_HDR,
-                 ProtocolOpts.NR_EOH, ProtocolOpts.NR_BODY, ProtocolOpts.NO_CONNECT,
+    for flag in (ProtocolOpts.NR_MAIL, ProtocolOpts.NR_RCPT, ProtocolOpts.NO_CONNECT,
                  ProtocolOpts.NO_HELO):
         assert spec.protocol & flag, flag
-    for flag in (ProtocolOpts.NO_HDRS, ProtocolOpts.NO_BODY, ProtocolOpts.NO_MAIL):
+    for flag in (ProtocolOpts.NO_HDRS, ProtocolOpts.NO_BODY, ProtocolOpts.NO_MAIL,
+                 ProtocolOpts.NR_HDR, ProtocolOpts.NR_EOH, ProtocolOpts.NR_BODY):
         assert not spec.protocol & flag, flag
     assert MilterSession.negotiation().stages == frozenset()
 
@@ -112,8 +112,9 @@ class Whole(Mixin):
 
 def test_mixes_with_other_stages_and_runs_before_on_eom() -> None:
     spec = Whole.negotiation()
-    assert not spec.protocol & ProtocolOpts.NR_HDR  # overridden: answered
-    assert spec.protocol & ProtocolOpts.NR_BODY
+    assert not spec.protocol & ProtocolOpts.NR_HDR
+    assert not spec.protocol & ProtocolOpts.NR_RCPT  # overridden: answered
+    assert spec.protocol & ProtocolOpts.NR_MAIL
     Mixin.order.clear()
     result = Harness(Whole, reraise=True).run(MESSAGE, recipients=["ok@x.org", "bad@x.org"])
     # on_header sees the value as without HDR_LEADSPC (the class did not ask for it)
