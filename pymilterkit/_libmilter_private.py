@@ -126,7 +126,9 @@ def _dotted(numbers: tuple[int, ...]) -> str:
 
 _libc = ctypes.CDLL(None)
 # size_t malloc_usable_size(void *)
-_usable_size: Any = getattr(_libc, "malloc_usable_size", None)
+# Called with the GIL held (PyDLL): it never blocks, and releasing the GIL in a stage callback
+# hands it to another of libmilter's threads, which this one then waits for.
+_usable_size: Any = getattr(ctypes.PyDLL(None), "malloc_usable_size", None)
 if _usable_size is not None:
     _usable_size.argtypes = [ctypes.c_void_p]
     _usable_size.restype = ctypes.c_size_t
