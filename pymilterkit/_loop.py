@@ -231,13 +231,14 @@ class EventLoopThread:
                 sys.set_asyncgen_hooks(*hooks)
                 _set_running_loop(None)
                 loop._thread_id = owner
-            if (
+            wake = (
                 not done
                 or ready
                 or (scheduled and scheduled[0] is not head)
                 or loop._timer_cancelled_count > _CANCELLED_TIMERS
-            ):
-                loop._write_to_self()  # it has work: end its select
+            )
+        if wake:  # it has work: end its select, once the lock is free for it to take
+            loop._write_to_self()
         return task
 
     def _start_on_loop(
