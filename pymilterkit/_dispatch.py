@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from ._record import Recorder
 
 __all__ = [
-    "CONNECTION_STAGES", "MTA_TIMEOUTS", "NO_PARAMS", "Entry", "SessionRules", "entries",
+    "CONNECTION_STAGES", "MTA_TIMEOUTS", "NO_PARAMS", "Entry", "Expired", "SessionRules", "entries",
     "keys_inside",
 ]
 
@@ -540,31 +540,23 @@ class SessionRules:
         answer = self.settle(session, stage, self.run_coroutine(self.bounded(coro, stage)))
         return self.answered(stage, answer, session, time.perf_counter() - start)
 
-    async def bounded(
-        self, coro: Coroutine[Any, Any, Any], stage: str, later: Any = None
-    ) -> tuple[bool, Any]:
+    async def bounded(self, coro: Coroutine[Any, Any, Any], stage: str) -> tuple[bool, Any]:
         """`coro`'s outcome, (True, result) or (False, exception), cancelled past the stage's
-        deadline (then the exception is an `_Expired`).
-
-        With `later`, the deadline is not armed here: its scope goes to `later.scope`, and
-        whoever starts the coroutine arms it if the coroutine suspends (one that finishes in
-        its first step needs no timer).
-        """
+        deadline (then the exception is an `Expired`). The runner's stages arm their deadline
+        only if they suspend (`_trampolines._Pending`): this costs a timeout scope each."""
         limit = self.deadlines.get(stage)
         start = time.monotonic()
         try:
             if limit is None:
                 return (True, await coro)
-            async with asyncio.timeout(None if later is not None else limit) as scope:
-                if later is not None:
-                    later.scope = scope
+            async with asyncio.timeout(limit) as scope:
                 result = await coro
             if scope.expired():  # it caught the cancellation and returned anyway
-                return (False, _Expired(time.monotonic() - start))
+                return (False, Expired(time.monotonic() - start))
             return (True, result)
         except TimeoutError as exc:
             if limit is not None and scope.expired():
-                return (False, _Expired(time.monotonic() - start))
+                return (False, Expired(time.monotonic() - start))
             return (False, exc)
         except BaseException as exc:  # noqa: BLE001 - the error policy decides
             return (False, exc)
@@ -578,7 +570,7 @@ class SessionRules:
         ok, value = outcome
         session._pmk_stage = None
         if not ok:
-            if isinstance(value, _Expired):
+            if isinstance(value, Expired):
                 self.timed_out(stage, value.elapsed, self.cancelled, session)
                 return Status.NOREPLY if stage in self.noreply else self.timeout_status
             return self.fail(value, stage, session)
@@ -682,7 +674,7 @@ class SessionRules:
             if stage in self.asynchronous:
                 ok, value = self.run_coroutine(self.bounded(result, stage))
                 if not ok:
-                    if isinstance(value, _Expired):
+                    if isinstance(value, Expired):
                         self.timed_out(stage, value.elapsed, "cancelled", session)
                     else:
                         self.fail(value, stage, session)
@@ -692,7 +684,7 @@ class SessionRules:
             session._pmk_stage = None
 
 
-class _Expired:
+class Expired:
     """An async stage's outcome when it ran past its deadline and was cancelled."""
 
     __slots__ = ("elapsed",)

@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 from . import _libmilter as c
 from . import _libmilter_private as private
 from . import _metrics
-from ._dispatch import NO_PARAMS, Entry, SessionRules, entries, keys_inside
+from ._dispatch import NO_PARAMS, Entry, Expired, SessionRules, entries, keys_inside
 from ._dryrun import DryRun
 from ._errors import LibmilterError
 from ._flags import Status
@@ -254,13 +254,12 @@ class LibmilterCallbacks(SessionRules):
     ) -> None:
         """Run the stage; its answer goes to `pending.answer` while the callback waits for it
         (`pending.inline`), else to the MTA."""
-        if self.deadlines.get(stage) is None:
-            try:
-                outcome: tuple[bool, Any] = (True, await coro)
-            except BaseException as exc:  # noqa: BLE001 - the error policy decides
-                outcome = (False, exc)
-        else:
-            outcome = await self.bounded(coro, stage, pending)
+        try:
+            outcome: tuple[bool, Any] = (True, await coro)
+        except BaseException as exc:  # noqa: BLE001 - the error policy decides
+            outcome = (False, exc)
+        if pending.expired:  # its deadline cancelled it (or it caught that and returned)
+            outcome = (False, Expired(time.perf_counter() - pending.start))
         if pending.abandoned:  # answered at its deadline (`_abandon`)
             logger.info("%s.%s: the abandoned stage ended", self.session_class.__qualname__, stage)
             return
@@ -600,8 +599,8 @@ class _Pending:
     when it has been answered (others wait for it: `SessionRules.wait_pending`)."""
 
     __slots__ = (
-        "abandoned", "answer", "callbacks", "closing", "ctx", "event", "expiry", "inline",
-        "macros", "scope", "session", "stage", "start", "task", "ticker",
+        "abandoned", "answer", "callbacks", "closing", "ctx", "event", "expired", "expiry",
+        "inline", "macros", "session", "stage", "start", "task", "ticker",
     )
 
     def __init__(
@@ -614,10 +613,9 @@ class _Pending:
         self.closing = False
         self.event: threading.Event | None = None
         self.task: asyncio.Task[None] | None = None
-        self.scope: asyncio.Timeout | None = None  # `bounded`'s, whose deadline is set here
         self.ticker: _Progress | None = None
-        self.expiry: asyncio.TimerHandle | None = None  # `_abandon` past the deadline
-        self.abandoned = False
+        self.expiry: asyncio.TimerHandle | None = None  # `expire`, then `_abandon`
+        self.expired = self.abandoned = False
         self.macros: CtxBackend | None = None  # whose macros were copied (answered later)
 
     def suspend(self, task: asyncio.Task[None]) -> None:
@@ -628,11 +626,10 @@ class _Pending:
         self.event = threading.Event()
         self.session._pmk_pending = self
         limit = callbacks.deadlines.get(self.stage)
-        if self.scope is not None and limit is not None:
+        if limit is not None:  # armed only now: a stage done in its first step needs no timer
             loop = asyncio.get_running_loop()
             when = loop.time() + limit - (time.perf_counter() - self.start)
-            self.scope.reschedule(when)
-            self.expiry = loop.call_at(when + _ABANDON_AFTER, callbacks._abandon, self)
+            self.expiry = loop.call_at(when, self.expire)
         if self.stage == "on_eom" and callbacks.progress_interval:
             self.ticker = _Progress(self.session, callbacks.progress_interval)
         if callbacks._can_defer(self.ctx, self.stage):
@@ -642,6 +639,14 @@ class _Pending:
             self.macros = _ctx_backend(self.session)
             if self.macros is not None:
                 self.macros.macros = private.ctx_macros(self.ctx)
+
+    def expire(self) -> None:
+        """Its deadline passed: cancel the stage's task, abandon it if it goes on (loop)."""
+        self.expired = True
+        if self.task is not None:
+            self.task.cancel()
+        loop = asyncio.get_running_loop()
+        self.expiry = loop.call_later(_ABANDON_AFTER, self.callbacks._abandon, self)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the stage has been answered; whether it was."""
