@@ -9,6 +9,7 @@ message the filter got. Then `examples/attachments.py` behind Postfix.
 
 from __future__ import annotations
 
+import email.header
 import re
 from email.message import EmailMessage
 from pathlib import Path
@@ -81,6 +82,16 @@ def _split(raw: bytes) -> tuple[list[bytes], bytes]:
     return [re.sub(rb"^([^:]+):[ \t]*", rb"\1: ", f) for f in fields], body
 
 
+def _raw_8bit(field: bytes) -> bytes:
+    """`field` with its `=?unknown-8bit?...?=` words as the bytes they stand for: from Python
+    3.13 the standard library writes an untouched 8-bit value that way (before, as it was)."""
+    if b"=?unknown-8bit?" not in field:
+        return field
+    name, _, value = field.partition(b": ")
+    parts = email.header.decode_header(value.decode("ascii"))
+    return name + b": " + b"".join(p if isinstance(p, bytes) else p.encode() for p, _ in parts)
+
+
 def test_a_corpus_through_postfix(
     start: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -108,6 +119,7 @@ def test_a_corpus_through_postfix(
         edited = (dumps / f"{name}.edited").read_bytes()
         fields, body = _split(got)
         want_fields, want_body = _split(edited)
+        want_fields = [_raw_8bit(f) for f in want_fields]
         assert body == want_body, name
         assert fields == want_fields, name
         result = Harness(CorpusEditor, reraise=True).run(seen, recipients=[f"{name}@example.com"])
