@@ -138,12 +138,15 @@ def test_json_into_a_closed_pipe_ends_without_a_traceback(
     rcpt_count: MilterProcess, tmp_path: Path
 ) -> None:
     """`pymilterkit send --json DIR | head -1`: the reader leaves early, no BrokenPipeError."""
-    for n in range(40):
-        (tmp_path / f"{n:02}.eml").write_bytes(MESSAGE)
+    # About 250 KB of JSON, far past what the pipe holds, and read unbuffered here: the reader
+    # takes one line and leaves (Python 3.14 reads and writes in 128 KiB chunks, which once
+    # let the whole answer through before the reader left).
+    for n in range(100):
+        (tmp_path / f"{n:03}.eml").write_bytes(MESSAGE)
     send = subprocess.Popen(
         [sys.executable, "-m", "pymilterkit", "send", "--json", "-q", "--socket",
          rcpt_count.socket, "--to", "a@example.org", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
     )
     assert send.stdout is not None and send.stderr is not None
     assert send.stdout.readline().startswith(b"{")
