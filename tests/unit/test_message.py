@@ -14,14 +14,12 @@ from pymilterkit._message import Message, MessageBuffer
 from pymilterkit.testing._apply import apply_modifications
 from pymilterkit.testing._results import (
     BodyReplaced,
-    HeaderAdded,
-    HeaderChanged,
-    HeaderDeleted,
-    HeaderInserted,
     MessageResult,
     Modification,
     Step,
 )
+
+from .test_edits import _modifications
 
 PLAIN = (
     b"From: Alice <alice@example.net>\r\n"
@@ -92,16 +90,7 @@ def _message(raw: bytes, **kwargs: int | str | None) -> Message:
 def _deliver(raw: bytes, message: Message) -> bytes:
     """What the MTA delivers after the message's edits (the harness's rules)."""
     headers, body = message.edits()
-    mods: list[Modification] = []
-    for e in headers:
-        if e.kind == "change":
-            mods.append(HeaderChanged(e.name, e.index, e.value))
-        elif e.kind == "delete":
-            mods.append(HeaderDeleted(e.name, e.index))
-        elif e.kind == "insert":
-            mods.append(HeaderInserted(e.index, e.name, e.value))
-        else:
-            mods.append(HeaderAdded(e.name, e.value))
+    mods: list[Modification] = list(_modifications(headers))
     if body is not None:
         mods.append(BodyReplaced(body))
     result = MessageResult(Status.CONTINUE, Step.EOM, None, tuple(mods), (), ())
