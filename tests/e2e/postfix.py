@@ -541,6 +541,23 @@ class PostfixInstance:
             raise PostfixError(f"postcat -q {queue_id} failed: {result.stderr}")
         return result.stdout
 
+    def deferred_ids(self, count: int, timeout: float = 15.0) -> list[str]:
+        """Queue ids of the deferred queue once it holds ``count`` messages and no other queue
+        holds any (a message moving between queues while ``postqueue`` walks them is listed
+        twice, once per queue)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = self.queue_json()
+            ids = {str(entry["queue_id"]) for entry in entries}
+            settled = all(entry["queue_name"] == "deferred" for entry in entries)
+            if (settled and len(ids) >= count) or time.monotonic() > deadline:
+                if not settled or len(ids) != count:
+                    raise PostfixError(
+                        f"expected {count} deferred messages, got {entries}\n{self.log_text()}"
+                    )
+                return sorted(ids)
+            time.sleep(0.05)
+
     def queue_json(self) -> list[dict[str, object]]:
         """``postqueue -j``: one dict per queued message (any queue: active, deferred, hold...)."""
         result = subprocess.run(
