@@ -148,8 +148,8 @@ def _bound(value: float) -> str:
 
 MAX_CONNECTIONS = 1024
 """Connections open at once, at most. Never more than a quarter of the open-files limit
-(`connection_cap`), so mail keeps the rest. At the cap, new connections wait in the kernel's
-listen queue (`BACKLOG`; past it the kernel refuses them) until a slot frees."""
+(`connection_cap`), so mail keeps the rest. At the cap, a new connection whose request is
+already there is answered at once; any other is answered 503 and closed at once."""
 MAX_REQUEST = 8 * 1024
 """Bytes of request line and headers; a bigger request is answered 431 and closed."""
 REQUEST_DEADLINE = 3.0
@@ -253,17 +253,12 @@ class MetricsServer:
             selector.close()
 
     def _pause(self, seconds: float) -> None:
-        """Stop accepting for `seconds`: new connections wait in the kernel's listen queue."""
+        """Stop accepting for `seconds` (no descriptor left): new ones wait in the listen queue."""
         self._selector.unregister(self.sock)
         self._paused_until = time.monotonic() + seconds
 
     def _accept(self) -> None:
         for _ in range(64):  # then let the waiting connections have a turn
-            if len(self._waiting) >= self.cap:
-                # Full: new connections wait in the kernel's listen queue, costing this process
-                # nothing, until an open one is answered or reaches its deadline.
-                self._pause(0.02)
-                return
             try:
                 sock, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -280,9 +275,17 @@ class MetricsServer:
             if not self._read(conn):
                 sock.close()
                 continue
+            if conn.reply is None and len(self._waiting) >= self.cap:
+                with contextlib.suppress(OSError):  # refused at once: one try, no slot
+                    sock.send(_FULL)
+                sock.close()
+                continue
             answered = conn.reply is not None
             if answered and not self._write(conn):
                 sock.close()  # answered in full at once: no slot taken
+                continue
+            if len(self._waiting) >= self.cap:  # an answer too big to go out at once: cut
+                sock.close()
                 continue
             self._waiting[sock] = conn
             event = selectors.EVENT_WRITE if answered else selectors.EVENT_READ
@@ -378,6 +381,9 @@ def _response(code: int, body: bytes, content_type: str = "text/plain", *, head:
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return (status + fields).encode("latin-1") + (b"" if head else body)
+
+
+_FULL = _response(503, b"busy: the endpoint is at its connection cap\n", head=False)
 
 
 def _peer(sock: socket.socket) -> str:

@@ -98,7 +98,7 @@ def test_a_huge_request_is_refused_without_reading_it_all(milter: MilterProcess)
     assert get(address, "/healthz")[0] == 200
 
 
-def test_past_the_cap_a_client_waits_in_the_queue_and_mail_flows(
+def test_past_the_cap_a_silent_client_is_refused_at_once_and_mail_flows(
     milter: MilterProcess, many_files: None
 ) -> None:
     address = endpoint(milter)
@@ -107,18 +107,18 @@ def test_past_the_cap_a_client_waits_in_the_queue_and_mail_flows(
     holders = [_connect(address) for _ in range(_cap(milter))]
     try:
         time.sleep(0.3)  # all accepted and waiting for a request that never comes
-        late = _connect(address)
-        late.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        late = _connect(address)  # silent too: past the cap, refused at once
+        late.settimeout(2)
+        start = time.monotonic()
+        refused = late.recv(200)
+        assert refused.startswith(b"HTTP/1.1 503"), refused
+        assert late.recv(100) == b""  # and closed
+        assert time.monotonic() - start < 1.5
+        late.close()
         assert _threads(milter.pid) == threads_before  # no thread per connection
         assert _rss_kib(milter.pid) - rss_before < 50 * 1024
         result = MilterClient(milter.socket).run(MESSAGE, recipients=["ok@example.org"])
         assert result.delivered  # mail flows while the endpoint is full
-        # Answered once the silent ones reach their deadline and free their slots.
-        start = time.monotonic()
-        late.settimeout(REQUEST_DEADLINE + 5)
-        assert late.recv(100).startswith(b"HTTP/1.1 200")
-        assert time.monotonic() - start < REQUEST_DEADLINE + 2
-        late.close()
     finally:
         for sock in holders:
             sock.close()
@@ -141,7 +141,7 @@ def test_a_burst_of_a_thousand_scrapes_is_answered(
         selector.register(sock, selectors.EVENT_WRITE)
         replies[sock] = bytearray()
         replies_of[sock.fileno()] = sock
-    answered = 0
+    answered = refused = 0
     while selector.get_map() and time.monotonic() - start < 10:
         for key, events in selector.select(0.5):
             sock = replies_of[key.fd]
@@ -162,8 +162,12 @@ def test_a_burst_of_a_thousand_scrapes_is_answered(
                 continue
             selector.unregister(sock)
             answered += replies[sock].startswith(b"HTTP/1.1 200")
+            refused += replies[sock].startswith(b"HTTP/1.1 503")
     elapsed = time.monotonic() - start
     for sock in replies:
         sock.close()
     selector.close()
-    assert answered >= 990, f"{answered} of 1000 answered in {elapsed:.1f} s"
+    if _cap(milter) >= 1000:  # the burst fits under the cap: 99% answered
+        assert answered >= 990, f"{answered} of 1000 answered in {elapsed:.1f} s"
+    else:  # under a small descriptor limit: answered, or refused at once past the cap
+        assert answered + refused >= 990, f"{answered}+{refused} of 1000 in {elapsed:.1f} s"
