@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import threading
 import time
 
 from typing_extensions import override
@@ -31,7 +34,8 @@ class SlowSync(MilterSession):
 class Stubborn(MilterSession):
     """Async stages that misbehave at their deadline, by recipient: `swallow` catches the
     cancellation and goes on, `block` blocks the event loop after its first await, `stop` stops
-    the event loop, `sleep-S` sleeps; on_eom sleeps as long as the last recipient said."""
+    the event loop, `close` closes it for good, `sleep-S` sleeps; on_eom sleeps as long as the
+    last recipient said."""
 
     slept = 0.0
 
@@ -49,6 +53,8 @@ class Stubborn(MilterSession):
             time.sleep(1.5)  # a blocking call on the event loop
         elif name == "stop":
             asyncio.get_running_loop().stop()
+        elif name == "close":  # broken for good: stopped and closed from another thread
+            threading.Thread(target=_close, args=(asyncio.get_running_loop(),)).start()
         self.slept = requested_sleep(name) or 0.0
         await asyncio.sleep(self.slept)
         return Status.CONTINUE
@@ -57,3 +63,16 @@ class Stubborn(MilterSession):
     async def on_eom(self) -> Status:
         await asyncio.sleep(self.slept)
         return Status.CONTINUE
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    """Once the stage that asked is answered, stop `loop` and close it between two runs (a
+    running loop refuses to close); says so in the log."""
+    time.sleep(0.3)
+    for _ in range(10_000):
+        loop.call_soon_threadsafe(loop.stop)
+        with contextlib.suppress(RuntimeError):
+            loop.close()
+            logging.getLogger("pymilterkit").info("test filter: the event loop is closed")
+            return
+        time.sleep(0.0005)

@@ -117,6 +117,18 @@ def test_an_event_loop_a_stage_stopped_runs_again_and_is_counted() -> None:
         assert "the event loop was stopped (by a stage?): running it again" in milter.log()
 
 
+def test_an_event_loop_that_cannot_run_fails_healthz_and_is_counted() -> None:
+    with start("Stubborn", *METRICS) as milter:
+        address = endpoint(milter)
+        assert get(address, "/healthz") == (200, "serving\n")
+        assert rcpt(milter, "close")[0] is Status.CONTINUE  # then the loop is closed
+        wait_until(lambda: "test filter: the event loop is closed" in milter.log(), "close", 5.0)
+        assert rcpt(milter, "fast")[0] is Status.TEMPFAIL  # the configured failure status
+        assert get(address, "/healthz") == (503, "event loop down\n")
+        assert value(scrape(address), "pymilterkit_up") == 0  # a dashboard sees it too
+        assert "the event loop is down: async stages cannot be served" in milter.log()
+
+
 @pytest.mark.parametrize("target", ["SlowSync", "Stubborn"], ids=["sync", "async"])
 def test_automatic_progress_is_counted(target: str) -> None:
     args = ("--progress-interval", "0.3", *METRICS)
