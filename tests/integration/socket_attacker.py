@@ -8,8 +8,8 @@ a socket is renamed away and replaced by a symlink to VICTIM; a directory is ren
 replaced by one of its own whose entries are symlinks to VICTIM. If root then changes the
 mode or group "of the socket" through a path, it changes VICTIM instead.
 
-It prints "ready" once it races (after dropping to nobody), and the number of swaps it made
-when it ends (after SECONDS, or once STOPFILE exists).
+It prints "ready" once it races (after dropping to nobody), the number of swaps so far at each
+25th, and the number of swaps it made when it ends (after SECONDS, or once STOPFILE exists).
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def main() -> None:
                     os.rename(path, path + ".moved")
                     os.symlink(victim, path)
                     swaps += 1
+                    if swaps % 25 == 0:
+                        print(swaps, flush=True)  # progress, for a test that waits for it
                 elif stat.S_ISDIR(st.st_mode):
                     os.rename(path, path + ".moved")
                     os.mkdir(path, 0o777)
