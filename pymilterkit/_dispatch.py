@@ -190,14 +190,28 @@ class SessionRules:
         """Logs verdicts and modifications instead of sending them (None: off)."""
         self.recorder = recorder
         """Notes what sampled connections saw and did, for `--record` (None: off)."""
-        self.spool = Spool()
+        self._methods: dict[str, Callable[..., Any]] = {}
+        self._spool = Spool()
+
+    @property
+    def spool(self) -> Spool:
         """Where a class with on_message collects messages (the runner sets it)."""
+        return self._spool
+
+    @spool.setter
+    def spool(self, spool: Spool) -> None:
+        self._spool, self._methods = spool, {}
 
     def method(self, stage: str) -> Callable[..., Any]:
         """What runs for `stage`: the class's method, or its collector with on_message."""
-        if "on_message" in self.spec.stages and stage in COLLECTS:
-            return collecting(self.session_class, stage, self.spool)
-        return getattr(self.session_class, stage)  # type: ignore[no-any-return]
+        found = self._methods.get(stage)
+        if found is None:
+            if "on_message" in self.spec.stages and stage in COLLECTS:
+                found = collecting(self.session_class, stage, self.spool)
+            else:
+                found = getattr(self.session_class, stage)
+            self._methods[stage] = found
+        return found
 
     # -- hooks -----------------------------------------------------------------------------
 

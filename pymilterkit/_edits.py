@@ -62,6 +62,11 @@ def header_edits(
     Both are sequences of `(name, value)` in header order; a value is compared exactly as
     given (render new values for the wire before calling). An empty list means no change.
     """
+    kept = len(original)
+    if edited[:kept] == original or [_key(h) for h in edited[:kept]] == [
+        _key(h) for h in original
+    ]:  # the usual case, headers only added at the end: no matching needed
+        return [HeaderEdit("add", name, value, 0) for name, value in edited[kept:]]
     changed: dict[int, str] = {}  # original position -> new value
     deleted: list[int] = []  # original positions
     inserted: list[int] = []  # edited positions

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from email import policy as email_policy
 from email.generator import BytesGenerator
+from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import IO, BinaryIO, cast
@@ -29,9 +30,30 @@ __all__ = ["DEFAULT_SPOOL_THRESHOLD", "Message", "MessageBuffer"]
 DEFAULT_SPOOL_THRESHOLD = 1024 * 1024
 """Bytes of a message held in memory before it goes to a temporary file."""
 
-_PARSE = email_policy.default
-_WIRE = email_policy.default.clone(linesep="\n")
-_BYTES = email_policy.default.clone(linesep="\r\n")
+
+
+class _HeaderClasses(HeaderRegistry):
+    """The standard header registry, making each header class once: the standard one makes a
+    new class for every header it parses or stores (a quarter of parsing a small message)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[type, type] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        kind = self.registry.get(name.lower(), self.default_class)
+        made = self._made.get(kind)
+        if made is None:  # as HeaderRegistry.__getitem__ makes it; at most one per kind
+            made = self._made[kind] = type("_" + kind.__name__, (kind, self.base_class), {})
+        return made
+
+
+_PARSE = email_policy.default.clone(header_factory=_HeaderClasses())
+"""`email.policy.default`, with the header classes made once (what `Message.email` has)."""
+_WIRE = _PARSE.clone(linesep="\n")
+_BYTES = _PARSE.clone(linesep="\r\n")
+_STRUCTURED = frozenset(HeaderRegistry().registry)
+"""Header names the policy parses by a grammar of their own (addresses, dates, parameters)."""
 
 
 class MessageBuffer:
@@ -93,11 +115,15 @@ class MessageBuffer:
             # a second open file description of the same unnamed file: its own offset
             fd = self._spool.fileno()
             return cast(BinaryIO, open(f"/proc/self/fd/{fd}", "rb"))
+        return io.BytesIO(self.data())
+
+    def data(self) -> bytes:
+        """The collected bytes (read whole: for a message still in memory)."""
         end = self._spool.tell()
         self._spool.seek(0)
         data = self._spool.read()
         self._spool.seek(end)
-        return io.BytesIO(data)
+        return data
 
     def body_bytes(self) -> bytes:
         """The body as received (read back from the spool; empty if there was none)."""
@@ -148,8 +174,7 @@ class Message:
     def email(self) -> EmailMessage:
         """The message parsed by the standard library, on first use; edit it in place."""
         if self._email is None:
-            with self.open() as reader:
-                self._email = BytesParser(policy=_PARSE).parse(reader)
+            self._email = _parse(self)
             self._parsed_headers = list(self._email.raw_items())
             self._shape = _shape(self._email)
         return self._email
@@ -176,7 +201,7 @@ class Message:
             return header_edits(before, after), None  # nothing under the top headers replaced
         body = _body(self._email)
         original = self._buffer.body_bytes()
-        if body == original or body == _body(_reparse(self)):
+        if body == original or body == _body(_parse(self)):
             return header_edits(before, after), None
         return header_edits(before, after), body
 
@@ -198,6 +223,13 @@ def _shape(message: EmailMessage) -> list[object]:
 
 def _wire(name: str, value: object) -> str:
     """A header value as a milter action sends it: leading space, folded with LF + space."""
+    text = str(value)
+    if (
+        len(text) > 0 and len(name) + len(text) < 77  # one line, as the policy keeps it
+        and text.isascii() and text.isprintable() and text == text.strip() and "=?" not in text
+        and (name.lower() not in _STRUCTURED or name.lower() == "subject")
+    ):  # what folding would give back unchanged, for a short unstructured value (the most
+        return " " + text  # common edit: a header added) without parsing it again
     folded: str = _WIRE.fold(name, cast(str, value))  # a str or a header object
     return folded[len(name) + 1 :].rstrip("\n")
 
@@ -213,6 +245,10 @@ def _body(message: EmailMessage) -> bytes:
     return raw[cut + 4 :] if cut >= 0 else b""
 
 
-def _reparse(message: Message) -> EmailMessage:
+def _parse(message: Message) -> EmailMessage:
+    """`message` parsed: from its bytes when in memory (quicker), else from its file."""
+    buffer = message._buffer
+    if not buffer.on_disk:
+        return BytesParser(policy=_PARSE).parsebytes(buffer.data())
     with message.open() as reader:
         return BytesParser(policy=_PARSE).parse(reader)

@@ -164,3 +164,57 @@ def test_a_body_edit_replaces_the_body_and_its_headers_follow() -> None:
     again = BytesParser(policy=policy.default).parsebytes(delivered)
     assert isinstance(again, EmailMessage)
     assert [p.get_content_type() for p in again.walk()] == ["multipart/mixed", "text/plain"]
+
+
+def test_a_short_plain_header_value_goes_out_as_the_policy_would_fold_it() -> None:
+    # `_wire` skips the policy for short unstructured ASCII values; the result must not differ.
+    import random
+    import string
+    from email import policy
+
+    from pymilterkit._message import _WIRE, _wire
+
+    names = ["X-Parts", "Subject", "Comments", "X-A", "List-Id", "Received", "To", "Date",
+             "Content-Type", "X-" + "Long" * 12]
+    alphabet = string.ascii_letters + string.digits + " ;:,.<>@()\"'=?!#%&*+-/[]\\^_`{|}~\t"
+    rng = random.Random(7)
+    fast = 0
+    for i in range(20_000):
+        name = rng.choice(names)
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        if i % 3 == 0:
+            text = text.replace(" ", "  ")
+        value: object = text
+        if i % 2:
+            try:  # as raw_items gives it after `message[name] = text`
+                value = policy.default.header_store_parse(name, text)[1]
+            except Exception:  # noqa: BLE001 - the policy refuses to store it at all
+                continue
+        try:
+            folded = _WIRE.fold(name, value)[len(name) + 1 :].rstrip("\n")  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - the policy refuses to fold it: so does ours
+            with pytest.raises(type(exc)):
+                _wire(name, value)
+            continue
+        assert _wire(name, value) == folded, (name, text)
+        fast += folded == " " + str(value)
+    assert fast > 5_000  # the short path was taken often
+
+
+def test_the_parsing_policy_makes_each_header_class_once_and_parses_as_the_default() -> None:
+    from email import policy
+    from email.parser import BytesParser
+
+    from pymilterkit._message import _PARSE
+
+    factory = _PARSE.header_factory
+    assert factory("X-A", "1").__class__ is factory("X-B", "2").__class__
+    assert factory("To", "a@example.net").__class__ is factory("cc", "b@example.net").__class__
+    assert factory("To", "a@example.net").__class__ is not factory("X-A", "1").__class__
+    for raw in (PLAIN, MULTIPART):
+        ours = BytesParser(policy=_PARSE).parsebytes(raw)
+        standard = BytesParser(policy=policy.default).parsebytes(raw)
+        assert ours.as_bytes() == standard.as_bytes()
+        for (name, value), (_, expected) in zip(ours.items(), standard.items(), strict=True):
+            assert (str(value), type(value).__mro__[1:]) == (
+                str(expected), type(expected).__mro__[1:]), name
