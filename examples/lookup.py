@@ -167,9 +167,11 @@ def policy_service(delay: float = 0.0) -> Iterator[int]:
     probe.close()
     loop = asyncio.new_event_loop()
     ready = asyncio.Event()
-    task = loop.create_task(serve_policy("127.0.0.1", port, delay, ready))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
+    # Made on the loop's thread: from Python 3.14 `asyncio.all_tasks()` on that thread does not
+    # list a task another thread created, and `_cancel_others` would leave it running.
+    task = asyncio.run_coroutine_threadsafe(serve_policy("127.0.0.1", port, delay, ready), loop)
     try:
         asyncio.run_coroutine_threadsafe(ready.wait(), loop).result(5)
         yield port
