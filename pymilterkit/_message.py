@@ -112,7 +112,10 @@ class MessageBuffer:
     def view(self) -> BinaryIO:
         """A reader of the collected bytes from the start, with a position of its own."""
         if self.on_disk:
-            # a second open file description of the same unnamed file: its own offset
+            # a second open file description of the same unnamed file: its own offset; what
+            # the spool still buffers must reach the file first (whole chunks from Python 3.14,
+            # whose buffer is 128 KiB: a message read back without its last chunks)
+            self._spool.flush()
             fd = self._spool.fileno()
             return cast(BinaryIO, open(f"/proc/self/fd/{fd}", "rb"))
         return io.BytesIO(self.data())

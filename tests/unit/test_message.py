@@ -128,6 +128,19 @@ def test_past_the_threshold_the_message_is_in_an_unnamed_file(tmp_path: Path) ->
         os.fstat(fd)
 
 
+def test_a_spooled_message_reads_back_whole_with_chunks_still_buffered(tmp_path: Path) -> None:
+    # After the roll-over to a file, small chunks sit in the file's buffer until a flush.
+    raw = PLAIN + b"x" * 5000 + b"\r\n" + b"tail\r\n" * 10
+    buffer = _collect(raw, threshold=1024, directory=str(tmp_path))
+    buffer.body(b"last\r\n")
+    whole = raw + b"last\r\n"
+    message = Message(buffer, "", [], None)
+    with message.open() as reader:
+        assert reader.read() == whole
+    assert message.email.get_content().endswith("tail\nlast\n")
+    assert buffer.body_bytes().endswith(b"tail\r\nlast\r\n")
+
+
 def test_a_message_past_max_size_is_not_kept() -> None:
     buffer = _collect(PLAIN + b"y" * 10_000, max_size=4096)
     assert buffer.too_big
