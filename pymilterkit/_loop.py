@@ -146,6 +146,8 @@ class EventLoopThread:
         self.stopping = False
         self.on_restart: Callable[[], object] = lambda: None
         """Called (on the loop's thread) when the loop is run again after a stage stopped it."""
+        self.on_down: Callable[[], object] = lambda: None
+        """Called (on the loop's thread) when the loop was closed and cannot run again."""
         problem = _internals_problem(self.loop)
         if problem is None:
             loop: Any = self.loop
@@ -171,14 +173,21 @@ class EventLoopThread:
             while True:
                 try:
                     self.loop.run_forever()
-                except BaseException as exc:  # a loop that fails is run again
-                    logger.error("the event loop failed: %r", exc, exc_info=exc)
+                except BaseException as exc:  # noqa: BLE001 - a loop that fails is run again
+                    failure: BaseException | None = exc
                 else:
+                    failure = None
                     if self.stopping:
                         return
-                    logger.error("the event loop was stopped (by a stage?): running it again")
-                if self.loop.is_closed():
+                if self.loop.is_closed():  # cannot run again: said and counted at once
+                    logger.critical("the event loop was closed (by a stage?): async stages "
+                                    "cannot be served", exc_info=failure)
+                    self.on_down()
                     return
+                if failure is not None:
+                    logger.error("the event loop failed: %r", failure, exc_info=failure)
+                else:
+                    logger.error("the event loop was stopped (by a stage?): running it again")
                 self.on_restart()
 
     @property

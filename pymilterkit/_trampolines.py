@@ -163,6 +163,7 @@ class LibmilterCallbacks(SessionRules):
         self._loop = loop
         if loop is not None:
             loop.on_restart = functools.partial(_metrics.event_loop, True)
+            loop.on_down = functools.partial(_metrics.event_loop, False)
 
     # -- trampolines -----------------------------------------------------------------------
 

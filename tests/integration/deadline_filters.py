@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -66,13 +65,20 @@ class Stubborn(MilterSession):
 
 
 def _close(loop: asyncio.AbstractEventLoop) -> None:
-    """Once the stage that asked is answered, stop `loop` and close it between two runs (a
-    running loop refuses to close); says so in the log."""
+    """Once the stage that asked is answered, stop `loop` and close it before the runner runs
+    it again: the runner logs the stop first, so holding the log handlers' locks holds it in
+    that gap (a running loop refuses to close). Says so in the log."""
     time.sleep(0.3)
-    for _ in range(10_000):
+    handlers = [h for name in ("pymilterkit", "") for h in logging.getLogger(name).handlers]
+    for handler in handlers:
+        handler.acquire()
+    try:
         loop.call_soon_threadsafe(loop.stop)
-        with contextlib.suppress(RuntimeError):
-            loop.close()
-            logging.getLogger("pymilterkit").info("test filter: the event loop is closed")
-            return
-        time.sleep(0.0005)
+        deadline = time.monotonic() + 10
+        while loop.is_running() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        loop.close()
+    finally:
+        for handler in handlers:
+            handler.release()
+    logging.getLogger("pymilterkit").info("test filter: the event loop is closed")

@@ -123,8 +123,9 @@ def test_an_event_loop_that_cannot_run_fails_healthz_and_is_counted() -> None:
         assert get(address, "/healthz") == (200, "serving\n")
         assert rcpt(milter, "close")[0] is Status.CONTINUE  # then the loop is closed
         wait_until(lambda: "test filter: the event loop is closed" in milter.log(), "close", 5.0)
+        wait_until(lambda: get(address, "/healthz") == (503, "event loop down\n"), "503", 5.0)
+        assert "the event loop was closed (by a stage?)" in milter.log()  # before any stage
         assert rcpt(milter, "fast")[0] is Status.TEMPFAIL  # the configured failure status
-        assert get(address, "/healthz") == (503, "event loop down\n")
         assert value(scrape(address), "pymilterkit_up") == 0  # a dashboard sees it too
         assert "the event loop is down: async stages cannot be served" in milter.log()
 
