@@ -922,6 +922,11 @@ def _restart_one(topo: Topology, instance: Instance, via: Drain,
         _wait(lambda: hp.current_sessions(name) == 0, stop_timeout, f"{name} drained", 0.01)
     status = instance.stop(stop_timeout)
     drained = time.monotonic() - began
+    if via == "sigterm":
+        # HAProxy takes it out on its own check (fall x inter) before the new one starts. Started
+        # at once, the new process may meet a server HAProxy never marked DOWN; HAProxy 3.2
+        # (Debian testing) then never sends it a connection again, though it shows it UP.
+        hp.wait_status(name, "DOWN", timeout=30)
     restarted = time.monotonic()
     instance.start()
     if via == "runtime-api":
