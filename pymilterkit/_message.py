@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from email import policy as email_policy
 from email.generator import BytesGenerator
-from email.headerregistry import BaseHeader, HeaderRegistry
+from email.headerregistry import BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
 from email.parser import BytesParser
 from typing import IO, BinaryIO, cast
@@ -29,7 +29,6 @@ __all__ = ["DEFAULT_SPOOL_THRESHOLD", "Message", "MessageBuffer"]
 
 DEFAULT_SPOOL_THRESHOLD = 1024 * 1024
 """Bytes of a message held in memory before it goes to a temporary file."""
-
 
 
 class _HeaderClasses(HeaderRegistry):
@@ -52,7 +51,10 @@ _PARSE = email_policy.default.clone(header_factory=_HeaderClasses())
 """`email.policy.default`, with the header classes made once (what `Message.email` has)."""
 _WIRE = _PARSE.clone(linesep="\n")
 _BYTES = _PARSE.clone(linesep="\r\n")
-_STRUCTURED = frozenset(HeaderRegistry().registry)
+_STRUCTURED = frozenset(
+    name for name, kind in HeaderRegistry().registry.items()
+    if not issubclass(kind, UnstructuredHeader)
+)
 """Header names the policy parses by a grammar of their own (addresses, dates, parameters)."""
 
 
@@ -230,7 +232,7 @@ def _wire(name: str, value: object) -> str:
     if (
         len(text) > 0 and len(name) + len(text) < 77  # one line, as the policy keeps it
         and text.isascii() and text.isprintable() and text == text.strip() and "=?" not in text
-        and (name.lower() not in _STRUCTURED or name.lower() == "subject")
+        and name.lower() not in _STRUCTURED
     ):  # what folding would give back unchanged, for a short unstructured value (the most
         return " " + text  # common edit: a header added) without parsing it again
     folded: str = _WIRE.fold(name, cast(str, value))  # a str or a header object

@@ -275,16 +275,14 @@ class MetricsServer:
             if not self._read(conn):
                 sock.close()
                 continue
-            if conn.reply is None and len(self._waiting) >= self.cap:
-                with contextlib.suppress(OSError):  # refused at once: one try, no slot
-                    sock.send(_FULL)
-                sock.close()
-                continue
             answered = conn.reply is not None
             if answered and not self._write(conn):
                 sock.close()  # answered in full at once: no slot taken
                 continue
-            if len(self._waiting) >= self.cap:  # an answer too big to go out at once: cut
+            if len(self._waiting) >= self.cap:  # full: refused at once, no slot
+                if not answered:  # (an answer too big to go out at once is cut)
+                    with contextlib.suppress(OSError):  # one try
+                        sock.send(_FULL)
                 sock.close()
                 continue
             self._waiting[sock] = conn

@@ -177,10 +177,9 @@ class Server:
         self._gate = Gate(fd)
         if inherited:
             os.close(fd)
-        conn = f"fd:{self._gate.fd}"
-        self._conn = conn.encode()
-        if lib.smfi_setconn(conn.encode()) != c.MI_SUCCESS:
-            raise SocketSpecError(f"libmilter refused socket spec {conn}")
+        self._conn = f"fd:{self._gate.fd}".encode()
+        if lib.smfi_setconn(self._conn) != c.MI_SUCCESS:
+            raise SocketSpecError(f"libmilter refused socket spec {self._conn.decode()}")
         self._timeout = DEFAULT_TIMEOUT if options.timeout is None else options.timeout
         lib.smfi_settimeout(self._timeout)
         if options.backlog is not None and lib.smfi_setbacklog(options.backlog) != c.MI_SUCCESS:
