@@ -12,9 +12,11 @@ A stage's `Status` goes from the user's method to the wire through calls chosen 
 callbacks are built, never at run time: the plain callback (`_sync_callback` or
 `_async_callback`) runs the method and checks its result; with dry-run, `DryRun.verdicts`
 wraps it (a verdict is logged and CONTINUE sent); with metrics, `Meter.timed` wraps that (the
-answer the MTA gets is counted). Each feature is an object handed to `SessionRules` (`meter`,
-`dry_run`), which also asks it about sessions, errors and timeouts; when a feature is off, its
-object is None and the callback is the plain one.
+answer the MTA gets is counted). With `--record`, the plain callback hands a sampled
+connection's calls to the recorder's `noted`, which notes them around a plain callback of its
+own. Each feature is an object handed to `SessionRules` (`meter`, `dry_run`, `recorder`),
+which also asks it about sessions, errors and timeouts; when a feature is off, its object is
+None and the callback is the plain one.
 
 Every stage callback writes its connection's key into its thread's `Entry` before it looks the
 session up, and clears it when it returns; a stop (`_trampolines.LibmilterCallbacks.close_all`)
@@ -86,6 +88,13 @@ class _AfterPending(Mapping[Any, MilterSession]):
 
     def __len__(self) -> int:
         return len(self.sessions)
+
+
+def _no_stage_macros(key: Any, slot: int) -> list[bytes] | None:
+    """The macros the MTA sent for macro stage `slot` (SMFIM_*) of connection `key`, names and
+    values alternating (None: not known; a recording then notes those read). `SessionRules`'
+    `stage_macros`; the runner's reads them from libmilter's context."""
+    return None
 
 
 class Entry:
@@ -388,9 +397,10 @@ class SessionRules:
         """
         plain = self._async_callback if stage in self.asynchronous else self._sync_callback
         callback = plain(stage, sessions, create, convert, envelope, pin)
-        if self.recorder is not None:
-            callback = self.recorder.stage(stage, callback, sessions, convert, envelope,
-                                           self.stage_macros, stage in self.asynchronous)
+        if self.recorder is not None:  # a recorded connection's calls go to `noted`
+            noted = self.recorder.stage(stage, callback, convert, envelope, self.stage_macros,
+                                        stage in self.asynchronous)
+            callback = plain(stage, sessions, create, convert, envelope, pin, noted)
         if self.dry_run is not None:
             callback = self.dry_run.verdicts(stage, callback, sessions)
         if self.meter is not None and stage not in self.asynchronous:  # async: `answered`
@@ -405,6 +415,7 @@ class SessionRules:
         convert: Callable[..., tuple[Any, ...]] | None,
         envelope: bool,
         pin: Callable[[], object],
+        noted: Callable[..., int] | None = None,
     ) -> Callable[..., int]:
         """The plain callback of a sync stage (see `stage_callback`).
 
@@ -439,6 +450,8 @@ class SessionRules:
                     if new is None:  # stopping: no new sessions
                         return status_type.TEMPFAIL
                     session = new
+                if noted is not None and session._pmk_log is not None:  # recorded
+                    return noted(session, key, a, b)
                 session._pmk_stage = stage
                 try:
                     if envelope:
@@ -482,6 +495,7 @@ class SessionRules:
         convert: Callable[..., tuple[Any, ...]] | None,
         envelope: bool,
         pin: Callable[[], object],
+        noted: Callable[..., int] | None = None,
     ) -> Callable[..., int]:
         """The plain callback of an `async def` stage: the coroutine goes to `answer_async`.
 
@@ -512,6 +526,8 @@ class SessionRules:
                 pending = session._pmk_pending
                 if pending is not None:  # a peer that did not wait for the previous answer
                     pending.wait()
+                if noted is not None and session._pmk_log is not None:  # recorded
+                    return noted(session, key, a, b)
                 session._pmk_stage = stage
                 try:
                     if envelope:
@@ -598,10 +614,7 @@ class SessionRules:
             return int(value)
         return self.bad_result(value, stage, session)
 
-    def stage_macros(self, key: Any, slot: int) -> list[bytes] | None:
-        """The macros the MTA sent for macro stage `slot` (SMFIM_*) of connection `key`, names
-        and values alternating (None: not known; a recording then notes those read)."""
-        return None
+    stage_macros: Callable[[Any, int], list[bytes] | None] = staticmethod(_no_stage_macros)
 
     @staticmethod
     def in_stage(session: MilterSession) -> str | None:

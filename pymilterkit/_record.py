@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 `Recorder` is recording's part in the dispatch path (`SessionRules.recorder`), chosen when the
 callbacks are built. A sampled connection's session gets a `RecordingBackend` (each action is
-noted, then carried out) and every stage callback is wrapped (`Recorder.stage`) to note the
-stage's arguments, the macros the MTA sent with it, the answer and the time. libmilter's
+noted, then carried out), and its stage callbacks hand each call to `noted`
+(`Recorder.stage`), which notes the stage's arguments, the macros the MTA sent with it, the
+answer and the time; other connections' calls take the plain path. libmilter's
 threads only note in memory and, at the end of each message and at close, pickle the
 connection's new lines onto a bounded queue (dropped and counted when it is full). A thread
 (`Feed`) hands them through a pipe to a writer process of this serving process (started at the
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ConfigurationError
@@ -147,9 +148,10 @@ def _encode(entry: Any, body: bool) -> str:
         return _json(entry) + "\n"
     stage, args, macros, answer, elapsed, actions = entry
     out = ['{"stage":"', stage, '"']
-    if stage == "body":
-        out.append(f',"size":{len(args[0])}')
-        args = (args[0] if body else None,)
+    if stage == "body":  # the chunk, or its size only (--record-body no)
+        data = args[0]
+        out.append(f',"size":{data if data.__class__ is int else len(data)}')
+        args = (data if body and data.__class__ is not int else None,)
     out += (',"args":', _json(args))
     if macros is not None:  # names and values alternate
         names = iter(macros)
@@ -293,8 +295,8 @@ class Feed:
         o = self.options
         try:  # its own session: the process group's signals are not for it; it ends at EOF
             writer = subprocess.Popen(
-                [sys.executable, "-m", "pymilterkit._record", o.directory, str(int(o.body)),
-                 repr(o.max_mb)], stdin=subprocess.PIPE, start_new_session=True)
+                [sys.executable, "-c", _WRITER, o.directory, str(int(o.body)), repr(o.max_mb)],
+                stdin=subprocess.PIPE, start_new_session=True)
         except OSError as exc:
             logger.warning("record: cannot start the writer process: %s", exc)
             self.queue.clear()
@@ -303,8 +305,10 @@ class Feed:
         pending, stopping, frame = self.queue, self.stopping, _FRAME.pack
         try:
             while pending or not stopping.is_set():
+                # A look every _POLL s, queued or not: writing as parts come would hand the
+                # GIL to and from libmilter's threads at every message.
+                stopping.wait(_POLL)
                 if not pending:
-                    stopping.wait(_POLL)
                     continue
                 parts = [pending.popleft() for _ in range(len(pending))]
                 writer.stdin.write(b"".join(frame(len(p)) + p for p in parts))
@@ -321,6 +325,9 @@ class Feed:
 
 
 _FRAME = struct.Struct("=I")
+# The writer process's program (not `-m pymilterkit._record`: the package imports this module
+# first, and runpy warns about that on every start).
+_WRITER = "import sys; from pymilterkit._record import _main; _main(sys.argv[1:])"
 
 
 def _main(argv: list[str]) -> None:
@@ -390,7 +397,6 @@ class Recorder:
     def __init__(self, options: RecordOptions, session_class: type[MilterSession]) -> None:
         self.options = options
         self.feed = Feed(options)
-        self.logs: dict[MilterSession, _Log] = {}
         self.numbers = itertools.count(1)
         spec = session_class.negotiation()
         self.head = {"format": FORMAT, "version": VERSION,
@@ -398,45 +404,53 @@ class Recorder:
                      "pid": os.getpid(), "body": options.body, "protocol": int(spec.protocol)}
 
     def backend(self, inner: SessionBackend, session: MilterSession) -> SessionBackend:
-        """A new session's backend: recording, for the sampled share of connections."""
+        """A new session's backend: recording, for the sampled share of connections (their
+        session's `_pmk_log` sends its stage calls to `noted`)."""
         sample = self.options.sample
         if sample < 1.0 and random.random() >= sample:
             return inner
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{next(self.numbers):06d}"
-        log = self.logs[session] = _Log(name, dict(self.head, pid=os.getpid(), time=time.time()))
+        log = session._pmk_log = _Log(name, dict(self.head, pid=os.getpid(), time=time.time()))
         return RecordingBackend(inner, log)
 
     def stage(
         self,
         stage: str,
         callback: Callable[..., int],
-        sessions: Mapping[Any, MilterSession],
         convert: Callable[..., tuple[Any, ...]] | None,
         envelope: bool,
         macros: Callable[[Any, int], list[bytes] | None],
         later: bool,
     ) -> Callable[..., int]:
-        """`callback` (a plain stage callback), noting each call of a recorded connection;
-        `later`: an async stage, whose answer comes to `answered`."""
-        logs, clock, flush = self.logs, time.perf_counter, self._flush
+        """What the stage callback hands a recorded connection's call to:
+        `noted(session, key, a, b)` notes it and runs it through `callback` (a plain stage
+        callback); `later`: an async stage, whose answer comes to `answered`.
+
+        Arguments are kept as libmilter gives them where the writer can decode them (header
+        names and values, addresses without parameters): no stage decodes them twice.
+        """
+        clock, flush, body = time.perf_counter, self._flush, self.options.body
         where = BY_METHOD[stage].macros
         slot = None if where is None else int(where)
         name, starts, ends = stage.removeprefix("on_"), stage == "on_mail", stage == "on_eom"
+        raw, is_body = stage == "on_header", stage == "on_body"
 
-        def recorded(key: Any, a: Any = None, b: Any = None) -> int:
-            session = sessions.get(key)
-            log = logs.get(session)  # type: ignore[arg-type]
-            if log is None:
-                return callback(key, a, b)
+        def noted(session: MilterSession, key: Any, a: Any = None, b: Any = None) -> int:
+            log: _Log = session._pmk_log
             try:
-                pending = session._pmk_pending  # type: ignore[union-attr]
-                if pending is not None:  # the previous async stage is noted first
-                    pending.wait()
                 if starts and log.entry is not None:  # the last message was aborted
                     flush(log, False)
-                if envelope:  # the parameters as their text: quicker to hand over
-                    address, params = convert(a)  # type: ignore[misc]
-                    args: tuple[Any, ...] = (address, str(params))
+                if raw:
+                    args: tuple[Any, ...] = (a or b"", b or b"")
+                elif envelope:
+                    first = a[0]
+                    if first is not None and a[1] is None:  # an address, no parameters
+                        args = (first, "")
+                    else:  # the parameters as their text: quicker to hand over
+                        address, params = convert(a)  # type: ignore[misc]
+                        args = (address, str(params))
+                elif is_body:  # the chunk, or its size only
+                    args = convert(a, b) if body else (b,)  # type: ignore[misc]
                 else:
                     args = () if convert is None else convert(a, b)
                 entry: list[Any] = [name, args, None if slot is None else macros(key, slot),
@@ -450,19 +464,19 @@ class Recorder:
             start = clock()
             answer = callback(key, a, b)
             if not later:
-                entry[3], entry[4] = answer, clock() - start
+                entry[3], entry[4] = int(answer), clock() - start
                 if ends:
                     flush(log, False)
             return answer
 
-        return recorded
+        return noted
 
     def answered(self, session: MilterSession, stage: str, answer: int, elapsed: float) -> None:
         """An async stage's answer."""
-        log = self.logs.get(session)
+        log: _Log | None = session._pmk_log
         entry = None if log is None else log.entry
         if log is not None and entry is not None:
-            entry[3], entry[4] = answer, elapsed
+            entry[3], entry[4] = int(answer), elapsed
             if stage == "on_eom":
                 self._flush(log, False)
 
@@ -481,8 +495,9 @@ class Recorder:
 
     def closed(self, session: MilterSession) -> None:
         """The connection closed: its file is completed."""
-        log = self.logs.pop(session, None)
+        log: _Log | None = session._pmk_log
         if log is not None:
+            session._pmk_log = None
             log.lines.append({"end": "close"})
             self._flush(log, True)
 
@@ -490,6 +505,3 @@ class Recorder:
         """At the process's stop: write what is queued."""
         self.feed.stop()
 
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])

@@ -243,6 +243,7 @@ class MilterSession:
     _pmk_id: int = 0  # the session's number in this process (its logs' session id)
     _pmk_pending: Any = None  # an async stage still to be answered (runner: threading.Event)
     _pmk_collected: Any = None  # on_message: the message being collected (`_whole`)
+    _pmk_log: Any = None  # --record: this connection's recording, if it is sampled (`_record`)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

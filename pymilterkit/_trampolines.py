@@ -150,8 +150,7 @@ class LibmilterCallbacks(SessionRules):
         super().fatal(exc, stage)
         self.on_fatal(exc)
 
-    def stage_macros(self, key: Any, slot: int) -> list[bytes] | None:
-        return private.stage_macros(key, slot)
+    stage_macros = staticmethod(private.stage_macros)  # called as it is: one call less
 
     @property
     def loop(self) -> EventLoopThread | None:
