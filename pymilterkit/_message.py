@@ -20,7 +20,7 @@ from email import policy as email_policy
 from email.generator import BytesGenerator
 from email.headerregistry import BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
-from email.parser import BytesParser
+from email.parser import BytesParser, Parser
 from typing import IO, BinaryIO, cast
 
 from ._edits import HeaderEdit, header_edits
@@ -129,6 +129,11 @@ class MessageBuffer:
         data = self._spool.read()
         self._spool.seek(end)
         return data
+
+    @property
+    def body_start(self) -> int:
+        """Where the body starts (after the empty line), or -1 before the end of headers."""
+        return self._body_at
 
     def body_bytes(self) -> bytes:
         """The body as received (read back from the spool; empty if there was none)."""
@@ -251,9 +256,28 @@ def _body(message: EmailMessage) -> bytes:
 
 
 def _parse(message: Message) -> EmailMessage:
-    """`message` parsed: from its bytes when in memory (quicker), else from its file."""
-    buffer = message._buffer
-    if not buffer.on_disk:
-        return BytesParser(policy=_PARSE).parsebytes(buffer.data())
+    """`message` parsed as `BytesParser` parses its bytes.
+
+    A message whose top part is a leaf (not multipart/*, message/*) gets its header block
+    parsed and its body set as it is: the parser would join the body's lines into the same
+    text, one line at a time (at 1 MiB most of the parse, and the lines' objects are most of
+    its memory). Any other message, or a header block the parser reads otherwise (a defect),
+    is parsed whole: from its bytes when in memory, else from its file, read as text without
+    translating line ends (as `parsebytes` reads them: the same payloads either way).
+    """
+    buffer, parser, at = message._buffer, BytesParser(policy=_PARSE), message._buffer.body_start
     with message.open() as reader:
-        return BytesParser(policy=_PARSE).parse(reader)
+        if at >= 0:
+            head = parser.parsebytes(reader.read(at))
+            if not head.defects and head.get_content_maintype() not in _PARTS:
+                head.set_payload(reader.read().decode("ascii", "surrogateescape"))
+                return head
+            reader.seek(0)
+        if not buffer.on_disk:
+            return parser.parsebytes(reader.read())
+        text = io.TextIOWrapper(reader, "ascii", "surrogateescape", newline="")
+        return Parser(policy=_PARSE).parse(text)
+
+
+_PARTS = ("multipart", "message")
+"""Main content types whose body the parser reads into parts."""

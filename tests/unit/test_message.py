@@ -137,7 +137,7 @@ def test_a_spooled_message_reads_back_whole_with_chunks_still_buffered(tmp_path:
     message = Message(buffer, "", [], None)
     with message.open() as reader:
         assert reader.read() == whole
-    assert message.email.get_content().endswith("tail\nlast\n")
+    assert message.email.get_content().endswith("tail\r\nlast\r\n")  # as parsebytes reads it
     assert buffer.body_bytes().endswith(b"tail\r\nlast\r\n")
 
 
@@ -231,3 +231,56 @@ def test_the_parsing_policy_makes_each_header_class_once_and_parses_as_the_defau
         for (name, value), (_, expected) in zip(ours.items(), standard.items(), strict=True):
             assert (str(value), type(value).__mro__[1:]) == (
                 str(expected), type(expected).__mro__[1:]), name
+
+
+def _buffer_of(raw: bytes, threshold: int) -> MessageBuffer:
+    """A buffer fed line by line, header names taken as they are (even ones a parser rejects)."""
+    buffer = MessageBuffer(threshold)
+    _open.append(buffer)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n") if head else []:
+        name, _, value = line.decode("utf-8", "surrogateescape").partition(":")
+        buffer.header(name, value)
+    buffer.end_of_headers()
+    for start in range(0, len(body), 3000):
+        buffer.body(body[start : start + 3000])
+    return buffer
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        PLAIN,
+        MULTIPART,
+        NO_BODY,
+        b"\r\nno header at all\r\n",
+        b"Subject: lone CR\r\n\r\nA\rB\r\n\xff\xfe 8-bit\r\n" + b"z" * 5000 + b"\r\n",
+        b"Bad Name: a header the parser takes for the body\r\nTo: b@example.org\r\n\r\nbody\r\n",
+        b"Content-Type: multipart/mixed\r\n\r\nno boundary\r\n",
+        b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\ninner body\r\n",
+        b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + "caf\u00e9\r\n".encode() * 2000,
+    ],
+)
+@pytest.mark.parametrize("threshold", [1 << 20, 1024])
+def test_email_is_what_parsebytes_makes_of_the_bytes_in_memory_or_on_disk(
+    raw: bytes, threshold: int
+) -> None:
+    # A leaf message's body is set without the parser's line-by-line pass; others are parsed
+    # whole. Either way, and from memory or from the file, the result is parsebytes's.
+    from email.parser import BytesParser
+
+    from pymilterkit._message import _PARSE
+
+    buffer = _buffer_of(raw, threshold)
+    message = Message(buffer, "", [], None)
+    with message.open() as reader:
+        exact = reader.read()
+    assert buffer.on_disk == (len(exact) > threshold)
+    ours, expected = message.email, BytesParser(policy=_PARSE).parsebytes(exact)
+    assert ours.as_bytes() == expected.as_bytes()
+    assert [type(d) for d in ours.defects] == [type(d) for d in expected.defects]
+    pairs = list(zip(ours.walk(), expected.walk(), strict=True))
+    for mine, theirs in pairs:
+        assert mine.items() == theirs.items()
+        if not mine.is_multipart():
+            assert mine.get_payload() == theirs.get_payload()
