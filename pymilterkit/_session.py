@@ -136,6 +136,14 @@ def _merge_macros(cls: type) -> dict[Stage, tuple[str, ...]]:
     return {stage: tuple(names) for stage, names in merged.items() if names}
 
 
+_UNANSWERED = ("on_mail", "on_rcpt", "on_eoh")
+"""Stages an on_message class collects without answering (when it does not override them):
+MAIL and RCPT (nothing to answer before the headers), and end of headers (one round trip less
+per message, as libmilter keeps it for a class without it). Header and body chunks are
+answered: unanswered, the MTA streams them, and a client that waits for no reply got 0.46-0.77
+times the msg/s of the hand-written filter (b774705)."""
+
+
 def build_spec(cls: type[MilterSession]) -> ClassSpec:
     """Compute a session class's negotiation from its methods and class attributes."""
     stages = set()
@@ -147,7 +155,7 @@ def build_spec(cls: type[MilterSession]) -> ClassSpec:
         if method is getattr(MilterSession, name):
             if whole and name in COLLECTS:  # collected for on_message
                 stages.add(name)
-                if name in ("on_mail", "on_rcpt"):  # nothing to answer before the headers
+                if name in _UNANSWERED:
                     no_reply.add(name)
                     protocol |= nr_flag
             else:

@@ -56,15 +56,15 @@ class Seen(MilterSession):
         return Status.CONTINUE
 
 
-def test_negotiation_collects_mail_and_rcpt_without_replies() -> None:
+def test_negotiation_collects_mail_rcpt_and_end_of_headers_without_replies() -> None:
     spec = Seen.negotiation()
     assert {"on_mail", "on_rcpt", "on_header", "on_eoh", "on_body", "on_eom"} <= spec.stages
     assert spec.protocol & ProtocolOpts.HDR_LEADSPC
-    for flag in (ProtocolOpts.NR_MAIL, ProtocolOpts.NR_RCPT, ProtocolOpts.NO_CONNECT,
-                 ProtocolOpts.NO_HELO):
+    for flag in (ProtocolOpts.NR_MAIL, ProtocolOpts.NR_RCPT, ProtocolOpts.NR_EOH,
+                 ProtocolOpts.NO_CONNECT, ProtocolOpts.NO_HELO):
         assert spec.protocol & flag, flag
     for flag in (ProtocolOpts.NO_HDRS, ProtocolOpts.NO_BODY, ProtocolOpts.NO_MAIL,
-                 ProtocolOpts.NR_HDR, ProtocolOpts.NR_EOH, ProtocolOpts.NR_BODY):
+                 ProtocolOpts.NO_EOH, ProtocolOpts.NR_HDR, ProtocolOpts.NR_BODY):
         assert not spec.protocol & flag, flag
     assert MilterSession.negotiation().stages == frozenset()
 
