@@ -1,8 +1,8 @@
 """The stage functions of a class with `on_message`: they collect the message, then hand it over.
 
 Such a class gets the mail, rcpt, header, end-of-headers, body, end-of-message, abort and close
-callbacks whether it overrides them or not (`_session.COLLECTS`; MAIL, RCPT and end of headers no-
-reply unless it overrides them). Each function here collects what its stage brings into the
+callbacks whether it overrides them or not (`_session.COLLECTS`; MAIL, RCPT and end of headers
+no-reply unless it overrides them). Each function here collects what its stage brings into the
 session's `MessageBuffer`, then runs the class's own method, as a function of the same kind (sync
 or `async def`). At end of message: a message past the size limit gets `too_big` and no
 `on_message`; otherwise `on_message` runs, its edits to `message.email` become actions when it
