@@ -15,13 +15,15 @@ from __future__ import annotations
 import io
 import operator
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from email import policy as email_policy
 from email.generator import BytesGenerator
 from email.headerregistry import BaseHeader, HeaderRegistry, UnstructuredHeader
 from email.message import EmailMessage
 from email.parser import BytesParser, Parser
-from typing import IO, BinaryIO, cast
+from typing import IO, Any, BinaryIO, cast
+
+from typing_extensions import override
 
 from ._edits import HeaderEdit, header_edits
 
@@ -222,7 +224,7 @@ def _shape(message: EmailMessage) -> list[object]:
     objects: list[object] = []
     for part in message.walk():
         state = vars(part)
-        payload = state.get("_payload")
+        payload = state.get("_pmk_body", state.get("_payload"))  # a `_Leaf`: read or not
         objects += payload if isinstance(payload, list) else [payload]
         objects += [part, part.preamble, part.epilogue, state.get("_charset"),
                     state.get("_default_type")]
@@ -265,14 +267,19 @@ def _parse(message: Message) -> EmailMessage:
     is parsed whole: from its bytes when in memory, else from its file, read as text without
     translating line ends (as `parsebytes` reads them: the same payloads either way).
     """
-    buffer, parser, at = message._buffer, BytesParser(policy=_PARSE), message._buffer.body_start
+    buffer, at = message._buffer, message._buffer.body_start
+    parser = BytesParser(policy=_LAZY if buffer.on_disk else _PARSE)
     with message.open() as reader:
         if at >= 0:
             head = parser.parsebytes(reader.read(at))
             if not head.defects and head.get_content_maintype() not in _PARTS:
-                head.set_payload(reader.read().decode("ascii", "surrogateescape"))
+                if isinstance(head, _Leaf):  # past the threshold: read when first used
+                    head._pmk_later(lambda: buffer.body_bytes().decode("ascii", "surrogateescape"))
+                else:
+                    head.set_payload(reader.read().decode("ascii", "surrogateescape"))
                 return head
             reader.seek(0)
+            parser = BytesParser(policy=_PARSE)
         if not buffer.on_disk:
             return parser.parsebytes(reader.read())
         text = io.TextIOWrapper(reader, "ascii", "surrogateescape", newline="")
@@ -281,3 +288,40 @@ def _parse(message: Message) -> EmailMessage:
 
 _PARTS = ("multipart", "message")
 """Main content types whose body the parser reads into parts."""
+
+
+class _Leaf(EmailMessage):
+    """A single-part message past the spool threshold: its body is read from the temporary
+    file when first used, so a filter that parses it and never reads the body holds only its
+    headers (16 messages of 20 MiB at once: see docs/performance.md).
+
+    Foreign internals: `email.message.Message` keeps the body in the attribute `_payload`,
+    which its own methods read and write directly (`set_charset`, `_make_multipart`, ...), not
+    only through `get_payload`/`set_payload`. `_payload` is made a property here: the first read
+    reads the body; a write replaces it. `tests/unit/test_message.py` checks that every way of
+    reading and editing a message gives what it gives on the message parsed whole.
+    """
+
+    @property
+    def _payload(self) -> Any:
+        state = self.__dict__
+        read = state.get("_pmk_read")
+        if read is not None:
+            state["_pmk_read"] = None
+            state["_pmk_text"] = read()
+        return state.get("_pmk_text")
+
+    @_payload.setter
+    def _payload(self, value: Any) -> None:
+        self.__dict__.update(_pmk_read=None, _pmk_text=value, _pmk_body=value)
+
+    def _pmk_later(self, read: Callable[[], str]) -> None:
+        """The body is what `read()` returns, read when first used."""
+        self.__dict__.update(_pmk_read=read, _pmk_text=None, _pmk_body=read)
+
+    @override
+    def is_multipart(self) -> bool:
+        return self.__dict__.get("_pmk_read") is None and super().is_multipart()
+
+
+_LAZY = _PARSE.clone(message_factory=_Leaf)

@@ -284,3 +284,61 @@ def test_email_is_what_parsebytes_makes_of_the_bytes_in_memory_or_on_disk(
         assert mine.items() == theirs.items()
         if not mine.is_multipart():
             assert mine.get_payload() == theirs.get_payload()
+
+
+_LEAF = (
+    b"From: a@example.net\r\nSubject: a leaf past the threshold\r\n"
+    b"Content-Type: text/plain; charset=us-ascii\r\n\r\n" + b"line of the body\r\n" * 400
+)
+
+
+def _edit(mail: EmailMessage, how: str) -> object:
+    """One way of reading or editing a message (each goes through `_payload` its own way)."""
+    if how == "content":
+        return mail.get_content()
+    if how == "decoded":
+        return mail.get_payload(decode=True)
+    if how == "set_content":
+        mail.set_content("new text\n")
+    elif how == "attachment":  # _make_multipart moves the body into a part of its own
+        mail.add_attachment(b"\x00data", maintype="application", subtype="octet-stream",
+                            filename="a.bin")
+    elif how == "mixed":
+        mail.make_mixed()
+    elif how == "charset":  # set_charset re-encodes `_payload` in place
+        mail.set_payload("caf\u00e9\n")
+        mail.set_charset("utf-8")
+    elif how == "clear":
+        mail.clear_content()
+    elif how == "header":
+        mail["X-Parts"] = str(sum(1 for _ in mail.walk()))
+    return None
+
+
+@pytest.mark.parametrize(
+    "how", ["header", "content", "decoded", "set_content", "attachment", "mixed", "charset",
+            "clear"]
+)
+def test_a_spooled_leafs_body_is_read_when_used_and_edits_as_a_whole_parse(how: str) -> None:
+    # Foreign internals (`_message._Leaf`): email.message reads and writes `_payload` directly.
+    from email.parser import BytesParser
+
+    from pymilterkit._message import _PARSE
+
+    message = _message(_LEAF, threshold=1024)
+    mail, whole = message.email, BytesParser(policy=_PARSE).parsebytes(_LEAF)
+    assert message._buffer.on_disk and mail.__dict__["_pmk_read"] is not None  # not read yet
+    assert _edit(mail, how) == _edit(whole, how)
+    expected = whole.as_bytes()  # a new multipart's boundary is drawn when first written
+    if whole.get_boundary() is not None:
+        mail.set_boundary(whole.get_boundary())  # type: ignore[arg-type]
+    _, body = message.edits()
+    if how == "header":  # walked and a header added: the body was never read
+        assert mail.__dict__["_pmk_read"] is not None
+    if how in ("header", "content", "decoded"):  # read, not changed: no body to send
+        assert body is None
+    assert mail.as_bytes() == expected
+    assert [p.get_content_type() for p in mail.walk()] == [
+        p.get_content_type() for p in whole.walk()]
+    delivered = BytesParser(policy=_PARSE).parsebytes(_deliver(_LEAF, message))
+    assert delivered.as_bytes() == expected
