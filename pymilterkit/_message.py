@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import operator
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from email import policy as email_policy
@@ -272,7 +273,7 @@ def _parse(message: Message) -> EmailMessage:
     with message.open() as reader:
         if at >= 0:
             head = parser.parsebytes(reader.read(at))
-            if not head.defects and head.get_content_maintype() not in _PARTS:
+            if not head.defects and _leaf(head):
                 if isinstance(head, _Leaf):  # past the threshold: read when first used
                     head._pmk_later(lambda: buffer.body_bytes().decode("ascii", "surrogateescape"))
                 else:
@@ -288,6 +289,23 @@ def _parse(message: Message) -> EmailMessage:
 
 _PARTS = ("multipart", "message")
 """Main content types whose body the parser reads into parts."""
+_MAIN_TYPE = re.compile(r"[ \t]*([!#$%&'*+\-.^_`|~0-9A-Za-z]+)/")
+
+
+def _leaf(head: EmailMessage) -> bool:
+    """Whether the parsed header block `head` is of a leaf (not multipart/*, message/*).
+
+    Read off the first Content-Type's raw value when it starts with a plain type (the policy
+    parses the header at each look: 1 in 40 of a 1 KiB message's cost), else as the parser
+    reads it; none: text/plain.
+    """
+    for name, value in head.raw_items():
+        if name.lower() == "content-type":
+            match = _MAIN_TYPE.match(value)
+            if match is None:
+                return head.get_content_maintype() not in _PARTS
+            return match.group(1).lower() not in _PARTS
+    return True
 
 
 class _Leaf(EmailMessage):

@@ -259,6 +259,10 @@ def _buffer_of(raw: bytes, threshold: int) -> MessageBuffer:
         b"Content-Type: multipart/mixed\r\n\r\nno boundary\r\n",
         b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\ninner body\r\n",
         b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + "caf\u00e9\r\n".encode() * 2000,
+        b'Content-Type: (a comment) multipart/mixed; boundary="b"\r\n\r\n--b\r\n\r\np\r\n--b--\r\n',
+        b"CONTENT-TYPE:  MULTIPART/Mixed; boundary=b\r\n\r\n--b\r\n\r\np\r\n--b--\r\n",
+        b"Content-Type: text/plain\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n",
+        b"Content-Type: message/\r\n\r\nbody\r\n",
     ],
 )
 @pytest.mark.parametrize("threshold", [1 << 20, 1024])
