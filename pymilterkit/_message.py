@@ -42,6 +42,11 @@ class _HeaderClasses(HeaderRegistry):
         super().__init__()
         self._made: dict[type, type] = {}
 
+    def __reduce__(self) -> tuple[type[_HeaderClasses], tuple[()]]:
+        # A message pickles or copies its policy: the classes made here cannot be pickled (a
+        # header object itself pickles as the standard one does, by its bases).
+        return _HeaderClasses, ()
+
     def __getitem__(self, name: str) -> type[BaseHeader]:
         kind = self.registry.get(name.lower(), self.default_class)
         made = self._made.get(kind)
@@ -340,6 +345,11 @@ class _Leaf(EmailMessage):
     @override
     def is_multipart(self) -> bool:
         return self.__dict__.get("_pmk_read") is None and super().is_multipart()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy or a pickle holds the body itself (read now), not the way to read it."""
+        text = self._payload
+        return dict(self.__dict__, _pmk_body=text)
 
 
 _LAZY = _PARSE.clone(message_factory=_Leaf)

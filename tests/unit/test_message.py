@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -346,3 +346,29 @@ def test_a_spooled_leafs_body_is_read_when_used_and_edits_as_a_whole_parse(how: 
         p.get_content_type() for p in whole.walk()]
     delivered = BytesParser(policy=_PARSE).parsebytes(_deliver(_LEAF, message))
     assert delivered.as_bytes() == expected
+
+
+def test_a_spooled_leaf_copies_and_pickles_with_its_body() -> None:
+    import copy
+    import pickle
+    from email.parser import BytesParser
+
+    from pymilterkit._message import _PARSE
+
+    def pickled(mail: EmailMessage) -> EmailMessage:
+        twin: EmailMessage = pickle.loads(pickle.dumps(mail))
+        return twin
+
+    # A spooled leaf (read now, not later) and any parsed message (its policy's header
+    # classes are made at run time), with a header added, as a filter may hand them on.
+    for raw, threshold in ((_LEAF, 1024), (PLAIN, 1 << 20), (MULTIPART, 1024)):
+        expected = BytesParser(policy=_PARSE).parsebytes(raw)
+        expected["X-Added"] = "1"
+        makers: tuple[Callable[[EmailMessage], EmailMessage], ...] = (
+            copy.deepcopy, copy.copy, pickled)
+        for make in makers:
+            mail = _message(raw, threshold=threshold).email
+            mail["X-Added"] = "1"
+            twin = make(mail)
+            assert twin.as_bytes() == expected.as_bytes() == mail.as_bytes()
+
