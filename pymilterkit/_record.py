@@ -221,8 +221,11 @@ class Writer:
             self.used = 0
             with os.scandir(self.options.directory) as entries:
                 for entry in entries:
-                    if entry.name.endswith((SUFFIX, PARTIAL)) and entry.is_file():
-                        self.used += entry.stat().st_size
+                    if entry.name.endswith((SUFFIX, PARTIAL)):
+                        # another worker's writer may rename or remove it meanwhile
+                        with contextlib.suppress(FileNotFoundError):
+                            if entry.is_file():
+                                self.used += entry.stat().st_size
         if self.used < self.options.max_mb * _MIB:
             return True
         self._fail(f"{self.options.directory} holds {self.options.max_mb:g} MiB of recordings "

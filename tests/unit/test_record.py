@@ -86,3 +86,36 @@ def test_the_size_cap_starts_no_new_file(tmp_path: Path) -> None:
     writer.handle("new", [{"x": 1}], True)
     writer.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.milterlog"]
+
+
+def test_a_file_another_writer_renames_meanwhile_does_not_stop_a_recording(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Workers share the directory: while one writer adds up its files' sizes, another
+    # renames its .part (seen in CI: a connection's recording was given up, ENOENT).
+    (tmp_path / "other.milterlog.part").write_bytes(b"x")
+    listed = os.scandir
+
+    class Renamed:
+        """os.scandir, whose .part files are renamed right after they were listed."""
+
+        def __init__(self, path: str) -> None:
+            with listed(path) as entries:
+                self.entries = list(entries)
+
+        def __enter__(self) -> list[os.DirEntry[str]]:
+            for entry in self.entries:
+                if entry.name.endswith(".part"):
+                    os.rename(entry.path, entry.path.removesuffix(".part"))
+            return self.entries
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    writer = Writer(RecordOptions(str(tmp_path)))
+    monkeypatch.setattr(os, "scandir", Renamed)
+    writer.handle("new", [{"x": 1}], True)
+    monkeypatch.undo()
+    writer.close()
+    assert not writer.failing
+    assert (tmp_path / "new.milterlog").read_text() == '{"x":1}\n'
