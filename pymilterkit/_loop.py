@@ -3,7 +3,10 @@
 libmilter calls stage methods on its own worker threads, which cannot await. A coroutine's
 first step runs at once on the calling thread (`start`: the loop's thread is kept out for that
 step by a lock it holds except while it waits in `select`), so a coroutine that finishes without
-suspending never crosses threads; one that suspends goes on as a task of the loop, whose answer
+suspending never crosses threads; nor does one whose wait is over before the step ends (the
+loop's ready callbacks run there too, `_drain`: `asyncio.sleep(0)`, gathered tasks that do no
+I/O). One that really waits goes on as a task of the loop (woken only if the step left it a
+callback or an earlier timer: epoll sees the fds added meanwhile), whose answer
 goes back to libmilter either by the worker waiting for it (`run`) or, for stages whose reply
 can be sent later, by the loop itself once the coroutine is done (`_trampolines`): the worker is
 then free for other connections at once.
@@ -18,6 +21,7 @@ than the loop's, so `start` does what the loop's own `_run_once` would, with the
   them on the loop's (`get_running_loop()` and async generators work in the first step);
 - `loop._ready`, `loop._scheduled`, `loop._timer_cancelled_count`, `loop._write_to_self()`:
   whether the step left the loop work, and waking it only then (a wake-up costs a write);
+- `Handle._cancelled` and `Handle._run()`: `_drain` runs ready callbacks as the loop's turn;
 - `loop._thread_id` and `loop._debug`: in debug mode the loop checks that it is called from
   its thread; `_thread_id` is lent to the calling thread for the step;
 - the first step itself: `asyncio.Task(..., eager_start=True)` (public, 3.12+). On 3.11 the
@@ -61,6 +65,8 @@ _LOOP_INTERNALS = (
     "_timer_cancelled_count",
     "_write_to_self",
 )
+_HANDLE_INTERNALS = ("_cancelled", "_run")
+_DRAIN = 64  # ready callbacks a suspended first step's thread may run (`_drain`)
 # A cancelled timer stays in the loop's heap until the loop runs: wake it past this many.
 _CANCELLED_TIMERS = 64
 
@@ -117,11 +123,27 @@ def _eager_task(coro: Coroutine[Any, Any, _T], loop: Any) -> Any:
     return task
 
 
+def _drain(ready: collections.deque[asyncio.Handle], task: asyncio.Task[Any]) -> None:
+    """Run the loop's ready callbacks here (loop kept out), as its next turn would, until
+    `task` is done, nothing is ready or `_DRAIN` ran: a wait already over when the first step
+    suspended (`asyncio.sleep(0)`, tasks gathered whose steps do no I/O) ends without a thread
+    crossing. Callbacks made ready meanwhile run in the next round, as in the loop's turns."""
+    budget = _DRAIN
+    while ready and budget and not task.done():
+        for _ in range(min(len(ready), budget)):
+            handle: Any = ready.popleft()
+            budget -= 1
+            if not handle._cancelled:
+                handle._run()
+
+
 def _internals_problem(loop: Any) -> str | None:
     """What of asyncio's internals `start` relies on `loop` lacks, or None."""
     missing = [f"loop.{name}" for name in _LOOP_INTERNALS if not hasattr(loop, name)]
     if _set_running_loop is None:
         missing.append("asyncio.events._set_running_loop")
+    missing += [f"asyncio.Handle.{name}" for name in _HANDLE_INTERNALS
+                if not hasattr(asyncio.Handle, name)]
     if missing:
         return "missing " + ", ".join(missing)
     if not isinstance(loop._ready, collections.deque) or not isinstance(loop._scheduled, list):
@@ -143,6 +165,7 @@ class EventLoopThread:
         """Held by the loop's thread except while it waits for events (`start`)."""
         self.selector = _LockedSelector(self.lock)
         self.loop = asyncio.SelectorEventLoop(self.selector)
+        self._epoll = isinstance(self.selector, selectors.EpollSelector)  # sees fds added later
         self.stopping = False
         self.on_restart: Callable[[], object] = lambda: None
         """Called (on the loop's thread) when the loop is run again after a stage stopped it."""
@@ -162,9 +185,11 @@ class EventLoopThread:
                     sys.version.split()[0],
                     problem,
                 )
+        self._owner: int | None = None  # the thread `start` runs the loop's steps on
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
+        self._ident = self._thread.ident
         self._ready.wait()
 
     def _main(self) -> None:
@@ -216,11 +241,12 @@ class EventLoopThread:
         still with the loop kept out (to add done callbacks, timers). Not from the loop's thread.
         """
         loop: Any = self.loop
-        if threading.get_ident() == self._thread.ident:  # it holds the lock: say so, not hang
-            coro.close()
+        caller = threading.get_ident()
+        if caller == self._ident or caller == self._owner:  # it holds the lock: say so, not
+            coro.close()  # hang (a step run here by `_drain` is the loop's too)
             raise RuntimeError("EventLoopThread.start called on the loop's own thread")
         with self.lock:  # the loop's thread waits in select, or for this lock
-            if not loop.is_running():
+            if loop._thread_id is None:  # not running (is_running(), one call less)
                 coro.close()
                 raise RuntimeError("the event loop is not running")
             ready, scheduled = loop._ready, loop._scheduled
@@ -231,8 +257,11 @@ class EventLoopThread:
             _set_running_loop(loop)
             hooks = sys.get_asyncgen_hooks()  # async generators begun here belong to the loop
             sys.set_asyncgen_hooks(*self._asyncgen_hooks)
+            self._owner = caller
             try:
                 task: asyncio.Task[_T] = _eager_task(coro, loop)
+                if ready and not task.done():
+                    _drain(ready, task)
                 done = task.done()
                 if not done and suspended is not None:
                     suspended(task)
@@ -240,8 +269,13 @@ class EventLoopThread:
                 sys.set_asyncgen_hooks(*hooks)
                 _set_running_loop(None)
                 loop._thread_id = owner
+                self._owner = None
+            # A suspended task waits for a future: one the loop resolves from I/O on an fd the
+            # selector watches (epoll sees fds added meanwhile), a timer or a callback made
+            # ready in this step; another thread's call_soon_threadsafe wakes the loop itself.
+            # The loop must be woken only for the latter two (a wake costs a write, a turn).
             wake = (
-                not done
+                (not done and not self._epoll)
                 or ready
                 or (scheduled and scheduled[0] is not head)
                 or loop._timer_cancelled_count > _CANCELLED_TIMERS

@@ -83,6 +83,48 @@ def test_the_loop_internals_mean_what_start_assumes(bare_loop: Any) -> None:
         _loop._set_running_loop(None)
 
 
+def test_a_ready_handle_runs_as_the_drain_assumes(bare_loop: Any) -> None:
+    # `_drain` runs the loop's ready handles as its turn does: skip a cancelled one, `_run()`
+    # the others (their context, their exceptions to the loop's handler).
+    ran: list[str] = []
+    errors: list[dict[str, Any]] = []
+    bare_loop.set_exception_handler(lambda loop, context: errors.append(context))
+    kept = bare_loop.call_soon(ran.append, "kept")
+    dropped = bare_loop.call_soon(ran.append, "dropped")
+    dropped.cancel()
+    bare_loop.call_soon(lambda: 1 / 0)
+    assert not kept._cancelled and dropped._cancelled
+    while bare_loop._ready:
+        handle = bare_loop._ready.popleft()
+        if not handle._cancelled:
+            handle._run()
+    assert ran == ["kept"]
+    assert [type(e["exception"]) for e in errors] == [ZeroDivisionError]
+
+
+def test_epoll_reports_an_fd_registered_while_another_thread_waits() -> None:
+    # `start` does not wake the loop for a task that waits on I/O: the loop's epoll_wait,
+    # already waiting, reports readers added meanwhile from another thread.
+    import selectors
+    import socket
+
+    selector = selectors.EpollSelector()
+    ours, theirs = socket.socketpair()
+    try:
+        got: list[list[Any]] = []
+        waiting = threading.Thread(target=lambda: got.append(selector.select(5)))
+        waiting.start()
+        threading.Event().wait(0.05)  # it is in epoll_wait by now (it blocks 5 s otherwise)
+        selector.register(ours, selectors.EVENT_READ, "reader")
+        theirs.send(b"x")
+        waiting.join(5)
+        assert [key.data for key, _ in got[0]] == ["reader"]
+    finally:
+        selector.close()
+        ours.close()
+        theirs.close()
+
+
 def test_a_tasks_first_step_can_run_on_the_calling_thread() -> None:
     # What `EventLoopThread.start` does, step by step: the loop kept out by its lock, this
     # thread made its running thread, the task created eagerly (3.12+: eager_start; 3.11: its

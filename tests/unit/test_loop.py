@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 
@@ -144,7 +145,86 @@ def test_start_on_the_loops_own_thread_is_refused_not_a_hang(loop: EventLoopThre
         return "started"
 
     async def on_the_loop() -> str:
-        await asyncio.sleep(0)  # from here on the loop's thread
+        await asyncio.sleep(0.01)  # from here on the loop's thread
+        return await outer()
+
+    async def drained() -> str:
+        await asyncio.sleep(0)  # goes on here, holding the loop (`_drain`)
         return await outer()
 
     assert "own thread" in loop.run(on_the_loop(), timeout=5)
+    assert "own thread" in loop.run(drained(), timeout=5)
+
+
+def test_a_wait_already_over_goes_on_on_the_callers_thread(
+    loop: EventLoopThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wakes: list[int] = []
+    monkeypatch.setattr(loop.loop, "_write_to_self", lambda: wakes.append(1))
+    threads: list[int] = []
+    hooked: list[object] = []
+
+    async def child(n: int) -> int:
+        await asyncio.sleep(0)
+        return n
+
+    async def stage() -> int:
+        await asyncio.sleep(0)  # its next step is ready at once: run here
+        threads.append(threading.get_ident())
+        found = await asyncio.gather(child(1), child(2))  # tasks whose steps do no I/O
+        threads.append(threading.get_ident())
+        return sum(found)
+
+    task = loop.start(stage(), hooked.append)
+    assert task.done() and task.result() == 3
+    assert threads == [threading.get_ident()] * 2 and hooked == [] and wakes == []
+
+
+def test_a_drain_is_bounded_and_the_loop_does_the_rest(loop: EventLoopThread) -> None:
+    threads: list[int] = []
+
+    async def stage() -> int:
+        for _ in range(200):  # more turns than one drain runs
+            await asyncio.sleep(0)
+        threads.append(threading.get_ident())
+        return 1
+
+    finished = threading.Event()
+    suspended: list[bool] = []
+
+    def hook(task: asyncio.Task[int]) -> None:
+        suspended.append(task.done())
+        task.add_done_callback(lambda _: finished.set())
+
+    task = loop.start(stage(), hook)
+    assert suspended == [False]  # not done when the drain gave up: it goes on on the loop
+    assert finished.wait(5) and task.result() == 1
+    assert threads == [loop.thread.ident]
+
+
+def test_a_coroutine_waiting_for_io_does_not_wake_the_loop_and_still_ends(
+    loop: EventLoopThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wakes: list[int] = []
+    real = loop.loop._write_to_self  # type: ignore[attr-defined]
+
+    def counted() -> None:
+        wakes.append(1)
+        real()
+
+    monkeypatch.setattr(loop.loop, "_write_to_self", counted)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    try:
+
+        async def lookup() -> bytes:
+            return await asyncio.get_running_loop().sock_recv(ours, 16)  # a reader added here
+
+        finished = threading.Event()
+        task = loop.start(lookup(), lambda t: t.add_done_callback(lambda _: finished.set()))
+        assert not task.done() and wakes == []  # the loop's epoll sees the new reader itself
+        theirs.send(b"answer")
+        assert finished.wait(5) and task.result() == b"answer"
+    finally:
+        ours.close()
+        theirs.close()
