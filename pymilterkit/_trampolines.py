@@ -16,6 +16,7 @@ runner's error status; KeyboardInterrupt/SystemExit also ask the runner to stop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -51,18 +52,23 @@ __all__ = ["CtxBackend", "LibmilterCallbacks", "SyncEomProgress", "Watchman"]
 logger = logging.getLogger("pymilterkit")
 _CLOSE_WAIT = 5.0  # s: libmilter's close waits this long for a stop closing its session
 _ABANDON_AFTER = 0.1  # s past its deadline: a cancelled async stage still running is abandoned
+_ANSWER_HERE = 0.001  # s a suspended stage's callback waits for its answer before returning
+_COMPACT = 1024  # a deadline queue this long (and each multiple) drops its answered stages
 
 class CtxBackend(ActionBackend):
     """Session actions as smfi_* calls on one libmilter context: each action is its table
     row's libmilter function called with the context and the action's arguments."""
 
-    __slots__ = ("ctx", "lib", "macros")
+    __slots__ = ("ctx", "guard", "lib", "macros")
 
     def __init__(self, lib: c.Libmilter, ctx: int) -> None:
         self.lib = lib
         self.ctx = ctx
         self.macros: dict[bytes, bytes | None] | None = None
         """A copy of the context's macros while an async stage waits for its answer."""
+        self.guard: threading.Lock | None = None
+        """While an async stage is suspended: held by a read of the context's own macros, and
+        by `_defer` to replace them with the copy (libmilter's thread then reads on)."""
 
     @staticmethod
     def _refused(function: str) -> NoReturn:
@@ -78,7 +84,13 @@ class CtxBackend(ActionBackend):
     def getsymval(self, name: bytes) -> bytes | None:
         if self.macros is not None:  # libmilter's thread may free the context's macros now
             return self.macros.get(private.macro_key(name)) if name else None
-        return private.ctx_macro(self.lib, self.ctx, name)  # not smfi_getsymval: it can crash
+        guard = self.guard
+        if guard is None:
+            return private.ctx_macro(self.lib, self.ctx, name)  # not smfi_getsymval: it can crash
+        with guard:  # read by a suspended stage: libmilter's thread is not to read on meanwhile
+            if self.macros is not None:
+                return self.macros.get(private.macro_key(name)) if name else None
+            return private.ctx_macro(self.lib, self.ctx, name)
 
     def add_header(self, name: bytes, value: bytes) -> None:
         if self.lib.smfi_addheader(self.ctx, name, value) != c.MI_SUCCESS:  # inline: the
@@ -136,6 +148,8 @@ class LibmilterCallbacks(SessionRules):
         self.loop = loop
         self.progress_interval = progress_interval
         self._answer_later: bool | None = None  # whether replies can be sent later (layout)
+        self.deadline_queue = _Deadlines()  # of suspended async stages (the loop's)
+        self._handover = threading.Lock()  # who answers a suspended stage (`_defer`, `_finish`)
         self.sessions: dict[int, MilterSession] = {}
         self.active: dict[int, str] = {}
         """Running negotiate/abort/close callbacks (stage callbacks: `_dispatch.keys_inside`)."""
@@ -222,27 +236,46 @@ class LibmilterCallbacks(SessionRules):
     def answer_async(
         self, key: Any, session: MilterSession, stage: str, coro: Coroutine[Any, Any, Any]
     ) -> int:
-        assert self.loop is not None
+        loop = self._loop
+        assert loop is not None
         pending = _Pending(self, key, session, stage)
         answering = self._answer(key, session, stage, coro, pending)
         try:
-            task = self.loop.start(answering, pending.suspend)
+            task = loop.start(answering, pending.suspend)
         except BaseException as exc:  # noqa: BLE001 - the loop has stopped: nothing may reach C
             coro.close()
             session._pmk_stage = None
-            if not self.loop.alive:  # not a silent TEMPFAIL factory: counted, /healthz fails
+            if not loop.alive:  # not a silent TEMPFAIL factory: counted, /healthz fails
                 logger.critical("the event loop is down: async stages cannot be served")
                 _metrics.event_loop(False)
             return self.answered(stage, self.fail(exc, stage, session), session, 0.0)
-        if not pending.inline:
-            return Status.NOREPLY  # the loop answers when it is done (`_answer`)
         if not task.done():
-            pending.wait()  # this answer cannot be sent later: the worker waits for it
+            # Waiting here a little is cheaper than answering from the loop: libmilter's thread
+            # writes the answer and reads on, where a later answer costs a write from the loop
+            # and libmilter parks and wakes the session. Past that, the loop answers (if it can).
+            if not (pending.deferrable and not pending.wait(_ANSWER_HERE) and self._defer(pending)):
+                pending.wait()  # answered meanwhile, or it cannot be sent later
+            else:
+                return Status.NOREPLY  # the loop answers when it is done (`_answer`)
         answer = pending.answer
         if answer is None:  # `_answer` itself failed (the filter's errors are settled in it)
             failure = None if task.cancelled() else task.exception()
             return self.fail(failure or RuntimeError("the stage was not answered"), stage)
         return answer
+
+    def _defer(self, pending: _Pending) -> bool:
+        """`pending` was not answered at once: the loop is to send its answer (True), unless it
+        came meanwhile (False). libmilter's thread then reads on and frees macro packets as new
+        ones come: the stage reads a copy of them from now on."""
+        backend = pending.macros
+        copy = None if backend is None else private.ctx_macros(pending.ctx)
+        with self._handover:  # no read of the context's macros is under way (`guard`)
+            if pending.settled:
+                return False
+            pending.inline = False
+            if backend is not None:
+                backend.macros = copy
+        return True
 
     async def _answer(
         self,
@@ -280,20 +313,25 @@ class LibmilterCallbacks(SessionRules):
 
     def _finish(self, pending: _Pending, answer: int | None) -> None:
         """Send `answer` of `pending`'s stage (None: none) and end it (the loop's thread)."""
+        pending.due = None  # its deadline's queue drops it (`_Deadlines`)
         for timer in (pending.ticker, pending.expiry):
             if timer is not None:
                 timer.cancel()
         try:
-            if answer is None:
+            with self._handover:  # against `_defer`: answered here, or sent from the loop
+                pending.settled = True
+                inline = pending.inline
+                if inline:
+                    pending.answer = answer
+            if answer is None or inline:
                 pass
-            elif pending.inline:
-                pending.answer = answer
             elif pending.stage not in self.noreply and not private.send_reply(pending.ctx, answer):
                 logger.warning("could not send the answer of %s to the MTA", pending.stage)
                 private.hang_up(pending.ctx)
         finally:
             if pending.macros is not None:
                 pending.macros.macros = None  # answered: libmilter's thread may go on
+                pending.macros.guard = None
             if pending.session._pmk_pending is pending:
                 pending.session._pmk_pending = None
             pending.set()
@@ -301,7 +339,7 @@ class LibmilterCallbacks(SessionRules):
     def _abandon(self, pending: _Pending) -> None:
         """`pending`'s stage did not end when cancelled at its deadline: answer it now and
         leave its task to itself (the loop's thread)."""
-        if pending.closing or pending.event is None or pending.event.is_set():
+        if pending.closing or pending.latch is None or pending.answered:
             return
         pending.abandoned = True
         session, stage = pending.session, pending.stage
@@ -595,12 +633,13 @@ def _ctx_backend(session: MilterSession) -> CtxBackend | None:
 
 
 class _Pending:
-    """An async stage under way: its answer, and once it suspended its task and an event set
-    when it has been answered (others wait for it: `SessionRules.wait_pending`)."""
+    """An async stage under way: its answer, and once it suspended its task and a latch
+    released when it has been answered (others wait for it: `SessionRules.wait_pending`)."""
 
     __slots__ = (
-        "abandoned", "answer", "callbacks", "closing", "ctx", "event", "expired", "expiry",
-        "inline", "macros", "session", "stage", "start", "task", "ticker",
+        "abandoned", "answer", "answered", "callbacks", "closing", "ctx", "deferrable", "due",
+        "expired", "expiry", "inline", "latch", "macros", "session", "settled", "stage", "start",
+        "task", "ticker",
     )
 
     def __init__(
@@ -610,11 +649,18 @@ class _Pending:
         self.start = time.perf_counter()
         self.answer: int | None = None
         self.inline = True  # the callback waits for the answer (it has not returned)
+        self.deferrable = False  # its answer may be sent after the callback returned
+        self.settled = False  # `_finish` has taken its answer (then `_defer` cannot)
         self.closing = False
-        self.event: threading.Event | None = None
+        # Held from the suspension until answered: a plain lock, which a waiter takes and
+        # gives back (a threading.Event is a Condition of Python objects: made and set at
+        # every suspension, it cost more than the rest of the hand-off's bookkeeping).
+        self.latch: threading.Lock | None = None
+        self.answered = False
         self.task: asyncio.Task[None] | None = None
         self.ticker: _Progress | None = None
-        self.expiry: asyncio.TimerHandle | None = None  # `expire`, then `_abandon`
+        self.due: float | None = None  # loop time of its deadline while queued (`_Deadlines`)
+        self.expiry: asyncio.TimerHandle | None = None  # past the deadline: `_abandon`
         self.expired = self.abandoned = False
         self.macros: CtxBackend | None = None  # whose macros were copied (answered later)
 
@@ -623,22 +669,19 @@ class _Pending:
         on on the loop, with its deadline and progress ticker armed now."""
         callbacks = self.callbacks
         self.task = task
-        self.event = threading.Event()
+        latch = self.latch = threading.Lock()
+        latch.acquire()
         self.session._pmk_pending = self
         limit = callbacks.deadlines.get(self.stage)
         if limit is not None:  # armed only now: a stage done in its first step needs no timer
-            loop = asyncio.get_running_loop()
-            when = loop.time() + limit - (time.perf_counter() - self.start)
-            self.expiry = loop.call_at(when, self.expire)
+            callbacks.deadline_queue.add(self, limit)
         if self.stage == "on_eom" and callbacks.progress_interval:
             self.ticker = _Progress(self.session, callbacks.progress_interval)
-        if callbacks._can_defer(self.ctx, self.stage):
-            # The callback returns NOREPLY and the loop answers; libmilter's thread reads on
-            # and frees macro packets as new ones come: the stage reads a copy from now on.
-            self.inline = False
+        self.deferrable = callbacks._can_defer(self.ctx, self.stage)
+        if self.deferrable:  # its reads of the macros from now on are guarded (`_defer`)
             self.macros = _ctx_backend(self.session)
             if self.macros is not None:
-                self.macros.macros = private.ctx_macros(self.ctx)
+                self.macros.guard = callbacks._handover
 
     def expire(self) -> None:
         """Its deadline passed: cancel the stage's task, abandon it if it goes on (loop)."""
@@ -650,17 +693,85 @@ class _Pending:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the stage has been answered; whether it was."""
-        event = self.event
-        return True if event is None else event.wait(timeout)
+        latch = self.latch
+        if latch is None or self.answered:
+            return True
+        if not latch.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        latch.release()  # for the next waiter
+        return True
 
     def set(self) -> None:
-        if self.event is not None:
-            self.event.set()
+        """It has been answered: every waiter goes on (once)."""
+        if self.latch is not None and not self.answered:
+            self.answered = True
+            self.latch.release()
 
     def cancel(self) -> None:
         """Cancel the stage's task (on the loop's thread)."""
         if self.task is not None:
             self.task.cancel()
+
+
+class _Deadlines:
+    """The deadlines of suspended async stages, with one loop timer at the earliest.
+
+    One queue per limit: a stage's limit is the same at each suspension, so each queue is in
+    the order its stages are due (give or take how long their first steps took, which may
+    delay a deadline behind a later one by as much). Adding is an append; an answered stage
+    only clears its `due` and leaves its queue when it reaches the head or the queue is
+    compacted. A timer per suspension (heap push, cancel, pop) cost more.
+    """
+
+    __slots__ = ("queues", "timer", "when")
+
+    def __init__(self) -> None:
+        self.queues: dict[float, collections.deque[_Pending]] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.when = float("inf")  # of `timer`
+
+    def add(self, pending: _Pending, limit: float) -> None:
+        """Queue `pending`'s deadline (on the loop, or with it kept out)."""
+        loop = asyncio.get_running_loop()
+        due = pending.due = loop.time() + limit - (time.perf_counter() - pending.start)
+        queue = self.queues.get(limit)
+        if queue is None:
+            queue = self.queues[limit] = collections.deque()
+        while queue and queue[0].due is None:
+            queue.popleft()
+        if len(queue) >= _COMPACT and len(queue) & (_COMPACT - 1) == 0:
+            live = [p for p in queue if p.due is not None]
+            queue.clear()
+            queue.extend(live)
+        queue.append(pending)
+        if due < self.when:
+            self._arm(loop, due)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.when = when
+        self.timer = loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        """Expire what is due, then wait for the next (the loop's thread)."""
+        loop = asyncio.get_running_loop()
+        self.timer, self.when = None, float("inf")
+        now = loop.time()
+        earliest = float("inf")
+        for queue in self.queues.values():
+            while queue:
+                head = queue[0]
+                due = head.due
+                if due is not None and due > now:
+                    earliest = min(earliest, due)
+                    break
+                queue.popleft()
+                if due is not None:
+                    head.due = None
+                    head.expire()
+        if earliest != float("inf"):
+            self._arm(loop, earliest)
 
 
 class _Progress:

@@ -3,6 +3,8 @@ deadlines on by default (issue 28.1)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,47 @@ def test_bad_flags_and_keys_are_usage_errors(tmp_path: Path) -> None:
     config.write_text('stage-timeout = {rcpt = "3"}\n')
     with pytest.raises(ConfigurationError, match="stage-timeout"):
         deadlines(["--config", str(config)])
+
+
+class _Stage:
+    """What `_trampolines._Deadlines` reads and calls of a suspended stage."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+        self.start = time.perf_counter()
+        self.due: float | None = None
+
+    def expire(self) -> None:
+        self.log.append(self.name)
+
+
+def test_suspended_stages_expire_in_order_of_their_deadlines_with_one_timer() -> None:
+    from pymilterkit._trampolines import _Deadlines
+
+    async def scenario() -> tuple[list[str], int, list[int]]:
+        log: list[str] = []
+        deadlines = _Deadlines()
+        stages = {name: _Stage(name, log) for name in ("a", "b", "c", "done", "d")}
+        deadlines.add(stages["a"], 0.20)  # type: ignore[arg-type]
+        deadlines.add(stages["b"], 0.05)  # type: ignore[arg-type]
+        deadlines.add(stages["done"], 0.05)  # type: ignore[arg-type]
+        deadlines.add(stages["c"], 0.10)  # type: ignore[arg-type]
+        deadlines.add(stages["d"], 0.05)  # type: ignore[arg-type]
+        stages["done"].due = None  # answered in time: what `_finish` does
+        loop = asyncio.get_running_loop()
+        timers = sum(not t.cancelled() for t in loop._scheduled)  # type: ignore[attr-defined]
+        await asyncio.sleep(0.3)
+        # A queue with answered stages behind a live one is compacted as it grows.
+        live = _Stage("live", log)
+        deadlines.add(live, 60.0)  # type: ignore[arg-type]
+        for _ in range(5000):
+            answered = _Stage("x", log)
+            deadlines.add(answered, 60.0)  # type: ignore[arg-type]
+            answered.due = None
+        sizes = [len(q) for q in deadlines.queues.values()]
+        return log, timers, sizes
+
+    log, timers, sizes = asyncio.run(scenario())
+    assert log == ["b", "d", "c", "a"]  # "done" was answered: never expired
+    assert timers == 1
+    assert max(sizes) <= 1025
