@@ -313,6 +313,9 @@ class LibmilterCallbacks(SessionRules):
 
     def _finish(self, pending: _Pending, answer: int | None) -> None:
         """Send `answer` of `pending`'s stage (None: none) and end it (the loop's thread)."""
+        if pending.latch is None:  # done in its first step: nobody else knows of it
+            pending.settled, pending.answer = True, answer
+            return
         pending.due = None  # its deadline's queue drops it (`_Deadlines`)
         for timer in (pending.ticker, pending.expiry):
             if timer is not None:
@@ -636,33 +639,29 @@ class _Pending:
     """An async stage under way: its answer, and once it suspended its task and a latch
     released when it has been answered (others wait for it: `SessionRules.wait_pending`)."""
 
-    __slots__ = (
-        "abandoned", "answer", "answered", "callbacks", "closing", "ctx", "deferrable", "due",
-        "expired", "expiry", "inline", "latch", "macros", "session", "settled", "stage", "start",
-        "task", "ticker",
-    )
+    # Class-level defaults: most stages end in their first step, and make only the first five.
+    answer: int | None = None
+    inline = True  # the callback waits for the answer (it has not returned)
+    deferrable = False  # its answer may be sent after the callback returned
+    settled = False  # `_finish` has taken its answer (then `_defer` cannot)
+    closing = False
+    # Held from the suspension until answered: a plain lock, which a waiter takes and gives
+    # back (a threading.Event is a Condition of Python objects: made and set at every
+    # suspension, it cost more than the rest of the hand-off's bookkeeping).
+    latch: threading.Lock | None = None
+    answered = False
+    task: asyncio.Task[None] | None = None
+    ticker: _Progress | None = None
+    due: float | None = None  # loop time of its deadline while queued (`_Deadlines`)
+    expiry: asyncio.TimerHandle | None = None  # past the deadline: `_abandon`
+    expired = abandoned = False
+    macros: CtxBackend | None = None  # whose macros reads are guarded, then copied
 
     def __init__(
         self, callbacks: LibmilterCallbacks, ctx: int, session: MilterSession, stage: str
     ) -> None:
         self.callbacks, self.ctx, self.session, self.stage = callbacks, ctx, session, stage
         self.start = time.perf_counter()
-        self.answer: int | None = None
-        self.inline = True  # the callback waits for the answer (it has not returned)
-        self.deferrable = False  # its answer may be sent after the callback returned
-        self.settled = False  # `_finish` has taken its answer (then `_defer` cannot)
-        self.closing = False
-        # Held from the suspension until answered: a plain lock, which a waiter takes and
-        # gives back (a threading.Event is a Condition of Python objects: made and set at
-        # every suspension, it cost more than the rest of the hand-off's bookkeeping).
-        self.latch: threading.Lock | None = None
-        self.answered = False
-        self.task: asyncio.Task[None] | None = None
-        self.ticker: _Progress | None = None
-        self.due: float | None = None  # loop time of its deadline while queued (`_Deadlines`)
-        self.expiry: asyncio.TimerHandle | None = None  # past the deadline: `_abandon`
-        self.expired = self.abandoned = False
-        self.macros: CtxBackend | None = None  # whose macros were copied (answered later)
 
     def suspend(self, task: asyncio.Task[None]) -> None:
         """The stage's coroutine suspended (on libmilter's thread, the loop kept out): it goes
