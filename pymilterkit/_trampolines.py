@@ -241,7 +241,7 @@ class LibmilterCallbacks(SessionRules):
         pending = _Pending(self, key, session, stage)
         answering = self._answer(key, session, stage, coro, pending)
         try:
-            task = loop.start(answering, pending.suspend)
+            task = loop.start(answering, pending.suspend, keep_hooks=True)
         except BaseException as exc:  # noqa: BLE001 - the loop has stopped: nothing may reach C
             coro.close()
             session._pmk_stage = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 
@@ -228,3 +229,37 @@ def test_a_coroutine_waiting_for_io_does_not_wake_the_loop_and_still_ends(
     finally:
         ours.close()
         theirs.close()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_async_generator_hooks_are_restored_unless_kept(keep: bool) -> None:
+    loop = EventLoopThread()
+    closed = threading.Event()
+    before = sys.get_asyncgen_hooks()
+
+    async def numbers() -> AsyncIterator[int]:
+        try:
+            yield 1
+        finally:
+            closed.set()
+
+    generators: list[AsyncIterator[int]] = []
+
+    async def first() -> int:
+        generator = numbers()
+        generators.append(generator)
+        return await generator.__anext__()
+
+    try:
+        assert loop.start(first(), keep_hooks=keep).result() == 1
+        assert loop.start(first(), keep_hooks=keep).result() == 1  # set already: same result
+        after = sys.get_asyncgen_hooks()
+        if keep:  # a thread of the loop's own (libmilter's): left set
+            assert after == loop._asyncgen_hooks and after != before
+        else:
+            assert after == before
+        loop.stop()
+        assert closed.is_set()  # begun here, closed by the loop's shutdown either way
+    finally:
+        sys.set_asyncgen_hooks(*before)
+        loop.stop()
