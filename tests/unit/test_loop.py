@@ -85,29 +85,6 @@ def test_deadlines_of_quick_coroutines_do_not_pile_up(loop: EventLoopThread) -> 
     assert len(scheduled) < 200
 
 
-def test_async_generators_begun_off_the_loop_are_closed_at_stop() -> None:
-    loop = EventLoopThread()
-    closed = threading.Event()
-
-    async def numbers() -> AsyncIterator[int]:
-        try:
-            yield 1
-            yield 2
-        finally:
-            closed.set()
-
-    generators: list[AsyncIterator[int]] = []
-
-    async def first() -> int:
-        generator = numbers()
-        generators.append(generator)  # left open, at its first item
-        return await generator.__anext__()
-
-    assert loop.start(first()).result() == 1
-    loop.stop()
-    assert closed.is_set()
-
-
 def test_a_stopped_loop_refuses_and_closes_the_coroutine() -> None:
     loop = EventLoopThread()
     loop.stop()
