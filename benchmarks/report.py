@@ -109,6 +109,24 @@ def postfix(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def asynchronous(summary: list[dict[str, Any]]) -> str:
+    """The async rows against their sync twins, as `run.py` annotated them (`print_async`)."""
+    rows = [s for s in summary if "x_sync_1" in s or "x_sync" in s]
+    if not rows:
+        return "(not measured)"
+    out = ["| pin | mode | conns | body | milter | msg/s | ×sync (1 process) | ×sync twin "
+           "| CPU µs/msg | CPU ×twin | CPU µs per suspension |",
+           "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for s in rows:
+        x = s.get("x_sync") or {}
+        per = s.get("cpu_us_per_suspension")
+        out.append(f"| {s['pin']} | {s['mode']} | {s['conns']} | {s['body'] // 1024} KiB "
+                   f"| {s['milter']} | {s['msg_per_s']:,.0f} | {_x(s.get('x_sync_1'))} "
+                   f"| {_x(x.get('msg_per_s'))} | {s['milter_cpu_us_per_msg']:.1f} "
+                   f"| {_x(x.get('milter_cpu_us_per_msg'))} | {'–' if per is None else per} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     path = Path(args[0]) if args else HERE / "results" / "latest.json"
@@ -124,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     for pin in pins:
         print(f"### pin = {pin}\n")
         print(throughput(data["summary"], pin) + "\n")
+    print("### async def on_rcpt against its sync twin\n")
+    print(asynchronous(data["summary"]) + "\n")
     print("### Per callback, called from C (one thread, warm caches)\n")
     print(callbacks(data.get("callbacks")) + "\n")
     print("### Pre-forked workers: the split of the connections\n")
