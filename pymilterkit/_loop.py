@@ -302,7 +302,7 @@ class EventLoopThread:
     ) -> asyncio.Task[_T]:
         """`start` by the public API only (asyncio's internals differ): `coro` becomes a task
         on the loop's thread, where `suspended(task)` runs before its first step."""
-        if threading.get_ident() == self._thread.ident:
+        if threading.get_ident() == self._ident:
             coro.close()
             raise RuntimeError("EventLoopThread.start called on the loop's own thread")
         created: concurrent.futures.Future[asyncio.Task[_T]] = concurrent.futures.Future()

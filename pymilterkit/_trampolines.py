@@ -82,14 +82,12 @@ class CtxBackend(ActionBackend):
             self._refused(action.function)
 
     def getsymval(self, name: bytes) -> bytes | None:
-        if self.macros is not None:  # libmilter's thread may free the context's macros now
-            return self.macros.get(private.macro_key(name)) if name else None
-        guard = self.guard
+        guard = self.guard  # set (by `_Pending.suspend`) before `macros`, cleared after it
         if guard is None:
             return private.ctx_macro(self.lib, self.ctx, name)  # not smfi_getsymval: it can crash
         with guard:  # read by a suspended stage: libmilter's thread is not to read on meanwhile
-            if self.macros is not None:
-                return self.macros.get(private.macro_key(name)) if name else None
+            if self.macros is not None:  # it does now, and may free the context's macros
+                return _copied(self.macros, name)
             return private.ctx_macro(self.lib, self.ctx, name)
 
     def add_header(self, name: bytes, value: bytes) -> None:
@@ -253,10 +251,9 @@ class LibmilterCallbacks(SessionRules):
             # Waiting here a little is cheaper than answering from the loop: libmilter's thread
             # writes the answer and reads on, where a later answer costs a write from the loop
             # and libmilter parks and wakes the session. Past that, the loop answers (if it can).
-            if not (pending.deferrable and not pending.wait(_ANSWER_HERE) and self._defer(pending)):
-                pending.wait()  # answered meanwhile, or it cannot be sent later
-            else:
+            if pending.deferrable and not pending.wait(_ANSWER_HERE) and self._defer(pending):
                 return Status.NOREPLY  # the loop answers when it is done (`_answer`)
+            pending.wait()  # answered meanwhile, or it cannot be sent later
         answer = pending.answer
         if answer is None:  # `_answer` itself failed (the filter's errors are settled in it)
             failure = None if task.cancelled() else task.exception()
@@ -836,7 +833,12 @@ class _Copied:
         self.macros = macros
 
     def getsymval(self, name: bytes) -> bytes | None:
-        return self.macros.get(private.macro_key(name)) if name else None
+        return _copied(self.macros, name)
+
+
+def _copied(macros: dict[bytes, bytes | None], name: bytes) -> bytes | None:
+    """Macro `name` from a copy made by `_libmilter_private.ctx_macros`."""
+    return macros.get(private.macro_key(name)) if name else None
 
 
 class Watchman:
