@@ -701,6 +701,11 @@ class Topology:
     def postfix_log(self) -> str:
         return self.postfix.log_text() if self.postfix is not None else ""
 
+    def wait_postfix_log(self, text: str, timeout: float = 15) -> None:
+        """Wait until Postfix has logged `text` (its log lines are written after the SMTP
+        reply that they explain may already have reached the client)."""
+        _wait(lambda: text in self.postfix_log(), timeout, f"postfix logging {text!r}", 0.05)
+
     def logs(self) -> str:
         """Everything worth reading after a failure."""
         parts = [f"--- haproxy ---\n{self.haproxy.log_text()[-20000:]}"]

@@ -145,7 +145,7 @@ def test_what_fails_how_idle_cut_no_instance_no_haproxy(postfix_factory: Postfix
                 assert _mail_reply(smtp, "idle-2") == TEMPFAIL
                 assert _mail_reply(smtp, "idle-3") == TEMPFAIL  # the session stays failed
             assert " cD " in topo.haproxy.log_text()  # (client-side timeout, in data)
-            assert "can't read SMFIC_MAIL reply packet header" in topo.postfix_log()
+            topo.wait_postfix_log("can't read SMFIC_MAIL reply packet header")
             # 2. Every instance down: HAProxy accepts Postfix's connection, finds no server
             # and closes it; the negotiation fails.
             for instance in topo.fleet:
@@ -155,13 +155,13 @@ def test_what_fails_how_idle_cut_no_instance_no_haproxy(postfix_factory: Postfix
             with smtplib.SMTP("127.0.0.1", topo.smtp_port, timeout=30) as smtp:
                 smtp.ehlo("client.example.net")
                 assert _mail_reply(smtp, "none-1") == TEMPFAIL
-            assert "read error in initial handshake" in topo.postfix_log()
+            topo.wait_postfix_log("read error in initial handshake")
             # 3. HAProxy itself gone: Postfix's connect is refused.
             topo.haproxy.stop()
             with smtplib.SMTP("127.0.0.1", topo.smtp_port, timeout=30) as smtp:
                 smtp.ehlo("client.example.net")
                 assert _mail_reply(smtp, "gone-1") == TEMPFAIL
-            assert "Connection refused" in topo.postfix_log()
+            topo.wait_postfix_log("Connection refused")
             assert len(topo.sink.wait_for(1)) == 1  # only idle-1 got through
         finally:
             print(topo.logs())
