@@ -201,6 +201,15 @@ class SessionRules:
         """Notes what sampled connections saw and did, for `--record` (None: off)."""
         self._methods: dict[str, Callable[..., Any]] = {}
         self._spool = Spool()
+        tracked = "on_abort" in self.spec.stages
+        self.as_returned = frozenset(
+            () if meter or dry_run or recorder else
+            (stage for stage in self.asynchronous if stage not in self.noreply
+             and (not tracked or stage in CONNECTION_STAGES))
+        )
+        """The async stages whose returned Status is their answer as it is (what `settle` and
+        `answered` would do to it): not @noreply, no abort bookkeeping, no metrics, dry-run or
+        recording."""
 
     @property
     def spool(self) -> Spool:

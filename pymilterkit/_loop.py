@@ -55,6 +55,9 @@ __all__ = ["EventLoopThread"]
 _T = TypeVar("_T")
 logger = logging.getLogger("pymilterkit")
 _set_running_loop: Any = getattr(asyncio.events, "_set_running_loop", None)
+_EAGER = sys.version_info >= (3, 12)  # asyncio.Task(..., eager_start=True)
+_Task: Any = asyncio.Task  # (typed for 3.11, which has no eager_start)
+_get_ident = threading.get_ident
 _LOOP_INTERNALS = (
     "_asyncgen_finalizer_hook",
     "_asyncgen_firstiter_hook",
@@ -95,32 +98,34 @@ class _LockedSelector(selectors.DefaultSelector):
 
 class _FirstStep:
     """Takes the place of the loop's `call_soon` while a task is built: keeps its first step
-    (3.11), which has no eager tasks."""
+    (3.11, which has no eager tasks; see `_eager_task`)."""
 
     __slots__ = ("context", "step")
+
+    def __init__(self) -> None:
+        self.step: Callable[[], object] | None = None
+        self.context: Any = None
 
     def __call__(self, step: Callable[[], object], *, context: Any = None) -> None:
         self.step, self.context = step, context
 
+    def run(self, coro: Coroutine[Any, Any, _T], loop: Any) -> Any:
+        """A task of `loop` for `coro` whose first step has run, here and now (loop kept out).
 
-def _eager_task(coro: Coroutine[Any, Any, _T], loop: Any) -> Any:
-    """A task of `loop` for `coro` whose first step has run, here and now (loop kept out)."""
-    if sys.version_info >= (3, 12):
-        return asyncio.Task(coro, loop=loop, eager_start=True)
-    # The task asks the loop to call its first step soon (a lookup of `call_soon` on the
-    # loop): handed to an instance attribute for that one call, the step runs here instead.
-    first = _FirstStep()
-    loop.call_soon = first
-    try:
-        task = asyncio.Task(coro, loop=loop)
-    finally:
-        del loop.call_soon
-    try:
-        step, context = first.step, first.context
-    except AttributeError:  # not caught: the loop's own call_soon has it, the loop runs it
+        The task asks the loop to call its first step soon (a lookup of `call_soon` on the
+        loop): handed to this object, set as an instance attribute for that one call, the step
+        runs here instead. One object per loop: its callers hold the loop's lock."""
+        loop.call_soon = self
+        try:
+            task = asyncio.Task(coro, loop=loop)
+        finally:
+            del loop.call_soon
+        step, self.step = self.step, None
+        if step is None:  # not caught: the loop's own call_soon has it, the loop runs it
+            return task
+        context, self.context = self.context, None
+        context.run(step)
         return task
-    context.run(step)
-    return task
 
 
 def _drain(ready: collections.deque[asyncio.Handle], task: asyncio.Task[Any]) -> None:
@@ -186,6 +191,8 @@ class EventLoopThread:
                     problem,
                 )
         self._owner: int | None = None  # the thread `start` runs the loop's steps on
+        self._hooked: set[int] = set()  # threads that keep the loop's async generator hooks
+        self._eager_task = _FirstStep().run  # 3.11 (`start`)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
@@ -246,38 +253,48 @@ class EventLoopThread:
         cost a tenth of a step).
         """
         loop: Any = self.loop
-        caller = threading.get_ident()
+        caller = _get_ident()
         if caller == self._ident or caller == self._owner:  # it holds the lock: say so, not
             coro.close()  # hang (a step run here by `_drain` is the loop's too)
             raise RuntimeError("EventLoopThread.start called on the loop's own thread")
         with self.lock:  # the loop's thread waits in select, or for this lock
-            if loop._thread_id is None:  # not running (is_running(), one call less)
+            owner = loop._thread_id
+            if owner is None:  # not running (is_running(), one call less)
                 coro.close()
                 raise RuntimeError("the event loop is not running")
             ready, scheduled = loop._ready, loop._scheduled
             head = scheduled[0] if scheduled else None
-            owner = loop._thread_id
-            if loop._debug:  # its checks that the loop's methods run on the loop's thread
-                loop._thread_id = threading.get_ident()
+            debug = loop._debug
+            if debug:  # its checks that the loop's methods run on the loop's thread
+                loop._thread_id = caller
             _set_running_loop(loop)
-            hooks = sys.get_asyncgen_hooks()  # async generators begun here belong to the loop
-            restore = hooks != self._asyncgen_hooks
-            if restore:
-                sys.set_asyncgen_hooks(*self._asyncgen_hooks)
-                restore = not keep_hooks
+            hooks = None  # async generators begun here belong to the loop
+            if caller not in self._hooked:  # (a thread in it keeps the loop's hooks set)
+                hooks = sys.get_asyncgen_hooks()
+                if hooks != self._asyncgen_hooks:
+                    sys.set_asyncgen_hooks(*self._asyncgen_hooks)
+                else:
+                    hooks = None
+                if keep_hooks:
+                    self._hooked.add(caller)
+                    hooks = None
             self._owner = caller
             try:
-                task: asyncio.Task[_T] = _eager_task(coro, loop)
+                if _EAGER:
+                    task: asyncio.Task[_T] = _Task(coro, loop=loop, eager_start=True)
+                else:
+                    task = self._eager_task(coro, loop)
                 if ready and not task.done():
                     _drain(ready, task)
                 done = task.done()
                 if not done and suspended is not None:
                     suspended(task)
             finally:
-                if restore:
+                if hooks is not None:
                     sys.set_asyncgen_hooks(*hooks)
                 _set_running_loop(None)
-                loop._thread_id = owner
+                if debug:
+                    loop._thread_id = owner
                 self._owner = None
             # A suspended task waits for a future: one the loop resolves from I/O on an fd the
             # selector watches (epoll sees fds added meanwhile), a timer or a callback made

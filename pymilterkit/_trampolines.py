@@ -53,6 +53,8 @@ logger = logging.getLogger("pymilterkit")
 _CLOSE_WAIT = 5.0  # s: libmilter's close waits this long for a stop closing its session
 _ABANDON_AFTER = 0.1  # s past its deadline: a cancelled async stage still running is abandoned
 _ANSWER_HERE = 0.001  # s a suspended stage's callback waits for its answer before returning
+_NOREPLY = Status.NOREPLY
+_perf_counter = time.perf_counter
 _COMPACT = 1024  # a deadline queue this long (and each multiple) drops its answered stages
 
 class CtxBackend(ActionBackend):
@@ -236,7 +238,9 @@ class LibmilterCallbacks(SessionRules):
     ) -> int:
         loop = self._loop
         assert loop is not None
-        pending = _Pending(self, key, session, stage)
+        pending = _Pending()  # its fields set here: an __init__ call cost more than they do
+        pending.callbacks, pending.ctx, pending.session, pending.stage = self, key, session, stage
+        pending.start = _perf_counter()
         answering = self._answer(key, session, stage, coro, pending)
         try:
             task = loop.start(answering, pending.suspend, keep_hooks=True)
@@ -285,9 +289,20 @@ class LibmilterCallbacks(SessionRules):
         """Run the stage; its answer goes to `pending.answer` while the callback waits for it
         (`pending.inline`), else to the MTA."""
         try:
-            outcome: tuple[bool, Any] = (True, await coro)
+            value = await coro
         except BaseException as exc:  # noqa: BLE001 - the error policy decides
-            outcome = (False, exc)
+            outcome: tuple[bool, Any] = (False, exc)
+        else:
+            if (
+                pending.latch is None  # done in its first step: no deadline, no close yet
+                and value.__class__ is Status
+                and value is not _NOREPLY
+                and stage in self.as_returned
+            ):  # the common case, answered as the sync callback's tail would answer it
+                session._pmk_stage = None
+                pending.settled, pending.answer = True, value
+                return
+            outcome = (True, value)
         if pending.expired:  # its deadline cancelled it (or it caught that and returned)
             outcome = (False, Expired(time.perf_counter() - pending.start))
         if pending.abandoned:  # answered at its deadline (`_abandon`)
@@ -653,12 +668,12 @@ class _Pending:
     expiry: asyncio.TimerHandle | None = None  # past the deadline: `_abandon`
     expired = abandoned = False
     macros: CtxBackend | None = None  # whose macros reads are guarded, then copied
-
-    def __init__(
-        self, callbacks: LibmilterCallbacks, ctx: int, session: MilterSession, stage: str
-    ) -> None:
-        self.callbacks, self.ctx, self.session, self.stage = callbacks, ctx, session, stage
-        self.start = time.perf_counter()
+    # Set by `answer_async` (perf_counter() at the stage's start):
+    callbacks: LibmilterCallbacks
+    ctx: int
+    session: MilterSession
+    stage: str
+    start: float
 
     def suspend(self, task: asyncio.Task[None]) -> None:
         """The stage's coroutine suspended (on libmilter's thread, the loop kept out): it goes
