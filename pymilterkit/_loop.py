@@ -129,17 +129,16 @@ class _FirstStep:
 
 
 def _drain(ready: collections.deque[asyncio.Handle], task: asyncio.Task[Any]) -> None:
-    """Run the loop's ready callbacks here (loop kept out), as its next turn would, until
+    """Run the loop's ready callbacks here (loop kept out), in the order its turns would, until
     `task` is done, nothing is ready or `_DRAIN` ran: a wait already over when the first step
     suspended (`asyncio.sleep(0)`, tasks gathered whose steps do no I/O) ends without a thread
-    crossing. Callbacks made ready meanwhile run in the next round, as in the loop's turns."""
-    budget = _DRAIN
-    while ready and budget and not task.done():
-        for _ in range(min(len(ready), budget)):
-            handle: Any = ready.popleft()
-            budget -= 1
-            if not handle._cancelled:
-                handle._run()
+    crossing. Called with a callback ready and `task` not done."""
+    for _ in range(_DRAIN):
+        handle: Any = ready.popleft()
+        if not handle._cancelled:
+            handle._run()
+        if not ready or task.done():
+            return
 
 
 def _internals_problem(loop: Any) -> str | None:
@@ -239,15 +238,17 @@ class EventLoopThread:
     def start(
         self,
         coro: Coroutine[Any, Any, _T],
-        suspended: Callable[[asyncio.Task[_T]], object] | None = None,
-        *,
+        suspended: Callable[..., object] | None = None,
+        *args: Any,
         keep_hooks: bool = False,
     ) -> asyncio.Task[_T]:
         """`coro` as a task of the loop whose first step runs now, on the calling thread.
 
         The task is done on return if the coroutine finished without suspending: nothing
-        crossed threads. Otherwise it goes on on the loop, and `suspended(task)` has run first,
-        still with the loop kept out (to add done callbacks, timers). Not from the loop's thread.
+        crossed threads. Otherwise it goes on on the loop, and `suspended(task, *args)` has run
+        first, still with the loop kept out (to add done callbacks, timers). Not from the
+        loop's thread. A KeyboardInterrupt or SystemExit of the step is raised here (a task
+        re-raises those; its other exceptions are the task's).
         `keep_hooks`: leave the loop's async generator hooks set on this thread (a thread that
         runs only this loop's steps, as libmilter's do: setting and restoring them each time
         cost a tenth of a step).
@@ -288,7 +289,7 @@ class EventLoopThread:
                     _drain(ready, task)
                 done = task.done()
                 if not done and suspended is not None:
-                    suspended(task)
+                    suspended(task, *args)
             finally:
                 if hooks is not None:
                     sys.set_asyncgen_hooks(*hooks)
@@ -313,12 +314,12 @@ class EventLoopThread:
     def _start_on_loop(
         self,
         coro: Coroutine[Any, Any, _T],
-        suspended: Callable[[asyncio.Task[_T]], object] | None = None,
-        *,
+        suspended: Callable[..., object] | None = None,
+        *args: Any,
         keep_hooks: bool = False,  # unused: every step runs on the loop's thread
     ) -> asyncio.Task[_T]:
         """`start` by the public API only (asyncio's internals differ): `coro` becomes a task
-        on the loop's thread, where `suspended(task)` runs before its first step."""
+        on the loop's thread, where `suspended(task, *args)` runs before its first step."""
         if threading.get_ident() == self._ident:
             coro.close()
             raise RuntimeError("EventLoopThread.start called on the loop's own thread")
@@ -328,7 +329,7 @@ class EventLoopThread:
             try:
                 task = self.loop.create_task(coro)
                 if suspended is not None:
-                    suspended(task)
+                    suspended(task, *args)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 created.set_exception(exc)
             else:

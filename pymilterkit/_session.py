@@ -249,7 +249,7 @@ class MilterSession:
     _pmk_actions: Actions = Actions.NONE
     _pmk_in_message: bool = False
     _pmk_id: int = 0  # the session's number in this process (its logs' session id)
-    _pmk_pending: Any = None  # an async stage still to be answered (runner: threading.Event)
+    _pmk_pending: Any = None  # a suspended async stage still to be answered (runner: _Pending)
     _pmk_collected: Any = None  # on_message: the message being collected (`_whole`)
     _pmk_log: Any = None  # --record: this connection's recording, if it is sampled (`_record`)
 

@@ -84,7 +84,7 @@ class CtxBackend(ActionBackend):
             self._refused(action.function)
 
     def getsymval(self, name: bytes) -> bytes | None:
-        guard = self.guard  # set (by `_Pending.suspend`) before `macros`, cleared after it
+        guard = self.guard  # set (by `_Pending`) before `macros`, cleared after it
         if guard is None:
             return private.ctx_macro(self.lib, self.ctx, name)  # not smfi_getsymval: it can crash
         with guard:  # read by a suspended stage: libmilter's thread is not to read on meanwhile
@@ -238,12 +238,13 @@ class LibmilterCallbacks(SessionRules):
     ) -> int:
         loop = self._loop
         assert loop is not None
-        pending = _Pending()  # its fields set here: an __init__ call cost more than they do
-        pending.callbacks, pending.ctx, pending.session, pending.stage = self, key, session, stage
-        pending.start = _perf_counter()
-        answering = self._answer(key, session, stage, coro, pending)
+        start = _perf_counter()
+        suspended: list[_Pending] = []  # by `_suspended`, if the stage did not end at once
+        answering = self._answer(key, session, stage, coro, start, suspended)
         try:
-            task = loop.start(answering, pending.suspend, keep_hooks=True)
+            task = loop.start(
+                answering, self._suspended, key, session, stage, start, suspended, keep_hooks=True
+            )
         except BaseException as exc:  # noqa: BLE001 - the loop has stopped: nothing may reach C
             coro.close()
             session._pmk_stage = None
@@ -251,18 +252,35 @@ class LibmilterCallbacks(SessionRules):
                 logger.critical("the event loop is down: async stages cannot be served")
                 _metrics.event_loop(False)
             return self.answered(stage, self.fail(exc, stage, session), session, 0.0)
-        if not task.done():
-            # Waiting here a little is cheaper than answering from the loop: libmilter's thread
-            # writes the answer and reads on, where a later answer costs a write from the loop
-            # and libmilter parks and wakes the session. Past that, the loop answers (if it can).
-            if pending.deferrable and not pending.wait(_ANSWER_HERE) and self._defer(pending):
-                return Status.NOREPLY  # the loop answers when it is done (`_answer`)
-            pending.wait()  # answered meanwhile, or it cannot be sent later
-        answer = pending.answer
-        if answer is None:  # `_answer` itself failed (the filter's errors are settled in it)
+        if not suspended:  # done in its first step (or its wait was over: `_loop._drain`)
+            try:
+                return task.result()  # type: ignore[return-value]  # (an int, not suspended)
+            except BaseException as exc:  # noqa: BLE001 - the stage cancelled its own task
+                return self.fail(exc, stage, session)
+        pending = suspended[0]
+        # Waiting here a little is cheaper than answering from the loop: libmilter's thread
+        # writes the answer and reads on, where a later answer costs a write from the loop
+        # and libmilter parks and wakes the session. Past that, the loop answers (if it can).
+        if pending.deferrable and not pending.wait(_ANSWER_HERE) and self._defer(pending):
+            return Status.NOREPLY  # the loop answers when it is done (`_answer`)
+        pending.wait()  # answered meanwhile, or it cannot be sent later
+        if pending.answer is None:  # `_answer` failed (the filter's errors are settled in it)
             failure = None if task.cancelled() else task.exception()
             return self.fail(failure or RuntimeError("the stage was not answered"), stage)
-        return answer
+        return pending.answer
+
+    def _suspended(
+        self,
+        task: asyncio.Task[Any],
+        ctx: int,
+        session: MilterSession,
+        stage: str,
+        start: float,
+        suspended: list[_Pending],
+    ) -> None:
+        """The stage's coroutine suspended in its first step (libmilter's thread, the loop
+        kept out): it goes on on the loop as `task`."""
+        suspended.append(_Pending(self, ctx, session, stage, start, task))
 
     def _defer(self, pending: _Pending) -> bool:
         """`pending` was not answered at once: the loop is to send its answer (True), unless it
@@ -284,30 +302,35 @@ class LibmilterCallbacks(SessionRules):
         session: MilterSession,
         stage: str,
         coro: Coroutine[Any, Any, Any],
-        pending: _Pending,
-    ) -> None:
-        """Run the stage; its answer goes to `pending.answer` while the callback waits for it
-        (`pending.inline`), else to the MTA."""
+        start: float,
+        suspended: list[_Pending],
+    ) -> int | None:
+        """Run the stage. Not suspended (`suspended` empty: the callback is still in `start`):
+        its answer is the result. Else it goes to `pending.answer` while the callback waits
+        for it (`pending.inline`), else to the MTA."""
         try:
             value = await coro
         except BaseException as exc:  # noqa: BLE001 - the error policy decides
             outcome: tuple[bool, Any] = (False, exc)
         else:
             if (
-                pending.latch is None  # done in its first step: no deadline, no close yet
+                not suspended
                 and value.__class__ is Status
                 and value is not _NOREPLY
                 and stage in self.as_returned
             ):  # the common case, answered as the sync callback's tail would answer it
                 session._pmk_stage = None
-                pending.settled, pending.answer = True, value
-                return
+                return value
             outcome = (True, value)
+        if not suspended:
+            settled = self.settle(session, stage, outcome)
+            return self.answered(stage, settled, session, _perf_counter() - start)
+        pending = suspended[0]
         if pending.expired:  # its deadline cancelled it (or it caught that and returned)
-            outcome = (False, Expired(time.perf_counter() - pending.start))
+            outcome = (False, Expired(time.perf_counter() - start))
         if pending.abandoned:  # answered at its deadline (`_abandon`)
             logger.info("%s.%s: the abandoned stage ended", self.session_class.__qualname__, stage)
-            return
+            return None
         answer = None
         try:
             if pending.closing:  # the MTA hung up: nothing to answer
@@ -319,15 +342,13 @@ class LibmilterCallbacks(SessionRules):
                 )
             else:
                 answer = self.settle(session, stage, outcome)
-                answer = self.answered(stage, answer, session, time.perf_counter() - pending.start)
+                answer = self.answered(stage, answer, session, time.perf_counter() - start)
         finally:
             self._finish(pending, answer)
+        return None
 
     def _finish(self, pending: _Pending, answer: int | None) -> None:
         """Send `answer` of `pending`'s stage (None: none) and end it (the loop's thread)."""
-        if pending.latch is None:  # done in its first step: nobody else knows of it
-            pending.settled, pending.answer = True, answer
-            return
         pending.due = None  # its deadline's queue drops it (`_Deadlines`)
         for timer in (pending.ticker, pending.expiry):
             if timer is not None:
@@ -354,7 +375,7 @@ class LibmilterCallbacks(SessionRules):
     def _abandon(self, pending: _Pending) -> None:
         """`pending`'s stage did not end when cancelled at its deadline: answer it now and
         leave its task to itself (the loop's thread)."""
-        if pending.closing or pending.latch is None or pending.answered:
+        if pending.closing or pending.answered:
             return
         pending.abandoned = True
         session, stage = pending.session, pending.stage
@@ -648,80 +669,76 @@ def _ctx_backend(session: MilterSession) -> CtxBackend | None:
 
 
 class _Pending:
-    """An async stage under way: its answer, and once it suspended its task and a latch
+    """An async stage that suspended in its first step: its task, its answer, and a latch
     released when it has been answered (others wait for it: `SessionRules.wait_pending`)."""
 
-    # Class-level defaults: most stages end in their first step, and make only the first five.
     answer: int | None = None
     inline = True  # the callback waits for the answer (it has not returned)
-    deferrable = False  # its answer may be sent after the callback returned
     settled = False  # `_finish` has taken its answer (then `_defer` cannot)
     closing = False
-    # Held from the suspension until answered: a plain lock, which a waiter takes and gives
-    # back (a threading.Event is a Condition of Python objects: made and set at every
-    # suspension, it cost more than the rest of the hand-off's bookkeeping).
-    latch: threading.Lock | None = None
     answered = False
-    task: asyncio.Task[None] | None = None
     ticker: _Progress | None = None
     due: float | None = None  # loop time of its deadline while queued (`_Deadlines`)
     expiry: asyncio.TimerHandle | None = None  # past the deadline: `_abandon`
     expired = abandoned = False
     macros: CtxBackend | None = None  # whose macros reads are guarded, then copied
-    # Set by `answer_async` (perf_counter() at the stage's start):
-    callbacks: LibmilterCallbacks
-    ctx: int
-    session: MilterSession
-    stage: str
-    start: float
 
-    def suspend(self, task: asyncio.Task[None]) -> None:
-        """The stage's coroutine suspended (on libmilter's thread, the loop kept out): it goes
-        on on the loop, with its deadline and progress ticker armed now."""
-        callbacks = self.callbacks
-        self.task = task
-        latch = self.latch = threading.Lock()
-        latch.acquire()
-        self.session._pmk_pending = self
-        limit = callbacks.deadlines.get(self.stage)
+    def __init__(
+        self,
+        callbacks: LibmilterCallbacks,
+        ctx: int,
+        session: MilterSession,
+        stage: str,
+        start: float,
+        task: asyncio.Task[Any],
+    ) -> None:
+        """On libmilter's thread, the loop kept out: the stage goes on on the loop, with its
+        deadline and progress ticker armed now (`_answer` answers it)."""
+        self.callbacks, self.ctx, self.session, self.stage = callbacks, ctx, session, stage
+        self.start, self.task = start, task  # (perf_counter() at the stage's start)
+        # Held until answered: a plain lock, which a waiter takes and gives back (a
+        # threading.Event is a Condition of Python objects: made and set at every suspension,
+        # it cost more than the rest of the hand-off's bookkeeping).
+        self.latch = threading.Lock()
+        self.latch.acquire()
+        session._pmk_pending = self
+        limit = callbacks.deadlines.get(stage)
         if limit is not None:  # armed only now: a stage done in its first step needs no timer
             callbacks.deadline_queue.add(self, limit)
-        if self.stage == "on_eom" and callbacks.progress_interval:
-            self.ticker = _Progress(self.session, callbacks.progress_interval)
-        self.deferrable = callbacks._can_defer(self.ctx, self.stage)
+        if stage == "on_eom" and callbacks.progress_interval:
+            self.ticker = _Progress(session, callbacks.progress_interval)
+        self.deferrable = callbacks._can_defer(ctx, stage)
+        """Whether its answer may be sent after the callback returned."""
         if self.deferrable:  # its reads of the macros from now on are guarded (`_defer`)
-            self.macros = _ctx_backend(self.session)
+            self.macros = _ctx_backend(session)
             if self.macros is not None:
                 self.macros.guard = callbacks._handover
 
     def expire(self) -> None:
         """Its deadline passed: cancel the stage's task, abandon it if it goes on (loop)."""
         self.expired = True
-        if self.task is not None:
-            self.task.cancel()
+        self.task.cancel()
         loop = asyncio.get_running_loop()
         self.expiry = loop.call_later(_ABANDON_AFTER, self.callbacks._abandon, self)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the stage has been answered; whether it was."""
-        latch = self.latch
-        if latch is None or self.answered:
+        if self.answered:
             return True
-        if not latch.acquire(timeout=-1 if timeout is None else timeout):
+        if not self.latch.acquire(timeout=-1 if timeout is None else timeout):
             return False
-        latch.release()  # for the next waiter
+        self.latch.release()  # for the next waiter
         return True
 
     def set(self) -> None:
         """It has been answered: every waiter goes on (once)."""
-        if self.latch is not None and not self.answered:
+        if not self.answered:
             self.answered = True
             self.latch.release()
 
     def cancel(self) -> None:
         """Cancel the stage's task (on the loop's thread)."""
-        if self.task is not None:
-            self.task.cancel()
+        self.task.cancel()
 
 
 class _Deadlines:
