@@ -103,3 +103,14 @@ def test_run_compares_async_rcpt_with_sync(tmp_path: Path) -> None:
         if milter != "pymilterkit":
             assert row["x_sync"]["msg_per_s"] > 0, row
     assert "cpu_us_per_suspension" in rows[("pymilterkit-suspend", "answered")]
+
+
+@pytest.mark.parametrize("kind", ["coroutine", "never", "suspend"])
+def test_async_call_counts_what_it_says(kind: str) -> None:
+    # benchmarks/async_call.py's measured part, without callgrind: each call is answered
+    # CONTINUE (asserted inside), and the coroutine alone never suspends.
+    script = ROOT / "benchmarks" / "async_call.py"
+    done = subprocess.run([sys.executable, str(script), "--child", kind, "--calls", "300"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
