@@ -190,7 +190,9 @@ class EventLoopThread:
                     problem,
                 )
         self._owner: int | None = None  # the thread `start` runs the loop's steps on
-        self._hooked: set[int] = set()  # threads that keep the loop's async generator hooks
+        # Set on the threads that keep the loop's async generator hooks (a thread-local: it
+        # ends with its thread, where a set of idents would hold a new thread's reused one).
+        self._hooked = threading.local()
         self._eager_task = _FirstStep().run  # 3.11 (`start`)
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -270,14 +272,15 @@ class EventLoopThread:
                 loop._thread_id = caller
             _set_running_loop(loop)
             hooks = None  # async generators begun here belong to the loop
-            if caller not in self._hooked:  # (a thread in it keeps the loop's hooks set)
+            hooked = self._hooked.__dict__  # (this thread's: faster than an attribute)
+            if not hooked:  # not a thread that keeps the loop's hooks set
                 hooks = sys.get_asyncgen_hooks()
                 if hooks != self._asyncgen_hooks:
                     sys.set_asyncgen_hooks(*self._asyncgen_hooks)
                 else:
                     hooks = None
                 if keep_hooks:
-                    self._hooked.add(caller)
+                    hooked["kept"] = True
                     hooks = None
             self._owner = caller
             try:

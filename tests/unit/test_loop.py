@@ -240,3 +240,41 @@ def test_async_generator_hooks_are_restored_unless_kept(keep: bool) -> None:
     finally:
         sys.set_asyncgen_hooks(*before)
         loop.stop()
+
+
+def test_each_new_thread_gets_the_loops_async_generator_hooks() -> None:
+    # Kept hooks are remembered per thread, not per thread ident: a thread started after
+    # another ended often gets its ident, and still starts without the loop's hooks.
+    loop = EventLoopThread()
+    closed: list[int] = []
+    hooks: list[bool] = []
+    idents: list[int] = []
+
+    async def numbers(n: int) -> AsyncIterator[int]:
+        try:
+            yield n
+        finally:
+            closed.append(n)
+
+    generators: list[AsyncIterator[int]] = []
+
+    async def first(n: int) -> int:
+        generator = numbers(n)
+        generators.append(generator)
+        return await generator.__anext__()
+
+    def one(n: int) -> None:
+        idents.append(threading.get_ident())
+        assert loop.start(first(n), keep_hooks=True).result() == n
+        hooks.append(sys.get_asyncgen_hooks() == loop._asyncgen_hooks)
+
+    try:
+        for n in range(5):
+            thread = threading.Thread(target=one, args=(n,))
+            thread.start()
+            thread.join(5)
+        assert hooks == [True] * 5
+        loop.stop()
+        assert sorted(closed) == list(range(5))  # each registered with the loop, closed by it
+    finally:
+        loop.stop()
