@@ -98,7 +98,7 @@ class _LockedSelector(selectors.DefaultSelector):
 
 class _FirstStep:
     """Takes the place of the loop's `call_soon` while a task is built: keeps its first step
-    (3.11, which has no eager tasks; see `_eager_task`)."""
+    (3.11, which has no eager tasks; `EventLoopThread.start`)."""
 
     __slots__ = ("context", "step")
 

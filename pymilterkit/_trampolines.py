@@ -327,7 +327,7 @@ class LibmilterCallbacks(SessionRules):
             return self.answered(stage, settled, session, _perf_counter() - start)
         pending = suspended[0]
         if pending.expired:  # its deadline cancelled it (or it caught that and returned)
-            outcome = (False, Expired(time.perf_counter() - start))
+            outcome = (False, Expired(_perf_counter() - start))
         if pending.abandoned:  # answered at its deadline (`_abandon`)
             logger.info("%s.%s: the abandoned stage ended", self.session_class.__qualname__, stage)
             return None
@@ -342,7 +342,7 @@ class LibmilterCallbacks(SessionRules):
                 )
             else:
                 answer = self.settle(session, stage, outcome)
-                answer = self.answered(stage, answer, session, time.perf_counter() - start)
+                answer = self.answered(stage, answer, session, _perf_counter() - start)
         finally:
             self._finish(pending, answer)
         return None
