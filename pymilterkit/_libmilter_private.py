@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import logging
 import os
 import socket
@@ -183,6 +182,17 @@ def _stage_macros(argv: int, buf: int) -> list[bytes]:
 
 _SLOTS = ctypes.c_void_p * (2 * _MAX_MACROS_ENTRIES)  # ctx_mac_ptr[], then ctx_mac_buf[]
 _POINTER_ARRAYS: dict[int, Any] = {}  # ctypes array types by length (at most ~4,100)
+_STRING_ARRAYS: dict[int, Any] = {}  # the same, of C strings
+_VIEWS: dict[int, Any] = {}  # a context's macro slots, by its address (at most _MAX_VIEWS)
+_MAX_VIEWS = 4096
+
+
+def _array(types: dict[int, Any], item: Any, size: int) -> Any:
+    """The ctypes array type of `size` `item`s, made once."""
+    found = types.get(size)
+    if found is None:
+        found = types[size] = item * size
+    return found
 
 
 def _even_lists(slots: Any) -> bool:
@@ -197,10 +207,7 @@ def _even_lists(slots: Any) -> bool:
         if not argv or not slots[_MAX_MACROS_ENTRIES + stage]:
             continue
         size = _usable_size(argv) >> 3
-        array_type = _POINTER_ARRAYS.get(size)
-        if array_type is None:
-            array_type = _POINTER_ARRAYS[size] = ctypes.c_void_p * size
-        pointers = array_type.from_address(argv)[:]
+        pointers = _array(_POINTER_ARRAYS, ctypes.c_void_p, size).from_address(argv)[:]
         if None not in pointers:
             return False  # no NULL inside the allocation: not an array dec_argv made
         if pointers.index(None) % 2:
@@ -248,22 +255,29 @@ def ctx_macros(ctx: int) -> dict[bytes, bytes | None]:
 def stage_macros(ctx: int, slot: int) -> list[bytes] | None:
     """The macro strings the MTA sent for macro stage `slot` (names and values alternate),
     or None when contexts cannot be read directly."""
-    if _Layout.known is not True and not layout_known(ctx):
-        return None
-    slots = _SLOTS.from_address(ctx + _CTX_MAC_PTR)
+    slots = _VIEWS.get(ctx)  # the view of a context's slots, kept: it is read per stage
+    if slots is None:
+        if _Layout.known is not True and not layout_known(ctx):
+            return None
+        if len(_VIEWS) >= _MAX_VIEWS:  # contexts' addresses are reused: rarely reached
+            _VIEWS.clear()
+        slots = _VIEWS[ctx] = _SLOTS.from_address(ctx + _CTX_MAC_PTR)
     argv, buf = slots[slot], slots[_MAX_MACROS_ENTRIES + slot]
     if not argv or not buf:
         return []
     if _usable_size is not None:  # the quick way: pointers up to the array's NULL, in bounds
-        pointers = _POINTERS(_usable_size(argv) >> 3).from_address(argv)[:]
+        size = _usable_size(argv) >> 3
+        pointers = (_POINTER_ARRAYS.get(size) or _array(_POINTER_ARRAYS, ctypes.c_void_p, size)
+                    ).from_address(argv)[:]
+        if pointers and pointers[0] is None:  # no macros
+            return []
         if None in pointers:
-            strings: list[bytes] = _STRINGS(pointers.index(None)).from_address(argv)[:]
+            size = pointers.index(None)
+            strings: list[bytes] = (
+                _STRING_ARRAYS.get(size) or _array(_STRING_ARRAYS, ctypes.c_char_p, size)
+            ).from_address(argv)[:]
             return strings
     return _stage_macros(argv, buf)
-
-
-_POINTERS = functools.cache(lambda n: ctypes.c_void_p * n)
-_STRINGS = functools.cache(lambda n: ctypes.c_char_p * n)
 
 
 # -- The unknown command's length ---------------------------------------------------------------

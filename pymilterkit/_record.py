@@ -7,9 +7,10 @@ callbacks are built. A sampled connection's session gets a `RecordingBackend` (e
 noted, then carried out), and its stage callbacks hand each call to `noted`
 (`Recorder.stage`), which notes the stage's arguments, the macros the MTA sent with it, the
 answer and the time; other connections' calls take the plain path. libmilter's
-threads only note in memory and, at the end of each message and at close, pickle the
-connection's new lines onto a bounded queue (dropped and counted when it is full). A thread
-(`Feed`) hands them through a pipe to a writer process of this serving process (started at the
+threads only note in memory and, at the end of each message and at close, put the
+connection's new lines on a bounded queue (dropped and counted when it is full). A thread
+(`Feed`) serializes what is queued in one batch every 50 ms and hands it through a pipe to a
+writer process of this serving process (started at the
 first message, niced, on any CPU, in a session of its own; it ends at end of file), which
 encodes the JSON and appends it to `NAME.milterlog.part`, renamed `NAME.milterlog` at close
 (`Writer`). So neither the disk nor the encoding holds up a stage (encoding in a thread of
@@ -31,9 +32,9 @@ import dataclasses
 import itertools
 import json
 import logging
+import marshal
 import math
 import os
-import pickle
 import random
 import struct
 import subprocess
@@ -141,25 +142,44 @@ def _json(value: Any) -> str:
     return _json(_jsonable(value))
 
 
+def _text(value: Any) -> str:
+    """A string of a recorded line as JSON (bytes: `surrogateescape`); else `_json`."""
+    kind = value.__class__
+    if kind is bytes:
+        return _quote(value.decode("utf-8", "surrogateescape"))
+    if kind is str:
+        return _quote(value)
+    return _json(value)
+
+
+def _pairs(macros: list[Any]) -> str:
+    """A stage's macros (names and values alternate; an odd one out is left out) as JSON."""
+    texts = list(map(_text, macros))
+    return ",".join([name + ":" + value for name, value in zip(texts[::2], texts[1::2],
+                                                                 strict=False)])
+
+
+_ANSWERS = {number: f',"answer":"{name}","ms":' for number, name in _NAMES.items()}
+
+
 def _encode(entry: Any, body: bool) -> str:
-    """One recorded line (on the writer's thread): a dict as it is, a stage's list
+    """One recorded line (in the writer process): a dict as it is, a stage's list
     (stage, args, macros, answer, seconds, actions) in the documented keys."""
     if entry.__class__ is dict:
         return _json(entry) + "\n"
     stage, args, macros, answer, elapsed, actions = entry
-    out = ['{"stage":"', stage, '"']
     if stage == "body":  # the chunk, or its size only (--record-body no)
         data = args[0]
-        out.append(f',"size":{data if data.__class__ is int else len(data)}')
+        head = f'{{"stage":"body","size":{data if data.__class__ is int else len(data)},"args":['
         args = (data if body and data.__class__ is not int else None,)
-    out += (',"args":', _json(args))
-    if macros is not None:  # names and values alternate
-        names = iter(macros)
-        pairs = zip(names, names, strict=False)
-        out += (',"macros":{', ",".join(_json(k) + ":" + _json(v) for k, v in pairs), "}")
+    else:
+        head = '{"stage":"' + stage + '","args":['
+    out = [head, ",".join(map(_text, args)), "]"]
+    if macros is not None:
+        out += (',"macros":{', _pairs(macros), "}")
     if answer is not None:
-        out += (',"answer":', _quote(_NAMES.get(answer, str(answer))),
-                ',"ms":%.3f' % (elapsed * 1000))
+        out += (_ANSWERS.get(answer) or f',"answer":{_quote(str(answer))},"ms":',
+                "%.3f" % (elapsed * 1000))
     if actions is not None:
         out += (',"actions":', _json(actions))
     out.append("}\n")
@@ -205,6 +225,17 @@ class Writer:
                        f"{getattr(exc, 'strerror', None) or exc}")
         if final:
             self.files.pop(name, None)
+
+    def batch(self, parts: list[_Part]) -> None:
+        """Hand a batch of parts to `handle`, a connection's parts in it as one."""
+        joined: dict[str, list[list[Any]]] = {}
+        closed = set()
+        for name, lines, final in parts:
+            joined.setdefault(name, []).append(lines)
+            if final:
+                closed.add(name)
+        for name, chunks in joined.items():
+            self.handle(name, [line for lines in chunks for line in lines], name in closed)
 
     def close(self) -> None:
         """Connections still open: left as .part."""
@@ -259,20 +290,21 @@ class Writer:
 
 
 class Feed:
-    """The serving process's side: pickled parts of recordings, handed by a thread of its own
-    to the writer process (started at the first part) through a pipe."""
+    """The serving process's side: parts of recordings (a connection's new lines), handed by a
+    thread of its own to the writer process (started at the first part) through a pipe, in
+    batches serialized at once (`_pack`)."""
 
     def __init__(self, options: RecordOptions) -> None:
         self.options = options
-        self.queue: collections.deque[bytes] = collections.deque()
+        self.queue: collections.deque[_Part] = collections.deque()
         self.stopping = threading.Event()
         self.dropped = 0
         """Parts not queued because the queue was full (their connections are cut short)."""
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
 
-    def put(self, part: bytes) -> bool:
-        """Queue a part; never waits."""
+    def put(self, part: _Part) -> bool:
+        """Queue a part (its lines are not changed after); never waits."""
         if self.thread is None:
             with self.lock:
                 if self.thread is None:
@@ -305,7 +337,7 @@ class Feed:
             self.queue.clear()
             return
         assert writer.stdin is not None
-        pending, stopping, frame = self.queue, self.stopping, _FRAME.pack
+        pending, stopping = self.queue, self.stopping
         try:
             while pending or not stopping.is_set():
                 # A look every _POLL s, queued or not: writing as parts come would hand the
@@ -313,8 +345,8 @@ class Feed:
                 stopping.wait(_POLL)
                 if not pending:
                     continue
-                parts = [pending.popleft() for _ in range(len(pending))]
-                writer.stdin.write(b"".join(frame(len(p)) + p for p in parts))
+                data = _pack([pending.popleft() for _ in range(len(pending))])
+                writer.stdin.write(_FRAME.pack(len(data)) + data)
                 writer.stdin.flush()
         except OSError as exc:
             logger.warning("record: the writer process is gone (%s); recording stops", exc)
@@ -327,14 +359,48 @@ class Feed:
                 writer.kill()
 
 
+_Part = tuple[str, list[Any], bool]  # a connection's name, its new lines, whether it closed
 _FRAME = struct.Struct("=I")
+
+
+def _pack(parts: list[_Part]) -> bytes:
+    """A batch of parts for the writer process, by `marshal` (the same Python reads it; a third
+    of pickle's cost per part, batched). A batch holding other types (an action's argument of
+    a str subclass, an enum) is made plain first: the writer needs no class of the filter's."""
+    try:
+        return marshal.dumps(parts)
+    except ValueError:
+        return marshal.dumps(_plain(parts))
+
+
+def _plain(value: Any) -> Any:
+    """`value` with the types marshal refuses turned into the ones it takes (as JSON would
+    write them: a subclass as its base type, an address as its list, anything else as text)."""
+    kind = value.__class__
+    if value is None or kind in (str, bytes, int, float, bool):
+        return value
+    if isinstance(value, list | tuple):
+        return (list if isinstance(value, list) else tuple)(map(_plain, value))
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bytes):
+        return bytes(value)
+    for base in (bool, int, float):  # bool before int: a bool is an int
+        if isinstance(value, base):
+            return base(value)
+    try:
+        return _plain(_jsonable(value))
+    except TypeError:
+        return str(value)
 # The writer process's program (not `-m pymilterkit._record`: the package imports this module
 # first, and runpy warns about that on every start).
 _WRITER = "import sys; from pymilterkit._record import _main; _main(sys.argv[1:])"
 
 
 def _main(argv: list[str]) -> None:
-    """The writer process: frames of pickled (name, lines, final) on stdin, until EOF."""
+    """The writer process: frames of batched parts (`_pack`) on stdin, until EOF."""
     logging.basicConfig(format="%(asctime)s pymilterkit[%(process)d] %(levelname)s %(message)s")
     with contextlib.suppress(OSError):  # spare time of any CPU, not the filter's
         os.nice(10)
@@ -342,8 +408,8 @@ def _main(argv: list[str]) -> None:
     writer = Writer(RecordOptions(argv[0], 1.0, argv[1] == "1", float(argv[2])))
     source = sys.stdin.buffer
     while len(head := source.read(_FRAME.size)) == _FRAME.size:
-        part = source.read(_FRAME.unpack(head)[0])
-        writer.handle(*pickle.loads(part))
+        data = source.read(_FRAME.unpack(head)[0])
+        writer.batch(marshal.loads(data))
     writer.close()
 
 
@@ -436,7 +502,7 @@ class Recorder:
         where = BY_METHOD[stage].macros
         slot = None if where is None else int(where)
         name, starts, ends = stage.removeprefix("on_"), stage == "on_mail", stage == "on_eom"
-        raw, is_body = stage == "on_header", stage == "on_body"
+        raw, is_body, connect = stage == "on_header", stage == "on_body", stage == "on_connect"
 
         def noted(session: MilterSession, key: Any, a: Any = None, b: Any = None) -> int:
             log: _Log = session._pmk_log
@@ -445,15 +511,19 @@ class Recorder:
                     flush(log, False)
                 if raw:
                     args: tuple[Any, ...] = (a or b"", b or b"")
-                elif envelope:
-                    first = a[0]
-                    if first is not None and a[1] is None:  # an address, no parameters
-                        args = (first, "")
-                    else:  # the parameters as their text: quicker to hand over
-                        address, params = convert(a)  # type: ignore[misc]
-                        args = (address, str(params))
+                elif envelope:  # the address and the parameters' text, as the MTA sent them
+                    args = (a[0] or b"", "")
+                    if a[1] is not None:  # libmilter ends the array with NULL
+                        params, index = [], 1
+                        while (item := a[index]) is not None:
+                            params.append(item)
+                            index += 1
+                        args = (args[0], b" ".join(params))
                 elif is_body:  # the chunk, or its size only
                     args = convert(a, b) if body else (b,)  # type: ignore[misc]
+                elif connect:  # the address as the JSON it becomes (marshal takes that)
+                    host, address = convert(a, b)  # type: ignore[misc]
+                    args = (host, None if address is None else _jsonable(address))
                 else:
                     args = () if convert is None else convert(a, b)
                 entry: list[Any] = [name, args, None if slot is None else macros(key, slot),
@@ -485,15 +555,7 @@ class Recorder:
 
     def _flush(self, log: _Log, final: bool) -> None:
         lines, log.lines, log.entry = log.lines, [], None
-        if log.cut:
-            return
-        try:
-            part = pickle.dumps((log.name, lines, final), pickle.HIGHEST_PROTOCOL)
-        except Exception:  # a recording never changes an answer
-            logger.exception("record: could not hand over %s", log.name)
-            log.cut = True
-            return
-        if not self.feed.put(part):
+        if not log.cut and not self.feed.put((log.name, lines, final)):
             log.cut = True
 
     def closed(self, session: MilterSession) -> None:

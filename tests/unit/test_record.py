@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import enum
+import ipaddress
 import json
 import logging
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from pymilterkit import ConfigurationError, RecordOptions
+from pymilterkit import ConfigurationError, InetAddress, RecordOptions
 from pymilterkit.__main__ import _parser
 from pymilterkit._config import parse_args
 from pymilterkit._options import RunOptions
-from pymilterkit._record import _QUEUE, Feed, Writer
+from pymilterkit._record import _FRAME, _QUEUE, _WRITER, Feed, Writer, _pack, _plain
 
 
 def options_of(argv: list[str]) -> RunOptions:
@@ -54,14 +58,50 @@ def test_writer_writes_whole_private_files(tmp_path: Path) -> None:
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in directory.iterdir())
 
 
+class Text(str):
+    """An action's argument of a type marshal refuses (a str subclass)."""
+
+
+class Kind(enum.IntEnum):
+    ONE = 1
+
+
+def test_types_marshal_refuses_are_made_plain_as_json_would_write_them() -> None:
+    address = InetAddress(ipaddress.ip_address("192.0.2.1"), 25)
+    value = [Text("x"), Kind.ONE, (True, b"b", None, 1.5), {"k": address}, object]
+    assert _plain(value) == ["x", 1, (True, b"b", None, 1.5), {"k": ["inet", "192.0.2.1", 25]},
+                             str(object)]
+    assert [type(item) for item in _plain(value)[:2]] == [str, int]
+
+
+def test_the_writer_process_takes_batches_of_either_kind_and_joins_a_connections_parts(
+    tmp_path: Path,
+) -> None:
+    rcpt = ["rcpt", (b"<a@example.org>", ""), [b"i", b"Q1"], 0, 0.002, None]
+    eom = ["eom", (), None, 0, 0.001, [["add_header", Text("X-Tag"), "1"]]]
+    plain = _pack([("a", [{"x": 1}, rcpt], False), ("b", [{"y": 2}], True),
+                   ("a", [rcpt], False)])
+    other = _pack([("a", [eom, {"end": "close"}], True)])
+    frames = b"".join(_FRAME.pack(len(data)) + data for data in (plain, other))
+    subprocess.run([sys.executable, "-c", _WRITER, str(tmp_path), "1", "1024"], input=frames,
+                   check=True, timeout=60)
+    lines = [json.loads(line) for line in (tmp_path / "a.milterlog").read_text().splitlines()]
+    noted = {"stage": "rcpt", "args": ["<a@example.org>", ""], "macros": {"i": "Q1"},
+             "answer": "CONTINUE", "ms": 2.0}
+    assert lines == [{"x": 1}, noted, noted,
+                     {"stage": "eom", "args": [], "answer": "CONTINUE", "ms": 1.0,
+                      "actions": [["add_header", "X-Tag", "1"]]}, {"end": "close"}]
+    assert (tmp_path / "b.milterlog").read_text() == '{"y":2}\n'
+
+
 def test_a_full_queue_drops_and_a_failing_disk_is_logged_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     feed = Feed(RecordOptions(str(tmp_path)))
     feed.thread = object()  # type: ignore[assignment]  # no thread: the queue stays full
     for _ in range(_QUEUE):
-        assert feed.put(b"")
-    assert not feed.put(b"")
+        assert feed.put(("c", [], False))
+    assert not feed.put(("c", [], False))
     assert feed.dropped == 1
 
     os.chmod(tmp_path, 0o500)
