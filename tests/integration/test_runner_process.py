@@ -281,7 +281,11 @@ def thread_cpus(pid: int | str) -> set[frozenset[int]]:
     """The distinct CPU sets the threads of process `pid` may run on."""
     sets = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for line in (task / "status").read_text().splitlines():
+        try:
+            status = (task / "status").read_text()
+        except FileNotFoundError:  # a thread that ended since the listing (a pool worker)
+            continue
+        for line in status.splitlines():
             if line.startswith("Cpus_allowed_list:"):  # the same syntax as --cpu-affinity
                 cpus = parse_cpu_list(line.split(":", 1)[1])
                 assert isinstance(cpus, list), line
