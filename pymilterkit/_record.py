@@ -346,8 +346,9 @@ class Feed:
                 if not pending:
                     continue
                 data = _pack([pending.popleft() for _ in range(len(pending))])
-                writer.stdin.write(_FRAME.pack(len(data)) + data)
-                writer.stdin.flush()
+                if data is not None:
+                    writer.stdin.write(_FRAME.pack(len(data)) + data)
+                    writer.stdin.flush()
         except OSError as exc:
             logger.warning("record: the writer process is gone (%s); recording stops", exc)
         finally:
@@ -363,14 +364,20 @@ _Part = tuple[str, list[Any], bool]  # a connection's name, its new lines, wheth
 _FRAME = struct.Struct("=I")
 
 
-def _pack(parts: list[_Part]) -> bytes:
+def _pack(parts: list[_Part]) -> bytes | None:
     """A batch of parts for the writer process, by `marshal` (the same Python reads it; a third
     of pickle's cost per part, batched). A batch holding other types (an action's argument of
-    a str subclass, an enum) is made plain first: the writer needs no class of the filter's."""
+    a str subclass, an enum) is made plain first: the writer needs no class of the filter's.
+    None (logged) if even that fails: the batch is dropped, the feed goes on."""
     try:
         return marshal.dumps(parts)
     except ValueError:
+        pass
+    try:
         return marshal.dumps(_plain(parts))
+    except Exception:  # an argument whose str() raises: a recording never stops the milter
+        logger.exception("record: could not hand over %d part(s) of recordings", len(parts))
+        return None
 
 
 def _plain(value: Any) -> Any:

@@ -82,6 +82,7 @@ def test_the_writer_process_takes_batches_of_either_kind_and_joins_a_connections
     plain = _pack([("a", [{"x": 1}, rcpt], False), ("b", [{"y": 2}], True),
                    ("a", [rcpt], False)])
     other = _pack([("a", [eom, {"end": "close"}], True)])
+    assert plain is not None and other is not None
     frames = b"".join(_FRAME.pack(len(data)) + data for data in (plain, other))
     subprocess.run([sys.executable, "-c", _WRITER, str(tmp_path), "1", "1024"], input=frames,
                    check=True, timeout=60)
@@ -92,6 +93,24 @@ def test_the_writer_process_takes_batches_of_either_kind_and_joins_a_connections
                      {"stage": "eom", "args": [], "answer": "CONTINUE", "ms": 1.0,
                       "actions": [["add_header", "X-Tag", "1"]]}, {"end": "close"}]
     assert (tmp_path / "b.milterlog").read_text() == '{"y":2}\n'
+
+
+class Unprintable:
+    """An action's argument that cannot even be turned into text."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def test_a_batch_that_cannot_be_handed_over_is_dropped_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    eom = ["eom", (), None, 0, 0.001, [["add_header", "X", Unprintable()]]]
+    with caplog.at_level(logging.ERROR, "pymilterkit"):
+        assert _pack([("a", [eom], True)]) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "record: could not hand over 1 part(s) of recordings"]
+    assert _pack([("a", [{"x": 1}], True)]) is not None
 
 
 def test_a_full_queue_drops_and_a_failing_disk_is_logged_once(
