@@ -503,7 +503,7 @@ class Recorder:
         callback); `later`: an async stage, whose answer comes to `answered`.
 
         Arguments are kept as libmilter gives them where the writer can decode them (header
-        names and values, addresses without parameters): no stage decodes them twice.
+        names and values, envelope addresses and parameters): no stage decodes them twice.
         """
         clock, flush, body = time.perf_counter, self._flush, self.options.body
         where = BY_METHOD[stage].macros
