@@ -57,5 +57,5 @@ def test_per_message_time_over_tcp_is_well_under_40ms(start: Start, variant: str
     assert median_ms < 25, f"median {median_ms:.1f} ms per message over TCP: {times}"
 
     # The milter really ran: its header is on the queued (deferred) messages.
-    queued = postfix.deferred_ids(21)
+    queued = postfix.queued_ids(21)
     assert ADDED.get(variant, "X-Rcpt-Count: 3") in postfix.postcat(queued[0])
