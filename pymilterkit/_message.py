@@ -209,11 +209,15 @@ class Message:
             a[0].lower() == b[0].lower() for a, b in zip(parsed, received, strict=True)
         )  # else the parser read the header block otherwise: compare its own values
         before = received if same else [(name, cast(str, value)) for name, value in parsed]
-        kept = {id(value): before[i][1] for i, (_, value) in enumerate(parsed)}
-        after = [
-            (name, kept[id(value)] if id(value) in kept else _wire(name, value))
-            for name, value in self._email.raw_items()
-        ]
+        # A header the filter left alone keeps its parsed value object, but equal short
+        # strings are one object: its name and its place among its namesakes tell it apart.
+        kept: dict[tuple[str, int], list[str]] = {}
+        for (name, value), (_, text) in zip(parsed, before, strict=True):
+            kept.setdefault((name.lower(), id(value)), []).append(text)
+        after = []
+        for name, value in self._email.raw_items():
+            texts = kept.get((name.lower(), id(value)))
+            after.append((name, texts.pop(0) if texts else _wire(name, value)))
         shape = _shape(self._email)
         if len(shape) == len(self._shape) and all(map(operator.is_, shape, self._shape)):
             return header_edits(before, after), None  # nothing under the top headers replaced

@@ -173,6 +173,26 @@ def test_edits_become_the_fewest_actions() -> None:
     assert "-X-Spam-Flag:  YES" in result.diff() and "+Bye" in result.diff()
 
 
+@pytest.mark.parametrize(
+    "head", [b"X-A:1\r\nX-B: 1\r\n", b"X-Spam-Level:\r\nX-Other: \r\n"],
+    ids=["same-one-character-value", "empty-values"],
+)
+def test_headers_with_equal_short_values_stay_untouched(head: bytes) -> None:
+    # Python keeps one object for equal one-character and empty strings: headers are told
+    # apart by their own entry, not by the identity of their value.
+    class AddOnly(MilterSession):
+        actions = Actions.ADD_HEADER
+
+        @override
+        def on_message(self, message: Message) -> Status:
+            message.email["X-Scanned"] = "yes"
+            return Status.CONTINUE
+
+    result = Harness(AddOnly, reraise=True).run(head + b"Subject: hi\r\n\r\nbody\r\n")
+    assert result.status is Status.CONTINUE
+    assert result.modifications == (HeaderAdded("X-Scanned", " yes"),)
+
+
 def test_undeclared_action_names_action_and_edit() -> None:
     class Undeclared(Editor):
         actions = Actions.ADD_HEADER
