@@ -167,7 +167,7 @@ class Message:
         self.sender = sender
         """The envelope sender (MAIL FROM), as the MTA gave it."""
         self.recipients = tuple(recipients)
-        """The envelope recipients (RCPT TO) accepted so far."""
+        """The envelope recipients (RCPT TO) accepted so far (by the MTA and the filter)."""
         self.queue_id = queue_id
         """The MTA's queue id (macro `i`), if it sent one."""
         self._email: EmailMessage | None = None

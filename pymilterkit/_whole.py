@@ -12,6 +12,7 @@ temporary file) is closed at end of message, at abort, at close and at the next 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
 import logging
@@ -20,7 +21,7 @@ from typing import Any
 
 from ._edits import HeaderEdit
 from ._errors import UndeclaredActionError
-from ._flags import Actions, Status
+from ._flags import Actions, ProtocolOpts, Status
 from ._message import DEFAULT_SPOOL_THRESHOLD, Message, MessageBuffer
 from ._metrics import count_too_big
 from ._session import MilterSession
@@ -51,10 +52,14 @@ class _Collected:
         self.recipients: list[str] = []
 
 
-def _drop(session: MilterSession) -> None:
-    collected = session._pmk_collected
+def _drop(session: MilterSession, collected: _Collected | None = None) -> None:
+    """Close `collected` (default: the session's message); the session forgets it only if it
+    is still its message (an abandoned stage ending late leaves the next message alone)."""
+    current = session._pmk_collected
+    collected = current if collected is None else collected
     if collected is not None:
-        session._pmk_collected = None
+        if current is collected:
+            session._pmk_collected = None
         collected.buffer.close()
 
 
@@ -101,6 +106,8 @@ def collecting(cls: type[MilterSession], stage: str, spool: Spool) -> Callable[.
     if own is getattr(MilterSession, stage):
         own = None
     space = bool(cls._pmk_space)
+    # RCPT_REJ: the MTA also passes the recipients it refused itself, marked by {rcpt_mailer}
+    refused_too = bool(cls.negotiation().protocol & ProtocolOpts.RCPT_REJ)
 
     def mail(session: MilterSession, sender: str, params: Any) -> tuple[Any, ...]:
         _drop(session)
@@ -122,9 +129,19 @@ def collecting(cls: type[MilterSession], stage: str, spool: Spool) -> Callable[.
         return (chunk,)
 
     def rcpt(session: MilterSession, result: Any, args: tuple[Any, ...]) -> None:
+        """Keep a recipient the answer accepts: a status not refusing it, from a stage not
+        cancelled (past its deadline the MTA is answered the timeout status, whatever the
+        method returns after), and not one the MTA refused itself."""
         collected = session._pmk_collected
-        if collected is not None and result not in _REFUSED:
-            collected.recipients.append(args[0])
+        if collected is None or result.__class__ is not Status or result in _REFUSED:
+            return
+        if own is not None and inspect.iscoroutinefunction(own):
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                return
+        if refused_too and session.macro("{rcpt_mailer}") == "error":
+            return
+        collected.recipients.append(args[0])
 
     def cleanup(session: MilterSession) -> tuple[Any, ...]:
         _drop(session)
@@ -162,6 +179,8 @@ def _end_of_message(
     if "on_eom" not in cls._pmk_spec.asynchronous:
 
         def eom(session: MilterSession) -> Any:
+            _buffer(session)
+            collected = session._pmk_collected
             try:
                 message = start(session)
                 if isinstance(message, Status):
@@ -172,11 +191,13 @@ def _end_of_message(
                     return own(session)
                 return status
             finally:
-                _drop(session)
+                _drop(session, collected)
 
         return eom
 
     async def eom_async(session: MilterSession) -> Any:
+        _buffer(session)
+        collected = session._pmk_collected
         try:
             message = start(session)
             if isinstance(message, Status):
@@ -190,8 +211,8 @@ def _end_of_message(
                 if inspect.isawaitable(status):
                     status = await status
             return status
-        finally:
-            _drop(session)
+        finally:  # only this message's: past its deadline the next one may be collecting
+            _drop(session, collected)
 
     return eom_async
 

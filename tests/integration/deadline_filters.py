@@ -9,7 +9,7 @@ import time
 
 from typing_extensions import override
 
-from pymilterkit import EsmtpParams, MilterSession, Status
+from pymilterkit import EsmtpParams, Message, MilterSession, Status
 from tests.helpers import local_part, requested_sleep
 
 
@@ -61,6 +61,34 @@ class Stubborn(MilterSession):
     @override
     async def on_eom(self) -> Status:
         await asyncio.sleep(self.slept)
+        return Status.CONTINUE
+
+
+class StubbornWhole(MilterSession):
+    """An async on_message that, for a message with Subject `swallow`, catches the
+    cancellation at its deadline and goes on for a second (so does on_rcpt for a recipient
+    `swallow`); it logs what each message brought."""
+
+    @override
+    async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        if local_part(recipient) == "swallow":
+            try:
+                await asyncio.sleep(20)
+            except asyncio.CancelledError:
+                await asyncio.sleep(1)  # swallowed: goes on past the deadline
+        return Status.CONTINUE
+
+    @override
+    async def on_message(self, message: Message) -> Status:
+        if dict(message.headers).get("Subject") == " swallow":
+            try:
+                await asyncio.sleep(20)
+            except asyncio.CancelledError:
+                await asyncio.sleep(1)  # swallowed: goes on past the deadline
+            return Status.CONTINUE
+        logging.getLogger("pymilterkit").warning(
+            "on_message saw sender=%s recipients=%s headers=%s",
+            message.sender, ",".join(message.recipients), len(message.headers))
         return Status.CONTINUE
 
 

@@ -91,6 +91,59 @@ def test_a_stage_that_swallows_its_cancellation_is_answered_at_the_deadline() ->
                      r"abandoned", log), log
 
 
+def test_an_abandoned_on_message_leaves_the_next_message_of_its_connection_alone() -> None:
+    # The abandoned stage ends while the next message is being collected: that message is
+    # still whole when its on_message runs.
+    with start("StubbornWhole", "--stage-timeout", "eom=0.3") as milter:
+        conn = MilterClient(milter.socket, timeout=30).open()
+        try:
+            conn.negotiate()
+            conn.connect("client.example.net", None)
+            conn.mail("<one@example.org>")
+            conn.rcpt("<r1@example.com>")
+            conn.header("Subject", " swallow")
+            conn.eoh()
+            first = conn.eom()
+            conn.mail("<two@example.org>")
+            conn.rcpt("<r2@example.com>")
+            conn.header("Subject", " second")
+            wait_until(lambda: "the abandoned stage ended" in milter.log(), "the abandoned stage")
+            conn.header("To", " b@example.com")
+            conn.eoh()
+            conn.body(b"two\r\n")
+            second = conn.eom()
+            conn.quit()
+        finally:
+            conn.close()
+        log = milter.log()
+    assert first is not None and first.status is Status.TEMPFAIL
+    assert second is not None and second.status is Status.CONTINUE, log
+    assert "on_message saw sender=<two@example.org> recipients=<r2@example.com> headers=2" in log
+
+
+def test_a_recipient_answered_at_its_deadline_is_not_among_the_messages_recipients() -> None:
+    with start("StubbornWhole", "--stage-timeout", "rcpt=0.3") as milter:
+        conn = MilterClient(milter.socket, timeout=30).open()
+        try:
+            conn.negotiate()
+            conn.connect("client.example.net", None)
+            conn.mail("<one@example.org>")
+            answers = [conn.rcpt(f"<{name}@example.com>") for name in ("fast", "swallow")]
+            # its coroutine returns CONTINUE after the MTA was answered TEMPFAIL
+            wait_until(lambda: "the abandoned stage ended" in milter.log(), "the abandoned stage")
+            conn.header("Subject", " hello")
+            conn.eoh()
+            last = conn.eom()
+            conn.quit()
+        finally:
+            conn.close()
+        log = milter.log()
+    assert [None if a is None else a.status for a in answers] == [
+        Status.CONTINUE, Status.TEMPFAIL]
+    assert last is not None and last.status is Status.CONTINUE
+    assert "on_message saw sender=<one@example.org> recipients=<fast@example.com> " in log, log
+
+
 def test_a_blocking_call_in_an_async_stage_is_reported_at_the_deadline() -> None:
     with start("Stubborn", "--stage-timeout", "0.5") as milter:
         result: list[tuple[Status | None, float]] = []

@@ -25,7 +25,7 @@ from pymilterkit import (
     noreply,
 )
 from pymilterkit._message import MessageBuffer
-from pymilterkit.testing import Harness, HeaderAdded, HeaderChanged, HeaderDeleted
+from pymilterkit.testing import Harness, HeaderAdded, HeaderChanged, HeaderDeleted, Step
 
 MESSAGE = (
     b"From: a@example.net\r\n"
@@ -191,6 +191,40 @@ def test_headers_with_equal_short_values_stay_untouched(head: bytes) -> None:
     result = Harness(AddOnly, reraise=True).run(head + b"Subject: hi\r\n\r\nbody\r\n")
     assert result.status is Status.CONTINUE
     assert result.modifications == (HeaderAdded("X-Scanned", " yes"),)
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["plain", "rcpt-rej"])
+def test_recipients_are_the_accepted_ones(refused: bool) -> None:
+    # Refused by the filter, answered an invalid result, or (RCPT_REJ) refused by the MTA
+    # itself ({rcpt_mailer} error): not among the message's recipients.
+    class Seen(MilterSession):
+        protocol = ProtocolOpts.RCPT_REJ if refused else ProtocolOpts.NONE
+        recipients: tuple[str, ...] = ()
+
+        @override
+        def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+            if "bad" in recipient:
+                return "nonsense"  # type: ignore[return-value]
+            return Status.REJECT if "no" in recipient else Status.CONTINUE
+
+        @override
+        def on_message(self, message: Message) -> Status:
+            type(self).recipients = message.recipients
+            return Status.CONTINUE
+
+    conn = Harness(Seen).open()
+    conn.negotiate()
+    conn.connect("client.example.net", None)
+    conn.mail("<a@example.net>")
+    for recipient, mailer in [("<yes@x>", "smtp"), ("<no@x>", "smtp"), ("<bad@x>", "smtp"),
+                              ("<gone@x>", "error")]:
+        conn.macros(Step.RCPT, {"{rcpt_mailer}": mailer})
+        conn.rcpt(recipient)
+    conn.header("Subject", " x")
+    conn.eoh()
+    conn.eom()
+    conn.quit()
+    assert Seen.recipients == (("<yes@x>",) if refused else ("<yes@x>", "<gone@x>"))
 
 
 def test_undeclared_action_names_action_and_edit() -> None:
