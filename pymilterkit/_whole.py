@@ -44,12 +44,13 @@ class Spool:
 
 
 class _Collected:
-    __slots__ = ("buffer", "recipients", "sender")
+    __slots__ = ("buffer", "recipients", "sender", "skipped")
 
     def __init__(self, buffer: MessageBuffer, sender: str) -> None:
         self.buffer = buffer
         self.sender = sender
         self.recipients: list[str] = []
+        self.skipped = False  # the class's on_body answered SKIP: it gets no more chunks
 
 
 def _drop(session: MilterSession, collected: _Collected | None = None) -> None:
@@ -65,37 +66,38 @@ def _drop(session: MilterSession, collected: _Collected | None = None) -> None:
 
 def _around(
     own: Callable[..., Any] | None,
-    before: Callable[..., tuple[Any, ...]],
-    after: Callable[[MilterSession, Any, tuple[Any, ...]], None] | None = None,
+    before: Callable[..., tuple[Any, ...] | None],
+    after: Callable[[MilterSession, Any, tuple[Any, ...]], Any] | None = None,
 ) -> Callable[..., Any]:
     """`own` (the class's method; None: not overridden) after `before(session, *args)`, which
-    gives own's arguments, and before `after(session, result, args)`; async if `own` is."""
+    gives own's arguments (None: own is not called, the answer is CONTINUE), and before
+    `after(session, result, args)`, which gives the answer; async if `own` is."""
     if own is None:
 
-        def plain(session: MilterSession, *args: Any) -> Any:
-            args = before(session, *args)
-            if after is not None:
+        def plain(session: MilterSession, *given: Any) -> Any:
+            args = before(session, *given)
+            if after is not None and args is not None:
                 after(session, Status.CONTINUE, args)
             return Status.CONTINUE
 
         return plain
     if inspect.iscoroutinefunction(own):
 
-        async def coroutine(session: MilterSession, *args: Any) -> Any:
-            args = before(session, *args)
+        async def coroutine(session: MilterSession, *given: Any) -> Any:
+            args = before(session, *given)
+            if args is None:
+                return Status.CONTINUE
             result = await own(session, *args)
-            if after is not None:
-                after(session, result, args)
-            return result
+            return result if after is None else after(session, result, args)
 
         return coroutine
 
-    def function(session: MilterSession, *args: Any) -> Any:
-        args = before(session, *args)
+    def function(session: MilterSession, *given: Any) -> Any:
+        args = before(session, *given)
+        if args is None:
+            return Status.CONTINUE
         result = own(session, *args)
-        if after is not None:
-            after(session, result, args)
-        return result
+        return result if after is None else after(session, result, args)
 
     return function
 
@@ -124,24 +126,32 @@ def collecting(cls: type[MilterSession], stage: str, spool: Spool) -> Callable[.
         _buffer(session).end_of_headers()
         return ()
 
-    def body(session: MilterSession, chunk: bytes) -> tuple[Any, ...]:
+    def body(session: MilterSession, chunk: bytes) -> tuple[Any, ...] | None:
         _buffer(session).body(chunk)
-        return (chunk,)
+        return None if session._pmk_collected.skipped else (chunk,)
 
-    def rcpt(session: MilterSession, result: Any, args: tuple[Any, ...]) -> None:
+    def skip(session: MilterSession, result: Any, args: tuple[Any, ...]) -> Any:
+        """The class's SKIP ends its own body chunks, not the message's collection."""
+        if result is not Status.SKIP:
+            return result
+        session._pmk_collected.skipped = True
+        return Status.CONTINUE
+
+    def rcpt(session: MilterSession, result: Any, args: tuple[Any, ...]) -> Any:
         """Keep a recipient the answer accepts: a status not refusing it, from a stage not
         cancelled (past its deadline the MTA is answered the timeout status, whatever the
         method returns after), and not one the MTA refused itself."""
         collected = session._pmk_collected
         if collected is None or result.__class__ is not Status or result in _REFUSED:
-            return
+            return result
         if own is not None and inspect.iscoroutinefunction(own):
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                return
+                return result
         if refused_too and session.macro("{rcpt_mailer}") == "error":
-            return
+            return result
         collected.recipients.append(args[0])
+        return result
 
     def cleanup(session: MilterSession) -> tuple[Any, ...]:
         _drop(session)
@@ -149,11 +159,11 @@ def collecting(cls: type[MilterSession], stage: str, spool: Spool) -> Callable[.
 
     if stage == "on_eom":
         return _end_of_message(cls, own)
-    before: dict[str, Callable[..., tuple[Any, ...]]] = {
+    before: dict[str, Callable[..., tuple[Any, ...] | None]] = {
         "on_mail": mail, "on_rcpt": lambda session, *args: args, "on_header": header,
         "on_eoh": eoh, "on_body": body, "on_abort": cleanup, "on_close": cleanup,
     }
-    return _around(own, before[stage], rcpt if stage == "on_rcpt" else None)
+    return _around(own, before[stage], {"on_rcpt": rcpt, "on_body": skip}.get(stage))
 
 
 def _buffer(session: MilterSession) -> MessageBuffer:

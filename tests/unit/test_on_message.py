@@ -227,6 +227,38 @@ def test_recipients_are_the_accepted_ones(refused: bool) -> None:
     assert Seen.recipients == (("<yes@x>",) if refused else ("<yes@x>", "<gone@x>"))
 
 
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_skip_from_on_body_ends_its_chunks_not_the_collection(asynchronous: bool) -> None:
+    class Skipper(MilterSession):
+        chunks = 0
+        size = 0
+
+        def count(self) -> Status:
+            type(self).chunks += 1
+            return Status.SKIP
+
+        @override
+        def on_message(self, message: Message) -> Status:
+            type(self).size = len(message.open().read().partition(b"\r\n\r\n")[2])
+            return Status.CONTINUE
+
+    class Sync(Skipper):
+        @override
+        def on_body(self, chunk: bytes) -> Status:
+            return self.count()
+
+    class Async(Skipper):
+        @override
+        async def on_body(self, chunk: bytes) -> Status:
+            return self.count()
+
+    cls = Async if asynchronous else Sync
+    body = b"x" * 998 + b"\r\n"
+    result = Harness(cls, reraise=True).run(b"Subject: big\r\n\r\n" + body * 150)
+    assert result.status is Status.CONTINUE
+    assert (cls.chunks, cls.size) == (1, 150 * len(body))
+
+
 def test_undeclared_action_names_action_and_edit() -> None:
     class Undeclared(Editor):
         actions = Actions.ADD_HEADER
