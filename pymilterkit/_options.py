@@ -13,6 +13,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -109,15 +110,16 @@ STAGE_DEADLINES: dict[str, float] = {
 milter_content_timeout 300 s), so they never cancel what the MTA still waits for; on_eom 600 s,
 because progress keeps Postfix waiting and the SMTP client waits 10 minutes for the answer to
 its final dot (RFC 5321 4.5.3.2.6). on_abort and on_close are not answered: 30 s."""
+_ALIASES = {"message": "eom"}  # on_message runs in the end-of-message callback: one deadline
+_NAMES = f"one of {', '.join(STAGE_DEADLINES)}, message (= eom), or default"
 def _stage_seconds(text: str) -> tuple[str, float]:
     """`--stage-timeout [STAGE=]S`: (stage or "default", seconds)."""
     import argparse
 
     stage, sep, seconds = text.rpartition("=")
     stage = stage.strip() if sep else "default"
-    if stage != "default" and stage not in STAGE_DEADLINES:
-        raise argparse.ArgumentTypeError(
-            f"unknown stage {stage!r} (one of {', '.join(STAGE_DEADLINES)}, or default)")
+    if stage != "default" and stage not in STAGE_DEADLINES and stage not in _ALIASES:
+        raise argparse.ArgumentTypeError(f"unknown stage {stage!r} ({_NAMES})")
     return stage, _seconds(seconds)
 
 
@@ -129,17 +131,22 @@ def _stage_timeout(value: object) -> StageTimeout:
     if value is None:
         return None
     table: Mapping[Any, Any] = value if isinstance(value, Mapping) else {"default": value}
+    named: dict[str, float] = {}
     for stage, seconds in table.items():
-        if stage != "default" and stage not in STAGE_DEADLINES:
-            raise ConfigurationError(
-                f"stage_timeout: unknown stage {stage!r} (one of {', '.join(STAGE_DEADLINES)}, "
-                f"or default)")
+        if stage != "default" and stage not in STAGE_DEADLINES and stage not in _ALIASES:
+            raise ConfigurationError(f"stage_timeout: unknown stage {stage!r} ({_NAMES})")
         if not (_number(seconds) and seconds >= 0):
+            raise ConfigurationError(f"stage_timeout[{stage!r}] must be a finite number of "
+                                     f"seconds >= 0 (0: none): {seconds!r}")
+        key = _ALIASES.get(stage, stage)
+        if named.get(key, seconds) != seconds:
             raise ConfigurationError(
-                f"stage_timeout[{stage!r}] must be seconds >= 0 (0: none): {seconds!r}")
+                f"stage_timeout: {stage!r} and {key!r} are one deadline (on_message runs at "
+                f"the end of message, as on_eom does): give one of them")
+        named[key] = float(seconds)
     if not isinstance(value, Mapping):
-        return float(table["default"])
-    return {stage: float(seconds) for stage, seconds in table.items()}
+        return named["default"]
+    return named
 
 
 def stage_deadlines(value: StageTimeout) -> dict[str, float | None]:
@@ -177,9 +184,22 @@ C_INT_MAX = 2**31 - 1
 
 
 def _number(value: object) -> bool:
-    """A finite int or float (not a bool, NaN or infinity)."""
-    return (not isinstance(value, bool) and isinstance(value, (int, float))
-            and math.isfinite(value))
+    """A finite int or float (not a bool, NaN, infinity or an int no float can hold)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 1e308
+
+
+def _spool_dir(path: object) -> bool:
+    """A directory where a temporary file can be made (a read-only one, /proc, fails every
+    message past the spool threshold later otherwise)."""
+    if not isinstance(path, str) or not os.path.isdir(path):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
 
 
 def _c_int(value: object, low: int) -> bool:
@@ -306,7 +326,8 @@ class RunOptions:
             "goes to a temporary file (default 1 MiB)", type=int, default=1024 * 1024,
             metavar="BYTES"))
     spool_dir: str | None = _option(None, _check(
-        os.path.isdir, "{name} must be an existing directory: {value!r}",
+        _spool_dir, "{name} must be an existing directory a temporary file can be made in: "
+        "{value!r}",
     ), Flag("--spool-dir", "on_message: directory of the temporary files (default: TMPDIR)",
             metavar="DIR"))
     max_message_size: int | None = _option(None, _check(

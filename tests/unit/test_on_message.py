@@ -385,7 +385,7 @@ def test_settings_are_checked() -> None:
                 return Status.CONTINUE
 
     for bad in ({"spool_threshold": 0}, {"spool_dir": "/nonexistent/x"},
-                {"max_message_size": -1}):
+                {"spool_dir": "/proc"}, {"max_message_size": -1}):
         with pytest.raises(ConfigurationError, match=next(iter(bad))):
             Milter(Seen, "unix:/tmp/x.sock", **bad)
     assert Milter(Seen, "unix:/tmp/x.sock", max_message_size=10).options.max_message_size == 10

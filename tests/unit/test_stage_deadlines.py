@@ -47,7 +47,21 @@ def test_a_default_and_per_stage_values_from_flags_toml_and_milter(tmp_path: Pat
     assert set(deadlines(["--stage-timeout", "0"]).values()) == {None}
 
 
-@pytest.mark.parametrize("bad", [{"eon": 1}, -1, {"eom": "x"}, float("nan"), {"rcpt": True}])
+def test_message_names_the_end_of_message_deadline(tmp_path: Path) -> None:
+    # on_message runs in the end-of-message callback, under eom's deadline.
+    expected = {**stage_deadlines(None), "on_eom": 60.0}
+    assert deadlines(["--stage-timeout", "message=60"]) == expected
+    config = tmp_path / "m.toml"
+    config.write_text("stage-timeout = {message = 60}\n")
+    assert deadlines(["--config", str(config)]) == expected
+    milter = Milter(MilterSession, "unix:/tmp/x.sock", stage_timeout={"message": 60, "eom": 60})
+    assert stage_deadlines(milter.options.stage_timeout) == expected
+    with pytest.raises(ConfigurationError, match="'message' and 'eom' are one deadline"):
+        Milter(MilterSession, "unix:/tmp/x.sock", stage_timeout={"eom": 60, "message": 10})
+
+
+@pytest.mark.parametrize("bad", [{"eon": 1}, -1, {"eom": "x"}, float("nan"), {"rcpt": True},
+                                 float("inf"), 10**400, {"eom": -(10**400)}])
 def test_bad_values_are_refused(bad: object) -> None:
     with pytest.raises(ConfigurationError, match="stage_timeout"):
         Milter(MilterSession, "unix:/tmp/x.sock", stage_timeout=bad)  # type: ignore[arg-type]
