@@ -52,7 +52,9 @@ _CONNECTION = ("connect", "helo", "unknown")
 _MODIFICATION: dict[str, Any] = {
     "add_header": HeaderAdded,
     "insert_header": HeaderInserted,
-    "change_header": lambda name, index, value: HeaderChanged(name, max(index, 1), value),
+    # an empty value deletes, as the wire client reads it (and as Postfix and Sendmail do)
+    "change_header": lambda name, index, value: HeaderChanged(name, max(index, 1), value)
+    if value else HeaderDeleted(name, max(index, 1)),
     "delete_header": lambda name, index: HeaderDeleted(name, max(index, 1)),
     "change_sender": SenderChanged,
     "add_recipient": RecipientAdded,

@@ -1,0 +1,66 @@
+"""Recordings read back and played again (`Recording`, `pymilterkit replay`), from files
+written here by hand as the recorder writes them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from typing_extensions import override
+
+from pymilterkit import Actions, MilterSession, Status
+from pymilterkit.testing import Harness, Recording
+
+HEAD = {"format": "pymilterkit-record", "version": 1, "filter": "t:F", "pid": 1, "body": True,
+        "protocol": 0, "time": 0.0}
+
+
+def entry(stage: str, *args: Any, answer: str | None = "CONTINUE",
+          actions: list[list[Any]] | None = None) -> dict[str, Any]:
+    """One recorded stage line."""
+    line: dict[str, Any] = {"stage": stage, "args": list(args), "macros": {}}
+    if answer is not None:
+        line.update(answer=answer, ms=0.1)
+    if actions:
+        line["actions"] = actions
+    return line
+
+
+CONNECT = entry("connect", "mail.example.net", ["inet", "192.0.2.1", 25])
+HELO = entry("helo", "mail.example.net")
+
+
+def message(subject: str = "hi", eom: str = "CONTINUE",
+            actions: list[list[Any]] | None = None) -> list[dict[str, Any]]:
+    """A whole message's lines, from MAIL to end of message."""
+    return [entry("mail", "<a@example.net>", ""), entry("rcpt", "<b@example.org>", ""),
+            entry("data"), entry("header", "Subject", subject), entry("eoh"),
+            entry("body", "hello\r\n"), entry("eom", answer=eom, actions=actions)]
+
+
+def write(path: Path, *lines: dict[str, Any], end: bool = True) -> Path:
+    rows = [HEAD, *lines, *([{"end": "close"}] if end else [])]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+class Blanker(MilterSession):
+    """Changes a header to an empty value."""
+
+    actions = Actions.CHANGE_HEADER
+
+    @override
+    def on_eom(self) -> Status:
+        self.change_header("X-Old", "")
+        return Status.CONTINUE
+
+
+def test_a_header_changed_to_empty_is_recorded_as_deleted_as_the_wire_reads_it(
+    tmp_path: Path,
+) -> None:
+    recording = Recording.load(write(tmp_path / "a.milterlog", CONNECT, HELO, *message(
+        actions=[["change_header", "X-Old", 1, ""]])))
+    assert recording.recorded[0].modifications == ("HeaderDeleted('X-Old', 1)",)
+    with Harness(Blanker) as harness:
+        assert recording.replay(harness) == recording.recorded
