@@ -22,7 +22,7 @@ from typing import Any
 
 from .._errors import ConfigurationError, MilterError
 from .._flags import ProtocolOpts, Status
-from .._protocol import ENDS_MESSAGE
+from .._protocol import ENDS_MESSAGE, REPLY_CLASS
 from .._record import FORMAT, PARTIAL, SUFFIX, VERSION
 from .._types import InetAddress, UnixAddress
 from ._conversation import MilterConnection
@@ -131,24 +131,29 @@ def _address(value: Any) -> InetAddress | UnixAddress | None:
     return InetAddress(ip_address(value[1]), int(value[2]))
 
 
-def _recorded_answer(entry: dict[str, Any]) -> Answer | None:
-    """A recorded stage's answer as the wire client would have read it (None: none noted)."""
-    if "answer" not in entry:
-        return None
-    status = Status[entry["answer"]]
-    reply, mods = None, []
-    for name, *args in entry.get("actions", ()):
-        if name == "set_reply":
-            code, xcode, lines = args
-            if status in (Status.REJECT, Status.TEMPFAIL) and code[:1] == (
-                "5" if status is Status.REJECT else "4"
-            ):
-                raw = reply_text(_raw(code), None if xcode is None else _raw(xcode),
-                                 [_raw(line) for line in lines])
-                reply = Reply.parse(raw)
-        elif name in _MODIFICATION:
-            mods.append(_MODIFICATION[name](*args))
-    return Answer(Step(entry["stage"]), status, reply, tuple(mods))
+def _recorded_answers(entries: Sequence[dict[str, Any]]) -> list[Answer | None]:
+    """Each recorded stage's answer as the wire client would have read it (None: none noted).
+    A `set_reply` text waits, as in libmilter, for a REJECT or TEMPFAIL of its class, in that
+    stage or a later one (of a later message too); a later `set_reply` replaces it."""
+    answers: list[Answer | None] = []
+    pending: bytes | None = None
+    for entry in entries:
+        mods = []
+        for name, *args in entry.get("actions", ()):
+            if name == "set_reply":
+                code, xcode, lines = args
+                pending = reply_text(_raw(code), None if xcode is None else _raw(xcode),
+                                     [_raw(line) for line in lines])
+            elif name in _MODIFICATION:
+                mods.append(_MODIFICATION[name](*args))
+        if "answer" not in entry:
+            answers.append(None)
+            continue
+        status, reply = Status[entry["answer"]], None
+        if pending is not None and pending[:1] == REPLY_CLASS.get(status):
+            reply, pending = Reply.parse(pending), None
+        answers.append(Answer(Step(entry["stage"]), status, reply, tuple(mods)))
+    return answers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +194,7 @@ class Recording:
             cut = next((i for i, e in enumerate(entries) if e["stage"] == "mail"), len(entries))
             entries = entries[: ends[-1] + 1 if ends else cut]
         return cls(path, lines[0], entries, *_inputs(lines[0], entries),
-                   _outcomes(entries, [_recorded_answer(e) for e in entries]), complete)
+                   _outcomes(entries, _recorded_answers(entries)), complete)
 
     def replay(self, driver: MtaDriver) -> tuple[Outcome, ...]:
         """Play the recorded commands, in order and with their macros, on a new connection of

@@ -9,7 +9,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from pymilterkit import Actions, MilterSession, Status
+from pymilterkit import Actions, EsmtpParams, MilterSession, Status
 from pymilterkit.testing import Harness, Recording
 
 HEAD = {"format": "pymilterkit-record", "version": 1, "filter": "t:F", "pid": 1, "body": True,
@@ -31,10 +31,10 @@ CONNECT = entry("connect", "mail.example.net", ["inet", "192.0.2.1", 25])
 HELO = entry("helo", "mail.example.net")
 
 
-def message(subject: str = "hi", eom: str = "CONTINUE",
-            actions: list[list[Any]] | None = None) -> list[dict[str, Any]]:
+def message(subject: str = "hi", eom: str = "CONTINUE", actions: list[list[Any]] | None = None,
+            rcpt: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """A whole message's lines, from MAIL to end of message."""
-    return [entry("mail", "<a@example.net>", ""), entry("rcpt", "<b@example.org>", ""),
+    return [entry("mail", "<a@example.net>", ""), rcpt or entry("rcpt", "<b@example.org>", ""),
             entry("data"), entry("header", "Subject", subject), entry("eoh"),
             entry("body", "hello\r\n"), entry("eom", answer=eom, actions=actions)]
 
@@ -63,4 +63,40 @@ def test_a_header_changed_to_empty_is_recorded_as_deleted_as_the_wire_reads_it(
         actions=[["change_header", "X-Old", 1, ""]])))
     assert recording.recorded[0].modifications == ("HeaderDeleted('X-Old', 1)",)
     with Harness(Blanker) as harness:
+        assert recording.replay(harness) == recording.recorded
+
+
+class LateReply(MilterSession):
+    """Sets its reply at RCPT; refuses at end of message, by the Subject."""
+
+    @override
+    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        if recipient.startswith("<late@"):
+            self.set_reply("550", "5.7.1", "refused at the end")
+        return Status.CONTINUE
+
+    @override
+    def on_header(self, name: str, value: str) -> Status:
+        self.subject = value
+        return Status.CONTINUE
+
+    @override
+    def on_eom(self) -> Status:
+        return {"first": Status.TEMPFAIL, "second": Status.REJECT}.get(self.subject,
+                                                                       Status.CONTINUE)
+
+
+def test_a_reply_set_in_an_earlier_stage_goes_with_a_later_refusal_of_its_class(
+    tmp_path: Path,
+) -> None:
+    # As libmilter: the 5xx text set at RCPT does not go with a TEMPFAIL and stays, for the
+    # REJECT of the next message.
+    late = entry("rcpt", "<late@example.org>", "",
+                 actions=[["set_reply", "550", "5.7.1", ["refused at the end"]]])
+    recording = Recording.load(write(tmp_path / "a.milterlog", CONNECT, HELO,
+                                     *message("first", "TEMPFAIL", rcpt=late),
+                                     *message("second", "REJECT")))
+    assert [o.lines()[0] for o in recording.recorded] == [
+        "TEMPFAIL at eom", "REJECT at eom 550 5.7.1 refused at the end"]
+    with Harness(LateReply) as harness:
         assert recording.replay(harness) == recording.recorded
