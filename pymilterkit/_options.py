@@ -35,6 +35,7 @@ __all__ = [
     "MetricsAddress",
     "RunOptions",
     "StageTimeout",
+    "check_stage_timeout",
     "parse_address",
     "run_flags",
     "stage_deadlines",
@@ -127,7 +128,8 @@ def _stage_items(items: list[tuple[str, float]] | None) -> dict[str, float] | No
     return None if items is None else dict(items)
 
 
-def _stage_timeout(value: object) -> StageTimeout:
+def check_stage_timeout(value: object) -> StageTimeout:
+    """`value` as `stage_timeout` (a number or a table by stage), checked and normalised."""
     if value is None:
         return None
     table: Mapping[Any, Any] = value if isinstance(value, Mapping) else {"default": value}
@@ -284,7 +286,7 @@ class RunOptions:
         optional=False,
     ), Flag("--dry-run", "run the filter but send CONTINUE and no modification; log what it "
             "would do", switch=True, default=False))
-    stage_timeout: StageTimeout = _option(None, lambda _, v: _stage_timeout(v), Flag(
+    stage_timeout: StageTimeout = _option(None, lambda _, v: check_stage_timeout(v), Flag(
         "--stage-timeout", "deadline of every stage (S) or of one (STAGE=S), repeatable; 0: "
         "none; default: what Postfix waits (30 s, header/eoh/body 300 s, eom 600 s). An async "
         "stage past it is cancelled and answered --timeout-status, a sync one logged",

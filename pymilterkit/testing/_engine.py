@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import logging
 import struct
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from .._dispatch import SessionRules
@@ -182,8 +182,11 @@ class _HarnessRules(SessionRules):
         reraise: bool,
         tcp: bool,
         loop: InlineLoop | None = None,
+        deadlines: Mapping[str, float | None] | None = None,
+        timeout_status: Status = Status.TEMPFAIL,
     ) -> None:
-        super().__init__(session_class, error_status, tcp=tcp)
+        super().__init__(session_class, error_status, tcp=tcp, deadlines=deadlines,
+                         timeout_status=timeout_status)
         self.engine = engine
         self.reraise = reraise
         self.loop = loop or InlineLoop()
@@ -307,11 +310,14 @@ class Engine:
         reraise: bool,
         tcp: bool,
         loop: InlineLoop | None = None,
+        deadlines: Mapping[str, float | None] | None = None,
+        timeout_status: Status = Status.TEMPFAIL,
     ) -> None:
         self.out: collections.deque[w.Packet] = collections.deque()
         self.closed = False
         self.state = ST_INIT
-        self.dispatch = _HarnessRules(self, session_class, error_status, reraise, tcp, loop)
+        self.dispatch = _HarnessRules(self, session_class, error_status, reraise, tcp, loop,
+                                      deadlines, timeout_status)
         self.registered = registered = self.dispatch.spec.stages  # the runner registers these
         self.pflags = sum(int(info.off) for info in STAGES if info.method not in registered)
         self.pflags2mta = self.pflags

@@ -6,6 +6,7 @@ import dataclasses
 
 from .._flags import Actions, ProtocolOpts, Status
 from .._loop import InlineLoop, call_hook
+from .._options import StageTimeout, check_stage_timeout, stage_deadlines
 from .._session import MilterSession
 from . import _wire as w
 from ._conversation import ALL_ACTIONS, ALL_PROTOCOL
@@ -26,6 +27,8 @@ class Harness(MtaDriver):
     logged and answered with `error_status`; with `reraise=True` it propagates instead, which
     is handy in a test). `ConnectionResult.errors` lists the exceptions stage methods raised.
     `tcp=True` models the runner on an inet socket, where the DATA stage is always answered.
+    `stage_timeout` and `timeout_status` are the runner's deadlines (default: on, as in the
+    runner): an `async def` stage past its deadline is cancelled and answered `timeout_status`.
 
         result = Harness(MyFilter).run(b"Subject: hi\\r\\n\\r\\nbody\\r\\n", recipients=["a@b"])
         assert result.status is Status.CONTINUE
@@ -43,6 +46,8 @@ class Harness(MtaDriver):
         protocol: ProtocolOpts = ALL_PROTOCOL,
         version: int = w.PROTOCOL_VERSION,
         client: ClientInfo | None = None,
+        stage_timeout: StageTimeout = None,
+        timeout_status: Status = Status.TEMPFAIL,
     ) -> None:
         if not (isinstance(session_class, type) and issubclass(session_class, MilterSession)):
             raise TypeError(f"Harness needs a MilterSession subclass, got {session_class!r}")
@@ -51,6 +56,8 @@ class Harness(MtaDriver):
         self.error_status = error_status
         self.reraise = reraise
         self.tcp = tcp
+        self.deadlines = stage_deadlines(check_stage_timeout(stage_timeout))
+        self.timeout_status = timeout_status
         self._loop = InlineLoop()
         self._started = False
 
@@ -58,7 +65,8 @@ class Harness(MtaDriver):
         if not self._started:  # as in a serving process: before the first session
             self._started = True
             call_hook(self.session_class.on_worker_start(), self._loop.run)
-        return Engine(self.session_class, self.error_status, self.reraise, self.tcp, self._loop)
+        return Engine(self.session_class, self.error_status, self.reraise, self.tcp, self._loop,
+                      self.deadlines, self.timeout_status)
 
     def close(self) -> None:
         """Run the class's `on_worker_stop` (if it started) and close the harness's loop.

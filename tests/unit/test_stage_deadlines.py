@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+from typing_extensions import override
 
-from pymilterkit import ConfigurationError, Milter, MilterSession
+from pymilterkit import ConfigurationError, EsmtpParams, Milter, MilterSession, Status
 from pymilterkit.__main__ import _parser
 from pymilterkit._config import parse_args
 from pymilterkit._options import STAGE_DEADLINES, RunOptions, stage_deadlines
+from pymilterkit.testing import Harness
 
 
 def deadlines(argv: list[str]) -> dict[str, float | None]:
@@ -118,3 +120,20 @@ def test_suspended_stages_expire_in_order_of_their_deadlines_with_one_timer() ->
     assert log == ["b", "d", "c", "a"]  # "done" was answered: never expired
     assert timers == 1
     assert max(sizes) <= 1025
+
+
+def test_the_harness_applies_deadlines_as_the_runner_does() -> None:
+    class Slow(MilterSession):
+        @override
+        async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+            await asyncio.sleep(5 if "slow" in recipient else 0)
+            return Status.CONTINUE
+
+    for timeout_status in (Status.TEMPFAIL, Status.REJECT):
+        harness = Harness(Slow, stage_timeout={"rcpt": 0.05}, timeout_status=timeout_status)
+        began = time.monotonic()
+        result = harness.run(b"Subject: x\r\n\r\nbody\r\n", recipients=["fast@x", "slow@x"])
+        assert time.monotonic() - began < 4
+        assert [r.status for r in result.recipients] == [Status.CONTINUE, timeout_status]
+    with pytest.raises(ConfigurationError, match="stage_timeout"):
+        Harness(Slow, stage_timeout={"rpct": 1})
