@@ -209,22 +209,51 @@ class Recording:
         return _outcomes(self.entries, [answers.get(i) for i in range(len(self.entries))])
 
 
+_ORDER = {s: n for n, s in enumerate(("mail", "rcpt", "data", "header", "eoh", "body", "eom"))}
+"""The stages of a message, in the order an MTA sends them."""
+_ENDING = frozenset(status.name for status in ENDS_MESSAGE)
+
+
+def _split(entries: Sequence[dict[str, Any]]) -> tuple[list[int], int]:
+    """Which message each entry belongs to, and how many messages there are. A message
+    begins at MAIL, or (for a filter without `on_mail`, which never sees one) at a message
+    stage after a message that ended, or one that comes before the last stage seen (a new
+    message's RCPT after a header). A connection-level command (connect, HELO, unknown)
+    belongs to the message under way, else to the next one (`count` if none follows)."""
+    owner: list[int] = []
+    count, last = 0, -1  # last: the stage order reached by the message under way (-1: none)
+    for entry in entries:
+        stage = entry["stage"]
+        order = _ORDER.get(stage)
+        if order is None:
+            if stage != "unknown":  # a connect or a HELO ends a message under way
+                last = -1
+            owner.append(count - 1 if last >= 0 else count)
+            continue
+        if last < 0 or order < last or (order == last and stage not in ("rcpt", "header",
+                                                                          "body")):
+            count += 1
+        owner.append(count - 1)
+        ended = stage == "eom" or (stage != "rcpt" and entry.get("answer") in _ENDING)
+        last = -1 if ended else order
+    return owner, count
+
+
 def _inputs(head: dict[str, Any], entries: Sequence[dict[str, Any]]) -> tuple[
         ClientInfo, tuple[tuple[Envelope, bytes], ...]]:
     leading = bool(int(head.get("protocol", 0)) & ProtocolOpts.HDR_LEADSPC)
     first: dict[str, dict[str, Any]] = {}
     unknown: list[str] = []
-    groups: list[list[dict[str, Any]]] = []
-    for entry in entries:
+    owner, count = _split(entries)
+    groups: list[list[dict[str, Any]]] = [[] for _ in range(count)]
+    for entry, number in zip(entries, owner, strict=True):
         stage = entry["stage"]
-        if stage == "mail":
-            groups.append([entry])
-        elif stage in _CONNECTION:
+        if stage in _CONNECTION:
             first.setdefault(stage, entry)
             if stage == "unknown":
                 unknown.append(entry["args"][0])
-        elif groups:
-            groups[-1].append(entry)
+        else:
+            groups[number].append(entry)
     connect, helo = first.get("connect"), first.get("helo")
     macros = {s: _macros(e) for s, e in first.items() if s != "unknown"}
     client = ClientInfo(connect["args"][0] if connect else "localhost",
@@ -239,7 +268,9 @@ def _macros(entry: dict[str, Any]) -> dict[str, str]:
 
 
 def _message(entries: list[dict[str, Any]], leading: bool) -> tuple[Envelope, bytes]:
-    mail = entries[0]
+    """A message's envelope and bytes (no MAIL recorded, for a filter without `on_mail`: the
+    null sender)."""
+    mail = entries[0] if entries[0]["stage"] == "mail" else {"args": ["", ""]}
     rcpts = [e for e in entries if e["stage"] == "rcpt"]
     macros: dict[str, dict[str, str]] = {}
     for entry in entries:
@@ -258,18 +289,16 @@ def _message(entries: list[dict[str, Any]], leading: bool) -> tuple[Envelope, by
 
 def _outcomes(entries: Sequence[dict[str, Any]],
               answers: Sequence[Answer | None]) -> tuple[Outcome, ...]:
-    """Per message (each `mail` and what follows), from each entry's answer (None: none)."""
+    """Per message (`_split`), from each entry's answer (None: none)."""
+    owner, count = _split(entries)
     connection: list[tuple[str, str, Answer]] = []
-    groups: list[list[tuple[str, str, Answer]]] = []
-    for entry, answer in zip(entries, answers, strict=True):
-        stage = entry["stage"]
-        if stage == "mail":
-            groups.append([])
+    groups: list[list[tuple[str, str, Answer]]] = [[] for _ in range(count)]
+    for entry, answer, number in zip(entries, answers, owner, strict=True):
         if answer is None:
             continue
-        detail = _detail(entry)
-        (connection if stage in _CONNECTION else groups[-1] if groups else connection).append(
-            (stage, detail, answer))
+        stage = entry["stage"]
+        (connection if stage in _CONNECTION else groups[number]).append(
+            (stage, _detail(entry), answer))
     ended = _outcome(connection)
     if ended.status is not Status.CONTINUE or not groups:
         return (ended,) * max(1, len(groups))
@@ -285,13 +314,15 @@ def _play(conn: MilterConnection, entries: Sequence[dict[str, Any]],
           answers: dict[int, Answer | None]) -> None:
     """Send `entries` on `conn` as the MTA did, minding the new answers: a message the filter
     now ends early gets no more commands, a refused connection none."""
+    owner, _ = _split(entries)
     in_message = ended = skipping = False
+    current = -1
     for index, entry in enumerate(entries):
         stage = entry["stage"]
-        if stage == "mail":
+        if stage not in _CONNECTION and owner[index] != current:  # a new message
             if in_message:
                 conn.abort()
-            in_message, ended, skipping = True, False, False
+            current, in_message, ended, skipping = owner[index], True, False, False
         if ended or (skipping and stage == "body"):
             continue
         if stage in ("connect", "helo", "mail", "rcpt", "data", "eoh", "eom"):

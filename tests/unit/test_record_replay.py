@@ -66,18 +66,24 @@ def test_a_header_changed_to_empty_is_recorded_as_deleted_as_the_wire_reads_it(
         assert recording.replay(harness) == recording.recorded
 
 
-class LateReply(MilterSession):
+class Subjects(MilterSession):
+    """Notes the message's (only) header: its Subject."""
+
+    subject = ""
+
+    @override
+    def on_header(self, name: str, value: str) -> Status:
+        self.subject = value
+        return Status.CONTINUE
+
+
+class LateReply(Subjects):
     """Sets its reply at RCPT; refuses at end of message, by the Subject."""
 
     @override
     def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
         if recipient.startswith("<late@"):
             self.set_reply("550", "5.7.1", "refused at the end")
-        return Status.CONTINUE
-
-    @override
-    def on_header(self, name: str, value: str) -> Status:
-        self.subject = value
         return Status.CONTINUE
 
     @override
@@ -100,3 +106,41 @@ def test_a_reply_set_in_an_earlier_stage_goes_with_a_later_refusal_of_its_class(
         "TEMPFAIL at eom", "REJECT at eom 550 5.7.1 refused at the end"]
     with Harness(LateReply) as harness:
         assert recording.replay(harness) == recording.recorded
+
+
+class Tagger(Subjects):
+    """No `on_mail`: tags each message at its end, refuses Subject 'bad'."""
+
+    actions = Actions.ADD_HEADER
+
+    @override
+    def on_eom(self) -> Status:
+        if self.subject == "bad":
+            return Status.REJECT
+        self.add_header("X-Tag", self.subject)
+        return Status.CONTINUE
+
+
+class StricterTagger(Tagger):
+    @override
+    def on_eom(self) -> Status:
+        return Status.REJECT if self.subject == "good" else super().on_eom()
+
+
+def test_a_filter_without_on_mail_has_its_messages_told_apart_at_their_end(
+    tmp_path: Path,
+) -> None:
+    recording = Recording.load(write(
+        tmp_path / "a.milterlog", entry("header", "Subject", "bad"), entry("eom", answer="REJECT"),
+        entry("header", "Subject", "good"),
+        entry("eom", actions=[["add_header", "X-Tag", "good"]])))
+    assert [o.lines() for o in recording.recorded] == [
+        ["REJECT at eom"], ["CONTINUE at eom", "HeaderAdded('X-Tag', 'good')"]]
+    assert [raw for _, raw in recording.messages] == [b"Subject: bad\r\n\r\n",
+                                                      b"Subject: good\r\n\r\n"]
+    with Harness(Tagger) as harness:
+        assert recording.replay(harness) == recording.recorded
+        result = harness.run_connection(recording.messages, client=recording.client)
+        assert [m.status for m in result.messages] == [Status.REJECT, Status.CONTINUE]
+    with Harness(StricterTagger) as harness:
+        assert [o.lines() for o in recording.replay(harness)] == [["REJECT at eom"]] * 2
