@@ -76,35 +76,48 @@ def _show(mod: Modification) -> str:
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """What a filter decided about one message (or a connection refused before any): the
-    verdict, where, its reply, each recipient's refusal, and the modifications, as text."""
+    verdict, where, its reply, each recipient's refusal, the modifications, and each HELO or
+    unknown command it refused without ending the connection, as text."""
 
     status: Status
     stage: str
     reply: str | None = None
     recipients: tuple[str, ...] = ()
     modifications: tuple[str, ...] = ()
+    commands: tuple[str, ...] = ()
 
     def lines(self) -> list[str]:
         """One line per fact, the verdict first."""
         verdict = f"{self.status.name} at {self.stage}" + (f" {self.reply}" if self.reply else "")
-        return [verdict, *self.recipients, *self.modifications]
+        return [verdict, *self.commands, *self.recipients, *self.modifications]
 
 
-def _outcome(answers: Sequence[tuple[str, str, Answer]]) -> Outcome:
-    """The outcome of one message's answers (step, detail, answer), in order."""
+def _refused(step: str, detail: str, answer: Answer) -> str:
+    """A refusal that ends nothing (a recipient's, a command's) as a line of an `Outcome`."""
+    text = _reply(answer)
+    return f"{step} {detail}: {answer.status.name}" + (f" {text}" if text else "")
+
+
+def _reply(answer: Answer) -> str | None:
+    return None if answer.reply is None else str(answer.reply).replace("\r\n", " / ")
+
+
+def _outcome(answers: Sequence[tuple[str, str, Answer]],
+             commands: Sequence[str] = ()) -> Outcome:
+    """The outcome of one message's answers (step, detail, answer), in order, and the
+    connection's refused commands that came with it."""
     status, stage, reply = Status.CONTINUE, "", None
     rcpts: list[str] = []
     mods: list[str] = []
     for step, detail, answer in answers:
         stage = step
-        text = None if answer.reply is None else str(answer.reply).replace("\r\n", " / ")
         if step == "rcpt" and answer.status in (Status.REJECT, Status.TEMPFAIL, Status.DISCARD):
-            rcpts.append(f"rcpt {detail}: {answer.status.name}" + (f" {text}" if text else ""))
+            rcpts.append(_refused(step, detail, answer))
         mods.extend(_show(m) for m in _merged(answer.modifications))
         if step != "rcpt" and answer.status in ENDS_MESSAGE:
-            status, reply = answer.status, text
+            status, reply = answer.status, _reply(answer)
             break
-    return Outcome(status, stage, reply, tuple(rcpts), tuple(mods))
+    return Outcome(status, stage, reply, tuple(rcpts), tuple(mods), tuple(commands))
 
 
 def _merged(mods: Iterable[Modification]) -> list[Modification]:
@@ -287,22 +300,38 @@ def _message(entries: list[dict[str, Any]], leading: bool) -> tuple[Envelope, by
     return envelope, head + b"\r\n" + body
 
 
+def _closers(entries: Sequence[dict[str, Any]]) -> set[int]:
+    """The entries whose refusal ends the connection: a connect, and the last HELO. libmilter
+    goes on after any refusal, but an MTA does not after a refused connect, nor after a refused
+    HELO unless the client says HELO again; a refused unknown command is that one's only."""
+    helos = [i for i, e in enumerate(entries) if e["stage"] == "helo"]
+    return {i for i, e in enumerate(entries) if e["stage"] == "connect"} | set(helos[-1:])
+
+
 def _outcomes(entries: Sequence[dict[str, Any]],
               answers: Sequence[Answer | None]) -> tuple[Outcome, ...]:
-    """Per message (`_split`), from each entry's answer (None: none)."""
+    """Per message (`_split`), from each entry's answer (None: none). A refused connection
+    gives its verdict to each message from there on (one outcome, if none); a refused HELO or
+    unknown command that ends nothing is a line of the message it came with."""
     owner, count = _split(entries)
-    connection: list[tuple[str, str, Answer]] = []
+    closers = _closers(entries)
     groups: list[list[tuple[str, str, Answer]]] = [[] for _ in range(count)]
-    for entry, answer, number in zip(entries, answers, owner, strict=True):
+    commands: list[list[str]] = [[] for _ in range(max(count, 1))]
+    stage = ""  # the last one answered: where a connection without messages stands
+    for index, (entry, answer, number) in enumerate(zip(entries, answers, owner, strict=True)):
         if answer is None:
             continue
-        stage = entry["stage"]
-        (connection if stage in _CONNECTION else groups[number]).append(
-            (stage, _detail(entry), answer))
-    ended = _outcome(connection)
-    if ended.status is not Status.CONTINUE or not groups:
-        return (ended,) * max(1, len(groups))
-    return tuple(_outcome(group) for group in groups)
+        stage, detail = entry["stage"], _detail(entry)
+        if stage not in _CONNECTION:
+            groups[number].append((stage, detail, answer))
+        elif answer.status in ENDS_MESSAGE and index in closers and number < max(count, 1):
+            done = [_outcome(*pair) for pair in zip(groups[:number], commands, strict=False)]
+            return (*done, *[_outcome([(stage, detail, answer)])] * (max(count, 1) - number))
+        elif answer.status in ENDS_MESSAGE:  # a refusal after the last message: shown with it
+            commands[min(number, len(commands) - 1)].append(_refused(stage, detail, answer))
+    if not groups:
+        return (Outcome(Status.CONTINUE, stage, commands=tuple(commands[0])),)
+    return tuple(_outcome(*pair) for pair in zip(groups, commands, strict=True))
 
 
 def _detail(entry: dict[str, Any]) -> str:
@@ -313,8 +342,9 @@ def _detail(entry: dict[str, Any]) -> str:
 def _play(conn: MilterConnection, entries: Sequence[dict[str, Any]],
           answers: dict[int, Answer | None]) -> None:
     """Send `entries` on `conn` as the MTA did, minding the new answers: a message the filter
-    now ends early gets no more commands, a refused connection none."""
+    now ends early gets no more commands, a refused connection (`_closers`) none."""
     owner, _ = _split(entries)
+    closers = _closers(entries)
     in_message = ended = skipping = False
     current = -1
     for index, entry in enumerate(entries):
@@ -323,7 +353,7 @@ def _play(conn: MilterConnection, entries: Sequence[dict[str, Any]],
             if in_message:
                 conn.abort()
             current, in_message, ended, skipping = owner[index], True, False, False
-        if ended or (skipping and stage == "body"):
+        if (ended and stage not in _CONNECTION) or (skipping and stage == "body"):
             continue
         if stage in ("connect", "helo", "mail", "rcpt", "data", "eoh", "eom"):
             conn.macros(Step(stage), _macros(entry))
@@ -340,12 +370,13 @@ def _play(conn: MilterConnection, entries: Sequence[dict[str, Any]],
         if answer is None:
             continue
         skipping = skipping or (stage == "body" and answer.status is Status.SKIP)
-        if stage == "eom":
+        if stage in _CONNECTION:
+            if answer.status in ENDS_MESSAGE and index in closers:
+                return
+        elif stage == "eom":
             in_message = False
         elif stage != "rcpt" and answer.status in ENDS_MESSAGE:
-            if stage in _CONNECTION:
-                return
-            ended = True
+            ended, in_message = True, False
     if in_message:
         conn.abort()
     conn.quit()

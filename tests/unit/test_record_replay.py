@@ -144,3 +144,57 @@ def test_a_filter_without_on_mail_has_its_messages_told_apart_at_their_end(
         assert [m.status for m in result.messages] == [Status.REJECT, Status.CONTINUE]
     with Harness(StricterTagger) as harness:
         assert [o.lines() for o in recording.replay(harness)] == [["REJECT at eom"]] * 2
+
+
+class Picky(MilterSession):
+    """Refuses unknown commands, and the HELO `refused`."""
+
+    refused = "bad.example"
+
+    @override
+    def on_helo(self, hostname: str) -> Status:
+        return Status.REJECT if hostname == self.refused else Status.CONTINUE
+
+    @override
+    def on_unknown(self, command: str) -> Status:
+        return Status.REJECT
+
+    @override
+    def on_eom(self) -> Status:
+        return Status.CONTINUE
+
+
+class PickyAtEnd(Picky):
+    @override
+    def on_eom(self) -> Status:
+        return Status.REJECT
+
+
+class Pickier(Picky):
+    refused = "mail.example.net"
+
+
+def test_a_refused_unknown_command_or_helo_said_again_refuses_that_command_only(
+    tmp_path: Path,
+) -> None:
+    recording = Recording.load(write(
+        tmp_path / "a.milterlog", CONNECT, entry("helo", "bad.example", answer="REJECT"), HELO,
+        entry("unknown", "XFOO bar", answer="REJECT"), *message(),
+        entry("unknown", "XBAR", answer="REJECT"), *message()))
+    assert [o.lines() for o in recording.recorded] == [
+        ["CONTINUE at eom", "helo bad.example: REJECT", "unknown XFOO bar: REJECT"],
+        ["CONTINUE at eom", "unknown XBAR: REJECT"]]
+    with Harness(Picky) as harness:
+        assert recording.replay(harness) == recording.recorded
+    with Harness(PickyAtEnd) as harness:  # played on after the refusals: the change shows
+        assert [o.lines()[0] for o in recording.replay(harness)] == ["REJECT at eom"] * 2
+    with Harness(Pickier) as harness:  # the last HELO refused: the connection ends there
+        assert [o.lines() for o in recording.replay(harness)] == [["REJECT at helo"]] * 2
+
+
+def test_a_refused_last_helo_ends_the_connection(tmp_path: Path) -> None:
+    recording = Recording.load(write(tmp_path / "a.milterlog", CONNECT,
+                                     entry("helo", "mail.example.net", answer="REJECT")))
+    assert [o.lines() for o in recording.recorded] == [["REJECT at helo"]]
+    with Harness(Pickier) as harness:
+        assert recording.replay(harness) == recording.recorded
