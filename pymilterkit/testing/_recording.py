@@ -193,19 +193,17 @@ class Recording:
         """Read one recording file; raises `ConfigurationError` for what is not one."""
         path = Path(path)
         try:
-            text = path.read_text("utf-8", "surrogateescape")
-            lines = [json.loads(line) for line in text.splitlines(keepends=True)
-                     if line.endswith("\n")]  # a last line without its end was cut short
+            rows = path.read_text("utf-8", "surrogateescape").split("\n")
+            torn = rows.pop() != ""  # a last line without its end was cut short
+            lines = [json.loads(row) for row in rows]
         except (OSError, ValueError) as exc:
             raise ConfigurationError(f"cannot read recording {path}: {exc}") from None
         if not lines or lines[0].get("format") != FORMAT or lines[0].get("version") != VERSION:
             raise ConfigurationError(f"{path} is not a {FORMAT} version {VERSION} file")
         entries = tuple(line for line in lines[1:] if "stage" in line)
         complete = lines[-1].get("end") is not None
-        if not complete:  # keep the connection up to its last whole message
-            ends = [i for i, e in enumerate(entries) if e["stage"] == "eom" and "answer" in e]
-            cut = next((i for i, e in enumerate(entries) if e["stage"] == "mail"), len(entries))
-            entries = entries[: ends[-1] + 1 if ends else cut]
+        if torn and not complete:
+            entries = _whole(entries)
         return cls(path, lines[0], entries, *_inputs(lines[0], entries),
                    _outcomes(entries, _recorded_answers(entries)), complete)
 
@@ -250,6 +248,23 @@ def _split(entries: Sequence[dict[str, Any]]) -> tuple[list[int], int]:
         ended = stage == "eom" or (stage != "rcpt" and entry.get("answer") in _ENDING)
         last = -1 if ended else order
     return owner, count
+
+
+def _whole(entries: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+    """The entries of a file whose last line was cut short (a writer killed mid-write), without
+    the last message unless what is left of it says it was over. (Without such a line, a
+    `.part` file holds whole messages: the recorder hands a connection's lines over only at the
+    end of a message, at the next MAIL, and at close.)"""
+    owner, count = _split(entries)
+    staged = [i for i, (e, n) in enumerate(zip(entries, owner, strict=True))
+              if n == count - 1 and e["stage"] not in _CONNECTION]
+    if not staged:
+        return tuple(entries)
+    last = entries[staged[-1]]
+    if "answer" in last and (last["stage"] == "eom" or (last["stage"] != "rcpt"
+                                                        and last["answer"] in _ENDING)):
+        return tuple(entries)
+    return tuple(entries[: staged[0]])
 
 
 def _inputs(head: dict[str, Any], entries: Sequence[dict[str, Any]]) -> tuple[

@@ -198,3 +198,27 @@ def test_a_refused_last_helo_ends_the_connection(tmp_path: Path) -> None:
     assert [o.lines() for o in recording.recorded] == [["REJECT at helo"]]
     with Harness(Pickier) as harness:
         assert recording.replay(harness) == recording.recorded
+
+
+def test_a_part_file_keeps_every_message_handed_over_and_drops_one_a_cut_line_was_in(
+    tmp_path: Path,
+) -> None:
+    # A killed worker: message 1 was refused at MAIL, handed over when message 2 began.
+    refused = entry("mail", "<reject@example.net>", "",
+                    actions=[["set_reply", "550", "5.7.1", ["sender refused"]]],
+                    answer="REJECT")
+    part = Recording.load(write(tmp_path / "a.milterlog.part", CONNECT, HELO, refused,
+                                end=False))
+    assert not part.complete
+    assert [o.lines() for o in part.recorded] == [["REJECT at mail 550 5.7.1 sender refused"]]
+    assert [e.sender for e, _ in part.messages] == ["<reject@example.net>"]
+
+    # A writer killed mid-write: the message its last line was in is gone, the one before
+    # stays, whole.
+    path = write(tmp_path / "b.milterlog.part", CONNECT, HELO, *message("one"),
+                 *message("two")[:3], end=False)
+    with path.open("a") as file:
+        file.write('{"stage":"hea')
+    torn = Recording.load(path)
+    assert [e["stage"] for e in torn.entries][-2:] == ["body", "eom"]
+    assert [raw.split(b"\r\n")[0] for _, raw in torn.messages] == [b"Subject: one"]
