@@ -190,16 +190,19 @@ class Recording:
 
     @classmethod
     def load(cls, path: str | Path) -> Recording:
-        """Read one recording file; raises `ConfigurationError` for what is not one."""
+        """Read one recording file; raises `ConfigurationError` for what is not one, naming
+        the malformed line."""
         path = Path(path)
         try:
             rows = path.read_text("utf-8", "surrogateescape").split("\n")
-            torn = rows.pop() != ""  # a last line without its end was cut short
-            lines = [json.loads(row) for row in rows]
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             raise ConfigurationError(f"cannot read recording {path}: {exc}") from None
+        torn = rows.pop() != ""  # a last line without its end was cut short
+        lines = [_line(path, number, row) for number, row in enumerate(rows, 1)]
         if not lines or lines[0].get("format") != FORMAT or lines[0].get("version") != VERSION:
             raise ConfigurationError(f"{path} is not a {FORMAT} version {VERSION} file")
+        if not isinstance(lines[0].get("protocol", 0), int):
+            raise ConfigurationError(f"{path} line 1: protocol is not a number")
         entries = tuple(line for line in lines[1:] if "stage" in line)
         complete = lines[-1].get("end") is not None
         if torn and not complete:
@@ -248,6 +251,103 @@ def _split(entries: Sequence[dict[str, Any]]) -> tuple[list[int], int]:
         ended = stage == "eom" or (stage != "rcpt" and entry.get("answer") in _ENDING)
         last = -1 if ended else order
     return owner, count
+
+
+_ARGS = {"connect": ("text", "address"), "helo": ("text",), "unknown": ("text",),
+         "mail": ("text", "text"), "rcpt": ("text", "text"), "data": (),
+         "header": ("text", "text"), "eoh": (), "body": ("chunk?",), "eom": ()}
+"""Each stage's arguments, by kind (`_fits`)."""
+_ACTIONS = {"set_reply": ("text", "text?", "lines"), "add_header": ("text", "text"),
+            "insert_header": ("int", "text", "text"), "change_header": ("text", "int", "text"),
+            "delete_header": ("text", "int"), "change_sender": ("text", "text?"),
+            "add_recipient": ("text",), "add_recipient_par": ("text", "text"),
+            "remove_recipient": ("text",), "replace_body": ("chunk",), "quarantine": ("text",),
+            "progress": ()}
+"""Each action's arguments, by kind."""
+
+
+def _line(path: Path, number: int, row: str) -> dict[str, Any]:
+    """Line `number` of a recording, checked: a malformed one raises `ConfigurationError`
+    naming it (what reads the entries after trusts their shape)."""
+    try:
+        line = json.loads(row)
+    except ValueError as exc:
+        raise ConfigurationError(f"{path} line {number}: not JSON ({exc})") from None
+    if not isinstance(line, dict):
+        raise ConfigurationError(f"{path} line {number}: not a JSON object")
+    problem = None if number == 1 or "stage" not in line else _problem(line)
+    if problem is not None:
+        raise ConfigurationError(f"{path} line {number}: {problem}")
+    return line
+
+
+def _problem(entry: dict[str, Any]) -> str | None:
+    """What is wrong with a recorded stage line (None: nothing)."""
+    stage, args = entry["stage"], entry.get("args")
+    kinds = _ARGS.get(stage) if isinstance(stage, str) else None
+    if kinds is None:
+        return f"unknown stage {stage!r}"
+    if not _fits(args, kinds):
+        return f"{stage}: arguments {args!r} are not {', '.join(kinds) or 'none'}"
+    macros = entry.get("macros")
+    if macros is not None and not (isinstance(macros, dict) and all(
+            _fits([k, v], ("text", "text?")) for k, v in macros.items())):
+        return f"{stage}: macros are not names and texts: {macros!r}"
+    if "answer" in entry and not (isinstance(entry["answer"], str)
+                                  and entry["answer"] in Status.__members__):
+        return f"{stage}: unknown answer {entry['answer']!r}"
+    actions = entry.get("actions", [])
+    for action in actions if isinstance(actions, list) else [actions]:
+        name = action[0] if isinstance(action, list) and action else None
+        if not isinstance(name, str) or not _fits(action[1:], _ACTIONS.get(name, ("?",))):
+            return f"{stage}: malformed action {action!r}"
+    return None
+
+
+def _fits(values: Any, kinds: Sequence[str]) -> bool:
+    """Whether `values` is a list of as many values, each of its kind: text (no NUL: it was a C
+    string), chunk (any text), int, lines (a list of text), address (as `_address` reads it);
+    `?` also takes null."""
+    if not isinstance(values, list) or len(values) != len(kinds):
+        return False
+    for value, kind in zip(values, kinds, strict=True):
+        if value is None and kind.endswith("?"):
+            continue
+        kind = kind.rstrip("?")
+        if kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == "lines":
+            ok = isinstance(value, list) and _fits(value, ["text"] * len(value))
+        elif kind == "address":
+            ok = value is None or _is_address(value)
+        else:
+            ok = isinstance(value, str) and (kind == "chunk" or "\0" not in value) and (
+                _encodes(value))
+        if not ok:
+            return False
+    return True
+
+
+def _encodes(text: str) -> bool:
+    """Whether `text` gives back bytes (a lone surrogate other than surrogateescape's does not)."""
+    try:
+        _raw(text)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_address(value: Any) -> bool:
+    if isinstance(value, list) and value[:1] == ["unix"]:
+        return _fits(value[1:], ("text",))
+    if not (isinstance(value, list) and value[:1] in (["inet"], ["inet6"])
+            and _fits(value[1:], ("text", "int")) and 0 <= value[2] <= 0xFFFF):
+        return False
+    try:
+        _address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _whole(entries: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], ...]:

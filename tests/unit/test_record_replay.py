@@ -4,12 +4,15 @@ written here by hand as the recorder writes them."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 from typing_extensions import override
 
-from pymilterkit import Actions, EsmtpParams, MilterSession, Status
+from pymilterkit import Actions, ConfigurationError, EsmtpParams, MilterSession, Status
+from pymilterkit.__main__ import main
 from pymilterkit.testing import Harness, Recording
 
 HEAD = {"format": "pymilterkit-record", "version": 1, "filter": "t:F", "pid": 1, "body": True,
@@ -222,3 +225,41 @@ def test_a_part_file_keeps_every_message_handed_over_and_drops_one_a_cut_line_wa
     torn = Recording.load(path)
     assert [e["stage"] for e in torn.entries][-2:] == ["body", "eom"]
     assert [raw.split(b"\r\n")[0] for _, raw in torn.messages] == [b"Subject: one"]
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    ('["stage", "mail"]', "not a JSON object"),
+    ('{"stage": "mail"', "not JSON"),
+    ('{"stage": "bogus", "args": []}', "unknown stage 'bogus'"),
+    ('{"stage": "mail", "answer": "CONTINUE"}', "mail: arguments None are not text, text"),
+    ('{"stage": "helo", "args": ["a\\u0000b"]}', "helo: arguments"),
+    ('{"stage": "helo", "args": ["\\ud800"]}', "helo: arguments"),
+    ('{"stage": "connect", "args": ["h", ["inet", "192.0.2.300", 25]]}', "connect: arguments"),
+    ('{"stage": "connect", "args": ["h", ["inet", "192.0.2.3", 70000]]}', "connect: arguments"),
+    ('{"stage": "mail", "args": ["<a@b>", ""], "answer": "MAYBE"}', "mail: unknown answer 'MAYBE'"),
+    ('{"stage": "mail", "args": ["<a@b>", ""], "answer": ["REJECT"]}', "mail: unknown answer"),
+    ('{"stage": "mail", "args": ["<a@b>", ""], "macros": ["i", "Q"]}', "mail: macros are not"),
+    ('{"stage": "eom", "args": [], "actions": [["add_header", "X"]]}', "eom: malformed action"),
+    ('{"stage": "eom", "args": [], "actions": [["set_reply", "550", null, "no"]]}',
+     "eom: malformed action"),
+    ('{"stage": "eom", "args": [], "actions": [["explode"]]}', "eom: malformed action"),
+])
+def test_a_malformed_line_is_a_configuration_error_naming_file_and_line(
+    tmp_path: Path, line: str, problem: str
+) -> None:
+    path = tmp_path / "a.milterlog"
+    path.write_text(json.dumps(HEAD) + "\n" + line + "\n")
+    with pytest.raises(ConfigurationError, match=rf"a\.milterlog line 2: {re.escape(problem)}"):
+        Recording.load(path)
+
+
+def test_replay_reports_a_malformed_file_as_failed_and_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(tmp_path / "a.milterlog", CONNECT, {"stage": "mail", "answer": "CONTINUE"})
+    write(tmp_path / "b.milterlog", CONNECT, HELO, *message())
+    assert main(["replay", "--json", str(tmp_path), "--filter", f"{__name__}:Picky"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert [(Path(m["file"]).name, m["result"]) for m in report["messages"]] == [
+        ("a.milterlog", "failed"), ("b.milterlog", "same")]
+    assert "a.milterlog line 3: mail: arguments" in report["messages"][0]["error"]
