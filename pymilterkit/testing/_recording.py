@@ -549,15 +549,17 @@ def cmd_replay(args: argparse.Namespace, driver: MtaDriver) -> int:
 
 def _print_report(report: list[dict[str, Any]], counts: dict[str, int]) -> None:
     for item in report:
-        where = f"{Path(item['file']).name} #{item['message']} {item.get('sender') or ''}"
-        if item.get("subject"):
-            where += f" {item['subject']!r}"
+        subject = item.get("subject")
+        where = _printable(" ".join(filter(None, (
+            Path(item["file"]).name, f"#{item['message']}", item.get("sender"),
+            subject and repr(subject)))))
+        old, new = ([_printable(line) for line in item.get(key) or []]
+                    for key in ("recorded", "new"))
         if item["result"] == "same":
-            print(f"same     {where}: {item['recorded'][0]}")
+            print(f"same     {where}: {old[0]}")
             continue
         print(f"{item['result']:<8} {where}"
-              + (f": {item['error']}" if item.get("error") else ""))
-        old, new = item.get("recorded") or [], item.get("new") or []
+              + (f": {_printable(item['error'])}" if item.get("error") else ""))
         width = max((len(line) for line in old), default=0)
         width = min(max(width, len("recorded")), 60)
         print(f"    {'recorded':<{width}} | new")
@@ -568,3 +570,10 @@ def _print_report(report: list[dict[str, Any]], counts: dict[str, int]) -> None:
             print(f"  {mark} {left:<{width}} | {right}")
     print(f"{sum(counts.values())} message(s): {counts['same']} same, {counts['changed']} "
           f"changed, {counts['failed']} failed")
+
+
+def _printable(text: str) -> str:
+    """`text` as standard output can write it: what its encoding lacks (a lone surrogate, which
+    stands for a byte that is not UTF-8) as a backslash escape (`\\udcff`)."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    return text.encode(encoding, "backslashreplace").decode(encoding)

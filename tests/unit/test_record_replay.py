@@ -263,3 +263,15 @@ def test_replay_reports_a_malformed_file_as_failed_and_goes_on(
     assert [(Path(m["file"]).name, m["result"]) for m in report["messages"]] == [
         ("a.milterlog", "failed"), ("b.milterlog", "same")]
     assert "a.milterlog line 3: mail: arguments" in report["messages"][0]["error"]
+
+
+def test_the_text_report_escapes_bytes_that_are_not_utf8(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(tmp_path / "a.milterlog", CONNECT, HELO,
+          entry("unknown", "XFOO \udcff", answer="REJECT"),
+          entry("mail", "<s\udcff@example.net>", ""), *message()[1:])
+    assert main(["replay", str(tmp_path), "--filter", f"{__name__}:PickyAtEnd"]) == 1
+    out = capsys.readouterr().out
+    assert "a.milterlog #1 <s\\udcff@example.net> 'hi'\n" in out
+    assert "unknown XFOO \\udcff: REJECT | unknown XFOO \\udcff: REJECT\n" in out
