@@ -268,6 +268,7 @@ class Writer:
         if fd == -1:
             return
         data = "".join([_encode(line, self.options.body) for line in lines]).encode("ascii")
+        starts = fd is None
         if fd is None:
             if not self._room():
                 self.files[name] = -1
@@ -284,7 +285,9 @@ class Writer:
         if final:
             os.close(self.files.pop(name))
             os.rename(self._path(name, PARTIAL), self._path(name, SUFFIX))
-        if self.failing:
+        # Only a new file written says recording has resumed: lines for one begun before the
+        # cap or the failure do not (clearing then would log the next refusal again).
+        if starts and self.failing:
             self.failing = False
             logger.info("record: writing recordings again")
 

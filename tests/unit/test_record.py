@@ -6,6 +6,7 @@ import enum
 import ipaddress
 import json
 import logging
+import math
 import os
 import stat
 import subprocess
@@ -178,3 +179,23 @@ def test_a_file_another_writer_renames_meanwhile_does_not_stop_a_recording(
     writer.close()
     assert not writer.failing
     assert (tmp_path / "new.milterlog").read_text() == '{"x":1}\n'
+
+
+def test_the_size_cap_is_logged_once_until_a_new_file_is_written_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = Writer(RecordOptions(str(tmp_path), max_mb=0.001))  # 1048 bytes
+    pad = ["eom", (), None, 0, 0.001, [["add_header", "X-Pad", "p" * 2000]]]
+    with caplog.at_level(logging.INFO, "pymilterkit"):
+        writer.handle("a", [{"x": 1}, pad], False)  # begun below the cap
+        for number in range(3):  # new connections refused, while "a" goes on
+            writer.handle(f"new{number}", [{"x": 1}], False)
+            writer.handle("a", [pad], False)
+        writer.handle("a", [], True)
+        (tmp_path / "a.milterlog").unlink()
+        writer.scanned = -math.inf  # the next new file looks at the directory again
+        writer.handle("later", [{"x": 1}], True)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"record: {tmp_path} holds 0.001 MiB of recordings (--record-max-mb); recording is "
+        "skipped until it works again", "record: writing recordings again"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["later.milterlog"]
