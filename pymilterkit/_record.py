@@ -62,6 +62,9 @@ _QUEUE = 4096  # chunks (a message's lines, or a close) waiting for the writer
 _POLL = 0.05  # s between the writer's looks at the queue: few thread switches under load
 _RESCAN = 10.0  # s between looks at the directory's size (other workers write there too)
 _NAMES = {int(s): s.name for s in Status}
+_NUMBERS = itertools.count(1)
+"""The counter in recording names: one per process, so that a second `Recorder` (a `Milter`
+run again in the process) names no file as the first did within the same second."""
 _MIB = 1 << 20
 
 
@@ -476,7 +479,7 @@ class Recorder:
     def __init__(self, options: RecordOptions, session_class: type[MilterSession]) -> None:
         self.options = options
         self.feed = Feed(options)
-        self.numbers = itertools.count(1)
+        self.numbers = _NUMBERS
         spec = session_class.negotiation()
         self.head = {"format": FORMAT, "version": VERSION,
                      "filter": f"{session_class.__module__}:{session_class.__qualname__}",

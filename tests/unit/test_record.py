@@ -11,15 +11,28 @@ import os
 import stat
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from pymilterkit import ConfigurationError, InetAddress, RecordOptions
+from pymilterkit import ConfigurationError, InetAddress, MilterSession, RecordOptions
 from pymilterkit.__main__ import _parser
 from pymilterkit._config import parse_args
 from pymilterkit._options import RunOptions
-from pymilterkit._record import _FRAME, _QUEUE, _WRITER, Feed, Writer, _pack, _plain
+from pymilterkit._protocol import SessionBackend
+from pymilterkit._record import (
+    _FRAME,
+    _QUEUE,
+    _WRITER,
+    Feed,
+    Recorder,
+    Writer,
+    _pack,
+    _plain,
+)
 
 
 def options_of(argv: list[str]) -> RunOptions:
@@ -199,3 +212,22 @@ def test_the_size_cap_is_logged_once_until_a_new_file_is_written_again(
         f"record: {tmp_path} holds 0.001 MiB of recordings (--record-max-mb); recording is "
         "skipped until it works again", "record: writing recordings again"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["later.milterlog"]
+
+
+class Named(MilterSession):
+    pass
+
+
+def test_recorders_of_one_process_never_give_two_connections_one_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A name taken twice would make a second file overwrite the first at its rename.
+    monkeypatch.setattr(time, "strftime", lambda _: "20261207T120000")  # all in one second
+    names = set()
+    for _ in range(2):
+        recorder = Recorder(RecordOptions(str(tmp_path)), Named)
+        for _ in range(2):
+            session = cast(MilterSession, types.SimpleNamespace())
+            recorder.backend(cast(SessionBackend, None), session)
+            names.add(session._pmk_log.name)
+    assert len(names) == 4
