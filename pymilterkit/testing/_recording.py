@@ -475,8 +475,8 @@ def _play(conn: MilterConnection, entries: Sequence[dict[str, Any]],
         args = entry.get("args") or []
         if stage == "connect":
             answer = conn.connect(args[0], _address(args[1]))
-        elif stage in ("mail", "rcpt"):
-            answer = getattr(conn, stage)(args[0], args[1].split())
+        elif stage in ("mail", "rcpt"):  # the parameters as recorded, joined by one space
+            answer = getattr(conn, stage)(args[0], args[1].split(" ") if args[1] else [])
         elif stage == "body":
             answer = conn.body((args[0] or "").encode("utf-8", "surrogateescape"))
         else:

@@ -275,3 +275,19 @@ def test_the_text_report_escapes_bytes_that_are_not_utf8(
     out = capsys.readouterr().out
     assert "a.milterlog #1 <s\\udcff@example.net> 'hi'\n" in out
     assert "unknown XFOO \\udcff: REJECT | unknown XFOO \\udcff: REJECT\n" in out
+
+
+class Counter(MilterSession):
+    """Answers by how many ESMTP parameters MAIL carries."""
+
+    @override
+    def on_mail(self, sender: str, params: EsmtpParams) -> Status:
+        return Status.TEMPFAIL if len(params) == 2 else Status.CONTINUE
+
+
+def test_an_empty_esmtp_parameter_is_played_again(tmp_path: Path) -> None:
+    # A client sent MAIL with an empty argument before X=1 (libmilter passes it on).
+    recording = Recording.load(write(tmp_path / "a.milterlog", CONNECT, HELO,
+                                     entry("mail", "<a@example.net>", " X=1", answer="TEMPFAIL")))
+    with Harness(Counter) as harness:
+        assert recording.replay(harness) == recording.recorded
