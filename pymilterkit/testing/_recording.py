@@ -510,9 +510,21 @@ def recording_files(paths: Iterable[str]) -> list[Path]:
     return found
 
 
+def _bodiless(entries: Sequence[dict[str, Any]]) -> list[bool]:
+    """Per message: whether its body was recorded as sizes only (`--record-body no`), so that
+    a new outcome may differ for want of it."""
+    owner, count = _split(entries)
+    out = [False] * max(count, 1)
+    for entry, number in zip(entries, owner, strict=True):
+        if entry["stage"] == "body" and entry["args"][0] is None:
+            out[number] = True
+    return out
+
+
 def cmd_replay(args: argparse.Namespace, driver: MtaDriver) -> int:
     """`pymilterkit replay`: each recorded message's outcome beside the new one, a summary;
-    0 when nothing changed, 1 when something did or failed."""
+    0 when nothing changed, 1 when something did or failed. A message recorded without its
+    body whose outcome differs is `unsure`, not `changed`: the filter was sent empty chunks."""
     report: list[dict[str, Any]] = []
     for path in recording_files(args.recordings):
         try:
@@ -526,19 +538,26 @@ def cmd_replay(args: argparse.Namespace, driver: MtaDriver) -> int:
             new: Sequence[Outcome | None] = recording.replay(driver)
         except (MilterError, OSError) as exc:
             new, error = [None] * len(recording.recorded), f"{type(exc).__name__}: {exc}"
+        bodiless = _bodiless(recording.entries)
         for number, (old, now) in enumerate(zip(recording.recorded, new, strict=True), 1):
             envelope, raw = recording.messages[number - 1] if recording.messages else (None, b"")
             subject = re.search(rb"^Subject:[ \t]*(.*?)\r?$", raw, re.M | re.I)
+            result = "failed" if now is None else "same" if now == old else (
+                "unsure" if bodiless[number - 1] else "changed")
             item: dict[str, Any] = {
                 "file": str(path), "message": number,
                 "sender": envelope.sender if envelope else None,
                 "subject": subject and subject.group(1).decode("utf-8", "replace"),
-                "result": "failed" if now is None else "same" if now == old else "changed",
-                "recorded": old.lines(), "new": None if now is None else now.lines()}
+                "result": result, "recorded": old.lines(),
+                "new": None if now is None else now.lines()}
             if error:
                 item["error"] = error
+            elif result == "unsure":
+                item["note"] = ("recorded without its body (--record-body no): the filter "
+                                "was sent empty body chunks")
             report.append(item)
-    counts = {k: sum(r["result"] == k for r in report) for k in ("same", "changed", "failed")}
+    counts = {k: sum(r["result"] == k for r in report)
+              for k in ("same", "changed", "failed", "unsure")}
     if args.json:
         json.dump({"messages": report, "summary": counts}, sys.stdout, indent=2)
         print()
@@ -558,8 +577,8 @@ def _print_report(report: list[dict[str, Any]], counts: dict[str, int]) -> None:
         if item["result"] == "same":
             print(f"same     {where}: {old[0]}")
             continue
-        print(f"{item['result']:<8} {where}"
-              + (f": {_printable(item['error'])}" if item.get("error") else ""))
+        why = item.get("error") or item.get("note")
+        print(f"{item['result']:<8} {where}" + (f": {_printable(why)}" if why else ""))
         width = max((len(line) for line in old), default=0)
         width = min(max(width, len("recorded")), 60)
         print(f"    {'recorded':<{width}} | new")
@@ -569,7 +588,8 @@ def _print_report(report: list[dict[str, Any]], counts: dict[str, int]) -> None:
             mark = " " if left == right else "*"
             print(f"  {mark} {left:<{width}} | {right}")
     print(f"{sum(counts.values())} message(s): {counts['same']} same, {counts['changed']} "
-          f"changed, {counts['failed']} failed")
+          f"changed, {counts['failed']} failed"
+          + (f", {counts['unsure']} unsure (no body recorded)" if counts["unsure"] else ""))
 
 
 def _printable(text: str) -> str:

@@ -131,7 +131,7 @@ def test_replay_of_the_same_class_changes_nothing_and_a_new_version_what_it_shou
     code, same = replay_json([str(tmp_path / "rec"), "--filter", f"tests.record_filters:{target}"],
                              capsys)
     assert code == 0, same
-    assert same["summary"] == {"same": 16, "changed": 0, "failed": 0}
+    assert same["summary"] == {"same": 16, "changed": 0, "failed": 0, "unsure": 0}
     code, changed = replay_json([str(tmp_path / "rec"), "--filter",
                                  "tests.record_filters:Stricter"], capsys)
     assert code == 1

@@ -42,8 +42,9 @@ def message(subject: str = "hi", eom: str = "CONTINUE", actions: list[list[Any]]
             entry("body", "hello\r\n"), entry("eom", answer=eom, actions=actions)]
 
 
-def write(path: Path, *lines: dict[str, Any], end: bool = True) -> Path:
-    rows = [HEAD, *lines, *([{"end": "close"}] if end else [])]
+def write(path: Path, *lines: dict[str, Any], end: bool = True,
+          head: dict[str, Any] = HEAD) -> Path:
+    rows = [head, *lines, *([{"end": "close"}] if end else [])]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
@@ -291,3 +292,40 @@ def test_an_empty_esmtp_parameter_is_played_again(tmp_path: Path) -> None:
                                      entry("mail", "<a@example.net>", " X=1", answer="TEMPFAIL")))
     with Harness(Counter) as harness:
         assert recording.replay(harness) == recording.recorded
+
+
+class Sizer(MilterSession):
+    """Adds the size of the body it was sent."""
+
+    actions = Actions.ADD_HEADER
+    size = 0
+
+    @override
+    def on_body(self, chunk: bytes) -> Status:
+        self.size += len(chunk)
+        return Status.CONTINUE
+
+    @override
+    def on_eom(self) -> Status:
+        self.add_header("X-Size", str(self.size))
+        return Status.CONTINUE
+
+
+def test_a_message_recorded_without_its_body_that_comes_out_otherwise_is_unsure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bodiless = [*message()[:5], {"stage": "body", "size": 7, "args": [None], "answer": "CONTINUE"},
+                entry("eom", actions=[["add_header", "X-Size", "7"]])]
+    write(tmp_path / "a.milterlog", CONNECT, HELO, *bodiless, *message()[:5],
+          entry("eom", actions=[["add_header", "X-Size", "0"]]), head=dict(HEAD, body=False))
+    argv = ["replay", str(tmp_path), "--filter", f"{__name__}:Sizer"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [m["result"] for m in report["messages"]] == ["unsure", "same"]
+    assert report["messages"][0]["note"].startswith("recorded without its body")
+    assert report["summary"] == {"same": 1, "changed": 0, "failed": 0, "unsure": 1}
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "a.milterlog #1 <a@example.net> 'hi': recorded without its body" in out
+    assert out.endswith("2 message(s): 1 same, 0 changed, 0 failed, 1 unsure (no body "
+                        "recorded)\n")
