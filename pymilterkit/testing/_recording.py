@@ -25,6 +25,7 @@ from .._flags import ProtocolOpts, Status
 from .._protocol import ENDS_MESSAGE, REPLY_CLASS
 from .._record import FORMAT, PARTIAL, SUFFIX, VERSION
 from .._types import InetAddress, UnixAddress
+from .._validate import MAX_DATA
 from ._conversation import MilterConnection
 from ._driver import MtaDriver
 from ._engine import reply_text
@@ -477,8 +478,12 @@ def _play(conn: MilterConnection, entries: Sequence[dict[str, Any]],
             answer = conn.connect(args[0], _address(args[1]))
         elif stage in ("mail", "rcpt"):  # the parameters as recorded, joined by one space
             answer = getattr(conn, stage)(args[0], args[1].split(" ") if args[1] else [])
-        elif stage == "body":
-            answer = conn.body((args[0] or "").encode("utf-8", "surrogateescape"))
+        elif stage == "body":  # in pieces the wire client takes, if an MTA sent more at once
+            data = _raw(args[0] or "")
+            for offset in range(0, max(len(data), 1), MAX_DATA):
+                answer = conn.body(data[offset : offset + MAX_DATA])
+                if answer is not None and answer.status is not Status.CONTINUE:
+                    break
         else:
             answer = getattr(conn, stage)(*args)
         answers[index] = answer

@@ -329,3 +329,15 @@ def test_a_message_recorded_without_its_body_that_comes_out_otherwise_is_unsure(
     assert "a.milterlog #1 <a@example.net> 'hi': recorded without its body" in out
     assert out.endswith("2 message(s): 1 same, 0 changed, 0 failed, 1 unsure (no body "
                         "recorded)\n")
+
+
+def test_a_body_chunk_bigger_than_the_wire_client_takes_is_played_in_pieces(
+    tmp_path: Path,
+) -> None:
+    # Sendmail sends up to 1 MiB at once to a filter that asks for it (ProtocolOpts.MDS_1M).
+    big = 70000
+    recording = Recording.load(write(tmp_path / "a.milterlog", CONNECT, HELO, *message()[:5],
+                                     entry("body", "x" * big),
+                                     entry("eom", actions=[["add_header", "X-Size", str(big)]])))
+    with Harness(Sizer) as harness:
+        assert recording.replay(harness) == recording.recorded
