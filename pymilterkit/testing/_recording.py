@@ -1,8 +1,9 @@
 """Recordings (`--record`) read back: harness input, replay, and the `replay` command.
 
-`Recording.load(path)` reads one `*.milterlog` file (a `.part` one too: complete up to its last
-message): the connection as `ClientInfo` plus `(Envelope, bytes)` messages that `Harness` and
-`MilterClient` accept, and what the filter answered (`recorded`). `Recording.replay(driver)`
+`Recording.load(path)` reads one `*.milterlog` file (a `.part` one too: the whole messages it
+holds), checking each line: the connection as `ClientInfo` plus `(Envelope, bytes)` messages
+that `Harness` and `MilterClient` accept, and what the filter answered (`recorded`), one
+`Outcome` per message (`_split` tells them apart). `Recording.replay(driver)`
 plays the recorded commands again, in their order and with their macros, on a new connection
 of `driver`, and returns the new answers in the same shape, so the two compare with `==`.
 """
