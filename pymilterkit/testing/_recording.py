@@ -372,20 +372,16 @@ def _whole(entries: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
 def _inputs(head: dict[str, Any], entries: Sequence[dict[str, Any]]) -> tuple[
         ClientInfo, tuple[tuple[Envelope, bytes], ...]]:
     leading = bool(int(head.get("protocol", 0)) & ProtocolOpts.HDR_LEADSPC)
-    first: dict[str, dict[str, Any]] = {}
-    unknown: list[str] = []
+    connect = next((e for e in entries if e["stage"] == "connect"), None)
+    # the last HELO: the one the messages came under, when a refused one was said again
+    helo = next((e for e in reversed(entries) if e["stage"] == "helo"), None)
+    unknown = [e["args"][0] for e in entries if e["stage"] == "unknown"]
     owner, count = _split(entries)
     groups: list[list[dict[str, Any]]] = [[] for _ in range(count)]
     for entry, number in zip(entries, owner, strict=True):
-        stage = entry["stage"]
-        if stage in _CONNECTION:
-            first.setdefault(stage, entry)
-            if stage == "unknown":
-                unknown.append(entry["args"][0])
-        else:
+        if entry["stage"] not in _CONNECTION:
             groups[number].append(entry)
-    connect, helo = first.get("connect"), first.get("helo")
-    macros = {s: _macros(e) for s, e in first.items() if s != "unknown"}
+    macros = {stage: _macros(e) for stage, e in (("connect", connect), ("helo", helo)) if e}
     client = ClientInfo(connect["args"][0] if connect else "localhost",
                         _address(connect["args"][1]) if connect else None,
                         helo["args"][0] if helo else None, tuple(unknown), macros,

@@ -190,6 +190,11 @@ def test_a_refused_unknown_command_or_helo_said_again_refuses_that_command_only(
         ["CONTINUE at eom", "unknown XBAR: REJECT"]]
     with Harness(Picky) as harness:
         assert recording.replay(harness) == recording.recorded
+        # As harness input: the HELO that counted, the unknown commands
+        assert recording.client.helo == "mail.example.net"
+        result = harness.run_connection(recording.messages, client=recording.client)
+        assert [m.status for m in result.messages] == [Status.CONTINUE] * 2
+        assert [a.status for a in result.unknown] == [Status.REJECT] * 2
     with Harness(PickyAtEnd) as harness:  # played on after the refusals: the change shows
         assert [o.lines()[0] for o in recording.replay(harness)] == ["REJECT at eom"] * 2
     with Harness(Pickier) as harness:  # the last HELO refused: the connection ends there
