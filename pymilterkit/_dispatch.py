@@ -462,6 +462,7 @@ class SessionRules:
                 if noted is not None and session._pmk_log is not None:  # recorded
                     return noted(session, key, a, b)
                 session._pmk_stage = stage
+                result: int  # (an annotation only: no code)
                 try:
                     if envelope:
                         first = a[0]  # never NULL: libmilter aborts a command it cannot split
@@ -476,17 +477,24 @@ class SessionRules:
                         result = method(session, *convert(a, b))
                 except BaseException as exc:  # noqa: BLE001 - nothing may reach C
                     session._pmk_stage = None
-                    return fail(exc, stage, session)
+                    result = fail(exc, stage, session)
+                    if track:  # the answer sent decides whether the message goes on
+                        session._pmk_in_message = not (
+                            is_eom or (result in ENDS_MESSAGE and not is_rcpt)
+                        )
+                    return result
                 session._pmk_stage = None
-                if track:
+                if noreply:  # whatever it returned, the MTA goes on
+                    if track:
+                        session._pmk_in_message = not is_eom
+                    return status_noreply
+                if result.__class__ is not status_type or result is status_noreply:
+                    result = bad(result, stage, session)
+                if track:  # from the answer sent, not the method's result
                     session._pmk_in_message = not (
                         is_eom or (result in ENDS_MESSAGE and not is_rcpt)
                     )
-                if noreply:
-                    return status_noreply
-                if result.__class__ is status_type and result is not status_noreply:
-                    return result
-                return bad(result, stage, session)
+                return result
             finally:
                 entry.key = None  # then `watched`, in this order: see `Entry`
                 if entry.watched is not None:
@@ -608,20 +616,25 @@ class SessionRules:
         """
         ok, value = outcome
         session._pmk_stage = None
+        answer: int
         if not ok:
             if isinstance(value, Expired):
                 self.timed_out(stage, value.elapsed, self.cancelled, session)
-                return Status.NOREPLY if stage in self.noreply else self.timeout_status
-            return self.fail(value, stage, session)
+                answer = Status.NOREPLY if stage in self.noreply else self.timeout_status
+            else:
+                answer = self.fail(value, stage, session)
+        elif stage in self.noreply:
+            answer = Status.NOREPLY
+        elif value.__class__ is Status and value is not Status.NOREPLY:
+            answer = int(value)
+        else:
+            answer = self.bad_result(value, stage, session)
         if "on_abort" in self.spec.stages and stage not in CONNECTION_STAGES:
+            # from the answer sent (an error's, a deadline's), not the method's result
             session._pmk_in_message = not (
-                stage == "on_eom" or (value in ENDS_MESSAGE and stage != "on_rcpt")
+                stage == "on_eom" or (answer in ENDS_MESSAGE and stage != "on_rcpt")
             )
-        if stage in self.noreply:
-            return Status.NOREPLY
-        if value.__class__ is Status and value is not Status.NOREPLY:
-            return int(value)
-        return self.bad_result(value, stage, session)
+        return answer
 
     stage_macros: Callable[[Any, int], list[bytes] | None] = staticmethod(_no_stage_macros)
 

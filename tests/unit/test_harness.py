@@ -352,6 +352,69 @@ def test_abort_after_a_finished_message_does_not_call_on_abort_but_rset_does() -
     low.quit()
 
 
+class FailsFirst(Aborts):
+    """Aborts whose first message fails at `where`: an exception, or a result no Status."""
+
+    where = "on_eom"
+    failed = False
+
+    def fail_once(self, stage: str) -> Status:
+        if stage == self.where and not self.failed:
+            self.failed = True
+            if self.where == "on_header":
+                return "garbage"  # type: ignore[return-value]
+            raise RuntimeError("boom")
+        return Status.CONTINUE
+
+    @override
+    def on_header(self, name: str, value: str) -> Status:
+        return self.fail_once("on_header")
+
+    @override
+    def on_eom(self) -> Status:
+        self.fail_once("on_eom")
+        return super().on_eom()
+
+
+class FailsFirstAsync(FailsFirst):
+    @override
+    async def on_eom(self) -> Status:  # type: ignore[override]
+        self.fail_once("on_eom")
+        self.add_header("X-Aborts", str(self.aborts))
+        return Status.CONTINUE
+
+
+@pytest.mark.parametrize("where", ["on_eom", "on_header", "async on_eom"])
+def test_a_message_ended_by_the_error_status_is_not_aborted_again(where: str) -> None:
+    # The answer sent (the error status) ended the message: the MTA's abort after it is not
+    # the message's abort (as after a returned TEMPFAIL).
+    base = FailsFirstAsync if where.startswith("async") else FailsFirst
+    cls = type("Fails", (base,), {"where": where.split()[-1]})
+    conn = Harness(cls).run_connection([MESSAGE, MESSAGE])
+    assert [m.status for m in conn.messages] == [Status.TEMPFAIL, Status.CONTINUE]
+    assert conn.messages[1].header("X-Aborts") == "0"
+
+
+def test_a_noreply_stage_refusing_does_not_end_the_message() -> None:
+    class Ignored(Aborts):
+        @noreply
+        @override
+        def on_header(self, name: str, value: str) -> Status:
+            return Status.REJECT  # not sent: the MTA goes on
+
+    conn = Harness(Ignored).open()
+    conn.negotiate()
+    conn.connect("h", None)
+    conn.mail("<a@x>")
+    conn.rcpt("<b@x>")
+    conn.header("Subject", " x")
+    conn.abort()  # the client went away mid-message
+    conn.mail("<a@x>")
+    conn.rcpt("<b@x>")
+    assert conn.eom().modifications == (HeaderAdded("X-Aborts", "1"),)
+    conn.quit()
+
+
 class WantsMacros(MilterSession):
     actions = Actions.ADD_HEADER
     requested_macros = {Stage.CONNECT: ["{client_addr}"], Stage.EOM: ["i"]}
