@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from . import _validate as v
-from ._errors import UndeclaredActionError, WrongStageError
+from ._errors import InvalidArgumentError, UndeclaredActionError, WrongStageError
 from ._flags import Actions, ProtocolOpts, Stage, Status
 from ._logging import SessionLog, session_log
 from ._message import Message
@@ -404,17 +404,18 @@ class MilterSession:
 
     def add_header(self, name: str | bytes, value: str | bytes) -> None:
         """Append a header to the message (smfi_addheader)."""
-        raw_name, raw_value = v.header(name, value)
+        space = self._pmk_space  # (put back before the value: counted in the packet's size)
+        raw_name, raw_value = v.header(name, value, len(space))
         if self._pmk_stage == "on_eom" and int.__and__(_ADD_HEADER, self._pmk_actions):
             backend = self._pmk_backend  # `_pmk_action`'s test inline: most messages get one
         else:
             backend = self._pmk_action(_ADD_HEADER, "add_header")
-        backend.add_header(raw_name, self._pmk_space + raw_value)  # type: ignore[union-attr]
+        backend.add_header(raw_name, space + raw_value)  # type: ignore[union-attr]
 
     def insert_header(self, index: int, name: str | bytes, value: str | bytes) -> None:
         """Insert a header at 0-based position `index` of the header block (smfi_insheader)."""
         idx = v.index(index, 0, "header index")
-        raw_name, raw_value = v.header(name, value, extra=4)
+        raw_name, raw_value = v.header(name, value, extra=4 + len(self._pmk_space))
         backend = self._pmk_action(_ADD_HEADER, "insert_header")
         backend.insert_header(idx, raw_name, self._pmk_space + raw_value)
 
@@ -428,7 +429,11 @@ class MilterSession:
             v.check_size(len(raw_name) + 6, "header")
             self._pmk_action(_CHANGE_HEADER, "change_header").delete_header(raw_name, idx)
         else:
-            raw_name, raw_value = v.header(name, value, extra=4)
+            raw_name, raw_value = v.header(name, value, extra=4 + len(self._pmk_space))
+            if not raw_value and not self._pmk_space:
+                raise InvalidArgumentError(
+                    f"change_header({raw_name.decode('ascii')!r}, '') would delete the header "
+                    "(the MTA reads an empty value so): pass None to delete it, or a value")
             backend = self._pmk_action(_CHANGE_HEADER, "change_header")
             backend.change_header(raw_name, idx, self._pmk_space + raw_value)
 
