@@ -131,6 +131,10 @@ def _merge_macros(cls: type) -> dict[Stage, tuple[str, ...]]:
             bucket = merged.setdefault(stage, [])
             for name in names:
                 v.text(name, "macro name")
+                if not (name.isascii() and name.isprintable()) or " " in name:
+                    raise TypeError(
+                        f"{klass.__qualname__}.requested_macros[{stage.name}]: {name!r} is not "
+                        f"a macro name (printable ASCII, no space: 'i', '{{auth_authen}}')")
                 if name not in bucket:
                     bucket.append(name)
     return {stage: tuple(names) for stage, names in merged.items() if names}

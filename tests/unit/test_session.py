@@ -161,6 +161,10 @@ def test_requested_macros_are_checked() -> None:
         class Bad2(MilterSession):
             requested_macros = {Stage.EOM: "i"}
 
+    for name in ("{caf\u00e9}", "i j", "{i}\t"):  # every connection would fail, or split
+        with pytest.raises(TypeError, match="is not a macro name"):
+            type("Bad3", (MilterSession,), {"requested_macros": {Stage.EOM: [name]}})
+
 
 def test_default_on_negotiate_asks_for_the_class_flags() -> None:
     status, actions, opts = RcptCount().on_negotiate(Actions(0x1FF), ProtocolOpts(0x1FFFFF))
