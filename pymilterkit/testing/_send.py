@@ -23,7 +23,7 @@ from .._errors import MilterError
 from .._flags import Status
 from .._types import InetAddress, UnixAddress
 from ._client import MilterClient
-from ._envelope import ClientInfo, Envelope, Recipient
+from ._envelope import MACRO_STAGES, ClientInfo, Envelope, Recipient
 from ._results import Answer, ConnectionResult, MessageResult, Modification, Step
 
 __all__ = ["cmd_send", "result_to_json"]
@@ -152,6 +152,9 @@ def _print_message(msg: MessageResult, out: IO[str]) -> None:
 # -- the command --------------------------------------------------------------------------------
 
 
+_MACRO_STEPS = [step.value for step in MACRO_STAGES]
+
+
 def _client_info(args: argparse.Namespace) -> tuple[ClientInfo, dict[str, dict[str, str]]]:
     address: InetAddress | UnixAddress | None
     if args.client_addr in ("", "unknown"):
@@ -166,6 +169,10 @@ def _client_info(args: argparse.Namespace) -> tuple[ClientInfo, dict[str, dict[s
         name, eq, value = rest.partition("=")
         if not eq or not name:
             raise argparse.ArgumentTypeError(f"--macro wants STAGE:NAME=VALUE, got {item!r}")
+        if stage not in _MACRO_STEPS:
+            raise argparse.ArgumentTypeError(
+                f"--macro {item!r}: no macros are sent at {stage!r} (one of "
+                f"{', '.join(_MACRO_STEPS)})")
         macros.setdefault(stage, {})[name] = value
     client_macros = {k: v for k, v in macros.items() if k in ("connect", "helo")}
     return ClientInfo(

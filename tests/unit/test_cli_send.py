@@ -126,6 +126,10 @@ def test_usage_errors_exit_2(eml: Path, tmp_path: Path,
     with pytest.raises(SystemExit) as exit_info:
         main(["send", "--socket", "unix:/x.sock", str(eml)])  # --to is required
     assert exit_info.value.code == 2
+    capsys.readouterr()
+    assert main(["send", "--socket", "unix:/x.sock", "--to", "a@b", "--macro", "bogus:i=1",
+                 str(eml)]) == 2
+    assert "no macros are sent at 'bogus' (one of connect, helo" in capsys.readouterr().err
 
 
 def test_version_command(capsys: pytest.CaptureFixture[str]) -> None:
