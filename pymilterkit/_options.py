@@ -268,11 +268,14 @@ class RunOptions:
         lambda v: 0 <= v <= 0o777, "socket_mode must be a permission mode like 0o660"
     ), Flag("--socket-mode", "octal mode of a unix socket (default 660: owner and group only)",
             to_option=_octal_mode))
+    # type=str: a TOML integer is an id too (resolved by name first, as chown does)
     socket_group: str | int | None = _option(None, flag=Flag(
-        "--socket-group", "group of a unix socket (e.g. postfix)"))
+        "--socket-group", "group (name or id) of a unix socket (e.g. postfix)", type=str))
     user: str | int | None = _option(None, flag=Flag(
-        "--user", "drop privileges to this user after opening the socket"))
-    group: str | int | None = _option(None, flag=Flag("--group", "drop privileges to this group"))
+        "--user", "drop privileges to this user (name or id) after opening the socket",
+        type=str))
+    group: str | int | None = _option(None, flag=Flag(
+        "--group", "drop privileges to this group (name or id)", type=str))
     cpu_affinity: CpuAffinity = _option("auto", lambda _, v: check_affinity(v), Flag(
         "--cpu-affinity",
         "auto (default): each process on one CPU; none: any CPU; or CPUs like 0,2-3",

@@ -39,18 +39,24 @@ DEFAULT_SOCKET_MODE = 0o660
 
 
 def _gid(group: str | int) -> int:
+    """A group by name or id; all digits and no such name: the id (as chown reads it)."""
     if isinstance(group, int):
         return group
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
+        if group.isdigit():
+            return int(group)
         raise ConfigurationError(f"unknown group {group!r}") from None
 
 
 def _uid(user: str | int) -> tuple[int, int]:
+    """A user's uid and primary gid, by name or id (all digits and no such name: the id)."""
     try:
         entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
     except KeyError:
+        if isinstance(user, str) and user.isdigit():
+            return _uid(int(user))
         raise ConfigurationError(f"unknown user {user!r}") from None
     return entry.pw_uid, entry.pw_gid
 

@@ -23,6 +23,7 @@ from pymilterkit._config import (
     run_options,
 )
 from pymilterkit._options import Flag, run_flags
+from pymilterkit._security import _gid, _uid
 from pymilterkit.testing import Harness, RecipientAdded
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +77,20 @@ def test_values_become_defaults_and_flags_override_them(tmp_path: Path) -> None:
     assert args.error_status == "reject"
     assert args.config_path == path and args.config_section is None
     assert parse_args(_parser(), ["run", "--config", path, "other:Class"]).target == "other:Class"
+
+
+def test_users_and_groups_by_name_or_id_from_flags_and_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'target = "examples.routing:Routing"\nsocket = "unix:/tmp/x.sock"\n'
+                 'user = 65534\ngroup = "nogroup"\nsocket-group = 0\n')
+    args = parse_args(_parser(), ["run", "--config", path])
+    assert (args.user, args.group, args.socket_group) == ("65534", "nogroup", "0")
+    args = parse_args(_parser(), ["run", "--config", path, "--user", "nobody", "--group", "0"])
+    assert (args.user, args.group) == ("nobody", "0")
+    # resolved by name first, then as an id (as chown does)
+    assert _uid("0") == (0, 0) == _uid(0) and _uid("root") == (0, 0)
+    assert _gid("0") == 0 and _gid("root") == 0
+    with pytest.raises(ConfigurationError, match="unknown user 'no-such-user-x'"):
+        _uid("no-such-user-x")
 
 
 def test_an_option_missing_from_file_and_flags_is_still_required(tmp_path: Path) -> None:
