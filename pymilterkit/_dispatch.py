@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._flags import Actions, ProtocolOpts, Status
 from ._logging import install as _install_log_fields
-from ._protocol import ENDS_MESSAGE, STAGES, SessionBackend
+from ._protocol import ENDS_MESSAGE, NO_STAGE_MASK, NOREPLY_MASK, STAGES, SessionBackend
 from ._session import COLLECTS, MilterSession
 from ._types import EsmtpParams
 from ._whole import Spool, collecting
@@ -153,6 +153,7 @@ def _nothing() -> None:
 _FATAL = (KeyboardInterrupt, SystemExit)  # the only exceptions that stop the milter
 _session_numbers = itertools.count(1)
 _DATA_OR_HEADERS_OFF = ProtocolOpts.NO_DATA | ProtocolOpts.NO_HDRS
+_STAGE_BITS = int(NO_STAGE_MASK | NOREPLY_MASK)  # left out or kept by libmilter, never refused
 
 
 class SessionRules:
@@ -680,6 +681,18 @@ class SessionRules:
                     "connection",
                     missing,
                     self.session_class.__qualname__,
+                    extra={"pmk_session": session, "pmk_stage": "on_negotiate"},
+                )
+            lacking = ProtocolOpts(int(opts) & ~offered_opts & ~_STAGE_BITS)
+            if lacking:  # libmilter drops the connection ("does not fulfill protocol ...")
+                logger.error(
+                    "the MTA does not offer protocol options %r that %s needs%s; it will drop "
+                    "the connection",
+                    lacking,
+                    self.session_class.__qualname__,
+                    " (on_message: the header values exactly as received)"
+                    if lacking & ProtocolOpts.HDR_LEADSPC and "on_message" in self.spec.stages
+                    else "",
                     extra={"pmk_session": session, "pmk_stage": "on_negotiate"},
                 )
             session._pmk_actions = Actions(actions)

@@ -19,13 +19,21 @@ from pymilterkit import (
     Message,
     Milter,
     MilterSession,
+    ProtocolError,
     ProtocolOpts,
     Status,
     UndeclaredActionError,
     noreply,
 )
 from pymilterkit._message import MessageBuffer
-from pymilterkit.testing import Harness, HeaderAdded, HeaderChanged, HeaderDeleted, Step
+from pymilterkit.testing import (
+    ALL_PROTOCOL,
+    Harness,
+    HeaderAdded,
+    HeaderChanged,
+    HeaderDeleted,
+    Step,
+)
 
 MESSAGE = (
     b"From: a@example.net\r\n"
@@ -257,6 +265,16 @@ def test_a_skip_from_on_body_ends_its_chunks_not_the_collection(asynchronous: bo
     result = Harness(cls, reraise=True).run(b"Subject: big\r\n\r\n" + body * 150)
     assert result.status is Status.CONTINUE
     assert (cls.chunks, cls.size) == (1, 150 * len(body))
+
+
+def test_an_mta_without_leading_space_headers_is_told_why_it_is_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    harness = Harness(Seen, protocol=ALL_PROTOCOL & ~ProtocolOpts.HDR_LEADSPC)
+    with pytest.raises(ProtocolError, match="during negotiate"):
+        harness.run(MESSAGE)
+    assert "the MTA does not offer protocol options <ProtocolOpts.HDR_LEADSPC: " in caplog.text
+    assert "that Seen needs (on_message: the header values exactly as received)" in caplog.text
 
 
 def test_undeclared_action_names_action_and_edit() -> None:
