@@ -238,12 +238,20 @@ class SessionRules:
         self, exc: BaseException, stage: str, session: MilterSession | None = None
     ) -> None:
         """An exception escaped a stage method: log it with its traceback."""
+        if stage in ("on_abort", "on_close"):
+            then = "nothing to answer"  # (libmilter answers neither)
+        elif stage == "on_negotiate":
+            then = "refusing the connection"
+        elif stage in self.noreply:
+            then = "not answered (@noreply)"
+        else:
+            then = f"answering {self.error_status.name}"
         logger.error(
-            "%s.%s raised %s; answering %s",
+            "%s.%s raised %s; %s",
             self.session_class.__qualname__,
             stage,
             type(exc).__name__,
-            self.error_status.name,
+            then,
             exc_info=exc,
             extra={"pmk_session": session, "pmk_stage": stage},
         )

@@ -232,6 +232,38 @@ def test_errors_follow_the_runner_policy(caplog: pytest.LogCaptureFixture) -> No
         Harness(Broken, reraise=True).run(MESSAGE)
 
 
+def test_an_error_in_a_stage_without_an_answer_does_not_claim_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Careless(MilterSession):
+        @noreply
+        @override
+        def on_header(self, name: str, value: str) -> Status:
+            raise RuntimeError("bug")
+
+        @override
+        def on_abort(self) -> None:
+            raise RuntimeError("bug")
+
+        @override
+        def on_close(self) -> None:
+            raise RuntimeError("bug")
+
+    with caplog.at_level(logging.ERROR, logger="pymilterkit"):
+        conn = Harness(Careless).open()
+        conn.negotiate()
+        conn.connect("h", None)
+        conn.mail("<a@x>")
+        conn.rcpt("<b@x>")
+        conn.header("Subject", " x")
+        conn.abort()
+        conn.quit()
+    assert "Careless.on_header raised RuntimeError; not answered (@noreply)" in caplog.text
+    assert "Careless.on_abort raised RuntimeError; nothing to answer" in caplog.text
+    assert "Careless.on_close raised RuntimeError; nothing to answer" in caplog.text
+    assert "answering TEMPFAIL" not in caplog.text
+
+
 class Misbehaving(MilterSession):
     actions = Actions.ADD_HEADER
 
