@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from ._errors import ConfigurationError, MilterError
 from ._fresh import ENV as FRESH_ENV
 from ._logging import configure as configure_logging
 from ._logging import formatter
+from ._logsafe import escape_control
 from ._options import LOG_LEVELS, RunOptions, run_flags
 from ._session import MilterSession
 from ._version import __version__
@@ -38,6 +40,8 @@ __all__ = ["fresh_worker", "load_config", "load_session_class", "main"]
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+_MAX_MESSAGE = 300
+"""Characters of an exception's message shown in a one-line error."""
 
 
 def load_session_class(target: str) -> type[MilterSession]:
@@ -56,14 +60,22 @@ def load_session_class(target: str) -> type[MilterSession]:
             raise ConfigurationError(f"cannot load {module_name!r}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[spec.name]
+            raise _import_failed(module_name, exc) from exc
     else:
         if "" not in sys.path:
             sys.path.insert(0, "")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+                raise _import_failed(module_name, exc) from exc  # one of its own imports
             raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+        except Exception as exc:
+            raise _import_failed(module_name, exc) from exc
     obj = module
     for part in attr.split("."):
         try:
@@ -75,6 +87,24 @@ def load_session_class(target: str) -> type[MilterSession]:
     if not (isinstance(obj, type) and issubclass(obj, MilterSession)):
         raise ConfigurationError(f"{target} is not a MilterSession subclass")
     return obj
+
+
+def _import_failed(module_name: str, exc: Exception) -> ConfigurationError:
+    """Importing the filter's module raised: a usage error (exit 2, which the shipped unit does
+    not restart) naming the file and line it was raised at and the exception, in one line. The
+    whole traceback is logged at DEBUG (`main`)."""
+    if isinstance(exc, SyntaxError):
+        where, line, message = exc.filename, exc.lineno, exc.msg
+    else:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__)
+                  if not f.filename.startswith("<frozen ")]
+        where, line = (frames[-1].filename, frames[-1].lineno) if frames else (None, None)
+        message = str(exc)
+    at = f" ({where}, line {line})" if where else ""
+    text = escape_control(f"{type(exc).__name__}: {message}")
+    if len(text) > _MAX_MESSAGE:
+        text = text[:_MAX_MESSAGE] + f"... ({len(text)} characters)"
+    return ConfigurationError(f"cannot import {module_name!r}{at}: {text}")
 
 
 def _did_you_mean(name: str, namespace: object) -> str:
@@ -378,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _configure_logging(args)
         return handler(args)
     except MilterError as exc:
+        if exc.__cause__ is not None:  # e.g. the traceback of the filter module's import
+            logging.getLogger("pymilterkit").debug("%s; how:", exc, exc_info=exc.__cause__)
         _say_error(exc, getattr(args, "log_format", "text") == "json")
         return EXIT_USAGE if isinstance(exc, ConfigurationError) else EXIT_FAILED
     except KeyboardInterrupt:

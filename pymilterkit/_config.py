@@ -143,9 +143,11 @@ def _read_toml(path: str) -> dict[str, Any]:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigurationError(f"cannot read config file {path}: {exc.strerror}") from None
+    # Checked before fdopen, which refuses a directory with an IsADirectoryError of its own.
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigurationError(f"config file {path} is not a regular file")
     with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigurationError(f"config file {path} is not a regular file")
         try:
             data = file.read(MAX_CONFIG_BYTES + 1)
         except OSError as exc:

@@ -61,3 +61,7 @@ def test_a_long_error_is_cut(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     long = tmp_path / "long.toml"
     long.write_text("k" * 5000 + " = = 1\n")
     assert "pymilterkit: error:" in _refused(long, capsys, tmp_path)
+
+
+def test_a_directory_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert f"config file {tmp_path} is not a regular file" in _refused(tmp_path, capsys, tmp_path)
