@@ -645,10 +645,10 @@ class Supervisor:
         if self.reload_started is not None and worker.generation == self.generation:
             self._reload_failed(f"new worker {pid} exited with {code} before serving (see above)")
             return
-        if code == _START_FAILED:
-            logger.error("worker %d: on_worker_start failed; stopping", pid)
+        if code == _START_FAILED:  # as at start-up: not retried (docs/lifecycle.md)
+            logger.error("worker %d failed on_worker_start: stopping the milter", pid)
             self.failed = True
-            self.drain("signal SIGTERM")
+            self.drain(f"worker {pid}: on_worker_start failed")
             return
         logger.warning("worker %d died (exit %d); starting a new one", pid, code)
         now = time.monotonic()
@@ -656,7 +656,7 @@ class Supervisor:
         if len(self.deaths) > 5 * self.count:
             logger.error("workers keep dying; giving up")
             self.failed = True
-            self.drain("signal SIGTERM")
+            self.drain("workers keep dying")
             return
         _metrics.worker_restarted()
         self.spawn(worker.slot, worker.generation)

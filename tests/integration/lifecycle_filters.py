@@ -4,7 +4,8 @@
 a reload that imports the module afresh answers with the file's new content) and `X-Worker` (the
 serving process). A sender `sleep-S@...` makes on_eom take S seconds: a message in flight.
 With $LIFECYCLE_LOG set, on_close and on_eom are noted there ("pid eom", "pid close"); with
-$PMK_LEAK_MARK set, each process importing it holds an inheritable descriptor of its own.
+$PMK_LEAK_MARK set, each process importing it holds an inheritable descriptor of its own; while
+the file $PMK_FAIL_START names exists, on_worker_start raises (a backend that went down).
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ class Generation(MilterSession):
 
     actions = Actions.ADD_HEADER
     delay = 0.0
+
+    @override
+    @classmethod
+    def on_worker_start(cls) -> None:
+        marker = os.environ.get("PMK_FAIL_START")
+        if marker and os.path.exists(marker):
+            raise RuntimeError("backend down")
 
     @override
     def on_mail(self, sender: str, params: EsmtpParams) -> Status:

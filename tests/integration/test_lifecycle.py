@@ -236,3 +236,23 @@ def test_a_run_refused_before_serving_leaves_no_socket_file(tmp_path: Path) -> N
     assert result.returncode != 0
     assert "no-such-user-pymilterkit" in result.stderr
     assert not sock.exists()
+
+
+def test_a_replacement_worker_failing_on_worker_start_stops_the_milter_saying_why(
+    generation: Path, tmp_path: Path
+) -> None:
+    """As at start-up, the milter stops (exit 1; its workers drain): a worker's on_worker_start
+    failing after start-up is not retried. The log says why, not "signal SIGTERM"."""
+    marker = tmp_path / "backend-down"
+    with start(generation, "--workers", "2", PMK_FAIL_START=str(marker)) as milter:
+        victim = sorted(children(milter.pid))[0]
+        marker.touch()
+        os.kill(victim, signal.SIGKILL)
+        assert milter.wait(30) == 1, milter.log()
+        log = milter.log()
+    supervisor = f"pymilterkit[{milter.pid}]"
+    lines = [line for line in log.splitlines() if f" {supervisor} " in line]
+    assert any("failed on_worker_start: stopping the milter" in line for line in lines), log
+    assert any("on_worker_start failed: draining 1 worker(s)" in line for line in lines), log
+    assert not any("SIGTERM" in line for line in lines), log
+    assert "RuntimeError: backend down" in log
