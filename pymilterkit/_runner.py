@@ -270,6 +270,9 @@ READY_TIMEOUT = 60.0
 
 READY = b"S"
 RETIRING = b"R"
+DRAINS = b"T"
+"""Written with a worker's READY, just before it: its drain timeout in ms (a reload's fresh
+workers read it from the config file again). A supervisor that does not know it skips it."""
 _MESSAGE = struct.Struct("<ci")
 
 
@@ -280,9 +283,12 @@ def _die_with_parent(signum: int) -> None:
     prctl(pr_set_pdeathsig, signum, 0, 0, 0)
 
 
-def _report(control_fd: int, kind: bytes) -> None:
+def _report(control_fd: int, kind: bytes, drain_timeout: float | None = None) -> None:
+    data = _MESSAGE.pack(kind, os.getpid())
+    if drain_timeout is not None:  # one write (< PIPE_BUF): the pair is never split
+        data = _MESSAGE.pack(DRAINS, min(round(drain_timeout * 1000), 2**31 - 1)) + data
     with contextlib.suppress(OSError):
-        os.write(control_fd, _MESSAGE.pack(kind, os.getpid()))
+        os.write(control_fd, data)
 
 
 def plan_cpus(options: RunOptions) -> list[set[int]] | None:
@@ -300,7 +306,7 @@ def serve_worker(make: Callable[[], Server], fd: int, control: int, parent: int)
             os._exit(0)
         server = make()
         set_title(role(server.slot), server.name)
-        server.on_serving = lambda: _report(control, READY)
+        server.on_serving = lambda: _report(control, READY, server.options.drain_timeout)
         server.on_retiring = lambda reason: _report(control, RETIRING)
         server.prepare(fd, inherited=True, own_socket=lambda: None)
         server.serve(signals=True)
@@ -320,6 +326,7 @@ class _Worker:
     generation: int
     ready: bool = False
     retiring: bool = False  # told to drain, or retiring past a limit: not replaced on exit
+    drain_timeout: float | None = None  # its own, once it serves (its config file's, if fresh)
 
 
 class Supervisor:
@@ -498,7 +505,7 @@ class Supervisor:
         if not self.stopping:
             self.stopping = True
             self.stop_reason = reason
-            self.stop_deadline = time.monotonic() + self.options.drain_timeout + _STOP_MARGIN
+            self.stop_deadline = self._kill_deadline()
             if self.local is None or self.workers:
                 logger.info("%s: draining %d worker(s)", reason, len(self.workers))
             notify_draining(stopping=True)
@@ -517,8 +524,18 @@ class Supervisor:
     def _stop_all(self) -> None:
         if not self.stopping:
             self.stopping = True
-            self.stop_deadline = time.monotonic() + self.options.drain_timeout + _STOP_MARGIN
+            self.stop_deadline = self._kill_deadline()
         self.signal_all(signal.SIGTERM)
+
+    def _kill_deadline(self) -> float:
+        """When workers still running at a stop are killed: after the longest drain timeout of
+        the serving processes (a reload's workers have their config file's), plus a margin."""
+        own = self.options.drain_timeout
+        timeouts = [own if w.drain_timeout is None else w.drain_timeout
+                    for w in self.workers.values()]
+        if self.local is not None or not timeouts:
+            timeouts.append(own)
+        return time.monotonic() + max(timeouts) + _STOP_MARGIN
 
     def signal_all(self, signum: int, pids: list[int] | None = None) -> None:
         for pid in list(self.workers) if pids is None else pids:
@@ -619,12 +636,18 @@ class Supervisor:
             self.signal_all(signal.SIGKILL)
 
     def read_reports(self) -> None:
-        for kind, pid in _read_reports(self.control_r):
-            worker = self.workers.get(pid)
+        drains: float | None = None  # from a DRAINS report: the next READY's drain timeout
+        for kind, value in _read_reports(self.control_r):
+            if kind == DRAINS:
+                drains = value / 1000
+                continue
+            worker = self.workers.get(value)
+            paired, drains = drains, None
             if worker is None:
                 continue
             if kind == READY:
                 worker.ready = True
+                worker.drain_timeout = paired
             elif kind == RETIRING and not worker.retiring and not self.stopping:
                 worker.retiring = True
                 _metrics.worker_restarted()  # recycling counts as a restart
@@ -671,16 +694,17 @@ def _control_pipe() -> tuple[int, int]:
 
 
 def _read_reports(fd: int) -> list[tuple[bytes, int]]:
-    """The (kind, pid) reports waiting on `fd`."""
-    reports: list[tuple[bytes, int]] = []
-    while True:
+    """The (kind, pid) reports waiting on `fd` (a DRAINS report carries milliseconds)."""
+    chunks: list[bytes] = []
+    while True:  # all there is: writes are whole in the pipe, so pairs are whole here too
         try:
             data = os.read(fd, _MESSAGE.size * 64)
         except OSError:  # also BlockingIOError: nothing (more) to read
-            return reports
+            break
         if not data:
-            return reports
-        for offset in range(0, len(data) - _MESSAGE.size + 1, _MESSAGE.size):
-            kind, pid = _MESSAGE.unpack_from(data, offset)
-            reports.append((kind, pid))
+            break
+        chunks.append(data)
+    data = b"".join(chunks)
+    return [_MESSAGE.unpack_from(data, offset)
+            for offset in range(0, len(data) - _MESSAGE.size + 1, _MESSAGE.size)]
 

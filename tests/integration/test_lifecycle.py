@@ -238,6 +238,27 @@ def test_a_run_refused_before_serving_leaves_no_socket_file(tmp_path: Path) -> N
     assert not sock.exists()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_drain_timeout_a_reload_raised_is_honoured_at_the_stop(
+    generation: Path, tmp_path: Path, workers: int
+) -> None:
+    """The supervisor kills what still runs 10 s past the drain timeout: the one its workers
+    read from the config file at the reload, not its own from start-up."""
+    config = tmp_path / "run.toml"
+    config.write_text("drain-timeout = 1\n")
+    with start(generation, "--workers", str(workers), "--config", str(config)) as milter:
+        config.write_text("drain-timeout = 30\n")
+        milter.signal(signal.SIGHUP)
+        wait_for_log(milter, "reloaded in")
+        slow = InFlight(milter, 12)  # past the start-up's 1 s + 10 s
+        milter.signal(signal.SIGTERM)
+        result = slow.finish()
+        assert milter.wait(30) == 0, milter.log()
+        log = milter.log()
+    assert result.status == Status.ACCEPT, log
+    assert "past the drain timeout" not in log and "for up to 30 s" in log, log
+
+
 def test_a_replacement_worker_failing_on_worker_start_stops_the_milter_saying_why(
     generation: Path, tmp_path: Path
 ) -> None:
