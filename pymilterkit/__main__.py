@@ -368,8 +368,11 @@ def fresh_worker() -> None:
             session_class = load_session_class(description["target"])
             milter = Milter(session_class, options.socket, **options.keywords())
         claim_run(milter)
-        cpus = plan_cpus(milter.options)
-        return milter.filter().server(slot, None if cpus is None else cpus[slot])
+        if "cpus" in description:  # the supervisor's plan
+            cpus = description["cpus"]
+            return milter.filter().server(slot, None if cpus is None else set(cpus))
+        planned = plan_cpus(milter.options)  # a supervisor of an older pymilterkit
+        return milter.filter().server(slot, None if planned is None else planned[slot])
 
     serve_worker(server, description["fd"], description["control"], description["parent"])
 

@@ -76,11 +76,13 @@ class Recipe:
                 return arg.partition("=")[2]
         return None
 
-    def spawn(self, fd: int, slot: int, control: int) -> int:
-        """Start a fresh worker process serving as `slot` on `fd`; returns its pid."""
+    def spawn(self, fd: int, slot: int, control: int, cpus: set[int] | None) -> int:
+        """Start a fresh worker process serving as `slot` on `fd`, confined to `cpus` (the
+        supervisor's plan); returns its pid."""
         description: dict[str, Any] = {
             "fd": fd,
             "slot": slot,
+            "cpus": None if cpus is None else sorted(cpus),
             "control": control,
             "parent": os.getpid(),
             "path": sys.path,

@@ -466,6 +466,8 @@ class Supervisor:
             self.listener.sock.close()
 
     def _cpus(self, slot: int) -> set[int] | None:
+        """The CPUs of `slot`'s workers, planned once at start: a fresh worker that planned
+        for itself would read /proc while its sibling confines itself, and could take its CPU."""
         return None if self.cpus is None else self.cpus[slot]
 
     # -- starting workers ------------------------------------------------------------------
@@ -478,7 +480,7 @@ class Supervisor:
             assert self.recipe is not None
             os.set_inheritable(self.fd, True)
             try:
-                pid = self.recipe.spawn(self.fd, slot, self.control_w)
+                pid = self.recipe.spawn(self.fd, slot, self.control_w, self._cpus(slot))
             except (OSError, ValueError) as exc:
                 logger.error("could not start a worker: %s", exc)
                 return None

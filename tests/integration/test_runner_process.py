@@ -16,7 +16,7 @@ import pytest
 from pymilterkit._affinity import confined_elsewhere
 from pymilterkit._affinity import parse as parse_cpu_list
 from pymilterkit.testing import MilterClient, MilterProcess
-from tests.helpers import worker_pids
+from tests.helpers import children, worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -368,6 +368,50 @@ def test_pre_forked_workers_get_one_cpu_each() -> None:
         assert thread_cpus(milter.pid) == {ALLOWED}  # the supervising parent is not confined
     cpus = [next(iter(next(iter(p)))) for p in placed]
     assert len(set(cpus)) == 2, placed
+
+
+def _placement(parent: int) -> dict[str, int] | None:
+    """Each worker's name (`w1 RcptCount`) and its one CPU, once every worker has both."""
+    placed: dict[str, int] = {}
+    for pid in children(parent):
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+            sets = thread_cpus(pid)
+        except FileNotFoundError:  # it ended meanwhile
+            return None
+        if not name.startswith("w") or len(sets) != 1 or len(next(iter(sets))) != 1:
+            return None
+        placed[name] = next(iter(next(iter(sets))))
+    return placed
+
+
+def _next_generation(milter: MilterProcess, reloads: int, old: set[int]) -> dict[str, int]:
+    """The placement of the workers once reload number `reloads` is done and `old` left."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        now = children(milter.pid)
+        if milter.log().count("reloaded in") == reloads and len(now - old) == 2 == len(now):
+            placed = _placement(milter.pid)
+            if placed is not None and len(placed) == 2:
+                return placed
+        time.sleep(0.05)
+    raise AssertionError(f"reload {reloads} did not settle:\n{milter.log()}")
+
+
+@MULTI_CPU
+def test_fresh_workers_keep_their_slots_cpu_across_reloads() -> None:
+    """The supervisor plans the CPUs once: a fresh worker that planned for itself read /proc
+    while its sibling confined itself, and both could land on one CPU."""
+    with MilterProcess(
+        "examples.rcpt_count:RcptCount", args=["--workers", "2"], cwd=ROOT
+    ) as milter:
+        old = set(worker_pids(milter.pid, 2))
+        planned = _next_generation(milter, 0, set())
+        assert len(set(planned.values())) == 2, planned
+        for reload in range(1, 4):
+            milter.signal(signal.SIGHUP)
+            assert _next_generation(milter, reload, old) == planned, (reload, milter.log())
+            old = children(milter.pid)
 
 
 def test_the_supervisor_logs_its_final_stop() -> None:
