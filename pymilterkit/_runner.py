@@ -460,6 +460,8 @@ class Supervisor:
             self.local = None
         if not local.handing_over:  # shutdown() or a failure: a reload under way ends too
             self._stop_all()
+        else:  # it only supervises now: not a serving process alive, for metrics and /healthz
+            _metrics.worker_exited(self.parent)
 
     def _refuse_new(self) -> None:
         if not self.workers and self.listener is not None:

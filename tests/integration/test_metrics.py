@@ -246,3 +246,34 @@ def test_counts_go_on_across_a_reload() -> None:
         assert value(samples, "pymilterkit_actions_total", action="add_header") == 18
         assert value(samples, "pymilterkit_workers_alive") == 2
         assert get(address, "/healthz") == (200, "serving\n")
+
+
+@pytest.mark.parametrize("handed_over_by", ["reload", "recycling"])
+def test_a_single_process_that_handed_over_counts_only_its_worker(handed_over_by: str) -> None:
+    """Serving alone, then supervising the fresh worker that took over: one serving process
+    alive, and /healthz follows that worker (draining: 503), not the supervisor's old row."""
+    args = ["--metrics", "127.0.0.1:0", "--drain-timeout", "10"]
+    if handed_over_by == "recycling":
+        args += ["--max-sessions-per-worker", "2"]
+    with MilterProcess(TARGET, args=args, cwd=ROOT) as milter:
+        address = endpoint(milter)
+        client = MilterClient(milter.socket)
+        if handed_over_by == "reload":
+            milter.signal(signal.SIGHUP)
+        else:
+            for _ in range(2):
+                client.run(MESSAGE, recipients=["a@example.org"])
+        wait_until(lambda: f"pymilterkit[{milter.pid}] INFO stopped:" in milter.log(),
+                   "the supervisor to stop serving", timeout=30)
+        wait_until(lambda: value(scrape(address), "pymilterkit_workers_alive") == 1,
+                   "one worker alive", timeout=5)
+        (worker,) = worker_pids(milter.pid, 1)
+        assert get(address, "/healthz") == (200, "serving\n")
+        conn = MilterClient(milter.socket, timeout=10).open()
+        conn.negotiate()
+        conn.connect("idle.example", None)  # an open session: the worker's drain lasts
+        os.kill(worker, signal.SIGTERM)  # the worker alone drains; nothing else serves
+        wait_until(lambda: get(address, "/healthz") == (503, "draining\n"), "503", timeout=5)
+        conn.close()
+        milter.signal(signal.SIGTERM)
+        assert milter.wait(30) == 0, milter.log()
