@@ -322,21 +322,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(args: argparse.Namespace) -> None:
+def _configure_logging(args: argparse.Namespace, *, force: bool = False) -> None:
     configure_logging(
         getattr(args, "run_log_level", None) or args.log_level,
         log_format=getattr(args, "log_format", "text"),
         syslog=getattr(args, "syslog", False),
         root_level=getattr(args, "root_log_level", "WARNING"),
+        force=force,
     )
 
 
 def milter_for_reload(argv: Sequence[str]) -> Milter:
     """In a reload's fresh worker: the command line parsed again, the config file read again,
-    logging set up as the command does, the filter class imported anew."""
+    logging set up as they now say, the filter class imported anew."""
     args = parse_args_with_config(_parser(), list(argv))
     args.pmk_argv = list(argv)
-    _configure_logging(args)
+    _configure_logging(args, force=True)  # it logged as the supervisor does until now
     return build_milter(args)
 
 
@@ -357,6 +358,8 @@ def fresh_worker() -> None:
             format="%(asctime)s %(name)s %(levelname)s %(message)s",
             stream=sys.stderr,
         )
+    elif description.get("logging"):  # an error in the config file read again is logged so
+        configure_logging(**description["logging"])
     slot = description["slot"]
 
     def server() -> Server:

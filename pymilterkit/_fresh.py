@@ -20,7 +20,7 @@ import pickle
 import sys
 from typing import Any
 
-from . import _metrics
+from . import _logging, _metrics
 from ._options import RunOptions
 from ._signals import HANDLED_SIGNALS
 
@@ -88,6 +88,7 @@ class Recipe:
             "path": sys.path,
             "cwd": os.getcwd(),
             "log_level": logging.getLogger("pymilterkit").getEffectiveLevel(),
+            "logging": _logging.settings(),  # None: the command did not set logging up
             "metrics": _metrics.fresh_worker(),  # None without metrics
         }
         if self.argv is not None:  # parse the command line (and its config file) again

@@ -31,6 +31,7 @@ __all__ = [
     "configure",
     "install",
     "session_log",
+    "settings",
 ]
 
 LOG_FORMATS = ("text", "json")
@@ -189,6 +190,13 @@ def formatter(log_format: str, *, syslog: bool = False) -> logging.Formatter:
 
 
 _handler: logging.Handler | None = None
+_settings: dict[str, Any] | None = None
+
+
+def settings() -> dict[str, Any] | None:
+    """The arguments of the set-up `configure` made, or None: a reload's fresh worker logs
+    with them until it has read the command line and config file again."""
+    return None if _settings is None else dict(_settings)
 
 
 def configure(
@@ -207,7 +215,7 @@ def configure(
     Like `logging.basicConfig`, it does nothing when the root logger has handlers already
     (an application or a test set logging up), unless `force`. Returns the handler.
     """
-    global _handler
+    global _handler, _settings
     root = logging.getLogger()
     if root.handlers and not force:
         return None
@@ -237,4 +245,6 @@ def configure(
     root.setLevel(root_level)
     install(logging.getLogger("pymilterkit")).setLevel(level)
     _handler = handler
+    _settings = {"level": level, "log_format": log_format, "syslog": syslog,
+                 "root_level": root_level}
     return handler

@@ -312,6 +312,11 @@ def serve_worker(make: Callable[[], Server], fd: int, control: int, parent: int)
         server.serve(signals=True)
     except WorkerStartError:
         code = _START_FAILED  # logged with its traceback; the parent does not retry
+    except ConfigurationError as exc:  # the config file or filter module read again (reload)
+        logger.error("worker %d cannot start: %s", os.getpid(), exc)
+        if exc.__cause__ is not None:
+            logger.debug("worker %d: %s; how:", os.getpid(), exc, exc_info=exc.__cause__)
+        code = 1
     except BaseException:
         logger.exception("worker %d failed", os.getpid())
         code = 1

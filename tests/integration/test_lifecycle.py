@@ -6,7 +6,9 @@ whose sender is `sleep-S@...` is in flight for S seconds (its on_eom sleeps).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,6 +180,37 @@ def test_a_reload_whose_code_fails_keeps_the_old_workers(generation: Path, worke
         wait_for_generation(client, "fixed")
         milter.signal(signal.SIGTERM)
         assert milter.wait(30) == 0, milter.log()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_with_a_broken_config_file_says_so_in_one_line_of_the_log_format(
+    generation: Path, tmp_path: Path, workers: int
+) -> None:
+    """The fresh worker logs as the supervisor does before it reads the file again: a mistake
+    in it is one JSON record, no traceback; the old code serves on."""
+    config = tmp_path / "run.toml"
+    config.write_text('log-format = "json"\n')
+    with start(generation, "--config", str(config), "--workers", str(workers)) as milter:
+        client = MilterClient(milter.socket, timeout=30)
+        assert answered_by(client) == "old"
+        config.write_text('log-format = "json"\nbacklog = "64"\n')
+        generation.write_text("new")
+        milter.signal(signal.SIGHUP)
+        wait_for_log(milter, "reload failed", client)
+        for _ in range(5):
+            assert answered_by(client) == "old"
+        milter.signal(signal.SIGTERM)
+        assert milter.wait(30) == 0, milter.log()
+        log = milter.log()
+    records = [json.loads(line) for line in log.splitlines()]  # every line is a record
+    errors = [r["message"] for r in records if r["level"] == "ERROR"]
+    cannot = [m for m in errors if m.startswith("worker ")]
+    assert cannot and all(
+        re.fullmatch(rf"worker \d+ cannot start: {config}: key 'backlog': expected an "
+                     r"integer, got string '64'", m) for m in cannot), errors
+    failed = [m for m in errors if m not in cannot]
+    assert len(failed) == 1 and failed[0].startswith("reload failed: new worker "), errors
+    assert "Traceback" not in log
 
 
 def test_workers_recycle_after_max_sessions_with_no_failed_message(generation: Path) -> None:
