@@ -16,6 +16,7 @@ backend, so the same rules hold in tests and in production.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import inspect
@@ -30,7 +31,27 @@ from ._message import Message
 from ._protocol import ALL_ACTIONS, ALL_LIBMILTER_OPTS, NO_STAGE_MASK, STAGES, SessionBackend
 from ._types import EsmtpParams, InetAddress, UnixAddress, decode
 
-__all__ = ["STAGE_FLAGS", "ClassSpec", "HookResult", "MilterSession", "StageResult", "noreply"]
+__all__ = [
+    "ABANDONED", "STAGE_FLAGS", "ClassSpec", "HookResult", "MilterSession", "StageResult",
+    "noreply",
+]
+
+ABANDONED: set[asyncio.Task[Any]] = set()
+"""The tasks of async stages answered at their deadline and left running (the runner adds and
+removes them): their session calls raise, whatever stage their session is in by then."""
+
+
+def _abandoned(method: str) -> None:
+    """Raise if the running task is an abandoned stage's (only asked once one was abandoned)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop on this thread: a sync stage
+        return
+    if task in ABANDONED:
+        raise WrongStageError(
+            f"{method}(): this stage was answered at its deadline and abandoned; its session "
+            "calls are refused (stop when cancelled: catch CancelledError only to clean up)"
+        )
 
 StageResult = Status | Awaitable[Status]
 """What a stage method returns: a `Status`, or (`async def`) an awaitable of one."""
@@ -365,6 +386,8 @@ class MilterSession:
         return session_log(self)
 
     def _pmk_eom(self, method: str) -> SessionBackend:
+        if ABANDONED:
+            _abandoned(method)
         if self._pmk_stage != "on_eom":
             where = f"in {self._pmk_stage}" if self._pmk_stage else "outside a callback"
             raise WrongStageError(
@@ -378,9 +401,11 @@ class MilterSession:
     def _pmk_action(self, flag: Actions, method: str) -> SessionBackend:
         # On the path of every message action: the common case is one test and no call.
         # int.__and__: IntFlag's own & builds a new flag object in Python (~0.5 us).
-        if self._pmk_stage == "on_eom" and int.__and__(flag, self._pmk_actions):
+        if self._pmk_stage == "on_eom" and int.__and__(flag, self._pmk_actions) and not ABANDONED:
             return self._pmk_backend  # type: ignore[return-value]
-        self._pmk_eom(method)  # raises outside on_eom
+        backend = self._pmk_eom(method)  # raises outside on_eom, or in an abandoned stage
+        if int.__and__(flag, self._pmk_actions):
+            return backend
         raise UndeclaredActionError(
             f"{method}() needs Actions.{flag.name} in the class's `actions` "
             f"(declared: {self._pmk_actions!r})"
@@ -390,6 +415,8 @@ class MilterSession:
         backend = self._pmk_backend
         if backend is None or self._pmk_stage is None:
             raise WrongStageError(f"{method}() can only be called inside a stage method")
+        if ABANDONED:
+            _abandoned(method)
         return backend
 
     def macro(self, name: str) -> str | None:
@@ -410,7 +437,8 @@ class MilterSession:
         """Append a header to the message (smfi_addheader)."""
         space = self._pmk_space  # (put back before the value: counted in the packet's size)
         raw_name, raw_value = v.header(name, value, len(space))
-        if self._pmk_stage == "on_eom" and int.__and__(_ADD_HEADER, self._pmk_actions):
+        if (self._pmk_stage == "on_eom" and int.__and__(_ADD_HEADER, self._pmk_actions)
+                and not ABANDONED):
             backend = self._pmk_backend  # `_pmk_action`'s test inline: most messages get one
         else:
             backend = self._pmk_action(_ADD_HEADER, "add_header")

@@ -43,7 +43,7 @@ from ._protocol import (
     SessionBackend,
 )
 from ._record import Recorder, RecordOptions
-from ._session import MilterSession
+from ._session import ABANDONED, MilterSession
 from ._threadstate import pin_thread_state
 from ._types import EsmtpParams, decode
 
@@ -329,6 +329,7 @@ class LibmilterCallbacks(SessionRules):
         if pending.expired:  # its deadline cancelled it (or it caught that and returned)
             outcome = (False, Expired(_perf_counter() - start))
         if pending.abandoned:  # answered at its deadline (`_abandon`)
+            ABANDONED.discard(pending.task)
             logger.info("%s.%s: the abandoned stage ended", self.session_class.__qualname__, stage)
             return None
         answer = None
@@ -373,14 +374,25 @@ class LibmilterCallbacks(SessionRules):
             pending.set()
 
     def _abandon(self, pending: _Pending) -> None:
-        """`pending`'s stage did not end when cancelled at its deadline: answer it now and
-        leave its task to itself (the loop's thread)."""
-        if pending.closing or pending.answered:
+        """`pending`'s stage did not end when cancelled at its deadline (or when its connection
+        closed): answer it now (closed: end it, so the close goes on) and leave its task to
+        itself; its later session calls raise (the loop's thread)."""
+        if pending.answered:
             return
         pending.abandoned = True
+        ABANDONED.add(pending.task)
         session, stage = pending.session, pending.stage
         elapsed = time.perf_counter() - pending.start
-        session._pmk_stage = None  # its later session calls raise WrongStageError
+        session._pmk_stage = None
+        if pending.closing:  # nothing to answer: on_close waits for this
+            logger.warning(
+                "%s.%s: the connection closed while it ran, and it did not stop when "
+                "cancelled: abandoned after %.3f s",
+                self.session_class.__qualname__, stage, elapsed,
+                extra={"pmk_session": session, "pmk_stage": stage},
+            )
+            self._finish(pending, None)
+            return
         what = f"it did not stop when cancelled: answering {self.timeout_status.name}, abandoned"
         self.timed_out(stage, elapsed, what, session)
         answer = Status.NOREPLY if stage in self.noreply else self.timeout_status
@@ -415,7 +427,7 @@ class LibmilterCallbacks(SessionRules):
         pending = session._pmk_pending
         if pending is not None and self.loop is not None:
             pending.closing = True
-            self.loop.call(pending.cancel)
+            self.loop.call(pending.hang_up)
 
     def in_flight(self) -> bool:
         """Whether a callback is running (a stop waits for it before closing sessions)."""
@@ -736,9 +748,13 @@ class _Pending:
             self.answered = True
             self.latch.release()
 
-    def cancel(self) -> None:
-        """Cancel the stage's task (on the loop's thread)."""
+    def hang_up(self) -> None:
+        """The connection is closing: cancel the stage's task, and abandon it if it goes on
+        (on the loop's thread), so on_close does not wait for it."""
         self.task.cancel()
+        if self.expiry is None:
+            self.expiry = asyncio.get_running_loop().call_later(
+                _ABANDON_AFTER, self.callbacks._abandon, self)
 
 
 class _Deadlines:

@@ -9,7 +9,7 @@ import time
 
 from typing_extensions import override
 
-from pymilterkit import EsmtpParams, Message, MilterSession, Status
+from pymilterkit import Actions, EsmtpParams, Message, MilterSession, Status, WrongStageError
 from tests.helpers import local_part, requested_sleep
 
 
@@ -90,6 +90,39 @@ class StubbornWhole(MilterSession):
             "on_message saw sender=%s recipients=%s headers=%s",
             message.sender, ",".join(message.recipients), len(message.headers))
         return Status.CONTINUE
+
+
+class Lingering(MilterSession):
+    """on_rcpt for a `swallow` recipient catches its cancellation, goes on for a second, then
+    tries to act on its session; on_eom takes 2 s; on_close says when it ran."""
+
+    actions = Actions.ADD_HEADER
+
+    @override
+    async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        if local_part(recipient) == "swallow":
+            try:
+                await asyncio.sleep(20)
+            except asyncio.CancelledError:
+                await asyncio.sleep(1)  # swallowed: goes on past the deadline
+            try:
+                self.set_reply("550", "5.7.1", "from the abandoned stage")
+            except WrongStageError as exc:
+                logging.getLogger("pymilterkit").warning("abandoned call refused: %s", exc)
+            try:
+                self.add_header("X-Abandoned", "yes")
+            except WrongStageError as exc:
+                logging.getLogger("pymilterkit").warning("abandoned call refused: %s", exc)
+        return Status.CONTINUE
+
+    @override
+    async def on_eom(self) -> Status:
+        await asyncio.sleep(2)
+        return Status.CONTINUE
+
+    @override
+    def on_close(self) -> None:
+        logging.getLogger("pymilterkit").warning("on_close ran")
 
 
 def _close(loop: asyncio.AbstractEventLoop) -> None:

@@ -144,6 +144,46 @@ def test_a_recipient_answered_at_its_deadline_is_not_among_the_messages_recipien
     assert "on_message saw sender=<one@example.org> recipients=<fast@example.com> " in log, log
 
 
+def test_an_abandoned_stage_cannot_act_on_the_stage_its_session_is_in_by_then() -> None:
+    with start("Lingering", "--stage-timeout", "rcpt=0.3") as milter:
+        conn = MilterClient(milter.socket, timeout=30).open()
+        try:
+            conn.negotiate()
+            conn.connect("client.example.net", None)
+            conn.mail("<one@example.org>")
+            swallowed = conn.rcpt("<swallow@example.com>")
+            conn.rcpt("<fast@example.com>")
+            conn.header("Subject", " hello")
+            conn.eoh()
+            last = conn.eom()  # 2 s: the abandoned stage tries its calls meanwhile
+            conn.quit()
+        finally:
+            conn.close()
+        log = milter.log()
+    assert swallowed is not None and swallowed.status is Status.TEMPFAIL
+    assert last is not None and last.status is Status.CONTINUE and last.modifications == ()
+    assert log.count("abandoned call refused: ") == 2, log
+    assert "set_reply(): this stage was answered at its deadline and abandoned" in log
+
+
+def test_a_hang_up_during_a_stage_that_ignores_cancellation_does_not_hold_on_close() -> None:
+    with start("Lingering", "--stage-timeout", "rcpt=30") as milter:
+        conn = MilterClient(milter.socket, timeout=30).open()
+        conn.negotiate()
+        conn.connect("client.example.net", None)
+        conn.mail("<one@example.org>")
+        conn.endpoint.send(b"R", b"<swallow@example.com>\0", Step.RCPT)  # not waited for
+        time.sleep(0.2)
+        began = time.monotonic()
+        conn.close()
+        wait_until(lambda: "on_close ran" in milter.log(), "on_close")
+        took = time.monotonic() - began
+        log = milter.log()
+    assert took < 0.9, (took, log)  # not the second the stage goes on for, nor its 30 s
+    assert "the connection closed while it ran, and it did not stop when cancelled: " \
+        "abandoned" in log
+
+
 def test_a_blocking_call_in_an_async_stage_is_reported_at_the_deadline() -> None:
     with start("Stubborn", "--stage-timeout", "0.5") as milter:
         result: list[tuple[Status | None, float]] = []
