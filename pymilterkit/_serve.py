@@ -205,7 +205,7 @@ class Server:
         self.dispatcher.loop = self._loop
         spec = self.session_class.negotiation()
         interval = options.progress_interval
-        if interval is not None and "on_eom" in spec.stages and "on_eom" not in spec.asynchronous:
+        if interval is not None and "on_eom" in spec.stages:  # async too: its first step
             self._progress = SyncEomProgress(self.dispatcher, interval)
         self._watchman = Watchman(self.dispatcher)
 

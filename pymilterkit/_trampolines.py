@@ -608,7 +608,9 @@ class _Guarded(BackendWrapper):
 
 
 class SyncEomProgress:
-    """Sends progress for sync on_eom methods that run longer than `interval` seconds.
+    """Sends progress for on_eom methods that run longer than `interval` seconds on libmilter's
+    thread: a sync one, or an `async def` one before its first suspension (then `_Progress`
+    of its `_Pending` takes over on the loop).
 
     A thread looks at the sessions every `period` seconds: one it finds in on_eom gets a
     backend whose actions hold a lock (`_Guarded`), and once it has been seen in on_eom for

@@ -125,6 +125,24 @@ class Lingering(MilterSession):
         logging.getLogger("pymilterkit").warning("on_close ran")
 
 
+class BusyFirstStep(MilterSession):
+    """An async on_eom that blocks as long as the last `sleep-S` recipient said before its
+    first await (parsing a message, say), as SlowSync's sync one does."""
+
+    slept = 0.0
+
+    @override
+    def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+        self.slept = requested_sleep(local_part(recipient)) or 0.0
+        return Status.CONTINUE
+
+    @override
+    async def on_eom(self) -> Status:
+        time.sleep(self.slept)
+        await asyncio.sleep(0.01)
+        return Status.CONTINUE
+
+
 def _close(loop: asyncio.AbstractEventLoop) -> None:
     """Once the stage that asked is answered, stop `loop` and close it before the runner runs
     it again: the runner logs the stop first, so holding the log handlers' locks holds it in

@@ -223,7 +223,8 @@ def test_an_event_loop_that_cannot_run_fails_healthz_and_is_counted() -> None:
         assert "the event loop is down: async stages cannot be served" in milter.log()
 
 
-@pytest.mark.parametrize("target", ["SlowSync", "Stubborn"], ids=["sync", "async"])
+@pytest.mark.parametrize("target", ["SlowSync", "Stubborn", "BusyFirstStep"],
+                         ids=["sync", "async", "async-first-step"])
 def test_automatic_progress_is_counted(target: str) -> None:
     args = ("--progress-interval", "0.3", *METRICS)
     with start(target, *args) as milter:
