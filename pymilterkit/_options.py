@@ -143,8 +143,8 @@ def check_stage_timeout(value: object) -> StageTimeout:
         key = _ALIASES.get(stage, stage)
         if named.get(key, seconds) != seconds:
             raise ConfigurationError(
-                f"stage_timeout: {stage!r} and {key!r} are one deadline (on_message runs at "
-                f"the end of message, as on_eom does): give one of them")
+                "stage_timeout: 'message' and 'eom' are one deadline (on_message runs at the "
+                "end of message, as on_eom does): give one of them")
         named[key] = float(seconds)
     if not isinstance(value, Mapping):
         return named["default"]
