@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -48,23 +49,38 @@ def test_supervisor_and_workers_are_named_and_fresh_workers_say_whose() -> None:
                    timeout=20)
 
 
-def test_a_draining_process_says_so() -> None:
-    with MilterProcess("tests.integration.filters:Slow", cwd=ROOT) as milter:
-        client = MilterClient(milter.socket, timeout=20).open()
-        client.negotiate()
+def _stop_with_a_session_in_flight(milter: MilterProcess, serving: list[int]) -> None:
+    """SIGTERM while a HELO takes 3 s: one of `serving` shows `drain Slow` while it drains."""
+    client = MilterClient(milter.socket, timeout=20).open()
+    client.negotiate()
 
-        def helo() -> None:
-            with contextlib.suppress(OSError, MilterError):
-                client.helo("sleep-3")
+    def helo() -> None:
+        with contextlib.suppress(OSError, MilterError):
+            client.helo("sleep-3")
 
-        thread = threading.Thread(target=helo)
-        thread.start()
+    thread = threading.Thread(target=helo)
+    thread.start()
+    try:
         time.sleep(0.5)
         milter.signal(signal.SIGTERM)
-        wait_until(lambda: _comm(milter.pid) == "drain Slow", "the drain name", timeout=2.5)
+        wait_until(lambda: "drain Slow" in map(_name_if_alive, serving), "the drain name",
+                   timeout=2.5)
+    finally:
         thread.join(10)
         client.close()
-        assert milter.wait(20) == 0
+    assert milter.wait(20) == 0, milter.log()
+
+
+def _name_if_alive(pid: int) -> str | None:
+    try:
+        return _comm(pid)
+    except FileNotFoundError:  # it stopped already
+        return None
+
+
+def test_a_draining_process_says_so() -> None:
+    with MilterProcess("tests.integration.filters:Slow", cwd=ROOT) as milter:
+        _stop_with_a_session_in_flight(milter, [milter.pid])
 
 
 def test_workers_a_reload_replaces_say_so_when_they_drain() -> None:
@@ -78,3 +94,17 @@ def test_workers_a_reload_replaces_say_so_when_they_drain() -> None:
     for pid in old:
         assert f"pymilterkit[{pid}] INFO a reload replaced this worker: draining" in log, log
         assert f"pymilterkit[{pid}] INFO signal SIGTERM: draining" not in log
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (to drop privileges)")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_processes_that_dropped_privileges_are_named_too(workers: int) -> None:
+    """After setuid a process's /proc/self/comm is root's: the names are set with prctl."""
+    with MilterProcess("tests.integration.filters:Slow", cwd=ROOT,
+                       args=["--user", "nobody", "--workers", str(workers)]) as milter:
+        serving = [milter.pid]
+        if workers > 1:
+            serving = worker_pids(milter.pid, workers)
+            wait_until(lambda: sorted(_comm(p) for p in serving) == ["w1 Slow", "w2 Slow"],
+                       "the workers' names", timeout=20)
+        _stop_with_a_session_in_flight(milter, serving)
