@@ -39,7 +39,15 @@ from typing import TYPE_CHECKING, Any
 
 from ._flags import Actions, ProtocolOpts, Status
 from ._logging import install as _install_log_fields
-from ._protocol import ENDS_MESSAGE, NO_STAGE_MASK, NOREPLY_MASK, STAGES, SessionBackend
+from ._protocol import (
+    ENDS_MESSAGE,
+    NO_STAGE_MASK,
+    NOREPLY_MASK,
+    STAGES,
+    ActionInfo,
+    BackendWrapper,
+    SessionBackend,
+)
 from ._session import COLLECTS, MilterSession
 from ._types import EsmtpParams
 from ._whole import Spool, collecting
@@ -153,6 +161,7 @@ def _nothing() -> None:
 _FATAL = (KeyboardInterrupt, SystemExit)  # the only exceptions that stop the milter
 _session_numbers = itertools.count(1)
 _DATA_OR_HEADERS_OFF = ProtocolOpts.NO_DATA | ProtocolOpts.NO_HDRS
+_FAIL_OPEN = frozenset((Status.CONTINUE, Status.ACCEPT))  # answers that deliver the message
 _STAGE_BITS = int(NO_STAGE_MASK | NOREPLY_MASK)  # left out or kept by libmilter, never refused
 
 
@@ -202,6 +211,11 @@ class SessionRules:
         """Notes what sampled connections saw and did, for `--record` (None: off)."""
         self._methods: dict[str, Callable[..., Any]] = {}
         self._spool = Spool()
+        self.fail_open = "on_eom" in self.spec.stages and bool(
+            {error_status, timeout_status} & _FAIL_OPEN)
+        """An on_eom that fails would be answered so that the message is delivered: its
+        modifications are noted (`_Modifications`), and once it sent one it is answered TEMPFAIL
+        instead (`whole_or_nothing`)."""
         tracked = "on_abort" in self.spec.stages
         self.as_returned = frozenset(
             () if meter or dry_run or recorder else
@@ -308,6 +322,8 @@ class SessionRules:
         if self.meter is not None:
             backend = self.meter.backend(backend)
         session = self.session_class()
+        if self.fail_open:  # under dry-run: what it only logs is not sent
+            backend = _Modifications(backend, session)
         if self.dry_run is not None:
             backend = self.dry_run.backend(backend, session)
         if self.recorder is not None:
@@ -347,7 +363,22 @@ class SessionRules:
             self.report_error(exc, stage, session)
         if stage in self.noreply:
             return Status.NOREPLY
-        return self.error_status
+        return self.whole_or_nothing(session, stage, self.error_status)
+
+    def whole_or_nothing(self, session: MilterSession | None, stage: str, answer: int) -> int:
+        """`answer` to a failed stage, unless it is on_eom's, would deliver the message, and
+        the stage already sent modifications: then TEMPFAIL (the MTA keeps the message and
+        tries again), as no half-changed message may be delivered."""
+        if stage != "on_eom" or answer not in _FAIL_OPEN or session is None \
+                or not session._pmk_modified:
+            return answer
+        logger.warning(
+            "%s.on_eom failed after it sent modifications: answering TEMPFAIL, not %s, so no "
+            "half-changed message is delivered",
+            self.session_class.__qualname__, Status(answer).name,
+            extra={"pmk_session": session, "pmk_stage": stage},
+        )
+        return Status.TEMPFAIL
 
     def bad_result(
         self, result: object, stage: str, session: MilterSession | None = None
@@ -368,7 +399,7 @@ class SessionRules:
                 self.error_status.name,
                 extra=extra,
             )
-            return self.error_status
+            return self.whole_or_nothing(session, stage, self.error_status)
         if result is Status.NOREPLY:
             logger.warning(
                 "%s.%s returned NOREPLY but the stage is not @noreply; sending CONTINUE",
@@ -385,7 +416,7 @@ class SessionRules:
             self.error_status.name,
             extra=extra,
         )
-        return self.error_status
+        return self.whole_or_nothing(session, stage, self.error_status)
 
     def stage_callback(
         self,
@@ -423,6 +454,8 @@ class SessionRules:
             callback = self.dry_run.verdicts(stage, callback, sessions)
         if self.meter is not None and stage not in self.asynchronous:  # async: `answered`
             callback = self.meter.timed(stage, callback)
+        if stage == "on_eom" and self.fail_open:
+            callback = _noting_modifications(callback, sessions)
         return callback
 
     def _sync_callback(
@@ -629,7 +662,8 @@ class SessionRules:
         if not ok:
             if isinstance(value, Expired):
                 self.timed_out(stage, value.elapsed, self.cancelled, session)
-                answer = Status.NOREPLY if stage in self.noreply else self.timeout_status
+                answer = Status.NOREPLY if stage in self.noreply else self.whole_or_nothing(
+                    session, stage, self.timeout_status)
             else:
                 answer = self.fail(value, stage, session)
         elif stage in self.noreply:
@@ -752,6 +786,37 @@ class SessionRules:
             self.fail(exc, stage, session)
         finally:
             session._pmk_stage = None
+
+
+class _Modifications(BackendWrapper):
+    """A fail-open run's backend: notes that the session sent a modification (for
+    `SessionRules.whole_or_nothing`)."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, inner: SessionBackend, session: MilterSession) -> None:
+        super().__init__(inner)
+        self.session = session
+
+    def act(self, action: ActionInfo, *args: Any) -> None:
+        if action.flag:  # a change to the message (not progress nor a reply)
+            self.session._pmk_modified = True
+        self.perform(action, *args)
+
+
+def _noting_modifications(
+    callback: Callable[..., int], sessions: Mapping[Any, MilterSession]
+) -> Callable[..., int]:
+    """on_eom's callback in a fail-open run: each end of message starts with no modification
+    sent."""
+
+    def eom(key: Any, a: Any = None, b: Any = None) -> int:
+        session = sessions.get(key)
+        if session is not None:
+            session._pmk_modified = False
+        return callback(key, a, b)
+
+    return eom
 
 
 class Expired:

@@ -277,6 +277,7 @@ class MilterSession:
     _pmk_pending: Any = None  # a suspended async stage still to be answered (runner: _Pending)
     _pmk_collected: Any = None  # on_message: the message being collected (`_whole`)
     _pmk_log: Any = None  # --record: this connection's recording, if it is sampled (`_record`)
+    _pmk_modified: bool = False  # fail-open runs: on_eom sent a modification (`_dispatch`)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

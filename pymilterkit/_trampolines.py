@@ -395,7 +395,8 @@ class LibmilterCallbacks(SessionRules):
             return
         what = f"it did not stop when cancelled: answering {self.timeout_status.name}, abandoned"
         self.timed_out(stage, elapsed, what, session)
-        answer = Status.NOREPLY if stage in self.noreply else self.timeout_status
+        answer = Status.NOREPLY if stage in self.noreply else self.whole_or_nothing(
+            session, stage, self.timeout_status)
         self._finish(pending, self.answered(stage, answer, session, elapsed))
 
     def end_pending(self, grace: float) -> int:
