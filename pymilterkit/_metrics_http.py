@@ -319,10 +319,11 @@ class MetricsServer:
                 return False
             conn.request += data
             end = conn.request.find(b"\r\n\r\n")
-            if end >= 0:
-                conn.reply = memoryview(self._answer(bytes(conn.request[: end + 4])))
-            elif len(conn.request) > MAX_REQUEST:
+            if end + 4 > MAX_REQUEST or (end < 0 and len(conn.request) > MAX_REQUEST):
+                # the head's own size: a read may bring more than the limit at once
                 conn.reply = memoryview(_response(431, b"request too large\n", head=False))
+            elif end >= 0:
+                conn.reply = memoryview(self._answer(bytes(conn.request[: end + 4])))
         return True
 
     def _write(self, conn: _Connection) -> bool:

@@ -98,6 +98,20 @@ def test_a_huge_request_is_refused_without_reading_it_all(milter: MilterProcess)
     assert get(address, "/healthz")[0] == 200
 
 
+@pytest.mark.parametrize("size", [MAX_REQUEST, MAX_REQUEST + 1, MAX_REQUEST + 3000])
+def test_the_request_limit_holds_for_a_head_that_comes_in_one_piece(
+    milter: MilterProcess, size: int
+) -> None:
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: "
+    head += b"a" * (size - len(head) - 4) + b"\r\n\r\n"
+    assert len(head) == size
+    with _connect(endpoint(milter)) as sock:
+        sock.settimeout(5)
+        sock.sendall(head)
+        answer = sock.recv(100)
+    assert answer.startswith(b"HTTP/1.1 200" if size <= MAX_REQUEST else b"HTTP/1.1 431"), answer
+
+
 def test_past_the_cap_a_silent_client_is_refused_at_once_and_mail_flows(
     milter: MilterProcess, many_files: None
 ) -> None:
