@@ -100,8 +100,16 @@ class RecordOptions:
     def from_flags(cls, directory: str | None, sample: float, body: str,
                    max_mb: float) -> RecordOptions | None:
         """The options `--record DIR --record-sample F --record-body yes|no
-        --record-max-mb N` give (None without `--record`)."""
-        return None if directory is None else cls(directory, sample, body == "yes", max_mb)
+        --record-max-mb N` give (None without `--record`; its parts alone are a mistake)."""
+        if directory is None:
+            given = [flag for flag, value, default in (
+                ("--record-sample", sample, 1.0), ("--record-body", body, "yes"),
+                ("--record-max-mb", max_mb, 1024.0)) if value != default]
+            if given:
+                raise ConfigurationError(
+                    f"{', '.join(given)} without --record DIR: nothing would be recorded")
+            return None
+        return cls(directory, sample, body == "yes", max_mb)
 
 
 def _jsonable(value: object) -> object:

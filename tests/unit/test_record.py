@@ -50,6 +50,17 @@ def test_flags_and_toml_make_record_options(tmp_path: Path) -> None:
     assert options_of(["--config", str(config)]).record == RecordOptions("/d", 0.5, False)
 
 
+def test_record_parts_without_record_are_a_mistake(tmp_path: Path) -> None:
+    for argv in (["--record-sample", "0.1"], ["--record-body", "no"],
+                 ["--record-max-mb", "5"]):
+        with pytest.raises(ConfigurationError, match=f"{argv[0]} without --record DIR"):
+            options_of(argv)
+    config = tmp_path / "c.toml"
+    config.write_text("record-sample = 0.5\n")
+    with pytest.raises(ConfigurationError, match="--record-sample without --record DIR"):
+        options_of(["--config", str(config)])
+
+
 @pytest.mark.parametrize("kwargs", [{"sample": 1.5}, {"sample": -0.1}, {"max_mb": 0},
                                     {"body": "no"}, {"sample": True}, {"directory": ""}])
 def test_bad_record_options_say_what_to_change(kwargs: dict[str, object]) -> None:
