@@ -27,7 +27,7 @@ from ._fresh import ENV as FRESH_ENV
 from ._logging import configure as configure_logging
 from ._logging import formatter
 from ._logsafe import escape_control
-from ._options import LOG_LEVELS, RunOptions, run_flags
+from ._options import LOG_LEVELS, RunOptions, log_level, run_flags
 from ._session import MilterSession
 from ._version import __version__
 
@@ -299,6 +299,7 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level",
         default="INFO",
         choices=LOG_LEVELS,
+        type=log_level,
         help="log level of the pymilterkit loggers and the filter's own package (default INFO; "
         "others: --root-log-level)",
     )

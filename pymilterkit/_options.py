@@ -36,6 +36,7 @@ __all__ = [
     "RunOptions",
     "StageTimeout",
     "check_stage_timeout",
+    "log_level",
     "parse_address",
     "run_flags",
     "stage_deadlines",
@@ -47,6 +48,17 @@ ErrorStatus = Literal[
 _ERROR_STATUSES = (Status.TEMPFAIL, Status.REJECT, Status.CONTINUE, Status.ACCEPT, Status.DISCARD)
 _STATUS_NAMES = tuple(s.name.lower() for s in _ERROR_STATUSES)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(text: str) -> str:
+    """A log level's name in any case (`info`, as other milters take it), as logging names it."""
+    import argparse
+
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"not a log level: {text!r} (one of {', '.join(LOG_LEVELS)}, in any case)")
+    return level
 
 DEFAULT_DRAIN_TIMEOUT = 30.0
 """Seconds a drain (SIGTERM) waits for the sessions in flight before ending them."""
@@ -415,14 +427,14 @@ COMMAND_FLAGS: tuple[Flag, ...] = (
     Flag(None, "the MilterSession subclass", dest="target", metavar="MODULE:CLASS",
          required=True),
     Flag("--log-level", "same as the global --log-level", dest="run_log_level",
-         choices=LOG_LEVELS),
+         choices=LOG_LEVELS, type=log_level),
     Flag("--log-format", "text (default), or json: one object per line with the session fields",
          default="text", choices=LOG_FORMATS),
     Flag("--syslog", "log to syslog (/dev/log, facility mail) as pymilterkit[PID] instead of "
          "stderr", switch=True, default=False),
     Flag("--root-log-level", "level of every logger outside pymilterkit and the filter's own "
          "package: the libraries it uses (default WARNING)", default="WARNING",
-         choices=LOG_LEVELS),
+         choices=LOG_LEVELS, type=log_level),
 )
 """The `run` settings that are not `Milter` options: the target and logging."""
 

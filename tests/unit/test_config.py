@@ -93,6 +93,18 @@ def test_users_and_groups_by_name_or_id_from_flags_and_file(tmp_path: Path) -> N
         _uid("no-such-user-x")
 
 
+def test_log_levels_are_taken_in_any_case(tmp_path: Path) -> None:
+    path = write(tmp_path, 'target = "examples.routing:Routing"\nsocket = "unix:/tmp/x.sock"\n'
+                 'root-log-level = "error"\n')
+    args = parse_args(_parser(), ["--log-level", "debug", "run", "--config", path,
+                                  "--log-level", "Warning"])
+    assert (args.log_level, args.run_log_level, args.root_log_level) == (
+        "DEBUG", "WARNING", "ERROR")
+    with pytest.raises(ConfigurationError, match="not a log level: 'loud'"):
+        parse_args(_parser(), ["run", "--config",
+                               write(tmp_path, 'root-log-level = "loud"\n', "bad.toml")])
+
+
 def test_an_option_missing_from_file_and_flags_is_still_required(tmp_path: Path) -> None:
     path = write(tmp_path, 'target = "examples.routing:Routing"\n')
     with pytest.raises(SystemExit) as exc:
@@ -108,7 +120,7 @@ def test_an_option_missing_from_file_and_flags_is_still_required(tmp_path: Path)
         ("workers = true\n", ["key 'workers'", "expected an integer", "boolean"]),
         ("socket = 3\n", ["key 'socket'", "expected a string"]),
         ('error-status = "maybe"\n', ["key 'error-status'", "one of 'tempfail'"]),
-        ('log-level = "debug"\n', ["key 'log-level'", "one of 'DEBUG'"]),
+        ('log-level = "loud"\n', ["key 'log-level'", "not a log level: 'loud'"]),
         ('workers = 2\nworkers_ = 1\n', ["unknown key 'workers_'"]),
         ("workers = 2\n[filter]\nx = 1\n[other]\n", ["unknown key 'other'"]),
         ("filter = 3\n", ["[filter]", "expected a table"]),
