@@ -446,7 +446,11 @@ class MilterSession:
         backend.add_header(raw_name, space + raw_value)  # type: ignore[union-attr]
 
     def insert_header(self, index: int, name: str | bytes, value: str | bytes) -> None:
-        """Insert a header at 0-based position `index` of the header block (smfi_insheader)."""
+        """Insert a header at 0-based position `index` of the MTA's headers (smfi_insheader).
+
+        The MTA counts its own Received: header first, which the filter never sees: 0 puts
+        the new header above it, 1 above the first header the filter saw (Postfix, Sendmail).
+        """
         idx = v.index(index, 0, "header index")
         raw_name, raw_value = v.header(name, value, extra=4 + len(self._pmk_space))
         backend = self._pmk_action(_ADD_HEADER, "insert_header")

@@ -277,8 +277,8 @@ def _apply(session: MilterSession, message: Message, status: object) -> None:
             session.change_header(edit.name, value, edit.index)
         elif edit.kind == "delete":
             session.change_header(edit.name, None, edit.index)
-        elif edit.kind == "insert":
-            session.insert_header(edit.index, edit.name, value)
+        elif edit.kind == "insert":  # the MTA counts its own Received: (unseen) first
+            session.insert_header(edit.index + 1, edit.name, value)
         else:
             session.add_header(edit.name, value)
     if body is not None:

@@ -41,6 +41,11 @@ def _header_lines(raw: bytes) -> tuple[list[list[bytes]], bytes, bytes]:
     return fields, separator, b"".join(lines[i:])
 
 
+_OWN_RECEIVED = [b"\0"]
+"""Where the MTA's own Received: header stands (first; the filter never sees it): insert
+indexes count it, change and delete indexes do not (Postfix's cleanup_milter.c, Sendmail)."""
+
+
 def _field_name(field: list[bytes]) -> bytes:
     return field[0].split(b":", 1)[0].strip().lower()
 
@@ -68,10 +73,12 @@ def apply_modifications(
 ) -> bytes:
     """The message after the result's header and body changes, as the MTA would deliver it.
 
-    Headers are added at the end, inserted at their 0-based position, changed or deleted by
-    name and 1-based index (a change of a missing header appends it, as sendmail and Postfix
-    do); body chunks replace the body. Line endings follow the original (CRLF or LF). Without
-    `leading_space` (HDR_LEADSPC not negotiated) the MTA puts one space after the colon.
+    Headers are added at the end, inserted at their 0-based position among the MTA's headers
+    (which begin with its own Received:, not shown: 0 is above it, 1 above the first header
+    the filter saw), changed or deleted by name and 1-based index (a change of a missing header
+    appends it, as sendmail and Postfix do); body chunks replace the body. Line endings
+    follow the original (CRLF or LF). Without `leading_space` (HDR_LEADSPC not negotiated) the
+    MTA puts one space after the colon.
     Nothing is applied to a message the MTA would not deliver (REJECT, TEMPFAIL, DISCARD):
     the original comes back unchanged.
     """
@@ -79,6 +86,7 @@ def apply_modifications(
     if result.status not in (Status.CONTINUE, Status.ACCEPT):
         return raw
     fields, separator, body = _header_lines(raw)
+    fields.insert(0, _OWN_RECEIVED)
     eol = b"\r\n" if b"\r\n" in raw.split(b"\n", 1)[0] + b"\n" else b"\n"
     if not separator and body:  # no empty line and no body: the MTA adds none either
         separator = eol
@@ -102,7 +110,9 @@ def apply_modifications(
     new_body = result.new_body
     if new_body is not None:
         body = new_body if eol == b"\r\n" else new_body.replace(b"\r\n", b"\n")
-    return b"".join(line for field in fields for line in field) + separator + body
+    return b"".join(
+        line for field in fields if field is not _OWN_RECEIVED for line in field
+    ) + separator + body
 
 
 def apply_envelope(envelope: Envelope, result: MessageResult) -> Envelope:

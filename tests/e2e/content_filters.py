@@ -37,6 +37,9 @@ class CorpusEditor(MilterSession):
             for value in values[::2]:  # every other one stays
                 mail["X-Dup"] = value
         mail["X-Checked"] = f"{len(message.headers)} headers, {message.size} bytes"
+        if name == "plain":  # an insert below the top: the MTA counts its own Received: first
+            headers: list[tuple[str, str]] = vars(mail)["_headers"]  # no public insert
+            headers.insert(1, mail.policy.header_store_parse("X-Second", "inserted"))
         if name not in ("big", "nobody", "noheaders"):
             remove_executables(mail)
             for part in list(text_parts(mail)):

@@ -130,6 +130,8 @@ def test_a_corpus_through_postfix(
     assert re.findall(rb"X-Dup: ?(\d)", delivered["duplicates"].raw) == [b"1", b"3"]
     assert b"setup.exe" not in delivered["nested"].raw
     assert b"\n-- \nchecked\n" in delivered["plain"].raw
+    plain_names = [f.split(b":", 1)[0] for f in _split(delivered["plain"].raw)[0]]
+    assert plain_names[1:4] == [b"From", b"X-Second", b"To"]  # under Postfix's Received:
 
 
 def test_attachments_example_through_postfix(start: Start) -> None:

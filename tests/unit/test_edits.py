@@ -28,8 +28,8 @@ def _modifications(edits: list[HeaderEdit]) -> tuple[Modification, ...]:
             mods.append(HeaderChanged(e.name, e.index, e.value))
         elif e.kind == "delete":
             mods.append(HeaderDeleted(e.name, e.index))
-        elif e.kind == "insert":
-            mods.append(HeaderInserted(e.index, e.name, e.value))
+        elif e.kind == "insert":  # as `_whole` sends it: past the MTA's own Received:
+            mods.append(HeaderInserted(e.index + 1, e.name, e.value))
         else:
             mods.append(HeaderAdded(e.name, e.value))
     return tuple(mods)

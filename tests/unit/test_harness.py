@@ -30,6 +30,7 @@ from pymilterkit.testing import (
     HeaderChanged,
     HeaderDeleted,
     HeaderInserted,
+    MessageResult,
     MilterTimeout,
     Progress,
     Recipient,
@@ -335,6 +336,22 @@ def test_modifications_are_typed_and_apply_to_the_message() -> None:
     assert envelope.sender == "new@example.net" and envelope.sender_params == "RET=FULL"
     assert [r.address for r in envelope.recipients] == [
         "c@example.org", "extra@example.org", "plain@example.org"]
+
+
+def test_insert_indexes_count_the_mtas_own_received_header_first() -> None:
+    # Postfix (cleanup_milter.c) and Sendmail hold their own Received: first, unseen by the
+    # filter: an insert at 0 goes above it, at 1 above the first header the filter saw;
+    # change and delete indexes do not count it.
+    raw = b"A: 1\r\nB: 2\r\nC: 3\r\n\r\nbody\r\n"
+    mods = (HeaderInserted(2, "X-2", "v"), HeaderInserted(0, "X-0", "v"),
+            HeaderInserted(1, "X-1", "v"), HeaderChanged("B", 1, "changed"),
+            HeaderInserted(99, "X-99", "v"))
+    result = MessageResult(Status.CONTINUE, Step.EOM, None, mods, (), ())
+    names = [line.split(b":")[0] for line in apply_modifications(raw, result).split(b"\r\n")]
+    # X-2 goes after A (Received:, A, X-2); X-0 above Received:; X-1 at 1 is then under X-0,
+    # still above Received:, as Postfix places them; X-99 past the end is appended.
+    assert names[:7] == [b"X-0", b"X-1", b"A", b"X-2", b"B", b"C", b"X-99"]
+    assert b"B: changed" in apply_modifications(raw, result)
 
 
 def test_apply_keeps_lf_messages_lf_and_ignores_refused_messages() -> None:
