@@ -264,8 +264,9 @@ class LibmilterCallbacks(SessionRules):
         if pending.deferrable and not pending.wait(_ANSWER_HERE) and self._defer(pending):
             return Status.NOREPLY  # the loop answers when it is done (`_answer`)
         pending.wait()  # answered meanwhile, or it cannot be sent later
-        if pending.answer is None:  # `_answer` failed (the filter's errors are settled in it)
-            failure = None if task.cancelled() else task.exception()
+        if pending.answer is None:  # `_answer` failed (the filter's errors are settled in it),
+            # or the stage was abandoned at a hang-up and its task still runs
+            failure = task.exception() if task.done() and not task.cancelled() else None
             return self.fail(failure or RuntimeError("the stage was not answered"), stage)
         return pending.answer
 

@@ -93,36 +93,68 @@ class StubbornWhole(MilterSession):
 
 
 class Lingering(MilterSession):
-    """on_rcpt for a `swallow` recipient catches its cancellation, goes on for a second, then
-    tries to act on its session; on_eom takes 2 s; on_close says when it ran."""
+    """on_rcpt for a `swallow` recipient catches its cancellation and goes on: for a `late`
+    one until on_eom began, then tries to act on its session while on_eom waits for that;
+    else for 4 s. on_close says when it ran."""
 
     actions = Actions.ADD_HEADER
+    eom_began: asyncio.Event | None = None  # (made on the loop, by the first stage)
+    acted: asyncio.Event | None = None
+
+    @classmethod
+    def events(cls) -> tuple[asyncio.Event, asyncio.Event]:
+        if cls.eom_began is None or cls.acted is None:
+            cls.eom_began, cls.acted = asyncio.Event(), asyncio.Event()
+        return cls.eom_began, cls.acted
 
     @override
     async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
-        if local_part(recipient) == "swallow":
-            try:
-                await asyncio.sleep(20)
-            except asyncio.CancelledError:
-                await asyncio.sleep(1)  # swallowed: goes on past the deadline
-            try:
-                self.set_reply("550", "5.7.1", "from the abandoned stage")
-            except WrongStageError as exc:
-                logging.getLogger("pymilterkit").warning("abandoned call refused: %s", exc)
-            try:
-                self.add_header("X-Abandoned", "yes")
-            except WrongStageError as exc:
-                logging.getLogger("pymilterkit").warning("abandoned call refused: %s", exc)
+        name = local_part(recipient)
+        if name not in ("swallow", "late"):
+            return Status.CONTINUE
+        logging.getLogger("pymilterkit").warning("lingering stage began")
+        eom_began, acted = self.events()
+        try:
+            await asyncio.sleep(20)
+        except asyncio.CancelledError:  # swallowed: goes on past the deadline
+            if name == "swallow":
+                await asyncio.sleep(4)
+                return Status.CONTINUE
+            await asyncio.wait_for(eom_began.wait(), 20)
+        try:
+            self.set_reply("550", "5.7.1", "from the abandoned stage")
+        except WrongStageError as exc:
+            logging.getLogger("pymilterkit").warning("abandoned call refused: %s", exc)
+        try:
+            self.add_header("X-Abandoned", "yes")
+        except WrongStageError as exc:
+            logging.getLogger("pymilterkit").warning("abandoned call refused: %s", exc)
+        acted.set()
         return Status.CONTINUE
 
     @override
     async def on_eom(self) -> Status:
-        await asyncio.sleep(2)
+        eom_began, acted = self.events()
+        eom_began.set()
+        await asyncio.wait_for(acted.wait(), 20)
         return Status.CONTINUE
 
     @override
     def on_close(self) -> None:
         logging.getLogger("pymilterkit").warning("on_close ran")
+
+
+class SwallowBody(MilterSession):
+    """An async on_body that ignores its cancellation for 4 s."""
+
+    @override
+    async def on_body(self, chunk: bytes) -> Status:
+        logging.getLogger("pymilterkit").warning("on_body began")
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(4)  # swallowed
+        return Status.CONTINUE
 
 
 class BusyFirstStep(MilterSession):

@@ -5,6 +5,7 @@ their cancellation, block the loop or stop it, and automatic progress counted.""
 from __future__ import annotations
 
 import re
+import signal
 import threading
 import time
 from ipaddress import IPv4Address
@@ -151,19 +152,20 @@ def test_an_abandoned_stage_cannot_act_on_the_stage_its_session_is_in_by_then() 
             conn.negotiate()
             conn.connect("client.example.net", None)
             conn.mail("<one@example.org>")
-            swallowed = conn.rcpt("<swallow@example.com>")
+            abandoned = conn.rcpt("<late@example.com>")
             conn.rcpt("<fast@example.com>")
             conn.header("Subject", " hello")
             conn.eoh()
-            last = conn.eom()  # 2 s: the abandoned stage tries its calls meanwhile
+            last = conn.eom()  # waits until the abandoned stage tried its calls
             conn.quit()
         finally:
             conn.close()
         log = milter.log()
-    assert swallowed is not None and swallowed.status is Status.TEMPFAIL
+    assert abandoned is not None and abandoned.status is Status.TEMPFAIL
     assert last is not None and last.status is Status.CONTINUE and last.modifications == ()
     assert log.count("abandoned call refused: ") == 2, log
     assert "set_reply(): this stage was answered at its deadline and abandoned" in log
+    assert "add_header(): this stage was answered at its deadline and abandoned" in log
 
 
 def test_a_hang_up_during_a_stage_that_ignores_cancellation_does_not_hold_on_close() -> None:
@@ -173,15 +175,39 @@ def test_a_hang_up_during_a_stage_that_ignores_cancellation_does_not_hold_on_clo
         conn.connect("client.example.net", None)
         conn.mail("<one@example.org>")
         conn.endpoint.send(b"R", b"<swallow@example.com>\0", Step.RCPT)  # not waited for
-        time.sleep(0.2)
+        wait_until(lambda: "lingering stage began" in milter.log(), "the stage")
         began = time.monotonic()
         conn.close()
         wait_until(lambda: "on_close ran" in milter.log(), "on_close")
         took = time.monotonic() - began
         log = milter.log()
-    assert took < 0.9, (took, log)  # not the second the stage goes on for, nor its 30 s
+    assert took < 3, (took, log)  # not the 4 s the stage goes on for, nor its 30 s deadline
     assert "the connection closed while it ran, and it did not stop when cancelled: " \
         "abandoned" in log
+
+
+def test_a_stop_while_libmilter_waits_for_an_abandoned_stage_answers_it() -> None:
+    # A body chunk in the end-of-message packet: libmilter's thread waits for the stage's
+    # answer itself. The stop cancels the stage, which goes on, and abandons it: the thread
+    # gets the error status, and no exception reaches libmilter's C code.
+    with start("SwallowBody", "--drain-timeout", "1") as milter:
+        conn = MilterClient(milter.socket, timeout=30).open()
+        try:
+            conn.negotiate()
+            conn.connect("client.example.net", None)
+            conn.mail("<a@example.org>")
+            conn.rcpt("<b@example.com>")
+            conn.header("Subject", " x")
+            conn.eoh()
+            conn.endpoint.send(b"E", b"body in the end-of-message packet\r\n", Step.EOM)
+            wait_until(lambda: "on_body began" in milter.log(), "on_body")
+            milter.signal(signal.SIGTERM)
+            assert milter.wait(30) == 0
+        finally:
+            conn.close()
+        log = milter.log()
+    assert "it did not stop when cancelled: abandoned" in log, log
+    assert "Exception ignored" not in log and "InvalidStateError" not in log, log
 
 
 def test_a_blocking_call_in_an_async_stage_is_reported_at_the_deadline() -> None:
