@@ -240,7 +240,8 @@ class SessionRules:
         found = self._methods.get(stage)
         if found is None:
             if "on_message" in self.spec.stages and stage in COLLECTS:
-                found = collecting(self.session_class, stage, self.spool)
+                found = collecting(self.session_class, stage, self.spool, self.error_status,
+                                   self.timeout_status)
             else:
                 found = getattr(self.session_class, stage)
             self._methods[stage] = found

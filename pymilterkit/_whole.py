@@ -64,20 +64,24 @@ def _drop(session: MilterSession, collected: _Collected | None = None) -> None:
         collected.buffer.close()
 
 
+_After = Callable[[MilterSession, Any, tuple[Any, ...], BaseException | None], Any]
+
+
 def _around(
     own: Callable[..., Any] | None,
     before: Callable[..., tuple[Any, ...] | None],
-    after: Callable[[MilterSession, Any, tuple[Any, ...]], Any] | None = None,
+    after: _After | None = None,
 ) -> Callable[..., Any]:
     """`own` (the class's method; None: not overridden) after `before(session, *args)`, which
     gives own's arguments (None: own is not called, the answer is CONTINUE), and before
-    `after(session, result, args)`, which gives the answer; async if `own` is."""
+    `after(session, result, args, failure)`, which gives the answer (told of an exception own
+    raised, which goes on up); async if `own` is."""
     if own is None:
 
         def plain(session: MilterSession, *given: Any) -> Any:
             args = before(session, *given)
             if after is not None and args is not None:
-                after(session, Status.CONTINUE, args)
+                after(session, Status.CONTINUE, args, None)
             return Status.CONTINUE
 
         return plain
@@ -87,8 +91,13 @@ def _around(
             args = before(session, *given)
             if args is None:
                 return Status.CONTINUE
-            result = await own(session, *args)
-            return result if after is None else after(session, result, args)
+            try:
+                result = await own(session, *args)
+            except BaseException as exc:
+                if after is not None:
+                    after(session, None, args, exc)
+                raise
+            return result if after is None else after(session, result, args, None)
 
         return coroutine
 
@@ -96,17 +105,29 @@ def _around(
         args = before(session, *given)
         if args is None:
             return Status.CONTINUE
-        result = own(session, *args)
-        return result if after is None else after(session, result, args)
+        try:
+            result = own(session, *args)
+        except BaseException as exc:
+            if after is not None:
+                after(session, None, args, exc)
+            raise
+        return result if after is None else after(session, result, args, None)
 
     return function
 
 
-def collecting(cls: type[MilterSession], stage: str, spool: Spool) -> Callable[..., Any]:
-    """The function to run for `stage` of `cls` (a class with `on_message`)."""
+def collecting(
+    cls: type[MilterSession], stage: str, spool: Spool,
+    error_status: Status = Status.TEMPFAIL, timeout_status: Status = Status.TEMPFAIL,
+) -> Callable[..., Any]:
+    """The function to run for `stage` of `cls` (a class with `on_message`); the runner's
+    error and timeout statuses tell which recipients a failed on_rcpt leaves accepted."""
     own = getattr(cls, stage)
     if own is getattr(MilterSession, stage):
         own = None
+    asynchronous = own is not None and inspect.iscoroutinefunction(own)
+    kept_after_error, kept_after_timeout = (
+        status not in _REFUSED for status in (error_status, timeout_status))
     space = bool(cls._pmk_space)
     # RCPT_REJ: the MTA also passes the recipients it refused itself, marked by {rcpt_mailer}
     refused_too = bool(cls.negotiation().protocol & ProtocolOpts.RCPT_REJ)
@@ -130,27 +151,32 @@ def collecting(cls: type[MilterSession], stage: str, spool: Spool) -> Callable[.
         _buffer(session).body(chunk)
         return None if session._pmk_collected.skipped else (chunk,)
 
-    def skip(session: MilterSession, result: Any, args: tuple[Any, ...]) -> Any:
-        """The class's SKIP ends its own body chunks, not the message's collection."""
-        if result is not Status.SKIP:
+    def skip(session: MilterSession, result: Any, args: tuple[Any, ...],
+             failure: BaseException | None) -> Any:
+        """The class's SKIP ends its own body chunks, not the message's collection (and a
+        stage answered at its deadline ends nothing)."""
+        collected = session._pmk_collected
+        if result is not Status.SKIP or collected is None or _cancelled(asynchronous):
             return result
-        session._pmk_collected.skipped = True
+        collected.skipped = True
         return Status.CONTINUE
 
-    def rcpt(session: MilterSession, result: Any, args: tuple[Any, ...]) -> Any:
-        """Keep a recipient the answer accepts: a status not refusing it, from a stage not
-        cancelled (past its deadline the MTA is answered the timeout status, whatever the
-        method returns after), and not one the MTA refused itself."""
+    def rcpt(session: MilterSession, result: Any, args: tuple[Any, ...],
+             failure: BaseException | None) -> Any:
+        """Keep a recipient the answer sent accepts: past its deadline the timeout status
+        (whatever the method returns after), after an exception or an invalid result the
+        error status, else the result; and not one the MTA refused itself."""
         collected = session._pmk_collected
-        if collected is None or result.__class__ is not Status or result in _REFUSED:
+        if collected is None:
             return result
-        if own is not None and inspect.iscoroutinefunction(own):
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                return result
-        if refused_too and session.macro("{rcpt_mailer}") == "error":
-            return result
-        collected.recipients.append(args[0])
+        if _cancelled(asynchronous):
+            kept = kept_after_timeout
+        elif failure is not None or result.__class__ is not Status:
+            kept = kept_after_error or result is Status.NOREPLY  # (NOREPLY: sent CONTINUE)
+        else:
+            kept = result not in _REFUSED
+        if kept and not (refused_too and session.macro("{rcpt_mailer}") == "error"):
+            collected.recipients.append(args[0])
         return result
 
     def cleanup(session: MilterSession) -> tuple[Any, ...]:
@@ -164,6 +190,14 @@ def collecting(cls: type[MilterSession], stage: str, spool: Spool) -> Callable[.
         "on_eoh": eoh, "on_body": body, "on_abort": cleanup, "on_close": cleanup,
     }
     return _around(own, before[stage], {"on_rcpt": rcpt, "on_body": skip}.get(stage))
+
+
+def _cancelled(asynchronous: bool) -> bool:
+    """Whether the running async stage was cancelled (its deadline, or a hang-up)."""
+    if not asynchronous:
+        return False
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _buffer(session: MilterSession) -> MessageBuffer:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from email.message import EmailMessage
@@ -275,6 +276,34 @@ def test_an_mta_without_leading_space_headers_is_told_why_it_is_dropped(
         harness.run(MESSAGE)
     assert "the MTA does not offer protocol options <ProtocolOpts.HDR_LEADSPC: " in caplog.text
     assert "that Seen needs (on_message: the header values exactly as received)" in caplog.text
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
+def test_recipients_after_a_failed_on_rcpt_follow_the_answer_sent(fail_open: bool) -> None:
+    # Past its deadline the MTA is answered the timeout status, after an exception the error
+    # status: the recipient is the message's if that status accepts it.
+    class Failing(MilterSession):
+        recipients: tuple[str, ...] = ()
+
+        @override
+        async def on_rcpt(self, recipient: str, params: EsmtpParams) -> Status:
+            if "slow" in recipient:
+                await asyncio.sleep(5)
+            if "bug" in recipient:
+                raise RuntimeError("a bug")
+            return Status.CONTINUE
+
+        @override
+        def on_message(self, message: Message) -> Status:
+            type(self).recipients = message.recipients
+            return Status.CONTINUE
+
+    status = Status.CONTINUE if fail_open else Status.TEMPFAIL
+    harness = Harness(Failing, stage_timeout={"rcpt": 0.05}, timeout_status=status,
+                      error_status=status)
+    result = harness.run(MESSAGE, recipients=["ok@x", "slow@x", "bug@x"])
+    assert [r.status for r in result.recipients] == [Status.CONTINUE, status, status]
+    assert Failing.recipients == (("<ok@x>", "<slow@x>", "<bug@x>") if fail_open else ("<ok@x>",))
 
 
 def test_undeclared_action_names_action_and_edit() -> None:
