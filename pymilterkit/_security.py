@@ -38,6 +38,11 @@ DEFAULT_SOCKET_MODE = 0o660
 """Mode of a unix socket when none is given: the owner and the socket's group may connect."""
 
 
+def _is_id(text: str) -> bool:
+    """An id as chown takes one: ASCII digits, in the 32-bit range of uid_t/gid_t."""
+    return text.isascii() and text.isdecimal() and int(text) < 2**32 - 1
+
+
 def _gid(group: str | int) -> int:
     """A group by name or id; all digits and no such name: the id (as chown reads it)."""
     if isinstance(group, int):
@@ -45,7 +50,7 @@ def _gid(group: str | int) -> int:
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
-        if group.isdigit():
+        if _is_id(group):
             return int(group)
         raise ConfigurationError(f"unknown group {group!r}") from None
 
@@ -55,7 +60,7 @@ def _uid(user: str | int) -> tuple[int, int]:
     try:
         entry = pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
     except KeyError:
-        if isinstance(user, str) and user.isdigit():
+        if isinstance(user, str) and _is_id(user):
             return _uid(int(user))
         raise ConfigurationError(f"unknown user {user!r}") from None
     return entry.pw_uid, entry.pw_gid

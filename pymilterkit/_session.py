@@ -151,6 +151,10 @@ def _merge_macros(cls: type) -> dict[Stage, tuple[str, ...]]:
                 )
             bucket = merged.setdefault(stage, [])
             for name in names:
+                if not isinstance(name, str):
+                    raise TypeError(
+                        f"{klass.__qualname__}.requested_macros[{stage.name}]: macro names are "
+                        f"str, got {name!r}")
                 v.text(name, "macro name")
                 if not (name.isascii() and name.isprintable()) or " " in name:
                     raise TypeError(

@@ -91,6 +91,9 @@ def test_users_and_groups_by_name_or_id_from_flags_and_file(tmp_path: Path) -> N
     assert _gid("0") == 0 and _gid("root") == 0
     with pytest.raises(ConfigurationError, match="unknown user 'no-such-user-x'"):
         _uid("no-such-user-x")
+    for odd in ("\u00b2", "\u0663", "99999999999999999999"):  # not ids as chown reads them
+        with pytest.raises(ConfigurationError, match="unknown group"):
+            _gid(odd)
 
 
 def test_log_levels_are_taken_in_any_case(tmp_path: Path) -> None:

@@ -64,6 +64,26 @@ def test_a_failure_before_any_modification_is_answered_as_configured() -> None:
     assert Harness(Unchanged, error_status=Status.CONTINUE).run(MESSAGE).status is Status.CONTINUE
 
 
+def test_each_end_of_message_starts_with_no_modification_sent() -> None:
+    class ModifiesThenFails(MilterSession):
+        """The first message is modified and answered; the second fails before any change."""
+
+        actions = Actions.ADD_HEADER
+        count = 0
+
+        @override
+        def on_eom(self) -> Status:
+            self.count += 1
+            if self.count == 2:
+                raise RuntimeError("the scanner went away")
+            self.add_header("X-Scan", "done")
+            return Status.CONTINUE
+
+    conn = Harness(ModifiesThenFails, error_status=Status.CONTINUE).run_connection(
+        [MESSAGE, MESSAGE])
+    assert [m.status for m in conn.messages] == [Status.CONTINUE, Status.CONTINUE]
+
+
 def test_a_deadline_after_a_modification_is_answered_tempfail() -> None:
     result = Harness(Slow, stage_timeout={"eom": 0.05}, timeout_status=Status.CONTINUE).run(
         MESSAGE)
