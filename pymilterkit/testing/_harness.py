@@ -28,7 +28,8 @@ class Harness(MtaDriver):
     is handy in a test). `ConnectionResult.errors` lists the exceptions stage methods raised.
     `tcp=True` models the runner on an inet socket, where the DATA stage is always answered.
     `stage_timeout` and `timeout_status` are the runner's deadlines (default: on, as in the
-    runner): an `async def` stage past its deadline is cancelled and answered `timeout_status`.
+    runner): an `async def` stage past its deadline is cancelled and answered `timeout_status`
+    (one that ignores the cancellation is waited for here; the runner abandons it).
 
         result = Harness(MyFilter).run(b"Subject: hi\\r\\n\\r\\nbody\\r\\n", recipients=["a@b"])
         assert result.status is Status.CONTINUE

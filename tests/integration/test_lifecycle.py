@@ -283,7 +283,7 @@ def test_a_drain_timeout_a_reload_raised_is_honoured_at_the_stop(
         config.write_text("drain-timeout = 30\n")
         milter.signal(signal.SIGHUP)
         wait_for_log(milter, "reloaded in")
-        slow = InFlight(milter, 12)  # past the start-up's 1 s + 10 s
+        slow = InFlight(milter, 16)  # well past the start-up's 1 s + 10 s
         milter.signal(signal.SIGTERM)
         result = slow.finish()
         assert milter.wait(30) == 0, milter.log()
