@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 
 from . import _metrics, _systemd
@@ -37,6 +39,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("pymilterkit")
+_SETTLE = 0.25  # s a drain lets libmilter accept the connections already queued
 
 def _unreachable_listener() -> socket.socket:
     """A non-blocking listening unix socket with no name anyone can connect to."""
@@ -87,9 +90,18 @@ class Gate:
         return count
 
     def close(self) -> None:
-        """Take no new connections from the real socket (libmilter now polls a dead one)."""
+        """Take no new connections from the real socket (libmilter now polls a dead one).
+
+        First libmilter accepts what the kernel has queued, for up to `_SETTLE` s: a connection
+        still queued when the real socket closes is reset after its peer saw it accepted
+        (HAProxy then cannot send it elsewhere: the message in it gets the MTA's default)."""
         if self.open:
             self.open = False
+            waiting = select.poll()
+            waiting.register(self.fd, select.POLLIN)
+            deadline = time.monotonic() + _SETTLE
+            while waiting.poll(0) and time.monotonic() < deadline:
+                time.sleep(0.002)
             os.dup2(self._dead.fileno(), self.fd, inheritable=False)
             self._dead.close()
 
