@@ -101,10 +101,10 @@ class RecordOptions:
                    max_mb: float) -> RecordOptions | None:
         """The options `--record DIR --record-sample F --record-body yes|no
         --record-max-mb N` give (None without `--record`; its parts alone are a mistake)."""
-        if directory is None:
-            given = [flag for flag, value, default in (
-                ("--record-sample", sample, 1.0), ("--record-body", body, "yes"),
-                ("--record-max-mb", max_mb, 1024.0)) if value != default]
+        if directory is None:  # (the flags' defaults are the fields')
+            given = [flag for flag, changed in (
+                ("--record-sample", sample != cls.sample), ("--record-body", (body == "yes")
+                 != cls.body), ("--record-max-mb", max_mb != cls.max_mb)) if changed]
             if given:
                 raise ConfigurationError(
                     f"{', '.join(given)} without --record DIR: nothing would be recorded")
