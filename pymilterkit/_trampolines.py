@@ -733,9 +733,7 @@ class _Pending:
     def expire(self) -> None:
         """Its deadline passed: cancel the stage's task, abandon it if it goes on (loop)."""
         self.expired = True
-        self.task.cancel()
-        loop = asyncio.get_running_loop()
-        self.expiry = loop.call_later(_ABANDON_AFTER, self.callbacks._abandon, self)
+        self.hang_up()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the stage has been answered; whether it was."""
@@ -753,8 +751,8 @@ class _Pending:
             self.latch.release()
 
     def hang_up(self) -> None:
-        """The connection is closing: cancel the stage's task, and abandon it if it goes on
-        (on the loop's thread), so on_close does not wait for it."""
+        """The connection is closing (or, by `expire`, the deadline passed): cancel the stage's
+        task, and abandon it if it goes on (on the loop's thread), so nothing waits for it."""
         self.task.cancel()
         if self.expiry is None:
             self.expiry = asyncio.get_running_loop().call_later(
