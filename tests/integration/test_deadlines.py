@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pymilterkit import InetAddress, Status
-from pymilterkit.testing import MilterClient, MilterProcess, Step
+from pymilterkit.testing import MilterClient, MilterConnection, MilterProcess, Step
 from tests.integration.test_metrics import endpoint, get, scrape, value, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +25,15 @@ pytestmark = pytest.mark.integration
 
 def start(target: str, *args: str) -> MilterProcess:
     return MilterProcess(f"tests.integration.deadline_filters:{target}", args=args, cwd=ROOT)
+
+
+def in_message(milter: MilterProcess, sender: str) -> MilterConnection:
+    """A fresh connection, negotiated, connected and past MAIL FROM `sender`."""
+    conn = MilterClient(milter.socket, timeout=30).open()
+    conn.negotiate()
+    conn.connect("client.example.net", None)
+    conn.mail(sender)
+    return conn
 
 
 def rcpt(milter: MilterProcess, recipient: str) -> tuple[Status | None, float]:
@@ -96,11 +105,8 @@ def test_an_abandoned_on_message_leaves_the_next_message_of_its_connection_alone
     # The abandoned stage ends while the next message is being collected: that message is
     # still whole when its on_message runs.
     with start("StubbornWhole", "--stage-timeout", "eom=0.3") as milter:
-        conn = MilterClient(milter.socket, timeout=30).open()
+        conn = in_message(milter, "<one@example.org>")
         try:
-            conn.negotiate()
-            conn.connect("client.example.net", None)
-            conn.mail("<one@example.org>")
             conn.rcpt("<r1@example.com>")
             conn.header("Subject", " swallow")
             conn.eoh()
@@ -124,11 +130,8 @@ def test_an_abandoned_on_message_leaves_the_next_message_of_its_connection_alone
 
 def test_a_recipient_answered_at_its_deadline_is_not_among_the_messages_recipients() -> None:
     with start("StubbornWhole", "--stage-timeout", "rcpt=0.3") as milter:
-        conn = MilterClient(milter.socket, timeout=30).open()
+        conn = in_message(milter, "<one@example.org>")
         try:
-            conn.negotiate()
-            conn.connect("client.example.net", None)
-            conn.mail("<one@example.org>")
             answers = [conn.rcpt(f"<{name}@example.com>") for name in ("fast", "swallow")]
             # its coroutine returns CONTINUE after the MTA was answered TEMPFAIL
             wait_until(lambda: "the abandoned stage ended" in milter.log(), "the abandoned stage")
@@ -147,11 +150,8 @@ def test_a_recipient_answered_at_its_deadline_is_not_among_the_messages_recipien
 
 def test_an_abandoned_stage_cannot_act_on_the_stage_its_session_is_in_by_then() -> None:
     with start("Lingering", "--stage-timeout", "rcpt=0.3") as milter:
-        conn = MilterClient(milter.socket, timeout=30).open()
+        conn = in_message(milter, "<one@example.org>")
         try:
-            conn.negotiate()
-            conn.connect("client.example.net", None)
-            conn.mail("<one@example.org>")
             abandoned = conn.rcpt("<late@example.com>")
             conn.rcpt("<fast@example.com>")
             conn.header("Subject", " hello")
@@ -170,10 +170,7 @@ def test_an_abandoned_stage_cannot_act_on_the_stage_its_session_is_in_by_then() 
 
 def test_a_hang_up_during_a_stage_that_ignores_cancellation_does_not_hold_on_close() -> None:
     with start("Lingering", "--stage-timeout", "rcpt=30") as milter:
-        conn = MilterClient(milter.socket, timeout=30).open()
-        conn.negotiate()
-        conn.connect("client.example.net", None)
-        conn.mail("<one@example.org>")
+        conn = in_message(milter, "<one@example.org>")
         conn.endpoint.send(b"R", b"<swallow@example.com>\0", Step.RCPT)  # not waited for
         wait_until(lambda: "lingering stage began" in milter.log(), "the stage")
         began = time.monotonic()
@@ -191,11 +188,8 @@ def test_a_stop_while_libmilter_waits_for_an_abandoned_stage_answers_it() -> Non
     # answer itself. The stop cancels the stage, which goes on, and abandons it: the thread
     # gets the error status, and no exception reaches libmilter's C code.
     with start("SwallowBody", "--drain-timeout", "1") as milter:
-        conn = MilterClient(milter.socket, timeout=30).open()
+        conn = in_message(milter, "<a@example.org>")
         try:
-            conn.negotiate()
-            conn.connect("client.example.net", None)
-            conn.mail("<a@example.org>")
             conn.rcpt("<b@example.com>")
             conn.header("Subject", " x")
             conn.eoh()
