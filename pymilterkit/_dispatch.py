@@ -12,9 +12,9 @@ A stage's `Status` goes from the user's method to the wire through calls chosen 
 callbacks are built, never at run time: the plain callback (`_sync_callback` or
 `_async_callback`) runs the method and checks its result; with dry-run, `DryRun.verdicts`
 wraps it (a verdict is logged and CONTINUE sent); with metrics, `Meter.timed` wraps that (the
-answer the MTA gets is counted). With `--record`, the plain callback hands a sampled
-connection's calls to the recorder's `noted`, which notes them around a plain callback of its
-own. Each feature is an object handed to `SessionRules` (`meter`, `dry_run`, `recorder`),
+answer the MTA gets is counted). With `--record`, the plain callback of a sampled
+connection's stage calls the recorder's `note` before the method and puts the answer in the
+line it made. Each feature is an object handed to `SessionRules` (`meter`, `dry_run`, `recorder`),
 which also asks it about sessions, errors and timeouts; when a feature is off, its object is
 None and the callback is the plain one.
 
@@ -155,6 +155,10 @@ def keys_inside() -> set[Any]:
 
 
 def _nothing() -> None:
+    pass
+
+
+def _nothing_of(_: Any) -> None:
     pass
 
 
@@ -446,11 +450,9 @@ class SessionRules:
         those are on; an async stage's through `answered`.
         """
         plain = self._async_callback if stage in self.asynchronous else self._sync_callback
-        callback = plain(stage, sessions, create, convert, envelope, pin)
-        if self.recorder is not None:  # a recorded connection's calls go to `noted`
-            noted = self.recorder.stage(stage, callback, convert, envelope, self.stage_macros,
-                                        stage in self.asynchronous)
-            callback = plain(stage, sessions, create, convert, envelope, pin, noted)
+        recorded = None if self.recorder is None else self.recorder.stage(
+            stage, convert, envelope, self.stage_macros)
+        callback = plain(stage, sessions, create, convert, envelope, pin, recorded)
         if self.dry_run is not None:
             callback = self.dry_run.verdicts(stage, callback, sessions)
         if self.meter is not None and stage not in self.asynchronous:  # async: `answered`
@@ -467,15 +469,20 @@ class SessionRules:
         convert: Callable[..., tuple[Any, ...]] | None,
         envelope: bool,
         pin: Callable[[], object],
-        noted: Callable[..., int] | None = None,
+        recorded: Callable[..., Any] | None = None,
     ) -> Callable[..., int]:
-        """The plain callback of a sync stage (see `stage_callback`).
+        """The plain callback of a sync stage (see `stage_callback`); `recorded`: the
+        recorder's `note` for the stage (`Recorder.stage`), which a recorded connection's call
+        runs before the method (its line then gets the answer and the time here).
 
         Every choice that depends only on the stage is made here, once: the callback runs for
         every command, so each Python call, attribute and dict operation on it costs
         throughput (`benchmarks/instructions.py`).
         """
         fail, bad, here, first_entry = self.fail, self.bad_result, _here, _entry
+        note, clock = recorded, time.perf_counter
+        message_ended: Callable[[Any], None] = (
+            _nothing_of if self.recorder is None else self.recorder.message_ended)
         method = self.method(stage)
         if self.asynchronous:  # a sync stage may follow an async one not yet answered
             sessions = _AfterPending(sessions)
@@ -502,8 +509,9 @@ class SessionRules:
                     if new is None:  # stopping: no new sessions
                         return status_type.TEMPFAIL
                     session = new
-                if noted is not None and session._pmk_log is not None:  # recorded
-                    return noted(session, key, a, b)
+                line = None
+                if note is not None and (log := session._pmk_log) is not None:  # recorded
+                    line = note(log, key, a, b)
                 session._pmk_stage = stage
                 result: int  # (an annotation only: no code)
                 try:
@@ -521,22 +529,20 @@ class SessionRules:
                 except BaseException as exc:  # noqa: BLE001 - nothing may reach C
                     session._pmk_stage = None
                     result = fail(exc, stage, session)
-                    if track:  # the answer sent decides whether the message goes on
-                        session._pmk_in_message = not (
-                            is_eom or (result in ENDS_MESSAGE and not is_rcpt)
-                        )
-                    return result
-                session._pmk_stage = None
-                if noreply:  # whatever it returned, the MTA goes on
-                    if track:
-                        session._pmk_in_message = not is_eom
-                    return status_noreply
-                if result.__class__ is not status_type or result is status_noreply:
-                    result = bad(result, stage, session)
+                else:
+                    session._pmk_stage = None
+                    if noreply:  # whatever it returned, the MTA goes on
+                        result = status_noreply
+                    elif result.__class__ is not status_type or result is status_noreply:
+                        result = bad(result, stage, session)
                 if track:  # from the answer sent, not the method's result
                     session._pmk_in_message = not (
                         is_eom or (result in ENDS_MESSAGE and not is_rcpt)
                     )
+                if line is not None:  # recorded: the answer and the time in the stage's line
+                    line[3], line[4] = int(result), clock() - log.start
+                    if is_eom:
+                        message_ended(log)
                 return result
             finally:
                 entry.key = None  # then `watched`, in this order: see `Entry`
@@ -555,9 +561,10 @@ class SessionRules:
         convert: Callable[..., tuple[Any, ...]] | None,
         envelope: bool,
         pin: Callable[[], object],
-        noted: Callable[..., int] | None = None,
+        recorded: Callable[..., Any] | None = None,
     ) -> Callable[..., int]:
-        """The plain callback of an `async def` stage: the coroutine goes to `answer_async`.
+        """The plain callback of an `async def` stage: the coroutine goes to `answer_async`
+        (a recorded connection's call is noted first; its answer comes to `answered`).
 
         Same session rules as the sync callback; the result is checked by `settle` when the
         coroutine is done, which may be after the callback returned.
@@ -565,6 +572,7 @@ class SessionRules:
         method = self.method(stage)
         fail, answer, here, first_entry = self.fail, self.answer_async, _here, _entry
         no_params = NO_PARAMS
+        note = recorded
 
         def callback(key: Any, a: Any = None, b: Any = None) -> int:
             try:  # __dict__[...]: a thread-local's dict is reached faster than its attributes
@@ -586,8 +594,8 @@ class SessionRules:
                 pending = session._pmk_pending
                 if pending is not None:  # a peer that did not wait for the previous answer
                     pending.wait()
-                if noted is not None and session._pmk_log is not None:  # recorded
-                    return noted(session, key, a, b)
+                if note is not None and (log := session._pmk_log) is not None:  # recorded
+                    note(log, key, a, b)
                 session._pmk_stage = stage
                 try:
                     if envelope:

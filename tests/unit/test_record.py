@@ -18,7 +18,7 @@ from typing import cast
 
 import pytest
 
-from pymilterkit import ConfigurationError, InetAddress, MilterSession, RecordOptions
+from pymilterkit import ConfigurationError, InetAddress, MilterSession, RecordOptions, Status
 from pymilterkit.__main__ import _parser
 from pymilterkit._config import parse_args
 from pymilterkit._options import RunOptions
@@ -30,6 +30,7 @@ from pymilterkit._record import (
     Feed,
     Recorder,
     Writer,
+    _encode,
     _pack,
     _plain,
 )
@@ -118,6 +119,33 @@ def test_the_writer_process_takes_batches_of_either_kind_and_joins_a_connections
                      {"stage": "eom", "args": [], "answer": "CONTINUE", "ms": 1.0,
                       "actions": [["add_header", "X-Tag", "1"]]}, {"end": "close"}]
     assert (tmp_path / "b.milterlog").read_text() == '{"y":2}\n'
+
+
+def test_each_kind_of_line_is_encoded_as_the_json_the_format_documents() -> None:
+    """The writer's encoder takes shortcuts (bytes decoded inline, empty lists): each must
+    still write what the format says."""
+    cases = [
+        (["mail", (b"<s\xff@x>", b"SIZE=1"), [b"{mail_addr}", b"s@x", b"i", b'Q"1', b"odd"], 0,
+          0.0012, None],
+         {"stage": "mail", "args": ["<s\udcff@x>", "SIZE=1"],
+          "macros": {"{mail_addr}": "s@x", "i": 'Q"1'}, "answer": "CONTINUE", "ms": 1.2}),
+        (["rcpt", (b"<r@x>", ""), [], int(Status.REJECT), 1.5,
+          [["set_reply", b"550", None, [b"no \\ way", b"\xc3\xa9"]]]],
+         {"stage": "rcpt", "args": ["<r@x>", ""], "macros": {}, "answer": "REJECT", "ms": 1500.0,
+          "actions": [["set_reply", "550", None, ["no \\ way", "\u00e9"]]]}),
+        (["header", (b"Subject", b"a\tb"), None, 0, 0.0, None],
+         {"stage": "header", "args": ["Subject", "a\tb"], "answer": "CONTINUE", "ms": 0.0}),
+        (["body", (7,), None, 0, 0.002, None],
+         {"stage": "body", "size": 7, "args": [None], "answer": "CONTINUE", "ms": 2.0}),
+        (["eom", (), None, None, None, [["change_header", b"X", 2, None]]],
+         {"stage": "eom", "args": [], "actions": [["change_header", "X", 2, None]]}),
+    ]
+    for line, expected in cases:
+        text = _encode(line, True)
+        assert text.endswith("}\n") and text.isascii()
+        assert json.loads(text) == expected
+    assert json.loads(_encode(["body", (b"ab",), None, 0, 0.0, None], True))["args"] == ["ab"]
+    assert json.loads(_encode(["body", (b"ab",), None, 0, 0.0, None], False))["args"] == [None]
 
 
 class Unprintable:
