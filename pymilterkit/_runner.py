@@ -16,6 +16,7 @@ import os
 import signal
 import struct
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -423,7 +424,30 @@ class Supervisor:
             raise
         if o.user is not None or o.group is not None:
             self._check_reload_reads()
+            try:
+                self._check_spool()
+            except BaseException:
+                listener.close()
+                raise
         return listener
+
+    def _check_spool(self) -> None:
+        """As the user it now is: can it make on_message's temporary files? `--spool-dir` was
+        checked as the user that started it; a directory only root may write fails every
+        message past the spool threshold, so it is said at start."""
+        session_class = self.filter.session_class
+        if session_class.on_message is MilterSession.on_message:
+            return  # no whole-message filter: nothing is spooled
+        directory = self.options.spool_dir or tempfile.gettempdir()
+        try:
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as exc:
+            who = self.options.user if self.options.user is not None else os.getuid()
+            raise ConfigurationError(
+                f"spool_dir: user {who} cannot make a temporary file in {directory} "
+                f"({exc.strerror}); on_message would fail every message past the spool threshold"
+            ) from None
 
     def _check_reload_reads(self) -> None:
         """As the user it now is: can it read what a reload's fresh workers (and any module

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pymilterkit import Status
+from pymilterkit import MilterError, Status
 from pymilterkit.testing import HeaderAdded, MilterClient, MilterProcess
 from tests.helpers import worker_pids
 
@@ -245,3 +245,26 @@ def test_log_lines_escape_control_characters_from_untrusted_input() -> None:
         in text, text
     assert not any(line.startswith("INFO forged") for line in text.splitlines())
     assert "Logging error" not in text
+
+
+@root_only
+def test_a_spool_dir_the_user_cannot_write_stops_the_start(tmp_path: Path) -> None:
+    # Checked as root when the options are read, it passed; as nobody, every message past
+    # the spool threshold would fail.
+    spool = Path(tempfile.mkdtemp(prefix="pmk-spool-"))
+    try:
+        spool.chmod(0o755)  # root's: nobody cannot make files here
+        path = tmp_path / "m.sock"
+        milter = MilterProcess("examples.attachments:Attachments", f"unix:{path}", cwd=ROOT,
+                               args=["--user", "nobody", "--spool-dir", str(spool)])
+        with pytest.raises(MilterError, match="exited with 2 during start") as failed:
+            milter.start()
+        assert f"user nobody cannot make a temporary file in {spool}" in str(failed.value)
+        # Writable to nobody (the default, TMPDIR): it starts and serves.
+        with MilterProcess("examples.attachments:Attachments", f"unix:{path}", cwd=ROOT,
+                           args=["--user", "nobody"]) as started:
+            result = MilterClient(started.socket, timeout=10).run(
+                b"Subject: s\r\n\r\nbody\r\n", recipients=["a@example.com"])
+            assert result.status in (Status.CONTINUE, Status.ACCEPT) and result.delivered
+    finally:
+        shutil.rmtree(spool)
