@@ -21,7 +21,7 @@ import pytest
 
 from pymilterkit import Status
 from pymilterkit.testing import MessageResult, MilterClient, MilterProcess, ProtocolError
-from tests.helpers import children
+from tests.helpers import children, worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -299,7 +299,12 @@ def test_a_replacement_worker_failing_on_worker_start_stops_the_milter_saying_wh
     failing after start-up is not retried. The log says why, not "signal SIGTERM"."""
     marker = tmp_path / "backend-down"
     with start(generation, "--workers", "2", PMK_FAIL_START=str(marker)) as milter:
-        victim = sorted(children(milter.pid))[0]
+        # The socket accepts before the workers are forked (CI saw none yet): wait for both to
+        # be past on_worker_start (each says it listens after it) before the backend goes down.
+        victim = worker_pids(milter.pid, 2)[0]
+        deadline = time.monotonic() + 10
+        while milter.log().count(" listening on ") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         marker.touch()
         os.kill(victim, signal.SIGKILL)
         assert milter.wait(30) == 1, milter.log()
