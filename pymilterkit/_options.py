@@ -207,13 +207,17 @@ def _number(value: object) -> bool:
 def _spool_dir(path: object) -> bool:
     """A directory where a temporary file can be made (a read-only one, /proc, fails every
     message past the spool threshold later otherwise)."""
-    if not isinstance(path, str) or not os.path.isdir(path):
-        return False
+    return isinstance(path, str) and os.path.isdir(path) and spool_problem(path) is None
+
+
+def spool_problem(path: str) -> str | None:
+    """Why this process cannot make a temporary file in `path` (None: it can); the runner asks
+    again once privileges are dropped."""
     try:
         with tempfile.TemporaryFile(dir=path):
-            return True
-    except OSError:
-        return False
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 def _c_int(value: object, low: int) -> bool:

@@ -40,6 +40,7 @@ from ._options import (
     RunOptions,
     StageTimeout,
     parse_address,
+    spool_problem,
 )
 from ._proctitle import role, set_title
 from ._record import RecordOptions
@@ -439,15 +440,13 @@ class Supervisor:
         if session_class.on_message is MilterSession.on_message:
             return  # no whole-message filter: nothing is spooled
         directory = self.options.spool_dir or tempfile.gettempdir()
-        try:
-            with tempfile.TemporaryFile(dir=directory):
-                pass
-        except OSError as exc:
+        problem = spool_problem(directory)
+        if problem is not None:
             who = self.options.user if self.options.user is not None else os.getuid()
             raise ConfigurationError(
                 f"spool_dir: user {who} cannot make a temporary file in {directory} "
-                f"({exc.strerror}); on_message would fail every message past the spool threshold"
-            ) from None
+                f"({problem}); on_message would fail every message past the spool threshold"
+            )
 
     def _check_reload_reads(self) -> None:
         """As the user it now is: can it read what a reload's fresh workers (and any module
